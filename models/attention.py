@@ -1,0 +1,79 @@
+"""Attention dispatch: one entry point, several implementations of the same function.
+
+softmax(q k^T / sqrt(d) + mask) v with grouped-query heads (Ainslie et al. 2023):
+q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim], heads a
+multiple of kv_heads. The mask is causal in sequence index (query i sits at index
+``q_start + i`` of the key sequence) and block-diagonal in segment ids, so packed
+sequences never see each other and empty cache slots (segment 0) are never read by
+real tokens.
+
+Implementations:
+  reference  plain einsums with a float32 softmax; the independent reference.
+  xla        ``jax.nn.dot_product_attention(implementation="xla")``.
+  cudnn      ``jax.nn.dot_product_attention(implementation="cudnn")``: flash attention on
+             NVIDIA GPUs, bf16/fp16 only.
+  auto       cudnn on GPU for half-precision inputs, xla otherwise.
+Sequence-parallel (ring) attention registers itself in ``IMPLEMENTATIONS``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def make_mask(q_len: int, kv_len: int, q_start, q_segment_ids, kv_segment_ids) -> jax.Array:
+    """Boolean [batch or 1, 1, q_len, kv_len]: causal by index, equal segments only."""
+    q_idx = q_start + jnp.arange(q_len)[:, None]
+    mask = (jnp.arange(kv_len)[None, :] <= q_idx)[None, None]
+    if q_segment_ids is not None:
+        same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        mask = mask & same[:, None]
+    return mask
+
+
+def reference(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_start=0):
+    b, s, h, d = q.shape
+    t, kvh = k.shape[1], k.shape[2]
+    qg = q.reshape(b, s, kvh, h // kvh, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(d))
+    mask = make_mask(s, t, q_start, q_segment_ids, kv_segment_ids)[:, :, None]  # [b,1,1,s,t]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+def _library(implementation):
+    def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_start=0):
+        s, t = q.shape[1], k.shape[1]
+        plain_causal = q_segment_ids is None and s == t and isinstance(q_start, int) and q_start == 0
+        mask = None if plain_causal else make_mask(s, t, q_start, q_segment_ids, kv_segment_ids)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=plain_causal, implementation=implementation
+        )
+
+    return attend
+
+
+def _auto(q, k, v, **kw):
+    on_gpu = jax.default_backend() == "gpu"
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    return IMPLEMENTATIONS["cudnn" if on_gpu and half else "xla"](q, k, v, **kw)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "reference": reference,
+    "xla": _library("xla"),
+    "cudnn": _library("cudnn"),
+    "auto": _auto,
+}
+
+
+def attention(q, k, v, *, implementation: str = "auto", q_segment_ids=None, kv_segment_ids=None, q_start=0):
+    """Dispatch to ``IMPLEMENTATIONS[implementation]``; returns [batch, q_len, heads, head_dim]."""
+    return IMPLEMENTATIONS[implementation](
+        q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_start=q_start
+    )

@@ -1,0 +1,269 @@
+"""Llama-style decoder-only Transformer LM as pure functions over a parameter pytree.
+
+Vaswani et al. 2017 with the Llama (Touvron et al. 2023) choices: pre-norm RMSNorm,
+rotary position embeddings, SwiGLU MLP, grouped-query attention, no biases, optional
+tied input/output embeddings. For one layer l with input x_l [batch, seq, d_model]:
+
+    h   = x_l + W_o Attention(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm(x_l)
+    x_{l+1} = h + SwiGLU(RMSNorm(h))
+
+Layers are stacked on a leading ``layers`` axis and run with ``lax.scan`` under
+``jax.checkpoint`` with a named remat policy. Parameters are float32; compute runs in
+``cfg.dtype`` (bfloat16 by default) with float32 norms, softmax and logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from models import layers
+from models.attention import IMPLEMENTATIONS, attention
+from parallel.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "save_qkv_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "mlp_hidden"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Transformer hyperparameters; hashable so it can be a static jit argument."""
+
+    vocab_size: int = 259
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 384
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "full"
+    attention: str = "auto"
+
+    def __post_init__(self):
+        if self.head_dim == 0 and self.n_heads > 0:
+            object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
+        validate(self)
+
+    @property
+    def compute_dtype(self):
+        return layers.DTYPES[self.dtype]
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError with one sentence naming the field and the fix."""
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"model.{name} is {getattr(cfg, name)}; set it to a positive integer.")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(
+            f"model.n_heads ({cfg.n_heads}) must be a multiple of model.n_kv_heads ({cfg.n_kv_heads}); "
+            "choose n_kv_heads among the divisors of n_heads."
+        )
+    if cfg.head_dim % 2:
+        raise ValueError(f"model.head_dim ({cfg.head_dim}) must be even for rotary embeddings.")
+    for name, choices in (("dtype", layers.DTYPES), ("param_dtype", layers.DTYPES),
+                          ("remat", REMAT_POLICIES), ("attention", IMPLEMENTATIONS)):
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"model.{name} is {getattr(cfg, name)!r}; use one of {sorted(choices)}.")
+    if cfg.rope_theta <= 0 or cfg.norm_eps <= 0:
+        raise ValueError("model.rope_theta and model.norm_eps must be positive.")
+
+
+def from_config(model_cfg) -> Config:
+    """Config from a mapping (the ``model`` section of an experiment config); unknown keys are refused."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in dict(model_cfg).items() if k != "family"}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"model.{unknown[0]} is not a Transformer field; known fields: {sorted(fields)}.")
+    return Config(**values)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def init(cfg: Config, rng: jax.Array) -> dict:
+    """Parameters: N(0, 1/fan_in) matrices (2-D, [in, out]; stacked [layers, in, out]), unit norms."""
+    pd = layers.DTYPES[cfg.param_dtype]
+    L, D, F, V = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {
+        "wq": (D, q_dim), "wk": (D, kv_dim), "wv": (D, kv_dim), "wo": (q_dim, D),
+        "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D),
+    }
+    keys = jax.random.split(rng, len(shapes) + 2)
+    block = {name: layers.normal_init(k, (L, *shape), shape[0], pd) for k, (name, shape) in zip(keys, shapes.items())}
+    block["attn_norm"] = jnp.ones((L, D), pd)
+    block["mlp_norm"] = jnp.ones((L, D), pd)
+    # Tied tables also serve as the output projection, so keep their logits O(1).
+    embed_fan_in = D if cfg.tie_embeddings else 1
+    params = {
+        "embed": layers.normal_init(keys[-2], (V, D), embed_fan_in, pd),
+        "layers": block,
+        "final_norm": jnp.ones((D,), pd),
+    }
+    if not cfg.tie_embeddings:
+        params["head"] = layers.normal_init(keys[-1], (D, V), D, pd)
+    return params
+
+
+def param_axes(cfg: Config) -> dict:
+    """Logical axis names for every parameter, same structure as ``init``."""
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "wq": ("layers", "embed", "heads"), "wk": ("layers", "embed", "kv_heads"),
+            "wv": ("layers", "embed", "kv_heads"), "wo": ("layers", "heads", "embed"),
+            "w_gate": ("layers", "embed", "mlp"), "w_up": ("layers", "embed", "mlp"),
+            "w_down": ("layers", "mlp", "embed"),
+            "attn_norm": ("layers", "norm"), "mlp_norm": ("layers", "norm"),
+        },
+        "final_norm": ("norm",),
+    }
+    if not cfg.tie_embeddings:
+        axes["head"] = ("embed", "vocab")
+    return axes
+
+
+def matmul_params(cfg: Config) -> int:
+    """Parameters that take part in a matmul per token: every projection and the LM head."""
+    per_layer = cfg.d_model * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 3 * cfg.d_model * cfg.d_ff
+    return cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params + causal attention (QK^T and AV, fwd+bwd).
+
+    Attention costs 2 matmuls x 2 FLOPs x seq x head_dim x heads per token forward, times 3
+    for forward+backward, halved because a causal kernel skips the upper triangle.
+    """
+    attn = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    return 6.0 * matmul_params(cfg) + attn
+
+
+# ----------------------------------------------------------------------------- forward
+
+def embed(params: dict, tokens: jax.Array, cfg: Config) -> jax.Array:
+    """tokens [batch, seq] int -> hidden [batch, seq, d_model] in the compute dtype."""
+    x = layers.embed_lookup(params["embed"], tokens, cfg.compute_dtype)
+    return constrain(x, ("batch", "seq", "embed"))
+
+
+def block(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, cache=None, cache_index=0,
+          cache_segment_ids=None):
+    """One decoder layer. p: one layer's slice of ``params['layers']``; x [batch, seq, d_model].
+
+    With ``cache`` ({'k', 'v'}: [batch, max_len, kv_heads, head_dim]) the new keys and values
+    are written at ``cache_index`` and attention reads the whole cache. Returns
+    (x, new_cache or None, aux dict).
+    """
+    b, s, _ = x.shape
+    n = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = layers.linear(p["wq"], n).reshape(b, s, cfg.n_heads, cfg.head_dim)
+    k = layers.linear(p["wk"], n).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+    v = layers.linear(p["wv"], n).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+    q = constrain(layers.rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
+    k = constrain(layers.rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+    q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+    new_cache = None
+    if cache is None:
+        o = attention(q, k, v, implementation=cfg.attention, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+    else:
+        k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+        new_cache = {"k": k_all, "v": v_all}
+        o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), implementation=cfg.attention,
+                      q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids, q_start=cache_index)
+    x = x + layers.linear(p["wo"], o.reshape(b, s, cfg.n_heads * cfg.head_dim))
+    x = constrain(x, ("batch", "seq", "embed"))
+    n = layers.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    hidden = jax.nn.silu(layers.linear(p["w_gate"], n)) * layers.linear(p["w_up"], n)
+    hidden = checkpoint_name(constrain(hidden, ("batch", "seq", "mlp")), "mlp_hidden")
+    x = x + layers.linear(p["w_down"], hidden)
+    return constrain(x, ("batch", "seq", "embed")), new_cache, {}
+
+
+def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, cache=None,
+           capture_hidden: bool = False):
+    """All layers via ``lax.scan`` over the stacked ``layers`` axis.
+
+    Returns (x, new_cache, aux). ``aux['hidden_states']`` [n_layers + 1, batch, seq, d_model]
+    holds every layer's input and the last layer's output when ``capture_hidden``.
+    """
+    cache_index = cache["index"] if cache is not None else 0
+    cache_seg = cache["segment_ids"] if cache is not None else None
+    kv = {"k": cache["k"], "v": cache["v"]} if cache is not None else None
+
+    def body(h, xs):
+        p, c = xs
+        out, new_c, aux = block(p, h, cfg, positions=positions, segment_ids=segment_ids, cache=c,
+                                cache_index=cache_index, cache_segment_ids=cache_seg)
+        if capture_hidden:
+            aux = {**aux, "hidden_states": h}
+        return out, (new_c, aux)
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != "none" and cache is None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, (new_kv, aux) = jax.lax.scan(body, x, (layer_params, kv))
+    if capture_hidden:
+        aux["hidden_states"] = jnp.concatenate([aux["hidden_states"], x[None]], axis=0)
+    new_cache = None
+    if cache is not None:
+        new_cache = {**cache, **new_kv}
+    return x, new_cache, aux
+
+
+def head(params: dict, x: jax.Array, cfg: Config) -> jax.Array:
+    """Final RMSNorm and LM head: hidden [batch, seq, d_model] -> float32 logits [batch, seq, vocab]."""
+    x = layers.rms_norm(x, params["final_norm"], cfg.norm_eps)
+    w = params["embed"].T if cfg.tie_embeddings else params["head"]
+    return constrain(layers.linear(w, x, out_dtype=jnp.float32), ("batch", "seq", "vocab"))
+
+
+def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
+    """Empty KV cache: k, v [n_layers, batch, max_len, kv_heads, head_dim]; segment 0 marks empty slots."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
+          capture_hidden: bool = False):
+    """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], aux).
+
+    positions [batch, seq] default to 0..seq-1 (offset by the cache index when decoding);
+    segment_ids [batch, seq] (0 = padding) keep packed sequences apart. With ``cache`` the
+    tokens are appended at ``cache['index']`` and ``aux['cache']`` is the updated cache.
+    """
+    b, s = tokens.shape
+    start = cache["index"] if cache is not None else 0
+    if positions is None:
+        positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+    if cache is not None:
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
+        cache = {**cache, "segment_ids": jax.lax.dynamic_update_slice_in_dim(
+            cache["segment_ids"], segment_ids.astype(jnp.int32), start, axis=1)}
+    x = embed(params, tokens, cfg)
+    x, new_cache, aux = blocks(params["layers"], x, cfg, positions=positions, segment_ids=segment_ids,
+                               cache=cache, capture_hidden=capture_hidden)
+    if new_cache is not None:
+        aux["cache"] = {**new_cache, "index": start + s}
+    return head(params, x, cfg), aux
