@@ -59,9 +59,12 @@ def _library(implementation):
 
 
 def _auto(q, k, v, **kw):
+    """cuDNN flash attention for half-precision training and prefill on GPU; XLA otherwise
+    (including cached decoding, whose mask over the cache cuDNN would take as a dense bias)."""
     on_gpu = jax.default_backend() == "gpu"
     half = q.dtype in (jnp.bfloat16, jnp.float16)
-    return IMPLEMENTATIONS["cudnn" if on_gpu and half else "xla"](q, k, v, **kw)
+    uncached = q.shape[1] == k.shape[1] and isinstance(kw.get("q_start", 0), int)
+    return IMPLEMENTATIONS["cudnn" if on_gpu and half and uncached else "xla"](q, k, v, **kw)
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {

@@ -1,0 +1,185 @@
+"""Greedy decoding: equality with a naive full-forward loop, stop tokens, compilation count,
+input refusal, and bfloat16 agreement on a model with large argmax margins."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models import generate as G
+
+pytestmark = pytest.mark.timeout(120)
+
+T = models.get("transformer")
+TINY = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 48, "dtype": "float32"}
+CFG = T.Config(**TINY)
+PROMPTS = ((5, 17), (8, 1, 33, 60), (12, 7, 7, 30, 44, 9, 51))  # lengths 2, 4, 7: P = 8
+NEW = 5
+
+
+@functools.cache
+def params_for(cfg, seed=0):
+    """Init params with random (non-unit) norm scales so every weight matters."""
+    params = jax.jit(T.init, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+    for name in ("attn_norm", "mlp_norm"):
+        params["layers"][name] = jnp.asarray(rng.uniform(0.5, 1.5, params["layers"][name].shape), jnp.float32)
+    params["final_norm"] = jnp.asarray(rng.uniform(0.5, 1.5, params["final_norm"].shape), jnp.float32)
+    return params
+
+
+# The reference compiles once per sequence length; a low backend optimization level halves that.
+@functools.partial(jax.jit, static_argnames="cfg", compiler_options={"xla_backend_optimization_level": 0})
+def full_forward(params, tokens, cfg):
+    return T.apply(params, tokens, cfg)[0]
+
+
+@functools.cache
+def naive(prompt, n, cfg=CFG):
+    """Greedy by recomputing the whole forward pass (no cache) on the growing, unpadded sequence."""
+    params, seq = params_for(cfg), list(prompt)
+    for _ in range(n):
+        seq.append(int(jnp.argmax(full_forward(params, jnp.array([seq], jnp.int32), cfg)[0, -1])))
+    return seq[len(prompt):]
+
+
+class CountingModel:
+    """The Transformer protocol with a counter of how often ``apply`` is traced."""
+
+    def __init__(self):
+        self.traces = 0
+
+    def __getattr__(self, name):
+        return getattr(T, name)
+
+    def apply(self, *args, **kwargs):
+        self.traces += 1
+        return T.apply(*args, **kwargs)
+
+
+def test_bucket_and_left_pad_layout():
+    assert [G.bucket(n) for n in (1, 8, 9, 100, 256, 257, 600)] == [8, 8, 16, 128, 256, 512, 768]
+    tokens, positions, segment_ids = G.left_pad([[4, 5, 6], [7]], 4, pad_id=9)
+    np.testing.assert_array_equal(tokens, [[9, 4, 5, 6], [9, 9, 9, 7]])
+    np.testing.assert_array_equal(positions, [[0, 0, 1, 2], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(segment_ids, [[0, 1, 1, 1], [0, 0, 0, 1]])
+
+
+def test_greedy_equals_naive_full_forward_for_prompts_of_different_lengths():
+    params = params_for(CFG)
+    expected = [naive(p, NEW) for p in PROMPTS]
+    assert len({tuple(e) for e in expected}) == 3  # the rows really differ
+    got = G.greedy(T, params, CFG, [list(p) for p in PROMPTS], max_new_tokens=NEW)
+    assert got == expected
+
+
+def test_stop_token_ends_each_row_where_it_is_emitted():
+    params = params_for(CFG)
+    expected = [naive(p, NEW) for p in PROMPTS]
+    # The first token of row 0 that is not already among its earlier tokens, at index k >= 1.
+    k = next(i for i in range(1, NEW) if expected[0][i] not in expected[0][:i])
+    stop = expected[0][k]
+    cut = [e[:e.index(stop)] if stop in e else e for e in expected]
+    assert cut[0] == expected[0][:k] and len(cut[0]) < NEW
+    # Also with a non-zero pad id and a tight cache: P is capped at 7, the longest prompt.
+    kw = {"max_new_tokens": NEW, "stop_token": stop, "pad_id": 13, "max_len": 7 + NEW}
+    assert G.greedy(T, params, CFG, PROMPTS, **kw) == cut
+    with_stop = G.greedy(T, params, CFG, PROMPTS, **kw, include_stop=True)
+    assert with_stop == [e[:e.index(stop) + 1] if stop in e else e for e in expected]
+
+
+def test_loop_exits_early_pads_stopped_rows_and_returns_the_advanced_cache():
+    params = params_for(CFG)
+    expected = naive(PROMPTS[0], NEW)
+    k = next(i for i in range(1, NEW) if expected[i] not in expected[:i])
+    stop, pad, P, max_len = expected[k], 3, 8, 8 + 16
+    tokens, positions, segment_ids = G.left_pad([PROMPTS[0]], P, pad)
+    generated, steps, cache = G.greedy_padded(
+        T, params, CFG, tokens, positions, segment_ids, T.init_cache(CFG, 1, max_len), NEW, stop, pad,
+        width=max_len - P)
+    chex.assert_shape(generated, (1, max_len - P))
+    assert int(steps) == k + 1 < NEW  # every row has stopped: the loop ends before NEW steps
+    assert np.asarray(generated)[0].tolist() == expected[:k + 1] + [pad] * (max_len - P - k - 1)
+    assert int(cache["index"]) == P + k  # prefill P, then k one-token steps
+    np.testing.assert_array_equal(cache["segment_ids"][:, :P], segment_ids)
+    np.testing.assert_array_equal(cache["segment_ids"][:, P:P + k], 1)
+    np.testing.assert_array_equal(cache["segment_ids"][:, P + k:], 0)
+    # Two rows, the stop token being row 1's first token: row 1 emits pad after it, row 0 goes on.
+    stop1 = naive(PROMPTS[1], NEW)[0]
+    tokens, positions, segment_ids = G.left_pad([PROMPTS[0], PROMPTS[1]], P, pad)
+    generated, steps, _ = G.greedy_padded(
+        T, params, CFG, tokens, positions, segment_ids, T.init_cache(CFG, 2, max_len), NEW, stop1, pad,
+        width=max_len - P)
+    row0, row1 = np.asarray(generated)[:, :NEW].tolist()
+    assert row1 == [stop1] + [pad] * (NEW - 1)
+    assert stop1 not in expected and row0 == expected and int(steps) == NEW
+
+
+def test_same_shapes_compile_once():
+    params, model = params_for(CFG), CountingModel()
+    first = G.greedy(model, params, CFG, PROMPTS, max_new_tokens=NEW)
+    traces = model.traces
+    assert traces >= 2  # the prefill and the decode step
+    # Other contents, other lengths in the same bucket (P = 8), another new-token count and
+    # stop token within the same cache size (max_len = 8 + 8): no new trace.
+    other = [[1, 2, 3], [3] * 7, list(range(10, 18))]
+    second = G.greedy(model, params, CFG, other, max_new_tokens=NEW + 1, stop_token=4, pad_id=2)
+    assert model.traces == traces
+    assert second != first and len(second) == 3
+    # Negative control: a prompt longer than the bucket does compile again.
+    G.greedy(model, params, CFG, [[1] * 9, [2], [3]], max_new_tokens=NEW)
+    assert model.traces > traces
+
+
+@pytest.mark.parametrize("prompts,kwargs,words", [
+    ([[1, 61]], {}, "token id 61, outside the vocabulary"),
+    ([[1, 2], [-1]], {}, "prompt 1 holds token id -1"),
+    ([[1, 2], []], {}, "prompt 1 must be a non-empty list"),
+    ([], {}, "non-empty list of token-id lists"),
+    ([[1.0, 2.0]], {}, "integer token ids"),
+    ([[1] * 11], {"max_len": 15}, r"exceeds max_len \(15\)"),
+    ([[1]], {"max_new_tokens": 0}, "max_new_tokens is 0"),
+    ([[1]], {"stop_token": 61}, "stop_token is 61"),
+    ([[1]], {"pad_id": -1}, "pad_id is -1"),
+])
+def test_refuses_invalid_requests(prompts, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        G.greedy(T, params_for(CFG), CFG, prompts, **{"max_new_tokens": NEW, **kwargs})
+
+
+def test_bfloat16_gives_float32_tokens_when_margins_are_large():
+    """A model whose logits are dominated by a fixed permutation of the input token.
+
+    Orthogonal embeddings, a head mapping token t's embedding to token perm[t], and halved
+    residual-branch outputs make the top logit lead the next by several units, far above
+    bfloat16 rounding; the test checks that premise before comparing tokens.
+    """
+    v, d = 16, 32
+    base = {**TINY, "vocab_size": v, "d_model": d}
+    f32, bf16 = T.Config(**{**base, "dtype": "float32"}), T.Config(**{**base, "dtype": "bfloat16"})
+    params = dict(params_for(f32, seed=1))
+    rng = np.random.default_rng(1)
+    table = np.linalg.qr(rng.normal(size=(d, d)))[0][:v] * np.sqrt(d)
+    perm = rng.permutation(v)
+    params["embed"] = jnp.asarray(table, jnp.float32)
+    params["head"] = jnp.asarray(table[np.argsort(perm)].T * 3 / np.sqrt(d), jnp.float32)
+    params["layers"] = {**params["layers"], "wo": params["layers"]["wo"] * 0.5,
+                        "w_down": params["layers"]["w_down"] * 0.5}
+    prompts = [[3, 9, 1], [0, 15, 4, 4, 7], [2, 11, 6, 13, 8, 5, 10, 12, 14]]
+    want = G.greedy(T, params, f32, prompts, max_new_tokens=NEW)
+    # Premise: margins >> bfloat16 logit error, measured by teacher forcing the float32 tokens
+    # (right-padded into one batch; causality keeps the padding out of the logits read).
+    seqs = [p + w for p, w in zip(prompts, want)]
+    batch = jnp.array([s + [0] * (len(seqs[-1]) - len(s)) for s in seqs], jnp.int32)
+    rows = np.repeat(np.arange(3), NEW)
+    cols = np.concatenate([np.arange(len(p) - 1, len(p) - 1 + NEW) for p in prompts])
+    l32 = full_forward(params, batch, f32)[rows, cols]
+    l16 = full_forward(params, batch, bf16)[rows, cols]
+    top2 = jnp.sort(l32, axis=-1)[:, -2:]
+    np.testing.assert_array_equal(jnp.argmax(l32, axis=-1), np.concatenate(want))
+    assert float(jnp.min(top2[:, 1] - top2[:, 0])) > 20 * float(jnp.max(jnp.abs(l32 - l16))) > 0
+    got = G.greedy(T, params, bf16, prompts, max_new_tokens=NEW)
+    assert got == want
