@@ -1,0 +1,251 @@
+"""Parallelism: meshes, rules, shardings, sharded training equal to one device, and two processes.
+
+Sharded runs use the real train step (``train.step.make_train_step``) on a tiny Transformer
+over 8 host CPU devices and must give the single-device losses (rtol 1e-5); the parameter
+and Adam-moment PartitionSpecs on the mixed mesh are checked against a hand-written table.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from models import transformer as T
+from parallel import mesh as pmesh
+from parallel import sharding
+from tests import parallel_worker as W
+from train import step as tstep
+from train.config import DEFAULT_RULES
+
+pytestmark = pytest.mark.timeout(40)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIXED = {"data": 2, "fsdp": 2, "tensor": 2}
+_RUNS: dict = {}
+
+
+def run(mesh_cfg: dict, n_kv_heads: int = 2):
+    """(losses, state, shardings) of W.train_losses, cached; ``{}`` runs on one device."""
+    key = (json.dumps(mesh_cfg, sort_keys=True), n_kv_heads)
+    if key not in _RUNS:
+        devices = jax.devices()[:1] if not mesh_cfg else None
+        _RUNS[key] = W.train_losses(pmesh.make_mesh(mesh_cfg, devices), W.tiny_config(n_kv_heads))
+    return _RUNS[key]
+
+
+# ----------------------------------------------------------------------------- mesh
+
+def test_make_mesh_order_sizes_and_axis_types():
+    mesh = pmesh.make_mesh({"data": -1, "tensor": 2})
+    assert mesh.axis_names == pmesh.MESH_AXES
+    assert dict(mesh.shape) == {"data": 4, "stage": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 2}
+    assert tuple(mesh.axis_types) == (AxisType.Auto,) * 6
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]  # tensor pairs are neighbours
+    assert pmesh.make_mesh({}, jax.devices()[:1]).size == 1
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"data": 3, "fsdp": 2}, r"mesh data=3 x fsdp=2 = 6 devices but 8 are available"),
+    ({"data": -1, "fsdp": -1}, r"mesh.data and mesh.fsdp are both -1"),
+    ({"data": -1, "fsdp": 3}, r"fixed axes multiply to 3, which does not divide 8"),
+    ({"data": 0}, r"mesh.data is 0; use a positive integer"),
+    ({"tensor": -2, "data": -1}, r"mesh.tensor is -2"),
+    ({"data": 8.0}, r"mesh.data is 8.0"),
+    ({"data": 8, "model": 1}, r"mesh.model is not a mesh axis"),
+])
+def test_make_mesh_errors(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        pmesh.make_mesh(cfg)
+
+
+def test_initialize_distributed_single_process_and_errors(monkeypatch):
+    for var in (pmesh.ENV_COORDINATOR, pmesh.ENV_NUM_PROCESSES, pmesh.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    unset = dict(coordinator_address="", num_processes=0, process_id=-1)
+    assert pmesh.initialize_distributed(unset) is False
+    assert pmesh.initialize_distributed({**unset, "num_processes": 1}) is False
+    with pytest.raises(ValueError, match=r"num_processes is 2 but no coordinator address"):
+        pmesh.initialize_distributed({**unset, "num_processes": 2})
+    with pytest.raises(ValueError, match=r"coordinator_address is 'h:1' but distributed.num_processes is None"):
+        pmesh.initialize_distributed({**unset, "coordinator_address": "h:1"})
+    with pytest.raises(ValueError, match=r"process_id is 2 with 2 processes"):
+        pmesh.initialize_distributed(dict(coordinator_address="h:1", num_processes=2, process_id=2))
+    monkeypatch.setenv(pmesh.ENV_COORDINATOR, "h:1")
+    monkeypatch.setenv(pmesh.ENV_NUM_PROCESSES, "two")
+    with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES='two' is not an integer"):
+        pmesh.initialize_distributed(unset)
+    monkeypatch.setenv(pmesh.ENV_NUM_PROCESSES, "2")
+    with pytest.raises(ValueError, match=r"process_id is None with 2 processes"):
+        pmesh.initialize_distributed(unset)
+
+
+# ----------------------------------------------------------------------------- rules and checks
+
+def test_validate_rules():
+    mesh = pmesh.make_mesh(MIXED)
+    sharding.validate_rules(DEFAULT_RULES, mesh)
+    cases = [
+        ((("hidden", "tensor"),), r"rule \('hidden', 'tensor'\) names an unknown logical axis 'hidden'"),
+        ((("mlp", "model"),), r"rule \('mlp', 'model'\) uses 'model', which is not a mesh axis"),
+        ((("batch", ("data", "dp")),), r"uses 'dp', which is not a mesh axis"),
+        ((("mlp", "tensor"), ("mlp", None)), r"map 'mlp' more than once"),
+        ((("mlp", ("tensor", "tensor")),), r"tuple of distinct mesh axes"),
+        ((("mlp",),), r"is not a \(logical axis, mesh axes\) pair"),
+    ]
+    for rules, match in cases:
+        with pytest.raises(ValueError, match=match):
+            sharding.validate_rules(rules, mesh)
+
+
+def tiny(**kw):
+    return T.Config(**{**dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64), **kw})
+
+
+def test_check_divisibility():
+    mesh = pmesh.make_mesh({"tensor": 4, "data": 2})
+    sharding.check_divisibility(tiny(n_kv_heads=4), mesh, DEFAULT_RULES, 8, seq_len=16)
+    cases = [
+        (tiny(d_model=48, n_heads=6), 8, 1, r"model.n_heads \(6\) is not divisible by the tensor axis \(4\) that "
+                                            r"'heads' maps to"),
+        # wq's merged heads*head_dim (2 * 16 = 32) divides by 4, but whole heads do not.
+        (tiny(n_heads=2, n_kv_heads=2), 8, 1, r"model.n_heads \(2\) is not divisible"),
+        (tiny(n_kv_heads=2), 8, 1, r"model.n_kv_heads \(2\) is not divisible by the tensor axis \(4\)"),
+        (tiny(n_kv_heads=4, d_ff=66), 8, 1, r"model.d_ff \(66\) is not divisible"),
+        (tiny(n_kv_heads=4, vocab_size=66), 8, 1, r"model.vocab_size \(66\) is not divisible"),
+        (tiny(n_kv_heads=4), 5, 1, r"train.batch_size \(5\) is not divisible by the data axis \(2\) that "
+                                   r"'batch' maps to"),
+        (tiny(n_kv_heads=4), 8, 8, r"train.batch_size / optim.accum_steps \(8 / 8\) is not divisible"),
+    ]
+    for mcfg, batch, accum, match in cases:
+        with pytest.raises(ValueError, match=match):
+            sharding.check_divisibility(mcfg, mesh, DEFAULT_RULES, batch, accum_steps=accum)
+    with pytest.raises(ValueError, match=r"train.batch_size \(6\) is not divisible by the data x fsdp axes "
+                                         r"\(2 x 2 = 4\) that 'batch' maps to; make the batch a multiple of 4"):
+        sharding.check_divisibility(tiny(), pmesh.make_mesh(MIXED), DEFAULT_RULES, 6)
+    with pytest.raises(ValueError, match=r"model.d_model \(36\) is not divisible by the fsdp axis \(8\)"):
+        sharding.check_divisibility(tiny(d_model=36, n_heads=2, n_kv_heads=2), pmesh.make_mesh({"fsdp": 8}),
+                                    DEFAULT_RULES, 8)
+    with pytest.raises(ValueError, match=r"train.seq_len \(12\) is not divisible by the context axis \(8\)"):
+        sharding.check_divisibility(tiny(), pmesh.make_mesh({"context": 8}), DEFAULT_RULES, 8, seq_len=12)
+
+
+def test_state_shardings_rejects_wrong_rank():
+    mcfg, tx = W.tiny_config(), W.optimizer()
+    shape = jax.eval_shape(lambda: tstep.init_state(T, mcfg, tx, jax.random.PRNGKey(0)))
+    axes = T.param_axes(mcfg)
+    axes["layers"]["wq"] = ("embed", "heads")
+    with pytest.raises(ValueError, match=r"param_axes\['layers'\]\['wq'\] is \('embed', 'heads'\) but the "
+                                         r"parameter has shape \(2, 32, 32\)"):
+        sharding.state_shardings(shape, axes, pmesh.make_mesh(MIXED), DEFAULT_RULES, tx)
+
+
+def test_global_batch_single_process():
+    mesh = pmesh.make_mesh(MIXED)
+    assert sharding.process_batch_rows(mesh, DEFAULT_RULES, 8) == slice(0, 8)
+    batch = sharding.global_batch(W.make_batches()[0], mesh, DEFAULT_RULES)
+    assert batch["inputs"].shape == (8, 16)
+    assert batch["inputs"].sharding == sharding.batch_sharding(mesh, DEFAULT_RULES)
+    assert sharding.batch_sharding(mesh, DEFAULT_RULES).spec == P(("data", "fsdp"), "context")
+    assert batch["inputs"].addressable_shards[0].data.shape == (2, 16)
+    np.testing.assert_array_equal(np.asarray(batch["targets"]), W.make_batches()[0]["targets"])
+
+
+# ----------------------------------------------------------------------------- sharded training
+
+@pytest.mark.parametrize("mesh_cfg, n_kv_heads", [
+    ({"data": 8}, 2), ({"fsdp": 8}, 2), ({"tensor": 4, "data": 2}, 4), (MIXED, 2)],
+    ids=["data8", "fsdp8", "tensor4xdata2", "data2xfsdp2xtensor2"])
+def test_sharded_training_matches_one_device(mesh_cfg, n_kv_heads):
+    losses = run(mesh_cfg, n_kv_heads)[0]
+    np.testing.assert_allclose(losses, run({}, n_kv_heads)[0], rtol=1e-5)
+    assert len(set(losses)) == len(losses)  # the steps changed the parameters
+
+
+# DEFAULT_RULES by hand: vocab->tensor, embed->fsdp, heads/kv_heads/mlp->tensor, layers->stage, norm->None.
+MATRIX_IN_OUT = P("stage", "fsdp", "tensor")  # [layers, embed, heads|kv_heads|mlp]
+MATRIX_OUT_IN = P("stage", "tensor", "fsdp")  # [layers, heads|mlp, embed]
+GOLDEN = {
+    "embed": P("tensor", "fsdp"),  # [vocab, embed]
+    "head": P("fsdp", "tensor"),  # [embed, vocab]
+    "final_norm": P(None),  # [norm]
+    "layers": {
+        "wq": MATRIX_IN_OUT, "wk": MATRIX_IN_OUT, "wv": MATRIX_IN_OUT, "wo": MATRIX_OUT_IN,
+        "w_gate": MATRIX_IN_OUT, "w_up": MATRIX_IN_OUT, "w_down": MATRIX_OUT_IN,
+        "attn_norm": P("stage", None), "mlp_norm": P("stage", None),  # [layers, norm]
+    },
+}
+
+
+def test_golden_partition_specs_mixed_mesh():
+    _, state, state_sh = run(MIXED)
+    specs = lambda tree: jax.tree.map(lambda x: x.sharding.spec, tree)  # noqa: E731
+    assert specs(state.params) == GOLDEN
+    adam = state.opt_state[1][0]  # chain(clip, adamw(scale_by_adam, masked decay, schedule))
+    assert specs(adam.mu) == GOLDEN and specs(adam.nu) == GOLDEN
+    assert adam.count.sharding.spec == P() and state.step.sharding.spec == P()
+    assert jax.tree.map(lambda s: s.spec, state_sh.params) == GOLDEN
+    # [layers=2, d_model=32 / fsdp 2, 4 heads * 8 / tensor 2] per device
+    assert state.params["layers"]["wq"].addressable_shards[0].data.shape == (2, 16, 16)
+    assert int(state.step) == W.STEPS
+
+
+# ----------------------------------------------------------------------------- two processes
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 4 CPU devices, each feeding its half of the batch, equal 1 process x 8 devices.
+
+    Process 0 is configured through the config, process 1 through the JAX_* environment variables.
+    """
+    address = f"localhost:{_free_port()}"
+    base = {k: v for k, v in os.environ.items() if k not in (pmesh.ENV_COORDINATOR, pmesh.ENV_NUM_PROCESSES,
+                                                           pmesh.ENV_PROCESS_ID)}
+    # Backend optimisation level 0 halves the workers' compile time; losses agree to ~1e-7.
+    base.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+                JAX_PLATFORMS="cpu")
+    setups = [(dict(coordinator_address=address, num_processes=2, process_id=0), base),
+              ({}, {**base, pmesh.ENV_COORDINATOR: address, pmesh.ENV_NUM_PROCESSES: "2",
+                    pmesh.ENV_PROCESS_ID: "1"})]
+    procs, logs, hung = [], [], False
+    try:
+        for i, (dist, env) in enumerate(setups):
+            logs.append(open(tmp_path / f"worker{i}.log", "w+"))
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "tests", "parallel_worker.py"), json.dumps(dist),
+                 json.dumps(MIXED), str(tmp_path / f"out{i}.json")], env=env, cwd=ROOT, stdout=logs[i],
+                stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 150
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        hung = True
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        output = []
+        for f in logs:
+            f.seek(0)
+            output.append(f.read()[-3000:])
+            f.close()
+    assert not hung, "a worker hung past 150 s and was killed:\n" + "\n".join(output)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(output)
+    outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    assert [o["rows"] for o in outs] == [[0, 4], [4, 8]]
+    assert all(o["n_devices"] == 8 and o["n_local"] == 4 for o in outs)
+    reference = run(MIXED)[0]
+    for o in outs:
+        np.testing.assert_allclose(o["losses"], reference, rtol=1e-5)
