@@ -156,7 +156,9 @@ def flops_per_token(cfg: Config, seq_len: int) -> float:
 
 def embed(params: dict, tokens: jax.Array, cfg: Config) -> jax.Array:
     """tokens [batch, seq] int -> hidden [batch, seq, d_model] in the compute dtype."""
-    x = layers.embed_lookup(params["embed"], tokens, cfg.compute_dtype)
+    # Gather the table over vocab first: a lookup into a vocab-split table would be rematerialised whole.
+    table = constrain(params["embed"], (None, "embed"))
+    x = layers.embed_lookup(table, tokens, cfg.compute_dtype)
     return constrain(x, ("batch", "seq", "embed"))
 
 

@@ -125,7 +125,7 @@ def test_arithmetic_matches_independent_recomputation():
             assert p.num_steps == len(work) == steps
             assert 0 <= start <= 99
             values = [v for _, _, v in work]
-            assert all(0 <= v <= 999 for v in values), p.prompt
+            assert all(0 <= v <= data.MAX_VALUE for v in values), p.prompt
             for op, n, _ in work:
                 seen_ops.add(op)
                 allowed = {"+": 1 <= n <= 99, "-": 1 <= n <= 99, "*": 2 <= n <= 5, "/": n == 2, "%": 3 <= n <= 9}

@@ -51,7 +51,8 @@ VARIANTS = ("cot", "direct")
 TOKENIZERS = ("byte", "sentencepiece")
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 MAX_STEPS = 8
-MAX_VALUE = 999
+MAX_VALUE = 99
+MAX_OPERAND = 9  # + and - use one-digit operands: a small model learns the facts in budget
 
 # A record is one example before tokenization: (prompt, completion). Plain text has an empty prompt.
 Record = tuple[str, str]
@@ -200,8 +201,8 @@ def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
 # The embedded arithmetic corpus
 #
 # A problem is a start value in 0..99 and 1..8 operations applied left to right (no precedence):
-#   +n, -n      n in 1..99, only while the value stays in 0..999
-#   *n          n in 2..5, only while the value stays <= 999 (and the value is >= 1)
+#   +n, -n      n in 1..9, only while the value stays in 0..99
+#   *n          n in 2..5, only while the value stays <= 99 (and the value is >= 1)
 #   /2          integer halving (floor)
 #   %n          remainder, n in 3..9
 # Every symbol is one byte. Example:
@@ -246,7 +247,7 @@ def apply_op(value: int, op: str, n: int) -> int:
 
 
 def _random_op(rng: random.Random, value: int) -> tuple[str, int]:
-    """A uniformly chosen operation that keeps the value in 0..999, with its operand."""
+    """A uniformly chosen operation that keeps the value in 0..MAX_VALUE, with its operand."""
     ops = ["/", "%"]
     if value < MAX_VALUE:
         ops.append("+")
@@ -256,9 +257,9 @@ def _random_op(rng: random.Random, value: int) -> tuple[str, int]:
         ops.append("*")
     op = ops[rng.randrange(len(ops))]
     if op == "+":
-        return op, rng.randint(1, min(99, MAX_VALUE - value))
+        return op, rng.randint(1, min(MAX_OPERAND, MAX_VALUE - value))
     if op == "-":
-        return op, rng.randint(1, min(99, value))
+        return op, rng.randint(1, min(MAX_OPERAND, value))
     if op == "*":
         return op, rng.randint(2, min(5, MAX_VALUE // value))
     if op == "/":

@@ -1,0 +1,102 @@
+"""The experiment config: one ml-collections ConfigDict drives the trainer.
+
+Experiments in ``experiments/NAME.py`` define ``get_config()`` by updating
+``base_config()``. ``validate`` checks every field before anything is compiled and
+raises ValueError with one sentence naming the field and the fix.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+import models
+from train import data
+
+# Logical axis -> mesh axes. Batch splits over data and fsdp; FSDP shards the embedding
+# dimension of every weight; tensor parallelism shards heads, MLP width and vocabulary.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("seq", "context"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", "stage"),
+    ("norm", None),
+    ("experts", "expert"),
+)
+
+OBJECTIVES = ("lm",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        family="transformer", vocab_size=259, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4,
+        head_dim=0, d_ff=384, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
+        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto"))
+
+    c.data = data.default_config()
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-3, warmup_steps=40, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+        clip_norm=1.0, accum_steps=1))
+
+    c.train = ml_collections.ConfigDict(dict(
+        objective="lm", steps=400, batch_size=64, seq_len=128, loss_chunk=0,
+        log_every=10, eval_every=200, eval_batches=4,
+        ckpt_every=100, ckpt_keep=3, async_checkpoint=True,
+        exact_match_every=0, exact_match_n=64, exact_match_steps=(1, 2, 3, 4, 5, 6, 7, 8),
+        max_new_tokens=96, progress=True, profile_steps=(0, 0)))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, stage=1, context=1, expert=1))
+    c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=0, process_id=-1))
+    return c
+
+
+def _positive(section, names):
+    for name in names:
+        value = getattr(section[0], name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{section[1]}.{name} is {value!r}; set it to a positive integer.")
+
+
+def validate(config) -> None:
+    """Check the whole config before compiling; ValueError names the field and the fix."""
+    model = models.get(config.model.family)
+    mcfg = model.from_config(config.model)
+    data.validate(config.data)
+    t, o = config.train, config.optim
+    if t.objective not in OBJECTIVES:
+        raise ValueError(f"train.objective is {t.objective!r}; use one of {list(OBJECTIVES)}.")
+    _positive((t, "train"), ("steps", "batch_size", "seq_len", "log_every", "ckpt_keep", "eval_batches"))
+    _positive((o, "optim"), ("accum_steps",))
+    for name in ("eval_every", "ckpt_every", "exact_match_every"):
+        value = getattr(t, name)
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"train.{name} is {value!r}; use 0 to disable or a positive step count.")
+        if value > t.steps:
+            raise ValueError(f"train.{name} ({value}) exceeds train.steps ({t.steps}); it would never run: "
+                             f"lower it or set 0.")
+    if t.batch_size % o.accum_steps:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by optim.accum_steps "
+                         f"({o.accum_steps}).")
+    if t.loss_chunk < 0 or (t.loss_chunk and t.seq_len % t.loss_chunk):
+        raise ValueError(f"train.loss_chunk ({t.loss_chunk}) must divide train.seq_len ({t.seq_len}); "
+                         "use 0 for the whole sequence at once.")
+    if not 0 < o.lr < 1:
+        raise ValueError(f"optim.lr is {o.lr}; use a learning rate in (0, 1).")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        raise ValueError(f"optim.warmup_steps ({o.warmup_steps}) must be in [0, train.steps={t.steps}].")
+    if o.clip_norm < 0 or o.weight_decay < 0:
+        raise ValueError("optim.clip_norm and optim.weight_decay must be >= 0 (0 disables).")
+    tokenizer_vocab = data.make_tokenizer(config.data).vocab_size
+    if tokenizer_vocab > mcfg.vocab_size:
+        raise ValueError(f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary "
+                         f"({tokenizer_vocab}); set model.vocab_size >= {tokenizer_vocab}.")
+    return mcfg
