@@ -24,7 +24,10 @@ setup(
         "sentencepiece>=0.2",
     ],
     extras_require={
+        # The TPU compiler, for `python -m train.aot` (jax's extra pins the matching libtpu).
+        "aot": ["jax[tpu]>=0.10.2"],
         "test": [
+            "jax[tpu]>=0.10.2",
             "pytest>=8",
             "pytest-timeout>=2.3",
             "torch==2.13.0",

@@ -14,7 +14,6 @@ Layers are stacked on a leading ``layers`` axis and run with ``lax.scan`` under
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

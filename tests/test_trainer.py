@@ -40,12 +40,13 @@ def losses(workdir):
 @pytest.mark.timeout(240)
 def test_default_experiment_smoke(tmp_path):
     c = tiny_config(steps=6, eval_every=6, exact_match_every=6, exact_match_n=2, exact_match_steps=(1, 2),
-                    max_new_tokens=40)
+                    max_new_tokens=40, profile_steps=(2, 4))
     result = trainer.run(c, str(tmp_path))
     for name in ("metrics.jsonl", "loss.png", "config.json", "run_info.json", "results.json"):
         assert (tmp_path / name).exists(), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 6
+    assert any(f.endswith(".xplane.pb") for _, _, fs in os.walk(tmp_path / "profile") for f in fs)
     assert json.loads((tmp_path / "run_info.json").read_text())["git_revision"]
     recorded = losses(str(tmp_path))
     assert sorted(recorded) == list(range(1, 7)) and recorded[6] < recorded[1]
@@ -179,6 +180,7 @@ def test_corrupt_checkpoint_is_reported_and_left_untouched(tmp_path):
     ("model", "vocab_size", 100, "model.vocab_size"),
     ("data", "source", "web", "data.source"),
     ("train", "loss_chunk", 48, "train.loss_chunk"),
+    ("train", "profile_steps", (5, 3), "train.profile_steps"),
 ])
 def test_invalid_config_fails_before_compiling_naming_the_field(section, field, value, words):
     c = tiny_config()

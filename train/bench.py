@@ -9,7 +9,6 @@ and peak device memory. Batches are random tokens, one causal sequence per row (
 """
 from __future__ import annotations
 
-import functools
 import json
 import statistics
 import time
@@ -20,11 +19,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-import models
 from parallel import mesh as mesh_lib
 from parallel import sharding
-from train import metrics, step as step_lib
-from train.config import validate
+from train import metrics
+from train.setup import setup_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant.")
@@ -67,30 +65,16 @@ def apply_overrides(config, spec: str):
 
 def bench(config, steps: int, warmup: int) -> dict:
     """Time ``steps`` train steps of ``config``; returns the row of the table."""
-    mcfg = validate(config)
-    t = config.train
-    model = models.get(config.model.family)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
-    sharding.validate_rules(rules, mesh)
-    sharding.check_divisibility(mcfg, mesh, rules, t.batch_size, seq_len=t.seq_len,
-                                accum_steps=config.optim.accum_steps)
-    tx = step_lib.make_optimizer(config.optim, t.steps)
-    init_fn = functools.partial(step_lib.init_state, model, mcfg, tx)
-    state_sh = sharding.state_shardings(jax.eval_shape(init_fn, jax.random.PRNGKey(0)), model.param_axes(mcfg),
-                                        mesh, rules, tx)
-    batch_sh = sharding.batch_sharding(mesh, rules)
+    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+    t, mcfg, mesh, rules = config.train, setup.mcfg, setup.mesh, setup.rules
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, mcfg.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
     batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                                    "loss_mask": np.ones((t.batch_size, t.seq_len), np.int32)}, mesh, rules)
-    train_step = step_lib.make_train_step(model, mcfg, tx, objective=t.objective, accum_steps=config.optim.accum_steps,
-                                          loss_chunk=t.loss_chunk)
     with sharding.activate(mesh, rules):
-        state = jax.jit(init_fn, out_shardings=state_sh)(jax.random.PRNGKey(0))
+        state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(0))
         t0 = time.perf_counter()
-        compiled = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                           donate_argnums=(0,)).lower(state, batch).compile()
+        compiled = setup.jit_train_step().lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
         for _ in range(warmup):
             state, m = compiled(state, batch)
@@ -108,7 +92,7 @@ def bench(config, steps: int, warmup: int) -> dict:
         "step_s": step_s,
         "step_s_spread": [min(times), max(times)],
         "tokens_per_s": tokens_per_s,
-        "flops_per_token": model.flops_per_token(mcfg, t.seq_len),
+        "flops_per_token": setup.model.flops_per_token(mcfg, t.seq_len),
         "compile_s": compile_s,
         "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
         "loss": float(m["loss"]),

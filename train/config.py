@@ -86,6 +86,10 @@ def validate(config) -> None:
     if t.batch_size % o.accum_steps:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by optim.accum_steps "
                          f"({o.accum_steps}).")
+    start, end = t.profile_steps
+    if (start, end) != (0, 0) and not 0 < start < end <= t.steps:
+        raise ValueError(f"train.profile_steps is {tuple(t.profile_steps)}; use (first, last + 1) with "
+                         f"0 < first < last + 1 <= train.steps, or (0, 0) for no profile.")
     if t.loss_chunk < 0 or (t.loss_chunk and t.seq_len % t.loss_chunk):
         raise ValueError(f"train.loss_chunk ({t.loss_chunk}) must divide train.seq_len ({t.seq_len}); "
                          "use 0 for the whole sequence at once.")

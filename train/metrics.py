@@ -22,6 +22,7 @@ PEAK_FLOPS = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p chips report "TPU v5"; matched after the "lite" kinds above
     "TPU v6 lite": 918e12,
 }
 

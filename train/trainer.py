@@ -8,7 +8,6 @@ metrics, periodic eval and checkpoints. SIGTERM saves a checkpoint and returns c
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -16,13 +15,12 @@ import subprocess
 import time
 
 import jax
-import numpy as np
 
-import models
 from parallel import mesh as mesh_lib
 from parallel import sharding
 from train import checkpoint, data, evaluate, metrics, step as step_lib
 from train.config import validate
+from train.setup import setup_training
 
 
 def git_revision() -> str:
@@ -78,24 +76,15 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
     ``stop_after`` ends this invocation after that global step (as an interruption would),
     leaving a checkpoint to resume from. Returns the final metrics.
     """
-    mcfg = validate(config)
+    validate(config)  # before anything touches a device
     mesh_lib.initialize_distributed(config.distributed)
     t = config.train
-    model = models.get(config.model.family)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
-    sharding.validate_rules(rules, mesh)
-    sharding.check_divisibility(mcfg, mesh, rules, t.batch_size, seq_len=t.seq_len,
-                               accum_steps=config.optim.accum_steps)
+    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+    model, mcfg, mesh, rules = setup.model, setup.mcfg, setup.mesh, setup.rules
+    state_sh, batch_sh = setup.state_shardings, setup.batch_sharding
     tokenizer = data.make_tokenizer(config.data)
-    tx = step_lib.make_optimizer(config.optim, t.steps)
     schedule = step_lib.make_schedule(config.optim, t.steps)
-
-    init_fn = functools.partial(step_lib.init_state, model, mcfg, tx)
     rng = jax.random.PRNGKey(config.seed)
-    state_shape = jax.eval_shape(init_fn, rng)
-    state_sh = sharding.state_shardings(state_shape, model.param_axes(mcfg), mesh, rules, tx)
-    batch_sh = sharding.batch_sharding(mesh, rules)
 
     ds_kwargs = dict(tokenizer=tokenizer, seq_len=t.seq_len, batch_size=t.batch_size,
                      process_index=jax.process_index(), process_count=jax.process_count())
@@ -103,18 +92,15 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=t.ckpt_every, keep=t.ckpt_keep,
                                    async_save=t.async_checkpoint)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, state_sh)
-    restored = ckpt.restore(abstract)
+    restored = ckpt.restore(setup.abstract_state())
     if restored is not None:
         state, data_state, start = restored
         train_iter.set_state(data_state)
     else:
-        state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+        state = jax.jit(setup.init_fn, out_shardings=state_sh)(rng)
         start = 0
     _write_run_info(workdir, config)
 
-    train_step = step_lib.make_train_step(model, mcfg, tx, objective=t.objective, accum_steps=config.optim.accum_steps,
-                                          loss_chunk=t.loss_chunk)
     eval_step = jax.jit(step_lib.make_eval_step(model, mcfg, objective=t.objective),
                         in_shardings=(state_sh.params, batch_sh))
 
@@ -130,8 +116,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
         compiled = None
         if batch is not None:
             t0 = time.perf_counter()
-            compiled = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                               donate_argnums=(0,)).lower(state, batch).compile()
+            compiled = setup.jit_train_step().lower(state, batch).compile()
             logger.log(start, {"compile_s": time.perf_counter() - t0})
         interval_start, interval_steps = time.perf_counter(), 0
         step = start
