@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parallel import sharding
+
 _NO_STOP = -1  # a token id no model emits: argmax is never negative
 
 
@@ -85,12 +87,13 @@ def greedy_padded(model, params, cfg, tokens, positions, segment_ids, cache, max
         raise ValueError(f"max_new_tokens is {max_new_tokens}; it must lie in [1, width={width}].")
     arrays = (jnp.asarray(a, jnp.int32) for a in (tokens, positions, segment_ids))
     scalars = (jnp.int32(a) for a in (max_new_tokens, stop_token, pad_id))
-    return _greedy_padded(model, params, cfg, *arrays, cache, *scalars, width=width)
+    return _greedy_padded(model, params, cfg, *arrays, cache, *scalars, width=width, layout=sharding.active())
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg", "width"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "width", "layout"), donate_argnames=("cache",))
 def _greedy_padded(model, params, cfg, tokens, positions, segment_ids, cache, max_new_tokens, stop_token, pad_id,
-                   *, width):
+                   *, width, layout):
+    del layout  # the active (mesh, rules) of ``constrain``: part of the compilation key
     b = tokens.shape[0]
     logits, aux = model.apply(params, tokens, cfg, positions=positions, segment_ids=segment_ids, cache=cache)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)

@@ -56,6 +56,12 @@ def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active():
+    """The active (mesh, rules), or None. Jitted functions that call ``constrain`` and are cached
+    across contexts take it as a static argument, so each layout gets its own compilation."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """with_sharding_constraint by logical names; identity when no mesh is active."""
     active = _ACTIVE.get()

@@ -139,13 +139,14 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_s = interval_steps * tokens_per_step / elapsed
                 record.update(tokens_per_s=tokens_per_s, step_s=elapsed / interval_steps,
-                              lr=float(schedule(step)))
+                              lr=float(schedule(step - 1)))  # the rate this step used
                 utilisation = metrics.mfu(flops_per_token, tokens_per_s)
                 if utilisation is not None:
                     record["mfu"] = utilisation
                 logger.log(step, record)
                 last.update(record)
                 interval_start, interval_steps = time.perf_counter(), 0
+            eval_start = time.perf_counter()
             if (t.eval_every and step % t.eval_every == 0) or (step == t.steps and t.eval_every):
                 record = {"eval_loss": evaluate.eval_loss(eval_step, state.params, config, mesh, rules, **ds_kwargs)}
                 logger.log(step, record)
@@ -154,6 +155,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 record = evaluate.arithmetic_exact_match(model, mcfg, state.params, tokenizer, config)
                 logger.log(step, record)
                 last.update(record)
+            interval_start += time.perf_counter() - eval_start  # evaluation is not training time
             if ckpt.should_save(step) or stopping:
                 ckpt.save(step, state, data_state, wait=stopping)
             if stopping:
