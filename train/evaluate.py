@@ -17,17 +17,11 @@ def eval_loss(eval_step, params, config, mesh, rules, *, tokenizer, seq_len, bat
     ds = data.make_dataset(config.data, split="eval", seed=config.seed, tokenizer=tokenizer, seq_len=seq_len,
                            batch_size=batch_size, process_index=process_index, process_count=process_count)
     nll = tokens = 0.0
-    for local in itertools.islice(iter(ds), config.train.eval_batches):
-        if local["inputs"].shape[0] != batch_size // process_count:  # a short last batch: pad with empty rows
-            local = {k: _pad_rows(v, batch_size // process_count) for k, v in local.items()}
+    for local in itertools.islice(iter(ds), config.train.eval_batches):  # the last batch comes padded
         out = jax.device_get(eval_step(params, sharding.global_batch(local, mesh, rules)))
         nll += float(out["nll"])
         tokens += float(out["tokens"])
     return nll / max(tokens, 1.0)
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
 
 
 def arithmetic_exact_match(model, mcfg, params, tokenizer, config) -> dict[str, float]:
