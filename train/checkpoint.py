@@ -20,14 +20,14 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Saves every ``every`` steps (asynchronously), keeps the last ``keep``, restores the latest."""
 
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.every = every
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=False),
+                max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=False, read_only=read_only),
         )
 
     def latest_step(self) -> int | None:

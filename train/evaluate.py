@@ -1,23 +1,45 @@
-"""Evaluation: held-out loss, and exact match of greedy answers on the arithmetic corpus."""
+"""Evaluation: held-out loss and perplexity, and exact match of greedy answers on the arithmetic corpus.
+
+Used by the trainer, and standalone on a trained workdir's latest checkpoint:
+
+    python -m train.evaluate --config experiments/arith_cot.py --workdir runs/arith_cot --task exact_match
+    python -m train.evaluate --config experiments/arith_cot.py --workdir runs/arith_cot --task perplexity \
+        --data held_out.txt          # .txt (every token) or .jsonl (text, or prompt + completion)
+
+Tasks: ``loss`` (the config's eval split), ``perplexity`` (a file), ``exact_match`` (held-out
+arithmetic, per step count). Results are printed as JSON and written to ``--out`` if given.
+"""
 from __future__ import annotations
 
 import itertools
+import json
+import math
+import os
 
 import jax
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from models import generate
+from parallel import mesh as mesh_lib
 from parallel import sharding
-from train import data
+from train import checkpoint, data
+from train import step as step_lib
+from train.setup import setup_training
 
 
 def eval_loss(eval_step, params, config, mesh, rules, *, tokenizer, seq_len, batch_size, process_index=0,
-              process_count=1) -> float:
-    """Mean next-token cross-entropy over the first ``train.eval_batches`` eval batches."""
+              process_count=1, max_batches: int | None = -1) -> float:
+    """Mean next-token cross-entropy over the eval split's batches.
+
+    ``max_batches``: -1 for ``train.eval_batches``, None for every batch.
+    """
+    max_batches = config.train.eval_batches if max_batches == -1 else max_batches
     ds = data.make_dataset(config.data, split="eval", seed=config.seed, tokenizer=tokenizer, seq_len=seq_len,
                            batch_size=batch_size, process_index=process_index, process_count=process_count)
     nll = tokens = 0.0
-    for local in itertools.islice(iter(ds), config.train.eval_batches):  # the last batch comes padded
+    for local in itertools.islice(iter(ds), max_batches):  # the last batch comes padded
         out = jax.device_get(eval_step(params, sharding.global_batch(local, mesh, rules)))
         nll += float(out["nll"])
         tokens += float(out["tokens"])
@@ -40,3 +62,64 @@ def arithmetic_exact_match(model, mcfg, params, tokenizer, config) -> dict[str, 
         results[f"exact_match/{k}"] = float(np.mean(correct))
     results["exact_match"] = float(np.mean([results[f"exact_match/{k}"] for k in t.exact_match_steps]))
     return results
+
+
+# ----------------------------------------------------------------------------- standalone entry
+
+TASKS = ("loss", "perplexity", "exact_match")
+
+
+def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> dict:
+    """Restore the latest checkpoint's parameters from ``workdir`` and run ``task`` on them."""
+    if task not in TASKS:
+        raise ValueError(f"--task is {task!r}; use one of {list(TASKS)}.")
+    if task == "perplexity":
+        if not data_path:
+            raise ValueError("--task perplexity needs --data FILE (.txt or .jsonl).")
+        config = config.copy_and_resolve_references()
+        config.data.update(source="jsonl" if data_path.endswith(".jsonl") else "text", paths=[data_path],
+                           eval_paths=[data_path],
+                           loss_on_prompt=True)
+    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{workdir} has no checkpoints/ directory; train there first or pass another --workdir.")
+    ckpt = checkpoint.Checkpointer(ckpt_dir, every=0, keep=1, async_save=False, read_only=True)
+    restored = ckpt.restore(setup.abstract_state())
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint.")
+    state, _, step = restored
+    tokenizer = data.make_tokenizer(config.data)
+    t = config.train
+    results = {"step": step, "task": task}
+    with sharding.activate(setup.mesh, setup.rules):
+        if task == "exact_match":
+            results.update(arithmetic_exact_match(setup.model, setup.mcfg, state.params, tokenizer, config))
+        else:
+            eval_step = jax.jit(step_lib.make_eval_step(setup.model, setup.mcfg, objective=t.objective),
+                                in_shardings=(setup.state_shardings.params, setup.batch_sharding))
+            loss = eval_loss(eval_step, state.params, config, setup.mesh, setup.rules, tokenizer=tokenizer,
+                             seq_len=t.seq_len, batch_size=t.batch_size, process_index=jax.process_index(),
+                             process_count=jax.process_count(), max_batches=None if task == "perplexity" else -1)
+            results.update(loss=loss, perplexity=math.exp(loss))
+    return results
+
+
+def main(argv):
+    del argv
+    results = evaluate_workdir(_CONFIG.value, _WORKDIR.value, _TASK.value, _DATA.value)
+    print(json.dumps(results, indent=2))
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config the workdir was trained with.")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (its latest checkpoint is evaluated).")
+    _TASK = flags.DEFINE_enum("task", "loss", TASKS, "What to evaluate.")
+    _DATA = flags.DEFINE_string("data", "", "For --task perplexity: a .txt or .jsonl file.")
+    _OUT = flags.DEFINE_string("out", "", "Also write the results as JSON here.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

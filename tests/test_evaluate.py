@@ -1,0 +1,80 @@
+"""Standalone evaluation of a trained workdir: perplexity against a float64 reference, exact match, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from tests.test_trainer import ROOT, tiny_config
+from train import checkpoint, data, evaluate, trainer
+from train.setup import setup_training
+from parallel import mesh as mesh_lib
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trained")
+    trainer.run(tiny_config(steps=4), str(path))
+    return path
+
+
+def _params(config, workdir):
+    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=1, read_only=True)
+    state, _, _ = ckpt.restore(setup.abstract_state())
+    return jax.device_get(state.params)
+
+
+def test_perplexity_of_a_text_file_matches_float64_reference(workdir, tmp_path):
+    docs = ["Q:12+3\nA:+3=15.The answer is 15.", "import os\nprint(os.sep)"]
+    path = tmp_path / "held_out.txt"
+    path.write_text("\n\n".join(docs) + "\n")
+    config = tiny_config(steps=4)
+    result = evaluate.evaluate_workdir(config, str(workdir), "perplexity", str(path))
+    assert result["step"] == 4
+
+    params = _params(config, workdir)
+    model = models.get("transformer")
+    mcfg = model.from_config(config.model)
+    tok = data.ByteTokenizer()
+    nll = count = 0.0
+    for doc in docs:
+        ids = [tok.bos_id] + tok.encode(doc) + [tok.eos_id]
+        logits = np.asarray(model.apply(params, jnp.asarray([ids[:-1]]), mcfg)[0][0], np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll -= logp[np.arange(len(ids) - 1), ids[1:]].sum()
+        count += len(ids) - 1
+    np.testing.assert_allclose(result["loss"], nll / count, rtol=1e-5)
+    np.testing.assert_allclose(result["perplexity"], np.exp(nll / count), rtol=1e-5)
+
+
+def test_exact_match_task_reports_each_step_count(workdir):
+    config = tiny_config(steps=4, exact_match_n=2, exact_match_steps=(1, 3), max_new_tokens=24)
+    result = evaluate.evaluate_workdir(config, str(workdir), "exact_match")
+    assert set(result) >= {"exact_match/1", "exact_match/3", "exact_match"}
+    assert all(0.0 <= result[k] <= 1.0 for k in ("exact_match/1", "exact_match/3"))
+
+
+def test_refuses_missing_checkpoint_and_data(tmp_path, workdir):
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        evaluate.evaluate_workdir(tiny_config(), str(tmp_path), "loss")
+    with pytest.raises(ValueError, match="--data FILE"):
+        evaluate.evaluate_workdir(tiny_config(), str(workdir), "perplexity")
+
+
+def test_command_line_loss(workdir, tmp_path):
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "train.evaluate", "--config", "tests/test_evaluate_config.py",
+           "--workdir", str(workdir), "--task", "loss", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["step"] == 4 and np.isfinite(result["loss"]) and result["perplexity"] > 1

@@ -1,0 +1,6 @@
+"""The tiny config of the trainer tests, as a config file for command-line tests."""
+from tests.test_trainer import tiny_config
+
+
+def get_config():
+    return tiny_config(steps=4)
