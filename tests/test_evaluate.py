@@ -1,6 +1,5 @@
 """Standalone evaluation of a trained workdir: perplexity against a float64 reference, exact match, the CLI."""
 import json
-import os
 import subprocess
 import sys
 
@@ -11,9 +10,7 @@ import pytest
 
 import models
 from tests.test_trainer import ROOT, tiny_config
-from train import checkpoint, data, evaluate, trainer
-from train.setup import setup_training
-from parallel import mesh as mesh_lib
+from train import data, evaluate, trainer
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -25,13 +22,6 @@ def workdir(tmp_path_factory):
     return path
 
 
-def _params(config, workdir):
-    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=1, read_only=True)
-    state, _, _ = ckpt.restore(setup.abstract_state())
-    return jax.device_get(state.params)
-
-
 def test_perplexity_of_a_text_file_matches_float64_reference(workdir, tmp_path):
     docs = ["Q:12+3\nA:+3=15.The answer is 15.", "import os\nprint(os.sep)"]
     path = tmp_path / "held_out.txt"
@@ -40,7 +30,7 @@ def test_perplexity_of_a_text_file_matches_float64_reference(workdir, tmp_path):
     result = evaluate.evaluate_workdir(config, str(workdir), "perplexity", str(path))
     assert result["step"] == 4
 
-    params = _params(config, workdir)
+    params = jax.device_get(evaluate.load_state(config, str(workdir))[1].params)
     model = models.get("transformer")
     mcfg = model.from_config(config.model)
     tok = data.ByteTokenizer()

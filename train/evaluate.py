@@ -69,17 +69,9 @@ def arithmetic_exact_match(model, mcfg, params, tokenizer, config) -> dict[str, 
 TASKS = ("loss", "perplexity", "exact_match")
 
 
-def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> dict:
-    """Restore the latest checkpoint's parameters from ``workdir`` and run ``task`` on them."""
-    if task not in TASKS:
-        raise ValueError(f"--task is {task!r}; use one of {list(TASKS)}.")
-    if task == "perplexity":
-        if not data_path:
-            raise ValueError("--task perplexity needs --data FILE (.txt or .jsonl).")
-        config = config.copy_and_resolve_references()
-        config.data.update(source="jsonl" if data_path.endswith(".jsonl") else "text", paths=[data_path],
-                           eval_paths=[data_path],
-                           loss_on_prompt=True)
+def load_state(config, workdir: str):
+    """(setup, train state, step) from the latest checkpoint in ``workdir``, restored read-only
+    with the shardings ``config``'s mesh and rules give (``train.setup.setup_training``)."""
     setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -90,6 +82,20 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> di
     if restored is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint.")
     state, _, step = restored
+    return setup, state, step
+
+
+def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> dict:
+    """Restore the latest checkpoint's parameters from ``workdir`` and run ``task`` on them."""
+    if task not in TASKS:
+        raise ValueError(f"--task is {task!r}; use one of {list(TASKS)}.")
+    if task == "perplexity":
+        if not data_path:
+            raise ValueError("--task perplexity needs --data FILE (.txt or .jsonl).")
+        config = config.copy_and_resolve_references()
+        config.data.update(source="jsonl" if data_path.endswith(".jsonl") else "text", paths=[data_path],
+                           eval_paths=[data_path], loss_on_prompt=True)
+    setup, state, step = load_state(config, workdir)
     tokenizer = data.make_tokenizer(config.data)
     t = config.train
     results = {"step": step, "task": task}
