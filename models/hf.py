@@ -1,14 +1,30 @@
-"""Hugging Face Llama-family interop: parameter and config mapping.
+"""Hugging Face Llama-family interop: parameter and config mapping, checkpoint directories.
 
 loom stores projections as [in, out] stacked over layers; Hugging Face stores
 ``nn.Linear`` weights as [out, in] per layer under ``model.layers.{i}.*``. Both sides
 use the half-split rotary layout, so q/k weights map without permutation.
+
+A checkpoint directory is ``config.json`` plus ``model.safetensors``, or shards listed in
+``model.safetensors.index.json``, plus optional tokenizer files (``tokenizer.model`` or
+``tokenizer.json``). Only JSON and safetensors are read: nothing in the directory is
+unpickled or executed. Saving writes a complete directory next to the target and renames it
+into place, so an interrupted save never leaves a half-written checkpoint where one was.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
 import numpy as np
 
-from models import transformer
+from models import layers, transformer
 
 # loom name in params['layers'] -> Hugging Face suffix under model.layers.{i}.
 _LAYER_NAMES = {
@@ -61,7 +77,7 @@ def to_hf_state_dict(params: dict, cfg: transformer.Config) -> dict[str, np.ndar
 
 def from_hf_state_dict(state: dict, cfg: transformer.Config) -> dict:
     """Hugging Face Llama state dict (NumPy arrays) -> loom params in ``cfg.param_dtype``."""
-    dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else np.float32
+    dtype = np.dtype(layers.DTYPES[cfg.param_dtype])
 
     def get(key):
         if key not in state:
@@ -69,12 +85,306 @@ def from_hf_state_dict(state: dict, cfg: transformer.Config) -> dict:
                            f"{cfg.n_layers} layers?")
         return np.asarray(state[key], dtype)
 
-    layers = {}
+    block = {}
     for name, suffix in _LAYER_NAMES.items():
         per_layer = [get(f"model.layers.{i}.{suffix}") for i in range(cfg.n_layers)]
-        layers[name] = np.stack([w.T if w.ndim == 2 else w for w in per_layer])
-    params = {"embed": get("model.embed_tokens.weight"), "layers": layers,
+        block[name] = np.stack([w.T if w.ndim == 2 else w for w in per_layer])
+    params = {"embed": get("model.embed_tokens.weight"), "layers": block,
               "final_norm": get("model.norm.weight")}
     if not cfg.tie_embeddings:
         params["head"] = get("lm_head.weight").T
     return params
+
+
+# ----------------------------------------------------------------------------- config
+
+# Families whose checkpoints have exactly the Llama layout and math (no biases, SwiGLU, RMSNorm).
+_MODEL_TYPES = {"llama", "mistral"}
+_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+
+
+def config_from_hf(hf_config: dict, **overrides) -> transformer.Config:
+    """loom Config from a Llama-family config.json dict; ``overrides`` set any other Config field.
+
+    Reads the rope theta from ``rope_parameters`` (transformers 5), or ``rope_theta`` beside a
+    ``rope_scaling`` dict (earlier versions). Raises ValueError, naming the field, for other
+    architectures, biases, sliding windows, activations other than SiLU and rope scaling.
+    """
+    c = hf_config
+    model_type = c.get("model_type")
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"config.json model_type is {model_type!r}; loom loads only {sorted(_MODEL_TYPES)}.")
+    bad_arch = [a for a in c.get("architectures") or [] if a not in _ARCHITECTURES]
+    if bad_arch:
+        raise ValueError(f"config.json architectures holds {bad_arch[0]!r}; loom loads only {sorted(_ARCHITECTURES)}.")
+    for field in ("attention_bias", "mlp_bias"):
+        if c.get(field):
+            raise ValueError(f"config.json {field} is true; loom's Llama layers have no biases.")
+    if c.get("sliding_window") is not None:
+        raise ValueError(f"config.json sliding_window is {c['sliding_window']}; loom implements full causal "
+                         "attention only (set it to null if the model never uses the window).")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act is {c['hidden_act']!r}; loom's SwiGLU MLP uses 'silu'.")
+    rope = dict(c.get("rope_parameters") or {})
+    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    for field in ("rope_parameters", "rope_scaling"):
+        spec = c.get(field) or {}
+        kind = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, dict) else spec
+        if kind != "default":
+            raise ValueError(f"config.json {field} has rope type {kind!r}; loom implements only the default "
+                             "(unscaled) rotary embedding.")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if c.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json has no {missing[0]}; it is required for a Llama model.")
+    heads = c["num_attention_heads"]
+    values = dict(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], d_ff=c["intermediate_size"],
+        n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads, rope_theta=float(theta),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    return transformer.Config(**{**values, **overrides})
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class HFTokenizer:
+    """A ``tokenizer.json`` (Hugging Face ``tokenizers``) behind the interface of ``train.data.ByteTokenizer``.
+
+    bos/eos/pad come from ``tokenizer_config.json``'s special tokens, else config.json's
+    ``*_token_id``, else the usual names (``<s>``, ``</s>``, ``<|begin_of_text|>``, ...);
+    pad falls back to eos. encode adds no special tokens.
+    """
+
+    _BOS = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]", "<|startoftext|>")
+    _EOS = ("</s>", "<|end_of_text|>", "<eos>", "[EOS]", "<|endoftext|>")
+    _PAD = ("<pad>", "[PAD]", "<|pad|>")
+
+    def __init__(self, tokenizer_file: str | os.PathLike, model_config: dict | None = None,
+                 tokenizer_config: dict | None = None):
+        import tokenizers  # Only needed for this tokenizer.
+
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust side raises its own exception type
+            raise ValueError(f"cannot load tokenizer {tokenizer_file}: {e}") from e
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        model_config, tokenizer_config = model_config or {}, tokenizer_config or {}
+        ids = {role: self._find(role, names, model_config, tokenizer_config)
+               for role, names in (("bos", self._BOS), ("eos", self._EOS), ("pad", self._PAD))}
+        if ids["bos"] is None or ids["eos"] is None:
+            raise ValueError(f"tokenizer {tokenizer_file} has no bos or eos token; declare them in "
+                             "tokenizer_config.json or config.json (bos_token_id, eos_token_id).")
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.pad_id = self.eos_id if ids["pad"] is None else ids["pad"]
+
+    def _find(self, role: str, names: Sequence[str], model_config: dict, tokenizer_config: dict) -> int | None:
+        token = tokenizer_config.get(f"{role}_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        if isinstance(token, str) and self._tok.token_to_id(token) is not None:
+            return self._tok.token_to_id(token)
+        i = model_config.get(f"{role}_token_id")
+        i = i[0] if isinstance(i, list) and i else i
+        if isinstance(i, int) and 0 <= i < self.vocab_size:
+            return i
+        return next((self._tok.token_to_id(n) for n in names if self._tok.token_to_id(n) is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Stops at eos, skips pad/bos and ids outside the vocabulary."""
+        kept = []
+        for i in map(int, ids):
+            if i == self.eos_id:
+                break
+            if i not in (self.pad_id, self.bos_id) and 0 <= i < self.vocab_size:
+                kept.append(i)
+        return self._tok.decode(kept, skip_special_tokens=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object.")
+    return value
+
+
+def load_tokenizer(directory: str | os.PathLike, model_config: dict | None = None):
+    """The directory's tokenizer: ``tokenizer.model`` (SentencePiece) first, else ``tokenizer.json``; None if neither."""
+    from train.data import SentencePieceTokenizer
+
+    d = Path(directory)
+    spm, tok_json = d / "tokenizer.model", d / "tokenizer.json"
+    if spm.is_file():
+        try:
+            return SentencePieceTokenizer(str(spm))
+        except ValueError:
+            if not tok_json.is_file():  # e.g. a tiktoken file under the same name
+                raise
+    if tok_json.is_file():
+        tok_cfg = d / "tokenizer_config.json"
+        return HFTokenizer(tok_json, model_config, _read_json(tok_cfg) if tok_cfg.is_file() else None)
+    return None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _hf_names(cfg: transformer.Config) -> list[str]:
+    """Every tensor name a Llama checkpoint of ``cfg`` must hold."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    names += [f"model.layers.{i}.{s}" for s in _LAYER_NAMES.values() for i in range(cfg.n_layers)]
+    return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+
+
+def _shard_files(d: Path) -> dict[str, list[str]]:
+    """File name -> tensor names to read from it (single file, or the index's weight_map)."""
+    from safetensors import safe_open
+
+    if (d / _SINGLE).is_file():
+        with safe_open(str(d / _SINGLE), framework="np") as f:
+            return {_SINGLE: list(f.keys())}
+    if not (d / _INDEX).is_file():
+        raise FileNotFoundError(f"{d} holds neither {_SINGLE} nor {_INDEX}.")
+    weight_map = _read_json(d / _INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{d / _INDEX} has no weight_map.")
+    files: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+            raise ValueError(f"{d / _INDEX} maps {name!r} to {file!r}; shards must be plain file names in {d}.")
+        files.setdefault(file, []).append(name)
+    absent = sorted(f for f in files if not (d / f).is_file())
+    if absent:
+        raise FileNotFoundError(f"checkpoint {d} is missing shard(s) {absent} listed in {_INDEX}.")
+    return files
+
+
+def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **config_overrides):
+    """Load a Llama-family checkpoint directory -> (params, cfg, tokenizer or None).
+
+    params: host NumPy arrays in ``cfg.param_dtype`` (float32 unless overridden) with the
+    structure of ``transformer.init`` (e.g. layers.wq [n_layers, d_model, n_heads * head_dim]);
+    bfloat16/float16 tensors in the files are widened exactly. ``dtype`` is the Config's
+    compute dtype; ``config_overrides`` set other Config fields (``remat``, ``attention``, ...).
+    Raises ValueError or FileNotFoundError naming the missing shard, tensor or bad field.
+    """
+    from safetensors import safe_open
+
+    d = Path(directory)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d} has no config.json; is it a Hugging Face checkpoint directory?")
+    hf_config = _read_json(d / "config.json")
+    cfg = config_from_hf(hf_config, dtype=dtype, **config_overrides)
+    needed = set(_hf_names(cfg))
+    files = _shard_files(d)
+    found = {n for names in files.values() for n in names}
+    missing = sorted(needed - found, key=_hf_names(cfg).index)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"checkpoint {d} has no tensor(s) {missing[:3]}{more} needed by a {cfg.n_layers}-layer "
+                         f"{'tied' if cfg.tie_embeddings else 'untied'} Llama.")
+    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    extra = sorted(n for n in found - needed - ignorable if not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise ValueError(f"checkpoint {d} holds tensor {extra[0]!r} that a Llama layer does not use "
+                         f"({len(extra)} such); refusing to drop weights silently.")
+    state = {}
+    for file, names in files.items():
+        with safe_open(str(d / file), framework="np") as f:
+            keys = set(f.keys())
+            for name in names:
+                if name in needed:
+                    if name not in keys:
+                        raise ValueError(f"shard {file} has no tensor {name!r} that {_INDEX} places there.")
+                    state[name] = f.get_slice(name)[:]  # get_slice reads bfloat16 too, as ml_dtypes arrays
+    params = from_hf_state_dict(state, cfg)
+    expected = jax.eval_shape(lambda: transformer.init(cfg, jax.random.PRNGKey(0)))
+    for path, want in jax.tree_util.tree_leaves_with_path(expected):
+        got = params
+        for key in path:
+            got = got[key.key]
+        if got.shape != want.shape:
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} has shape {got.shape} in {d}, but config.json "
+                             f"implies {want.shape}.")
+    return params, cfg, load_tokenizer(d, hf_config)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name in ("config.json", _SINGLE, _INDEX) or bool(_SHARD.fullmatch(name))
+
+
+def save_checkpoint(params: dict, cfg: transformer.Config, directory: str | os.PathLike, *,
+                    max_shard_bytes: int | None = None, dtype: str = "float32") -> None:
+    """Write ``params`` as a Hugging Face Llama checkpoint directory, tensors in ``dtype``.
+
+    One ``model.safetensors``, or with ``max_shard_bytes`` shards ``model-0000i-of-0000n.safetensors``
+    of at most that size (a larger tensor gets a shard of its own) and
+    ``model.safetensors.index.json``. The directory is built beside the target and renamed into
+    place; other files already in the target (tokenizer files) are carried over.
+    """
+    from safetensors.numpy import save_file
+
+    if dtype not in layers.DTYPES:
+        raise ValueError(f"dtype is {dtype!r}; use one of {sorted(layers.DTYPES)}.")
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0):
+        raise ValueError(f"max_shard_bytes is {max_shard_bytes!r}; use None (one file) or a positive byte count.")
+    np_dtype = np.dtype(layers.DTYPES[dtype])
+    state = {k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in to_hf_state_dict(params, cfg).items()}
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in state.items():
+        if max_shard_bytes and shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    target = Path(directory).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # not mkdtemp: the checkpoint keeps the usual umask permissions
+    try:
+        config = {**llama_config(cfg), "torch_dtype": dtype, "dtype": dtype}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if max_shard_bytes:
+            n = len(shards)
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{n:05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, file))
+            index = {"metadata": {"total_size": sum(a.nbytes for a in state.values())}, "weight_map": weight_map}
+            (tmp / _INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        else:
+            save_file(state, str(tmp / _SINGLE), metadata={"format": "pt"})
+        if target.exists():
+            for p in target.iterdir():
+                if not _is_checkpoint_file(p.name):
+                    (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the complete ``tmp`` to ``target``; an existing target is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "ckpt")
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old / "ckpt", target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
