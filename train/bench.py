@@ -1,6 +1,7 @@
-"""Training-speed benchmark: N steps of a config's real train step on synthetic batches.
+"""Speed benchmarks: N steps of a config's real train step on synthetic batches, or greedy decoding.
 
     python -m train.bench --config experiments/bench_llama_1b.py [--steps 20] [--warmup 3] [--out FILE.json]
+    python -m train.bench --config experiments/bench_llama_1b.py --decode_batches=1,64 [--prompt_len 512 --new_tokens 256]
 
 Each row is one config variant (``--variants 'name:key=value,key=value;...'`` overrides config
 fields per row). Per variant: compile time, median step time over the timed steps, tokens/s,
@@ -29,6 +30,9 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _VARIANTS = flags.DEFINE_string("variants", "", "'name:section.key=value,...;name2:...' (empty: the config alone).")
 _OUT = flags.DEFINE_string("out", "", "Write the table as JSON here.")
+_DECODE = flags.DEFINE_list("decode_batches", [], "Benchmark greedy decoding at these batch sizes instead.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 512, "Decoding: prompt tokens per row.")
+_NEW = flags.DEFINE_integer("new_tokens", 256, "Decoding: new tokens per row.")
 
 
 def matmul_ceiling(n: int = 8192, reps: int = 10) -> float:
@@ -99,8 +103,68 @@ def bench(config, steps: int, warmup: int) -> dict:
     }
 
 
+def copy_bandwidth(gib: float = 2.0, reps: int = 10) -> float:
+    """Measured bytes/s of an elementwise pass (read + write) over a ``gib`` GiB bf16 array."""
+    x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * 2)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / statistics.median(times)
+
+
+def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int = 3) -> dict:
+    """Greedy decoding of ``new_tokens`` after random ``prompt_len``-token prompts, bf16 weights.
+
+    Decode time is the difference between generating ``new_tokens`` and 1 token with the same
+    compiled program, so the prefill is excluded; bytes per decode step are the bf16 weights
+    (embedding gather excluded) plus the whole KV cache the attention reads.
+    """
+    from models import generate
+
+    config = config.copy_and_resolve_references()
+    config.model.param_dtype = "bfloat16"
+    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+    model, mcfg = setup.model, setup.mcfg
+    params = jax.jit(model.init, static_argnums=0)(mcfg, jax.random.PRNGKey(0))
+    prompts = np.random.default_rng(0).integers(3, mcfg.vocab_size, (batch, prompt_len)).tolist()
+    max_len = prompt_len + new_tokens
+
+    def run(n):
+        t = time.perf_counter()
+        generate.greedy(model, params, mcfg, prompts, max_new_tokens=n, max_len=max_len)
+        return time.perf_counter() - t
+
+    run(new_tokens), run(1)  # compile and warm up
+    full = statistics.median(run(new_tokens) for _ in range(reps))
+    prefill = statistics.median(run(1) for _ in range(reps))
+    step_s = (full - prefill) / (new_tokens - 1)
+    weight_bytes = 2 * model.matmul_params(mcfg)
+    cache_bytes = 2 * 2 * mcfg.n_layers * batch * max_len * mcfg.n_kv_heads * mcfg.head_dim
+    return {"batch": batch, "tokens_per_s": batch * new_tokens / full, "decode_tokens_per_s": batch / step_s,
+            "decode_step_ms": 1e3 * step_s, "prefill_s": prefill, "total_s": full,
+            "hbm_bytes_per_s": (weight_bytes + cache_bytes) / step_s}
+
+
 def main(argv):
     del argv
+    if _DECODE.value:
+        bandwidth = copy_bandwidth()
+        rows = [bench_decode(_CONFIG.value, int(b), _PROMPT.value, _NEW.value) for b in _DECODE.value]
+        print(f"\ndevice: {jax.devices()[0].device_kind}, jax {jax.__version__}, copy bandwidth "
+              f"{bandwidth / 1e12:.2f} TB/s; prompt {_PROMPT.value}, {_NEW.value} new tokens, greedy, bf16")
+        print(f"{'batch':>6}{'tokens/s':>11}{'decode tok/s':>14}{'step ms':>9}{'HBM TB/s':>10}{'of copy':>9}")
+        for r in rows:
+            r["fraction_of_copy"] = r["hbm_bytes_per_s"] / bandwidth
+            print(f"{r['batch']:>6}{r['tokens_per_s']:>11.0f}{r['decode_tokens_per_s']:>14.0f}"
+                  f"{r['decode_step_ms']:>9.2f}{r['hbm_bytes_per_s'] / 1e12:>10.2f}{r['fraction_of_copy']:>9.2f}")
+        if _OUT.value:
+            with open(_OUT.value, "w") as f:
+                json.dump({"copy_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
+        return
     base = _CONFIG.value
     variants = [v.split(":", 1) for v in _VARIANTS.value.split(";") if v] or [["config", ""]]
     ceiling = matmul_ceiling()
