@@ -195,13 +195,9 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Stops at eos, skips pad/bos and ids outside the vocabulary."""
-        kept = []
-        for i in map(int, ids):
-            if i == self.eos_id:
-                break
-            if i not in (self.pad_id, self.bos_id) and 0 <= i < self.vocab_size:
-                kept.append(i)
-        return self._tok.decode(kept, skip_special_tokens=True)
+        from train.data import content_ids
+
+        return self._tok.decode(content_ids(self, ids), skip_special_tokens=True)
 
 
 def _read_json(path: Path) -> dict:

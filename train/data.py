@@ -126,6 +126,17 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
 # Tokenizers
 
 
+def content_ids(tokenizer, ids: Sequence[int]) -> list[int]:
+    """``ids`` up to the first eos, without pad, bos or ids outside the tokenizer's vocabulary."""
+    kept = []
+    for i in map(int, ids):
+        if i == tokenizer.eos_id:
+            break
+        if i not in (tokenizer.pad_id, tokenizer.bos_id) and 0 <= i < tokenizer.vocab_size:
+            kept.append(i)
+    return kept
+
+
 class ByteTokenizer:
     """UTF-8 bytes offset by 3: pad=0, bos=1, eos=2, byte b -> b + 3; vocab_size = 259."""
 
@@ -177,13 +188,7 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Stops at eos, skips pad/bos and ids outside the vocabulary."""
-        kept = []
-        for i in map(int, ids):
-            if i == self.eos_id:
-                break
-            if i not in (self.pad_id, self.bos_id) and 0 <= i < self.vocab_size:
-                kept.append(i)
-        return self._sp.decode(kept)
+        return self._sp.decode(content_ids(self, ids))
 
 
 Tokenizer = ByteTokenizer | SentencePieceTokenizer
