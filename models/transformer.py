@@ -162,12 +162,13 @@ def embed(params: dict, tokens: jax.Array, cfg: Config) -> jax.Array:
 
 
 def block(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, cache=None, cache_index=0,
-          cache_segment_ids=None):
+          cache_segment_ids=None, cache_layer=None):
     """One decoder layer. p: one layer's slice of ``params['layers']``; x [batch, seq, d_model].
 
     With ``cache`` ({'k', 'v'}: [batch, max_len, kv_heads, head_dim]) the new keys and values
-    are written at ``cache_index`` and attention reads the whole cache. Returns
-    (x, new_cache or None, aux dict).
+    are written at ``cache_index`` and attention reads the whole cache. With ``cache_layer``
+    the cache holds every layer ([n_layers, batch, max_len, ...]) and only this layer's new
+    positions are written, in place. Returns (x, new_cache or None, aux dict).
     """
     b, s, _ = x.shape
     n = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
@@ -181,9 +182,16 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, ca
     if cache is None:
         o = attention(q, k, v, implementation=cfg.attention, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     else:
-        k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-        new_cache = {"k": k_all, "v": v_all}
+        if cache_layer is None:
+            new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], t.astype(cache[name].dtype),
+                                                                   cache_index, axis=1)
+                         for name, t in (("k", k), ("v", v))}
+            k_all, v_all = new_cache["k"], new_cache["v"]
+        else:
+            start = (cache_layer, 0, cache_index, 0, 0)
+            new_cache = {name: jax.lax.dynamic_update_slice(cache[name], t[None].astype(cache[name].dtype), start)
+                         for name, t in (("k", k), ("v", v))}
+            k_all, v_all = (jax.lax.dynamic_index_in_dim(new_cache[n], cache_layer, 0, keepdims=False) for n in "kv")
         o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), implementation=cfg.attention,
                       q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids, q_start=cache_index)
     x = x + layers.linear(p["wo"], o.reshape(b, s, cfg.n_heads * cfg.head_dim))
@@ -202,28 +210,42 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions, segment_
     Returns (x, new_cache, aux). ``aux['hidden_states']`` [n_layers + 1, batch, seq, d_model]
     holds every layer's input and the last layer's output when ``capture_hidden``.
     """
-    cache_index = cache["index"] if cache is not None else 0
-    cache_seg = cache["segment_ids"] if cache is not None else None
-    kv = {"k": cache["k"], "v": cache["v"]} if cache is not None else None
+    if cache is not None:
+        return _cached_blocks(layer_params, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
+                              capture_hidden=capture_hidden)
 
-    def body(h, xs):
-        p, c = xs
-        out, new_c, aux = block(p, h, cfg, positions=positions, segment_ids=segment_ids, cache=c,
-                                cache_index=cache_index, cache_segment_ids=cache_seg)
+    def body(h, p):
+        out, _, aux = block(p, h, cfg, positions=positions, segment_ids=segment_ids)
         if capture_hidden:
             aux = {**aux, "hidden_states": h}
-        return out, (new_c, aux)
+        return out, aux
 
-    policy = REMAT_POLICIES[cfg.remat]
-    if cfg.remat != "none" and cache is None:
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, (new_kv, aux) = jax.lax.scan(body, x, (layer_params, kv))
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    x, aux = jax.lax.scan(body, x, layer_params)
     if capture_hidden:
         aux["hidden_states"] = jnp.concatenate([aux["hidden_states"], x[None]], axis=0)
-    new_cache = None
-    if cache is not None:
-        new_cache = {**cache, **new_kv}
-    return x, new_cache, aux
+    return x, None, aux
+
+
+def _cached_blocks(layer_params, x, cfg, *, positions, segment_ids, cache, capture_hidden):
+    """``blocks`` with a KV cache: the stacked cache is carried through the layer loop and each
+    layer writes only its new positions, so decoding never copies the whole cache."""
+
+    def body(carry, xs):
+        h, kv = carry
+        p, i = xs
+        out, kv, aux = block(p, h, cfg, positions=positions, segment_ids=segment_ids, cache=kv,
+                             cache_index=cache["index"], cache_segment_ids=cache["segment_ids"], cache_layer=i)
+        if capture_hidden:
+            aux = {**aux, "hidden_states": h}
+        return (out, kv), aux
+
+    kv = {"k": cache["k"], "v": cache["v"]}
+    (x, kv), aux = jax.lax.scan(body, (x, kv), (layer_params, jnp.arange(cfg.n_layers)))
+    if capture_hidden:
+        aux["hidden_states"] = jnp.concatenate([aux["hidden_states"], x[None]], axis=0)
+    return x, {**cache, **kv}, aux
 
 
 def head(params: dict, x: jax.Array, cfg: Config) -> jax.Array:
