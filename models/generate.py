@@ -187,13 +187,6 @@ def decode_padded(model, params, cfg, tokens, positions, segment_ids, cache, max
                    width=width, layout=sharding.active())
 
 
-def greedy_padded(model, params, cfg, tokens, positions, segment_ids, cache, max_new_tokens: int,
-                  stop_token: int = _NO_STOP, pad_id: int = 0, *, width: int):
-    """``decode_padded`` at temperature 0 (same arguments and results)."""
-    return decode_padded(model, params, cfg, tokens, positions, segment_ids, cache, max_new_tokens, stop_token,
-                         pad_id, width=width)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "width", "layout"), donate_argnames=("cache",))
 def _decode(model, params, cfg, tokens, positions, segment_ids, rows, cache, rng, max_new_tokens, stop_token,
             pad_id, top_k, temperature, top_p, *, width, layout):

@@ -105,7 +105,7 @@ def test_loop_exits_early_pads_stopped_rows_and_returns_the_advanced_cache():
     k = next(i for i in range(1, NEW) if expected[i] not in expected[:i])
     stop, pad, P, max_len = expected[k], 3, 8, 8 + 16
     tokens, positions, segment_ids = G.left_pad([PROMPTS[0]], P, pad)
-    generated, steps, cache = G.greedy_padded(
+    generated, steps, cache = G.decode_padded(
         T, params, CFG, tokens, positions, segment_ids, T.init_cache(CFG, 1, max_len), NEW, stop, pad,
         width=max_len - P)
     chex.assert_shape(generated, (1, max_len - P))
@@ -118,7 +118,7 @@ def test_loop_exits_early_pads_stopped_rows_and_returns_the_advanced_cache():
     # Two rows, the stop token being row 1's first token: row 1 emits pad after it, row 0 goes on.
     stop1 = naive(PROMPTS[1], NEW)[0]
     tokens, positions, segment_ids = G.left_pad([PROMPTS[0], PROMPTS[1]], P, pad)
-    generated, steps, _ = G.greedy_padded(
+    generated, steps, _ = G.decode_padded(
         T, params, CFG, tokens, positions, segment_ids, T.init_cache(CFG, 2, max_len), NEW, stop1, pad,
         width=max_len - P)
     row0, row1 = np.asarray(generated)[:, :NEW].tolist()

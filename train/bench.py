@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from models import generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
 from train import metrics
@@ -123,8 +124,6 @@ def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int
     compiled program, so the prefill is excluded; bytes per decode step are the bf16 weights
     (embedding gather excluded) plus the whole KV cache the attention reads.
     """
-    from models import generate
-
     config = config.copy_and_resolve_references()
     config.model.param_dtype = "bfloat16"
     setup = setup_training(config, mesh_lib.make_mesh(config.mesh))

@@ -66,8 +66,10 @@ def _positive(section, names):
             raise ValueError(f"{section[1]}.{name} is {value!r}; set it to a positive integer.")
 
 
-def validate(config) -> None:
-    """Check the whole config before compiling; ValueError names the field and the fix."""
+def validate(config):
+    """Check the whole config before compiling; ValueError names the field and the fix.
+
+    Returns the model family's Config built from ``config.model``."""
     model = models.get(config.model.family)
     mcfg = model.from_config(config.model)
     data.validate(config.data)

@@ -30,12 +30,8 @@ from train.setup import setup_training
 
 
 def eval_loss(eval_step, params, config, mesh, rules, *, tokenizer, seq_len, batch_size, process_index=0,
-              process_count=1, max_batches: int | None = -1) -> float:
-    """Mean next-token cross-entropy over the eval split's batches.
-
-    ``max_batches``: -1 for ``train.eval_batches``, None for every batch.
-    """
-    max_batches = config.train.eval_batches if max_batches == -1 else max_batches
+              process_count=1, max_batches: int | None) -> float:
+    """Mean next-token cross-entropy over the first ``max_batches`` eval batches (None: all of them)."""
     ds = data.make_dataset(config.data, split="eval", seed=config.seed, tokenizer=tokenizer, seq_len=seq_len,
                            batch_size=batch_size, process_index=process_index, process_count=process_count)
     nll = tokens = 0.0
@@ -107,7 +103,7 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> di
                                 in_shardings=(setup.state_shardings.params, setup.batch_sharding))
             loss = eval_loss(eval_step, state.params, config, setup.mesh, setup.rules, tokenizer=tokenizer,
                              seq_len=t.seq_len, batch_size=t.batch_size, process_index=jax.process_index(),
-                             process_count=jax.process_count(), max_batches=None if task == "perplexity" else -1)
+                             process_count=jax.process_count(), max_batches=None if task == "perplexity" else t.eval_batches)
             results.update(loss=loss, perplexity=math.exp(loss))
     return results
 

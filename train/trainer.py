@@ -66,7 +66,7 @@ def _write_run_info(workdir: str, config) -> None:
         f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, "run_info.json"), "w") as f:
         json.dump({"git_revision": git_revision(), "jax": jax.__version__,
-                   "devices": [d.device_kind for d in jax.devices()][:1] + [f"x{jax.device_count()}"],
+                   "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
                    "processes": jax.process_count()}, f, indent=2)
 
 
@@ -148,7 +148,8 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 interval_start, interval_steps = time.perf_counter(), 0
             eval_start = time.perf_counter()
             if (t.eval_every and step % t.eval_every == 0) or (step == t.steps and t.eval_every):
-                record = {"eval_loss": evaluate.eval_loss(eval_step, state.params, config, mesh, rules, **ds_kwargs)}
+                record = {"eval_loss": evaluate.eval_loss(eval_step, state.params, config, mesh, rules,
+                                                                max_batches=t.eval_batches, **ds_kwargs)}
                 logger.log(step, record)
                 last.update(record)
             if t.exact_match_every and (step % t.exact_match_every == 0 or step == t.steps):
