@@ -3,7 +3,8 @@
 # Usage (device machine, repo root; wheels for grain/ml-collections in .whl, the peer script in .peers):
 #   bash experiments/bench_h200.sh OUT [VARIANT ...]
 #   VARIANT = name:overrides[:XLA_FLAGS] (a training variant), "peer" (HF + torch.compile training),
-#             "decode" (loom greedy decoding, batch 1 and 64) or "hfgen" (HF generate, batch 1 and 64)
+#             "decode[:XLA_FLAGS]" (loom greedy decoding at $DECODE_BATCHES, default 1,64, and a kernel
+#             table of the first batch size) or "hfgen" (HF generate, dynamic and static cache, batch 1 and 64)
 set -uo pipefail
 out=${1:-/tmp/bench}; shift; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -13,11 +14,16 @@ for variant in "$@"; do
   case "$variant" in
     peer) B=8 timeout 300 python3 .peers/torch_llama.py 1b "$out" 2>&1 | grep -E "^1b" || echo "peer failed"
           continue ;;
-    decode) timeout 300 python3 -m train.bench --config experiments/bench_llama_1b.py --decode_batches=1,64 \
-              --out "$out/loom_decode.json" 2>&1 | grep -v -i warn | tail -4
-            continue ;;
-    hfgen) timeout 300 python3 experiments/peers/hf_generate.py 1b "$out" 1 64 2>&1 | grep -E "^1b" \
-             || echo "hf generate failed"
+    decode|decode:*)  # decode[:XLA_FLAGS]; the first batch size's kernels are traced and tabulated
+      echo "== $variant"
+      XLA_FLAGS="$(echo "${variant#decode}" | sed 's/^://')" timeout 300 python3 -m train.bench \
+        --config experiments/bench_llama_1b.py --decode_batches="${DECODE_BATCHES:-1,64}" \
+        --decode_profile "$(mktemp -d)/trace" 2>&1 | grep -v -i warn | tail -34
+      continue ;;
+    hfgen) for cache in dynamic static; do
+             timeout 400 python3 experiments/peers/hf_generate.py 1b $cache "$out" 1 64 2>&1 | grep -E "^1b" \
+               || echo "hf generate ($cache) failed"
+           done
            continue ;;
   esac
   IFS=: read -r name overrides flags <<< "$variant"

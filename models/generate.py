@@ -192,6 +192,8 @@ def _decode(model, params, cfg, tokens, positions, segment_ids, rows, cache, rng
             pad_id, top_k, temperature, top_p, *, width, layout):
     del layout  # the active (mesh, rules) of ``constrain``: part of the compilation key
     b, p = tokens.shape
+    if hasattr(model, "decode_params"):  # a layout for decoding, made once outside the loop
+        params = model.decode_params(params, cfg)
     cache = _constrain_cache(model, cfg, model.init_cache(cfg, b, p + width) if cache is None else cache)
 
     def pick(step, logits):  # logits [b, V] -> int32 [b], row r keyed by fold_in(fold_in(rng, step), r)

@@ -171,10 +171,15 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, ca
     positions are written, in place. Returns (x, new_cache or None, aux dict).
     """
     b, s, _ = x.shape
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     n = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = layers.linear(p["wq"], n).reshape(b, s, cfg.n_heads, cfg.head_dim)
-    k = layers.linear(p["wk"], n).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
-    v = layers.linear(p["wv"], n).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+    if "wqkv" in p:  # the fused decoding layout of ``decode_params``
+        q, k, v = jnp.split(layers.linear(p["wqkv"], n), [q_dim, q_dim + kv_dim], axis=-1)
+    else:
+        q, k, v = (layers.linear(p[name], n) for name in ("wq", "wk", "wv"))
+    q = q.reshape(b, s, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
     q = constrain(layers.rope(q, positions, cfg.rope_theta), ("batch", "seq", "heads", "head_dim"))
     k = constrain(layers.rope(k, positions, cfg.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
@@ -197,7 +202,11 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, ca
     x = x + layers.linear(p["wo"], o.reshape(b, s, cfg.n_heads * cfg.head_dim))
     x = constrain(x, ("batch", "seq", "embed"))
     n = layers.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    hidden = jax.nn.silu(layers.linear(p["w_gate"], n)) * layers.linear(p["w_up"], n)
+    if "w_gate_up" in p:
+        gate, up = jnp.split(layers.linear(p["w_gate_up"], n), [cfg.d_ff], axis=-1)
+    else:
+        gate, up = layers.linear(p["w_gate"], n), layers.linear(p["w_up"], n)
+    hidden = jax.nn.silu(gate) * up
     hidden = checkpoint_name(constrain(hidden, ("batch", "seq", "mlp")), "mlp_hidden")
     x = x + layers.linear(p["w_down"], hidden)
     return constrain(x, ("batch", "seq", "embed")), new_cache, {}
@@ -229,23 +238,42 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions, segment_
 
 
 def _cached_blocks(layer_params, x, cfg, *, positions, segment_ids, cache, capture_hidden):
-    """``blocks`` with a KV cache: the stacked cache is carried through the layer loop and each
-    layer writes only its new positions, so decoding never copies the whole cache."""
+    """``blocks`` with a KV cache, one layer after another in a Python loop.
 
-    def body(carry, xs):
-        h, kv = carry
-        p, i = xs
-        out, kv, aux = block(p, h, cfg, positions=positions, segment_ids=segment_ids, cache=kv,
-                             cache_index=cache["index"], cache_segment_ids=cache["segment_ids"], cache_layer=i)
-        if capture_hidden:
-            aux = {**aux, "hidden_states": h}
-        return (out, kv), aux
-
-    kv = {"k": cache["k"], "v": cache["v"]}
-    (x, kv), aux = jax.lax.scan(body, (x, kv), (layer_params, jnp.arange(cfg.n_layers)))
-    if capture_hidden:
-        aux["hidden_states"] = jnp.concatenate([aux["hidden_states"], x[None]], axis=0)
+    ``layer_params`` is stacked (as ``init`` makes it) or a tuple of per-layer dicts (as
+    ``decode_params`` makes it). Each layer writes only its new positions into the stacked
+    cache, in place. With per-layer weights nothing is sliced inside the loop: slicing stacked
+    weights in a decode loop would copy each GEMM's weights on every step.
+    """
+    per_layer = layer_params if isinstance(layer_params, (list, tuple)) else _unstack(layer_params, cfg.n_layers)
+    kv, hidden = {"k": cache["k"], "v": cache["v"]}, []
+    for i, p in enumerate(per_layer):
+        hidden.append(x)
+        x, kv, _ = block(p, x, cfg, positions=positions, segment_ids=segment_ids, cache=kv,
+                         cache_index=cache["index"], cache_segment_ids=cache["segment_ids"], cache_layer=i)
+    aux = {"hidden_states": jnp.stack(hidden + [x])} if capture_hidden else {}
     return x, {**cache, **kv}, aux
+
+
+def _unstack(layer_params: dict, n_layers: int) -> tuple:
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layer_params) for i in range(n_layers))
+
+
+def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
+    """``params`` with ``layers`` as a tuple of per-layer dicts, for cached decoding.
+
+    ``models.generate`` calls this once, outside its decode loop, so each step reads every
+    weight where it lies instead of slicing it out of the stacked array again. With ``fuse``,
+    dense W_q, W_k, W_v become one ``wqkv`` [d_model, (heads + 2 kv_heads) head_dim] and
+    W_gate, W_up one ``w_gate_up`` [d_model, 2 d_ff]: one wider matmul each per step.
+    """
+    per_layer = []
+    for p in _unstack(params["layers"], cfg.n_layers):
+        if fuse and all(isinstance(p[n], jax.Array) for n in ("wq", "wk", "wv", "w_gate", "w_up")):
+            p = {**p, "wqkv": jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1),
+                 "w_gate_up": jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1)}
+        per_layer.append(p)
+    return {**params, "layers": tuple(per_layer)}
 
 
 def head(params: dict, x: jax.Array, cfg: Config) -> jax.Array:

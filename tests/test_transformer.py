@@ -133,10 +133,16 @@ def test_attention_implementations_agree():
     assert rel_err(T.apply(params, toks, cfg_xla)[0], T.apply(params, toks, cfg_ref)[0]) < 1e-6
 
 
-def test_kv_cache_prefill_then_decode_equals_full_forward():
+@pytest.mark.parametrize("layout", ["stacked", "per_layer", "fused"])
+def test_kv_cache_prefill_then_decode_equals_full_forward(layout):
+    """Cached decoding equals the full forward with stacked weights and with the decoding layouts."""
     cfg = tiny()
     params, toks = random_params(cfg), tokens(cfg, s=10)
     full, _ = T.apply(params, toks, cfg)
+    if layout != "stacked":
+        params = T.decode_params(params, cfg, fuse=layout == "fused")
+        assert isinstance(params["layers"], tuple) and len(params["layers"]) == cfg.n_layers
+        assert ("wqkv" in params["layers"][0]) == (layout == "fused")
     cache = T.init_cache(cfg, 2, 16)
     out, aux = T.apply(params, toks[:, :6], cfg, cache=cache)
     steps = [out]

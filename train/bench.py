@@ -10,7 +10,9 @@ and peak device memory. Batches are random tokens, one causal sequence per row (
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 import statistics
 import time
 
@@ -34,6 +36,8 @@ _OUT = flags.DEFINE_string("out", "", "Write the table as JSON here.")
 _DECODE = flags.DEFINE_list("decode_batches", [], "Benchmark greedy decoding at these batch sizes instead.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 512, "Decoding: prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Decoding: new tokens per row.")
+_PROFILE = flags.DEFINE_string("decode_profile", "", "Decoding: also trace 32 steps at the first batch size "
+                               "into this directory and print the device kernels per step.")
 
 
 def matmul_ceiling(n: int = 8192, reps: int = 10) -> float:
@@ -137,7 +141,8 @@ def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int
         generate.greedy(model, params, mcfg, prompts, max_new_tokens=n, max_len=max_len)
         return time.perf_counter() - t
 
-    run(new_tokens), run(1)  # compile and warm up
+    first_call_s = run(new_tokens)  # compiles (one program for every number of new tokens), then warms up
+    run(1)
     full = statistics.median(run(new_tokens) for _ in range(reps))
     prefill = statistics.median(run(1) for _ in range(reps))
     step_s = (full - prefill) / (new_tokens - 1)
@@ -145,27 +150,84 @@ def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int
     cache_bytes = 2 * 2 * mcfg.n_layers * batch * max_len * mcfg.n_kv_heads * mcfg.head_dim
     return {"batch": batch, "tokens_per_s": batch * new_tokens / full, "decode_tokens_per_s": batch / step_s,
             "decode_step_ms": 1e3 * step_s, "prefill_s": prefill, "total_s": full,
+            "first_call_s": first_call_s,
             "hbm_bytes_per_s": (weight_bytes + cache_bytes) / step_s}
+
+
+def kernel_table(logdir: str, steps: int, top: int = 25) -> str:
+    """Device kernels of the trace in ``logdir`` per decode step: busy time, launches, the costliest names."""
+    from jax._src.profiler import ProfileData  # the trace reader jax ships
+
+    path = max(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    by_name, spans, busy, launches = {}, [], 0, 0
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                total, count = by_name.get(ev.name, (0, 0))
+                by_name[ev.name] = (total + ev.duration_ns, count + 1)
+                spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                busy += ev.duration_ns
+                launches += 1
+    if not spans:
+        return "no device kernels in the trace"
+    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    rows = [f"per step: {busy / steps / 1e3:.0f} us busy of {wall / steps / 1e3:.0f} us wall, "
+            f"{launches / steps:.0f} launches", f"{'us/step':>9}{'n/step':>8}  kernel"]
+    for name, (total, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        rows.append(f"{total / steps / 1e3:>9.1f}{count / steps:>8.1f}  {name[:110]}")
+    return "\n".join(rows)
+
+
+def profile_decode(config, batch: int, prompt_len: int, logdir: str, steps: int = 32) -> str:
+    """Trace one greedy call of ``steps`` + 1 new tokens (compiled beforehand) and tabulate its kernels."""
+    config = config.copy_and_resolve_references()
+    config.model.param_dtype = "bfloat16"
+    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+    params = jax.jit(setup.model.init, static_argnums=0)(setup.mcfg, jax.random.PRNGKey(0))
+    prompts = np.random.default_rng(0).integers(3, setup.mcfg.vocab_size, (batch, prompt_len)).tolist()
+
+    def run():
+        generate.greedy(setup.model, params, setup.mcfg, prompts, max_new_tokens=steps + 1,
+                        max_len=prompt_len + 256)
+
+    run()
+    os.makedirs(logdir, exist_ok=True)
+    with jax.profiler.trace(logdir):
+        run()
+    return kernel_table(logdir, steps)
 
 
 def main(argv):
     del argv
+    variants = [v.split(":", 1) for v in _VARIANTS.value.split(";") if v] or [["config", ""]]
     if _DECODE.value:
         bandwidth = copy_bandwidth()
-        rows = [bench_decode(_CONFIG.value, int(b), _PROMPT.value, _NEW.value) for b in _DECODE.value]
+        rows = [{"variant": name, **bench_decode(apply_overrides(_CONFIG.value, spec), int(b), _PROMPT.value,
+                                                  _NEW.value)}
+                for name, spec in variants for b in _DECODE.value]
         print(f"\ndevice: {jax.devices()[0].device_kind}, jax {jax.__version__}, copy bandwidth "
               f"{bandwidth / 1e12:.2f} TB/s; prompt {_PROMPT.value}, {_NEW.value} new tokens, greedy, bf16")
-        print(f"{'batch':>6}{'tokens/s':>11}{'decode tok/s':>14}{'step ms':>9}{'HBM TB/s':>10}{'of copy':>9}")
+        print(f"{'variant':<16}{'batch':>6}{'tokens/s':>11}{'decode tok/s':>14}{'step ms':>9}{'HBM TB/s':>10}"
+              f"{'of copy':>9}{'first call s':>13}")
         for r in rows:
             r["fraction_of_copy"] = r["hbm_bytes_per_s"] / bandwidth
-            print(f"{r['batch']:>6}{r['tokens_per_s']:>11.0f}{r['decode_tokens_per_s']:>14.0f}"
-                  f"{r['decode_step_ms']:>9.2f}{r['hbm_bytes_per_s'] / 1e12:>10.2f}{r['fraction_of_copy']:>9.2f}")
+            print(f"{r['variant']:<16}{r['batch']:>6}{r['tokens_per_s']:>11.0f}{r['decode_tokens_per_s']:>14.0f}"
+                  f"{r['decode_step_ms']:>9.2f}{r['hbm_bytes_per_s'] / 1e12:>10.2f}{r['fraction_of_copy']:>9.2f}"
+                  f"{r['first_call_s']:>13.1f}")
         if _OUT.value:
             with open(_OUT.value, "w") as f:
                 json.dump({"copy_bytes_per_s": bandwidth, "rows": rows}, f, indent=1)
+        if _PROFILE.value:
+            for name, spec in variants:
+                print(f"\n{name}, batch {_DECODE.value[0]}:")
+                print(profile_decode(apply_overrides(_CONFIG.value, spec), int(_DECODE.value[0]), _PROMPT.value,
+                                     os.path.join(_PROFILE.value, name)))
         return
     base = _CONFIG.value
-    variants = [v.split(":", 1) for v in _VARIANTS.value.split(";") if v] or [["config", ""]]
     ceiling = matmul_ceiling()
     peak = metrics.peak_flops(jax.devices()[0])
     rows = {}
