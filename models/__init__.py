@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = {"transformer": "models.transformer"}
+FAMILIES = {"transformer": "models.transformer", "mamba": "models.mamba"}
 
 
 def get(family: str):

@@ -1,8 +1,11 @@
-"""Hugging Face Llama-family interop: parameter and config mapping, checkpoint directories.
+"""Hugging Face interop for Llama-family and Mamba models: parameter and config mapping, checkpoint directories.
 
 loom stores projections as [in, out] stacked over layers; Hugging Face stores
-``nn.Linear`` weights as [out, in] per layer under ``model.layers.{i}.*``. Both sides
-use the half-split rotary layout, so q/k weights map without permutation.
+``nn.Linear`` weights as [out, in] per layer under ``model.layers.{i}.*`` (Llama) or
+``backbone.layers.{i}.*`` (Mamba). Both sides use the half-split rotary layout, so q/k
+weights map without permutation. Mamba's fused ``in_proj`` [2 d_inner, d_model] is loom's
+``in_x`` and ``in_z`` halves, and its conv1d weight [d_inner, 1, d_conv] is loom's
+``conv_w`` [d_conv, d_inner]. Which family a function handles follows the Config's type.
 
 A checkpoint directory is ``config.json`` plus ``model.safetensors``, or shards listed in
 ``model.safetensors.index.json``, plus optional tokenizer files (``tokenizer.model`` or
@@ -24,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from models import layers, transformer
+from models import layers, mamba, transformer
 
 # loom name in params['layers'] -> Hugging Face suffix under model.layers.{i}.
 _LAYER_NAMES = {
@@ -61,8 +64,10 @@ def llama_config(cfg: transformer.Config) -> dict:
     }
 
 
-def to_hf_state_dict(params: dict, cfg: transformer.Config) -> dict[str, np.ndarray]:
-    """loom params -> Hugging Face Llama state dict of float32 NumPy arrays."""
+def to_hf_state_dict(params: dict, cfg: transformer.Config | mamba.Config) -> dict[str, np.ndarray]:
+    """loom params -> Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict of float32 NumPy arrays."""
+    if isinstance(cfg, mamba.Config):
+        return _mamba_to_hf_state_dict(params, cfg)
     out = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
            "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
     for name, suffix in _LAYER_NAMES.items():
@@ -75,8 +80,11 @@ def to_hf_state_dict(params: dict, cfg: transformer.Config) -> dict[str, np.ndar
     return out
 
 
-def from_hf_state_dict(state: dict, cfg: transformer.Config) -> dict:
-    """Hugging Face Llama state dict (NumPy arrays) -> loom params in ``cfg.param_dtype``."""
+def from_hf_state_dict(state: dict, cfg: transformer.Config | mamba.Config) -> dict:
+    """Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict (NumPy arrays) -> loom params in
+    ``cfg.param_dtype``."""
+    if isinstance(cfg, mamba.Config):
+        return _mamba_from_hf_state_dict(state, cfg)
     dtype = np.dtype(layers.DTYPES[cfg.param_dtype])
 
     def get(key):
@@ -103,17 +111,21 @@ _MODEL_TYPES = {"llama", "mistral"}
 _ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 
 
-def config_from_hf(hf_config: dict, **overrides) -> transformer.Config:
-    """loom Config from a Llama-family config.json dict; ``overrides`` set any other Config field.
+def config_from_hf(hf_config: dict, **overrides) -> transformer.Config | mamba.Config:
+    """loom Config from a Llama-family or Mamba config.json dict; ``overrides`` set any other Config field.
 
-    Reads the rope theta from ``rope_parameters`` (transformers 5), or ``rope_theta`` beside a
+    model_type 'mamba' gives a ``mamba.Config`` (``mamba_config_from_hf``). For Llama, reads the
+    rope theta from ``rope_parameters`` (transformers 5), or ``rope_theta`` beside a
     ``rope_scaling`` dict (earlier versions). Raises ValueError, naming the field, for other
     architectures, biases, sliding windows, activations other than SiLU and rope scaling.
     """
     c = hf_config
     model_type = c.get("model_type")
+    if model_type == "mamba":
+        return mamba_config_from_hf(c, **overrides)
     if model_type not in _MODEL_TYPES:
-        raise ValueError(f"config.json model_type is {model_type!r}; loom loads only {sorted(_MODEL_TYPES)}.")
+        raise ValueError(f"config.json model_type is {model_type!r}; loom loads only "
+                         f"{sorted(_MODEL_TYPES | {'mamba'})}.")
     bad_arch = [a for a in c.get("architectures") or [] if a not in _ARCHITECTURES]
     if bad_arch:
         raise ValueError(f"config.json architectures holds {bad_arch[0]!r}; loom loads only {sorted(_ARCHITECTURES)}.")
@@ -144,6 +156,143 @@ def config_from_hf(hf_config: dict, **overrides) -> transformer.Config:
         head_dim=c.get("head_dim") or c["hidden_size"] // heads, rope_theta=float(theta),
         norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)))
     return transformer.Config(**{**values, **overrides})
+
+
+# ----------------------------------------------------------------------------- Mamba
+
+_MAMBA_ARCHITECTURES = {"MambaForCausalLM"}
+
+
+def mamba_config(cfg: mamba.Config) -> dict:
+    """config.json fields of a ``MambaForCausalLM`` equal to ``cfg`` (residual_in_fp32 is True there:
+    loom's residual stream is in ``cfg.dtype``, the same thing in float32)."""
+    return {
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_inner,
+        "state_size": cfg.d_state,
+        "num_hidden_layers": cfg.n_layers,
+        "expand": cfg.expand,
+        "conv_kernel": cfg.d_conv,
+        "time_step_rank": cfg.dt_rank,
+        "time_step_min": cfg.dt_min,
+        "time_step_max": cfg.dt_max,
+        "time_step_floor": cfg.dt_init_floor,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "use_bias": cfg.proj_bias,
+        "use_conv_bias": cfg.conv_bias,
+        "hidden_act": "silu",
+        "residual_in_fp32": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+def mamba_config_from_hf(hf_config: dict, **overrides) -> mamba.Config:
+    """``mamba.Config`` from a Mamba config.json dict (transformers' ``MambaConfig`` fields and defaults).
+
+    Raises ValueError, naming the field, for other architectures, activations other than SiLU,
+    a non-integer ``expand`` or an ``intermediate_size`` other than expand * hidden_size.
+    """
+    c = hf_config
+    bad_arch = [a for a in c.get("architectures") or [] if a not in _MAMBA_ARCHITECTURES]
+    if bad_arch:
+        raise ValueError(f"config.json architectures holds {bad_arch[0]!r}; loom loads only "
+                         f"{sorted(_MAMBA_ARCHITECTURES)} for model_type 'mamba'.")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act is {c['hidden_act']!r}; loom's Mamba mixer uses 'silu'.")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if c.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json has no {missing[0]}; it is required for a Mamba model.")
+    expand = c.get("expand", 2)
+    if isinstance(expand, bool) or not isinstance(expand, (int, float)) or expand != int(expand):
+        raise ValueError(f"config.json expand is {expand!r}; loom's Mamba needs an integer expansion factor.")
+    expand, hidden = int(expand), c["hidden_size"]
+    if c.get("intermediate_size") not in (None, expand * hidden):
+        raise ValueError(f"config.json intermediate_size is {c['intermediate_size']}, not expand * hidden_size "
+                         f"= {expand * hidden}; loom's Mamba derives it from expand.")
+    rank = c.get("time_step_rank", "auto")
+    values = dict(
+        vocab_size=c["vocab_size"], d_model=hidden, n_layers=c["num_hidden_layers"],
+        d_state=c.get("state_size", 16), d_conv=c.get("conv_kernel", 4), expand=expand,
+        dt_rank=0 if rank == "auto" else rank, dt_min=float(c.get("time_step_min", 0.001)),
+        dt_max=float(c.get("time_step_max", 0.1)), dt_init_floor=float(c.get("time_step_floor", 1e-4)),
+        norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+        proj_bias=bool(c.get("use_bias", False)), conv_bias=bool(c.get("use_conv_bias", True)))
+    return mamba.Config(**{**values, **overrides})
+
+
+def _mamba_layer_names(cfg: mamba.Config) -> list[str]:
+    """Tensor suffixes under ``backbone.layers.{i}.`` of a Mamba layer of ``cfg``."""
+    names = ["norm.weight", "mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.x_proj.weight",
+             "mixer.dt_proj.weight", "mixer.dt_proj.bias", "mixer.A_log", "mixer.D", "mixer.out_proj.weight"]
+    names += ["mixer.conv1d.bias"] if cfg.conv_bias else []
+    return names + (["mixer.in_proj.bias", "mixer.out_proj.bias"] if cfg.proj_bias else [])
+
+
+def _mamba_to_hf_state_dict(params: dict, cfg: mamba.Config) -> dict[str, np.ndarray]:
+    block = {k: np.asarray(v, np.float32) for k, v in params["layers"].items()}
+    out = {"backbone.embeddings.weight": np.asarray(params["embed"], np.float32)}
+    for i in range(cfg.n_layers):
+        p = {k: v[i] for k, v in block.items()}
+        layer = {
+            "norm.weight": p["norm"],
+            "mixer.in_proj.weight": np.concatenate([p["in_x"].T, p["in_z"].T]),  # [2E, D]
+            "mixer.conv1d.weight": p["conv_w"].T[:, None, :],  # [E, 1, K]
+            "mixer.x_proj.weight": p["x_proj"].T,
+            "mixer.dt_proj.weight": p["dt_proj"].T,
+            "mixer.dt_proj.bias": p["dt_bias"],
+            "mixer.A_log": p["A_log"],
+            "mixer.D": p["D"],
+            "mixer.out_proj.weight": p["out_proj"].T,
+        }
+        if cfg.conv_bias:
+            layer["mixer.conv1d.bias"] = p["conv_b"]
+        if cfg.proj_bias:
+            layer["mixer.in_proj.bias"] = np.concatenate([p["in_x_bias"], p["in_z_bias"]])
+            layer["mixer.out_proj.bias"] = p["out_bias"]
+        out.update({f"backbone.layers.{i}.{k}": np.ascontiguousarray(v) for k, v in layer.items()})
+    out["backbone.norm_f.weight"] = np.asarray(params["final_norm"], np.float32)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["head"], np.float32).T)
+    return out
+
+
+def _mamba_from_hf_state_dict(state: dict, cfg: mamba.Config) -> dict:
+    dtype = np.dtype(layers.DTYPES[cfg.param_dtype])
+    E = cfg.d_inner
+
+    def get(key):
+        if key not in state:
+            raise KeyError(f"checkpoint has no tensor {key!r}; is it a Mamba model with {cfg.n_layers} layers?")
+        return np.asarray(state[key], dtype)
+
+    per_layer: dict[str, list] = {}
+    for i in range(cfg.n_layers):
+        g = lambda suffix: get(f"backbone.layers.{i}.{suffix}")  # noqa: E731
+        in_proj = g("mixer.in_proj.weight")
+        if in_proj.shape[0] != 2 * E:
+            raise ValueError(f"backbone.layers.{i}.mixer.in_proj.weight has shape {in_proj.shape}, but config.json "
+                             f"implies ({2 * E}, {cfg.d_model}).")
+        layer = {
+            "norm": g("norm.weight"), "in_x": in_proj[:E].T, "in_z": in_proj[E:].T,
+            "conv_w": g("mixer.conv1d.weight")[:, 0, :].T, "x_proj": g("mixer.x_proj.weight").T,
+            "dt_proj": g("mixer.dt_proj.weight").T, "dt_bias": g("mixer.dt_proj.bias"),
+            "A_log": g("mixer.A_log"), "D": g("mixer.D"), "out_proj": g("mixer.out_proj.weight").T,
+        }
+        if cfg.conv_bias:
+            layer["conv_b"] = g("mixer.conv1d.bias")
+        if cfg.proj_bias:
+            in_bias = g("mixer.in_proj.bias")
+            layer.update(in_x_bias=in_bias[:E], in_z_bias=in_bias[E:], out_bias=g("mixer.out_proj.bias"))
+        for k, v in layer.items():
+            per_layer.setdefault(k, []).append(v)
+    params = {"embed": get("backbone.embeddings.weight"), "layers": {k: np.stack(v) for k, v in per_layer.items()},
+              "final_norm": get("backbone.norm_f.weight")}
+    if not cfg.tie_embeddings:
+        params["head"] = get("lm_head.weight").T
+    return params
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -234,8 +383,12 @@ _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-def _hf_names(cfg: transformer.Config) -> list[str]:
-    """Every tensor name a Llama checkpoint of ``cfg`` must hold."""
+def _hf_names(cfg: transformer.Config | mamba.Config) -> list[str]:
+    """Every tensor name a Llama (or Mamba) checkpoint of ``cfg`` must hold."""
+    if isinstance(cfg, mamba.Config):
+        names = ["backbone.embeddings.weight", "backbone.norm_f.weight"]
+        names += [f"backbone.layers.{i}.{s}" for s in _mamba_layer_names(cfg) for i in range(cfg.n_layers)]
+        return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     names += [f"model.layers.{i}.{s}" for s in _LAYER_NAMES.values() for i in range(cfg.n_layers)]
     return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
@@ -265,10 +418,11 @@ def _shard_files(d: Path) -> dict[str, list[str]]:
 
 
 def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **config_overrides):
-    """Load a Llama-family checkpoint directory -> (params, cfg, tokenizer or None).
+    """Load a Llama-family or Mamba checkpoint directory -> (params, cfg, tokenizer or None).
 
     params: host NumPy arrays in ``cfg.param_dtype`` (float32 unless overridden) with the
-    structure of ``transformer.init`` (e.g. layers.wq [n_layers, d_model, n_heads * head_dim]);
+    structure of ``transformer.init`` (e.g. layers.wq [n_layers, d_model, n_heads * head_dim]),
+    or of ``mamba.init`` with a ``mamba.Config`` for model_type 'mamba';
     bfloat16/float16 tensors in the files are widened exactly. ``dtype`` is the Config's
     compute dtype; ``config_overrides`` set other Config fields (``remat``, ``attention``, ...).
     Raises ValueError or FileNotFoundError naming the missing shard, tensor or bad field.
@@ -280,6 +434,7 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **c
         raise FileNotFoundError(f"{d} has no config.json; is it a Hugging Face checkpoint directory?")
     hf_config = _read_json(d / "config.json")
     cfg = config_from_hf(hf_config, dtype=dtype, **config_overrides)
+    family, module = ("Mamba", mamba) if isinstance(cfg, mamba.Config) else ("Llama", transformer)
     needed = set(_hf_names(cfg))
     files = _shard_files(d)
     found = {n for names in files.values() for n in names}
@@ -287,11 +442,11 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **c
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"checkpoint {d} has no tensor(s) {missing[:3]}{more} needed by a {cfg.n_layers}-layer "
-                         f"{'tied' if cfg.tie_embeddings else 'untied'} Llama.")
+                         f"{'tied' if cfg.tie_embeddings else 'untied'} {family}.")
     ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
     extra = sorted(n for n in found - needed - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
-        raise ValueError(f"checkpoint {d} holds tensor {extra[0]!r} that a Llama layer does not use "
+        raise ValueError(f"checkpoint {d} holds tensor {extra[0]!r} that a {family} layer does not use "
                          f"({len(extra)} such); refusing to drop weights silently.")
     state = {}
     for file, names in files.items():
@@ -303,7 +458,7 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **c
                         raise ValueError(f"shard {file} has no tensor {name!r} that {_INDEX} places there.")
                     state[name] = f.get_slice(name)[:]  # get_slice reads bfloat16 too, as ml_dtypes arrays
     params = from_hf_state_dict(state, cfg)
-    expected = jax.eval_shape(lambda: transformer.init(cfg, jax.random.PRNGKey(0)))
+    expected = jax.eval_shape(lambda: module.init(cfg, jax.random.PRNGKey(0)))
     for path, want in jax.tree_util.tree_leaves_with_path(expected):
         got = params
         for key in path:
@@ -318,9 +473,10 @@ def _is_checkpoint_file(name: str) -> bool:
     return name in ("config.json", _SINGLE, _INDEX) or bool(_SHARD.fullmatch(name))
 
 
-def save_checkpoint(params: dict, cfg: transformer.Config, directory: str | os.PathLike, *,
+def save_checkpoint(params: dict, cfg: transformer.Config | mamba.Config, directory: str | os.PathLike, *,
                     max_shard_bytes: int | None = None, dtype: str = "float32") -> None:
-    """Write ``params`` as a Hugging Face Llama checkpoint directory, tensors in ``dtype``.
+    """Write ``params`` as a Hugging Face Llama (or, for a ``mamba.Config``, Mamba) checkpoint directory,
+    tensors in ``dtype``.
 
     One ``model.safetensors``, or with ``max_shard_bytes`` shards ``model-0000i-of-0000n.safetensors``
     of at most that size (a larger tensor gets a shard of its own) and
@@ -348,7 +504,8 @@ def save_checkpoint(params: dict, cfg: transformer.Config, directory: str | os.P
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()  # not mkdtemp: the checkpoint keeps the usual umask permissions
     try:
-        config = {**llama_config(cfg), "torch_dtype": dtype, "dtype": dtype}
+        hf_config = mamba_config(cfg) if isinstance(cfg, mamba.Config) else llama_config(cfg)
+        config = {**hf_config, "torch_dtype": dtype, "dtype": dtype}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if max_shard_bytes:
             n = len(shards)

@@ -28,7 +28,7 @@ Rules = Sequence[tuple[str, "str | Sequence[str] | None"]]
 
 # Logical axis names that models use; ``validate_rules`` refuses others on the left of a rule.
 LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "norm",
-                "experts", "state")
+                "experts", "state", "inner")
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("loom_sharding", default=None)
 
@@ -124,14 +124,14 @@ def validate_rules(rules: Rules, mesh: Mesh, known: Sequence[str] = LOGICAL_AXES
 # Logical axis -> the model config field that counts it (for ``heads`` the merged heads*head_dim
 # dimension of wq/wo is split, so whole heads must divide evenly).
 _COUNTED_BY = (("heads", "n_heads"), ("kv_heads", "n_kv_heads"), ("head_dim", "head_dim"), ("mlp", "d_ff"),
-               ("vocab", "vocab_size"), ("embed", "d_model"), ("layers", "n_layers"), ("experts", "n_experts"))
+               ("vocab", "vocab_size"), ("embed", "d_model"), ("layers", "n_layers"), ("experts", "num_experts"), ("inner", "d_inner"))
 
 
 def check_divisibility(mcfg: Any, mesh: Mesh, rules: Rules, global_batch_size: int, *, seq_len: int | None = None,
                        accum_steps: int = 1) -> None:
     """Raise ValueError (one sentence naming the config fields) for a size the mesh cannot split evenly.
 
-    Model sizes (n_heads, n_kv_heads, head_dim, d_ff, vocab_size, d_model, n_layers, n_experts
+    Model sizes (n_heads, n_kv_heads, head_dim, d_ff, vocab_size, d_model, n_layers, num_experts, d_inner
     where ``mcfg`` has them) against the mesh axes their logical axis maps to; the (micro)batch
     ``global_batch_size / accum_steps`` against the axes of ``batch``; ``seq_len`` against ``seq``.
     """

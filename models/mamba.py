@@ -1,0 +1,473 @@
+"""Mamba LM (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+A stack of residual blocks ``x_{l+1} = x_l + Mixer(RMSNorm(x_l))``, final RMSNorm, tied
+embeddings by default. With E = expand * d_model channels, N = d_state and R = dt_rank,
+one mixer maps u [batch, seq, d_model] to [batch, seq, d_model]:
+
+    x, z      = u W_x, u W_z                                   in_proj   [seq, E] each
+    x         = silu(causal depthwise conv1d(x))               d_conv taps per channel
+    dt, B, C  = split(x W_xproj, [R, N, N])                    selective (input-dependent)
+    dt        = softplus(dt W_dt + b_dt)                        [seq, E]
+    A         = -exp(A_log)                                     [E, N], S4D-real init A_log = log(1..N)
+    h_t       = exp(dt_t A) * h_{t-1} + dt_t B_t x_t            ZOH for A, Euler for B; h_t [E, N] float32
+    y_t       = C_t h_t + D * x_t
+    out       = (y * silu(z)) W_out
+
+The selective scan (``selective_scan``) has a sequential ``reference`` (``lax.scan`` over
+time) and a ``chunked`` fast path: an associative scan on (decay, input) pairs within chunks
+of ``chunk_size`` steps, the state carried across chunks by an outer ``lax.scan``, each chunk
+under ``jax.checkpoint`` so that only one chunk's [batch, chunk, E, N] tensors exist at once,
+forward or backward.
+
+Packed sequences: ``segment_ids`` [batch, seq] (0 = padding). The first token of a new
+segment resets the state (decay 0) and the convolution never mixes tokens of different
+segments. A padding token does not advance the SSM state (dt = 0) and is a zero input to the
+convolution, so padding with nothing real before it (generation's left padding) is exactly
+no token at all; padding after real tokens reaches the next ones' convolution as zeros.
+Decoding carries the conv buffer and the SSM state (``init_cache``): O(1) per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import layers
+from models.transformer import REMAT_POLICIES
+from parallel.sharding import constrain
+
+SCANS = ("chunked", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Mamba hyperparameters; hashable so it can be a static jit argument."""
+
+    vocab_size: int = 259
+    d_model: int = 128
+    n_layers: int = 4
+    d_state: int = 16  # N
+    d_conv: int = 4  # taps of the causal depthwise convolution
+    expand: int = 2  # d_inner = expand * d_model
+    dt_rank: int = 0  # 0: ceil(d_model / 16)
+    dt_min: float = 0.001  # softplus(dt bias) at init is log-uniform in [dt_min, dt_max] ...
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4  # ... and at least this
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    proj_bias: bool = False  # biases of in_proj and out_proj (Hugging Face use_bias)
+    conv_bias: bool = True  # (Hugging Face use_conv_bias)
+    dtype: str = "bfloat16"  # compute dtype; the scan state is always float32
+    param_dtype: str = "float32"
+    remat: str = "full"
+    scan: str = "chunked"
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        if self.dt_rank == 0 and isinstance(self.d_model, int) and self.d_model > 0:
+            object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
+        validate(self)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def compute_dtype(self):
+        return layers.DTYPES[self.dtype]
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError with one sentence naming the field and the fix."""
+    for name in ("vocab_size", "d_model", "n_layers", "d_state", "d_conv", "expand", "dt_rank", "chunk_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"model.{name} is {value!r}; set it to a positive integer.")
+    for name in ("dt_min", "dt_max", "dt_init_floor", "norm_eps"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"model.{name} is {value!r}; set it to a finite number.")
+    if not 0 < cfg.dt_min <= cfg.dt_max:
+        raise ValueError(f"model.dt_min ({cfg.dt_min}) and model.dt_max ({cfg.dt_max}) must satisfy "
+                         "0 < dt_min <= dt_max; the defaults are 0.001 and 0.1.")
+    if not 0 <= cfg.dt_init_floor <= cfg.dt_max:
+        raise ValueError(f"model.dt_init_floor is {cfg.dt_init_floor}; use a value in [0, dt_max={cfg.dt_max}] "
+                         "(default 1e-4).")
+    if cfg.norm_eps <= 0:
+        raise ValueError(f"model.norm_eps is {cfg.norm_eps}; set it to a positive number.")
+    for name, choices in (("dtype", layers.DTYPES), ("param_dtype", layers.DTYPES), ("remat", REMAT_POLICIES),
+                          ("scan", SCANS)):
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"model.{name} is {getattr(cfg, name)!r}; use one of {sorted(choices)}.")
+
+
+def from_config(model_cfg) -> Config:
+    """Config from a mapping (the ``model`` section of an experiment config); unknown keys are refused."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in dict(model_cfg).items() if k != "family"}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"model.{unknown[0]} is not a Mamba field; known fields: {sorted(fields)}.")
+    return Config(**values)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def init(cfg: Config, rng: jax.Array) -> dict:
+    """Parameters, stacked over a leading ``layers`` axis (projections [layers, in, out]).
+
+    Projections N(0, 1/fan_in), out_proj further / sqrt(n_layers) (the paper's prenorm residual
+    rescaling); conv taps U(+-1/sqrt(d_conv)), conv bias 0; dt_proj U(+-1/sqrt(dt_rank)); dt bias
+    = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] floored at dt_init_floor;
+    A_log[e, n] = log(n + 1) (S4D-real); D = 1; norms 1.
+    """
+    pd = layers.DTYPES[cfg.param_dtype]
+    L, D, E, N, R, K, V = (cfg.n_layers, cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv,
+                           cfg.vocab_size)
+    keys = iter(jax.random.split(rng, 9))
+    uniform = lambda k, shape, bound: jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(pd)  # noqa: E731
+    block = {
+        "norm": jnp.ones((L, D), pd),
+        "in_x": layers.normal_init(next(keys), (L, D, E), D, pd),
+        "in_z": layers.normal_init(next(keys), (L, D, E), D, pd),
+        "conv_w": uniform(next(keys), (L, K, E), K ** -0.5),
+        "x_proj": layers.normal_init(next(keys), (L, E, R + 2 * N), E, pd),
+        "dt_proj": uniform(next(keys), (L, R, E), R ** -0.5),
+        "dt_bias": dt_bias_init(next(keys), (L, E), cfg.dt_min, cfg.dt_max, cfg.dt_init_floor).astype(pd),
+        "A_log": jnp.broadcast_to(jnp.log(jnp.arange(1, N + 1, dtype=jnp.float32)), (L, E, N)).astype(pd),
+        "D": jnp.ones((L, E), pd),
+        "out_proj": (layers.normal_init(next(keys), (L, E, D), E, jnp.float32) / math.sqrt(L)).astype(pd),
+    }
+    if cfg.conv_bias:
+        block["conv_b"] = jnp.zeros((L, E), pd)
+    if cfg.proj_bias:
+        block.update(in_x_bias=jnp.zeros((L, E), pd), in_z_bias=jnp.zeros((L, E), pd),
+                     out_bias=jnp.zeros((L, D), pd))
+    # Tied tables also serve as the output projection, so keep their logits O(1).
+    params = {"embed": layers.normal_init(next(keys), (V, D), D if cfg.tie_embeddings else 1, pd),
+              "layers": block, "final_norm": jnp.ones((D,), pd)}
+    if not cfg.tie_embeddings:
+        params["head"] = layers.normal_init(next(keys), (D, V), D, pd)
+    return params
+
+
+def dt_bias_init(rng, shape, dt_min: float, dt_max: float, floor: float) -> jax.Array:
+    """float32 softplus^-1(dt) = dt + log(1 - exp(-dt)), dt = max(exp(U(log dt_min, log dt_max)), floor)."""
+    log_dt = jax.random.uniform(rng, shape, jnp.float32, math.log(dt_min), math.log(dt_max))
+    dt = jnp.maximum(jnp.exp(log_dt), floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def param_axes(cfg: Config) -> dict:
+    """Logical axis names for every parameter, same structure as ``init``; ``inner`` is d_inner, ``state`` d_state."""
+    block = {
+        "norm": ("layers", "norm"),
+        "in_x": ("layers", "embed", "inner"), "in_z": ("layers", "embed", "inner"),
+        "conv_w": ("layers", None, "inner"),
+        "x_proj": ("layers", "inner", None),
+        "dt_proj": ("layers", None, "inner"), "dt_bias": ("layers", "inner"),
+        "A_log": ("layers", "inner", "state"), "D": ("layers", "inner"),
+        "out_proj": ("layers", "inner", "embed"),
+    }
+    if cfg.conv_bias:
+        block["conv_b"] = ("layers", "inner")
+    if cfg.proj_bias:
+        block.update(in_x_bias=("layers", "inner"), in_z_bias=("layers", "inner"), out_bias=("layers", "embed"))
+    axes = {"embed": ("vocab", "embed"), "layers": block, "final_norm": ("norm",)}
+    if not cfg.tie_embeddings:
+        axes["head"] = ("embed", "vocab")
+    return axes
+
+
+def matmul_params(cfg: Config) -> int:
+    """Parameters that take part in a matmul per token: in/x/dt/out projections and the LM head."""
+    E, R, N = cfg.d_inner, cfg.dt_rank, cfg.d_state
+    per_layer = 2 * cfg.d_model * E + E * (R + 2 * N) + R * E + E * cfg.d_model
+    return cfg.n_layers * per_layer + cfg.d_model * cfg.vocab_size
+
+
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params + the conv and the scan (forward x 3 for fwd+bwd).
+
+    Per layer and token the conv costs 2 d_conv E FLOPs and the recurrence about 9 E N (exp(dt A),
+    dt B x, the state update, C h): independent of ``seq_len``, unlike attention.
+    """
+    del seq_len
+    per_layer = cfg.d_inner * (2 * cfg.d_conv + 9 * cfg.d_state)
+    return 6.0 * matmul_params(cfg) + 3.0 * cfg.n_layers * per_layer
+
+
+# ----------------------------------------------------------------------------- selective scan
+
+def _combine(left, right):
+    """Compose two affine maps h -> a h + b (left first): (a_l a_r, a_r b_l + b_r)."""
+    a_l, b_l = left
+    a_r, b_r = right
+    return a_l * a_r, a_r * b_l + b_r
+
+
+def _discretize(x, dt, A, B, keep):
+    """ZOH decay exp(dt A) (times keep: 0 resets) and Euler input dt B x: each [batch, time, E, N]."""
+    decay = jnp.exp(dt[..., None] * A)
+    if keep is not None:
+        decay = decay * keep[..., None, None]
+    return decay, (dt * x)[..., None] * B[..., None, :]
+
+
+def _scan_reference(x, dt, A, B, C, keep, h0):
+    """Sequential scan: one ``lax.scan`` step per token. Returns (C h [b, s, E], h_last)."""
+
+    def step(h, inputs):
+        x_t, dt_t, B_t, C_t, keep_t = inputs
+        decay, u = _discretize(x_t, dt_t, A, B_t, keep_t)
+        h = decay * h + u
+        return h, jnp.einsum("ben,bn->be", h, C_t)
+
+    time_major = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)  # noqa: E731
+    h, y = jax.lax.scan(step, h0, tuple(map(time_major, (x, dt, B, C, keep))))
+    return jnp.moveaxis(y, 0, 1), h
+
+
+def _scan_chunked(x, dt, A, B, C, keep, h0, chunk_size):
+    """Chunked scan: associative within chunks, ``lax.scan`` across them, each chunk rematerialised.
+
+    The length is padded to a multiple of the chunk with dt = 0 (decay 1, no input), which
+    leaves the state unchanged, so the final state is exact.
+    """
+    b, s, E = x.shape
+    T = min(chunk_size, s)
+    n = -(-s // T)
+
+    def chunks(a, fill=0.0):  # [b, s, ...] -> [n, b, T, ...]
+        if a is None:
+            return None
+        a = jnp.pad(a, [(0, 0), (0, n * T - s)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(a.reshape(b, n, T, *a.shape[2:]), 1, 0)
+
+    def chunk(h, inputs):
+        x_c, dt_c, B_c, C_c, keep_c = inputs
+        decay, u = _discretize(x_c, dt_c, A, B_c, keep_c)  # [b, T, E, N]
+        u = u.at[:, 0].add(decay[:, 0] * h)  # fold the incoming state into the first step
+        decay = constrain(decay, ("batch", None, "inner", "state"))
+        u = constrain(u, ("batch", None, "inner", "state"))
+        _, hs = jax.lax.associative_scan(_combine, (decay, u), axis=1)
+        return hs[:, -1], jnp.einsum("bten,btn->bte", hs, C_c)
+
+    chunk = jax.checkpoint(chunk, prevent_cse=False)
+    h, y = jax.lax.scan(chunk, h0, (chunks(x), chunks(dt), chunks(B), chunks(C), chunks(keep, 1.0)))
+    return jnp.moveaxis(y, 0, 1).reshape(b, n * T, E)[:, :s], h
+
+
+def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chunked", chunk_size: int = 64):
+    """y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, in float32.
+
+    x, dt: [batch, seq, E] (dt after softplus; dt = 0 leaves the state unchanged); A: [E, N]
+    (negative); B, C: [batch, seq, N]; D: [E]; reset: [batch, seq] bool, True where the state
+    is zeroed before the token (a segment start), or None; h0: [batch, E, N] initial state
+    (None: zeros). ``method`` is 'chunked' (associative scan in chunks of ``chunk_size``,
+    any length) or 'reference' (sequential). Returns (y [batch, seq, E] float32,
+    h_last [batch, E, N] float32).
+    """
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    x, dt, A, B, C, D = map(f32, (x, dt, A, B, C, D))
+    b, _, E = x.shape
+    h0 = jnp.zeros((b, E, A.shape[-1]), jnp.float32) if h0 is None else f32(h0)
+    keep = None if reset is None else 1.0 - f32(reset)
+    if method == "reference":
+        y, h = _scan_reference(x, dt, A, B, C, keep, h0)
+    elif method == "chunked":
+        y, h = _scan_chunked(x, dt, A, B, C, keep, h0, chunk_size)
+    else:
+        raise ValueError(f"selective_scan method is {method!r}; use one of {list(SCANS)}.")
+    return y + D * x, h
+
+
+# ----------------------------------------------------------------------------- segments and conv
+
+def segment_info(segment_ids, last_segment=None):
+    """Where states reset and which conv taps may mix, for segment_ids [batch, seq] (0 = padding).
+
+    last_segment [batch]: the last non-padding id before these tokens (from a cache; None or 0:
+    none). A token starts a new segment when its id is non-zero and differs from the last
+    non-padding id before it, so padding is transparent. Returns (start [b, s] bool,
+    nonpad [b, s] bool, run [b, s] int32 = number of starts so far (0: continues the cached
+    segment), last [b] int32 = the last non-padding id after these tokens).
+    """
+    b, s = segment_ids.shape
+    ids = segment_ids.astype(jnp.int32)
+    prev = jnp.zeros((b,), jnp.int32) if last_segment is None else last_segment.astype(jnp.int32)
+    nonpad = ids != 0
+    where_last = jax.lax.cummax(jnp.where(nonpad, jnp.arange(s, dtype=jnp.int32), -1), axis=1)
+    filled = jnp.where(where_last >= 0, jnp.take_along_axis(ids, jnp.maximum(where_last, 0), axis=1),
+                       prev[:, None])
+    before = jnp.concatenate([prev[:, None], filled[:, :-1]], axis=1)
+    start = nonpad & (ids != before)
+    return start, nonpad, jnp.cumsum(start, axis=1, dtype=jnp.int32), filled[:, -1]
+
+
+def causal_conv(x, w, bias=None, *, run=None, buffer=None):
+    """Depthwise causal conv: out[t] = bias + sum_k w[k] * x[t - (K-1) + k] over taps of the same run.
+
+    x [batch, seq, E] (zero at padding); w [K, E]; bias [E] or None; run [batch, seq] int
+    (``segment_info``; None: one sequence); buffer [batch, K-1, E]: the inputs before x
+    (None: zeros; they count as run 0). Accumulates in float32. Returns (out [b, s, E] float32,
+    new buffer [b, K-1, E] in x's dtype: the last K-1 inputs, zeroed where they belong to an
+    earlier run than the last token).
+    """
+    b, s, E = x.shape
+    K = w.shape[0]
+    if buffer is None:
+        buffer = jnp.zeros((b, K - 1, E), x.dtype)
+    ext = jnp.concatenate([buffer.astype(x.dtype), x], axis=1)  # [b, K-1+s, E]
+    run_ext = None if run is None else jnp.concatenate([jnp.zeros((b, K - 1), run.dtype), run], axis=1)
+    out = jnp.zeros((b, s, E), jnp.float32)
+    for k in range(K):
+        term = ext[:, k:k + s].astype(jnp.float32) * w[k].astype(jnp.float32)
+        if run is not None:
+            term = jnp.where((run_ext[:, k:k + s] == run)[..., None], term, 0.0)
+        out = out + term
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    new_buffer = ext[:, s:]
+    if run is not None:
+        new_buffer = jnp.where((run_ext[:, s:] == run[:, -1:])[..., None], new_buffer, 0)
+    return out, new_buffer
+
+
+# ----------------------------------------------------------------------------- forward
+
+def embed(params: dict, tokens: jax.Array, cfg: Config) -> jax.Array:
+    """tokens [batch, seq] int -> hidden [batch, seq, d_model] in the compute dtype."""
+    table = constrain(params["embed"], (None, "embed"))
+    return constrain(layers.embed_lookup(table, tokens, cfg.compute_dtype), ("batch", "seq", "embed"))
+
+
+def _bias(p, name, y):
+    return y if name not in p else y + p[name].astype(y.dtype)
+
+
+def block(p: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, last_segment=None,
+          state=None):
+    """One residual layer x + Mixer(RMSNorm(x)). p: one layer's slice of ``params['layers']``; x [b, s, d_model].
+
+    segment_ids [b, s] (0 = padding; None: each row one sequence); state: None, or
+    {'conv': [b, d_conv-1, E], 'ssm': [b, E, N] float32} from earlier tokens, with
+    last_segment [b] their last non-padding segment id. ``positions`` is ignored.
+    Returns (x, new state or None, aux {}).
+    """
+    del positions
+    dt_type = cfg.compute_dtype
+    R, N = cfg.dt_rank, cfg.d_state
+    if segment_ids is None and state is not None:
+        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    start = nonpad = run = None
+    if segment_ids is not None:
+        start, nonpad, run, _ = segment_info(segment_ids, last_segment)
+    names = ("batch", "seq", "inner")
+    n = layers.rms_norm(x, p["norm"], cfg.norm_eps)
+    xi = constrain(_bias(p, "in_x_bias", layers.linear(p["in_x"], n)), names)
+    z = constrain(_bias(p, "in_z_bias", layers.linear(p["in_z"], n)), names)
+    if nonpad is not None:
+        xi = jnp.where(nonpad[..., None], xi, 0)
+    xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run,
+                                  buffer=None if state is None else state["conv"])
+    xc = constrain(jax.nn.silu(xc).astype(dt_type), names)
+    dbc = layers.linear(p["x_proj"], xc)  # [b, s, R + 2N]
+    dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
+    dt = jax.nn.softplus(layers.linear(p["dt_proj"], dt_low, out_dtype=jnp.float32)
+                         + p["dt_bias"].astype(jnp.float32))
+    if nonpad is not None:
+        dt = jnp.where(nonpad[..., None], dt, 0.0)  # padding: decay 1, no input
+    dt = constrain(dt, names)
+    A = -jnp.exp(p["A_log"].astype(jnp.float32))
+    y, h = selective_scan(xc, dt, A, B, C, p["D"], reset=start, h0=None if state is None else state["ssm"],
+                          method=cfg.scan, chunk_size=cfg.chunk_size)
+    y = constrain((y * jax.nn.silu(z.astype(jnp.float32))).astype(dt_type), names)
+    x = x + _bias(p, "out_bias", layers.linear(p["out_proj"], y))
+    new_state = None
+    if state is not None:
+        new_state = {"conv": conv_buffer.astype(state["conv"].dtype),
+                     "ssm": constrain(h, ("batch", "inner", "state"))}
+    return constrain(x, ("batch", "seq", "embed")), new_state, {}
+
+
+def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
+           capture_hidden: bool = False):
+    """All layers via ``lax.scan`` over the stacked ``layers`` axis (rematerialised per ``cfg.remat``).
+
+    With ``cache`` (``init_cache``) each layer starts from its cached conv buffer and SSM state
+    and the new ones are returned: (x, new cache without 'index', aux); else (x, None, aux).
+    ``aux['hidden_states']`` [n_layers + 1, b, s, d_model] when ``capture_hidden``.
+    """
+    last = None
+    if cache is not None:
+        if segment_ids is None:
+            segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+        last = cache["segment"]
+
+    def body(h, xs):
+        p, state = xs
+        out, state, aux = block(p, h, cfg, segment_ids=segment_ids, last_segment=last, state=state)
+        if capture_hidden:
+            aux = {**aux, "hidden_states": h}
+        return out, (state, aux)
+
+    if cache is None and cfg.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    states = None if cache is None else {"conv": cache["conv"], "ssm": cache["ssm"]}
+    x, (states, aux) = jax.lax.scan(body, x, (layer_params, states))
+    if capture_hidden:
+        aux["hidden_states"] = jnp.concatenate([aux["hidden_states"], x[None]], axis=0)
+    if cache is None:
+        return x, None, aux
+    return x, {**cache, **states, "segment": segment_info(segment_ids, last)[3]}, aux
+
+
+def head(params: dict, x: jax.Array, cfg: Config) -> jax.Array:
+    """Final RMSNorm and LM head: hidden [batch, seq, d_model] -> float32 logits [batch, seq, vocab]."""
+    x = layers.rms_norm(x, params["final_norm"], cfg.norm_eps)
+    w = params["embed"].T if cfg.tie_embeddings else params["head"]
+    return constrain(layers.linear(w, x, out_dtype=jnp.float32), ("batch", "seq", "vocab"))
+
+
+def init_cache(cfg: Config, batch: int, max_len: int = 0, dtype=None) -> dict:
+    """Empty recurrent state (``max_len`` is unused: the state is O(1) in the length).
+
+    conv [n_layers, batch, d_conv-1, d_inner] (compute dtype): the last inputs of each conv;
+    ssm [n_layers, batch, d_inner, d_state] float32; segment [batch] int32: the last
+    non-padding segment id seen (0: none); index: tokens consumed so far.
+    """
+    del max_len
+    E = cfg.d_inner
+    return {"conv": jnp.zeros((cfg.n_layers, batch, cfg.d_conv - 1, E), dtype or cfg.compute_dtype),
+            "ssm": jnp.zeros((cfg.n_layers, batch, E, cfg.d_state), jnp.float32),
+            "segment": jnp.zeros((batch,), jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_axes(cfg: Config) -> dict:
+    """Logical axis names of ``init_cache``'s arrays."""
+    del cfg
+    return {"conv": ("layers", "batch", None, "inner"), "ssm": ("layers", "batch", "inner", "state"),
+            "segment": ("batch",), "index": ()}
+
+
+def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
+          capture_hidden: bool = False):
+    """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], aux).
+
+    segment_ids [batch, seq] (0 = padding) keep packed sequences apart; ``positions`` is
+    ignored (recurrence needs none). With ``cache`` the tokens continue the cached state (a
+    multi-token prefill or one-token steps alike) and ``aux['cache']`` is the advanced cache;
+    padding tokens leave a row's state unchanged.
+    """
+    del positions
+    x = embed(params, tokens, cfg)
+    x, new_cache, aux = blocks(params["layers"], x, cfg, segment_ids=segment_ids, cache=cache,
+                               capture_hidden=capture_hidden)
+    if new_cache is not None:
+        aux["cache"] = {**new_cache, "index": cache["index"] + tokens.shape[1]}
+    return head(params, x, cfg), aux
