@@ -280,6 +280,8 @@ def test_stdlib_corpus():
         (dict(source="text"), "data.paths"),
         (dict(source="jsonl"), "data.paths"),
         (dict(tokenizer="sentencepiece"), "data.spm_model"),
+        (dict(context_problems=0), "data.context_problems"),
+        (dict(cot_fraction=1.5), "data.cot_fraction"),
     ],
 )
 def test_validate(overrides, field):
@@ -419,3 +421,41 @@ def test_pipeline_argument_errors(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
     with pytest.raises(ValueError, match="data.eval_paths"):
         data.make_dataset(config(source="jsonl", paths=[path]), tokenizer=BYTE, seq_len=32, batch_size=4, split="eval")
+
+
+def test_mixture_contexts_are_one_style_of_training_problems_in_the_few_shot_format():
+    from train import cot
+
+    styles = []
+    for index in range(200):
+        text = data.mixture_context(0, index, 1, 6, context_problems=3, cot_fraction=0.5)
+        parts = text.split("\n\n")
+        assert 1 <= len(parts) <= 3
+        problems = [p for j in range(data.CONTEXT_STRIDE)
+                    if (p := data.training_problem(0, index * data.CONTEXT_STRIDE + j, 1, 6)) is not None][:len(parts)]
+        chain = [p.prompt + p.cot for p in problems]
+        direct = [p.prompt + p.direct for p in problems]
+        assert parts in (chain, direct)  # one style per context, problems never held out
+        assert not any(data.is_heldout(p.prompt) for p in problems)
+        styles.append(parts == chain)
+        # the context is build_prompt's exemplar text
+        assert cot.build_prompt(problems, "x", chain_of_thought=parts == chain, compact=True) == text + "\n\nQ:x\nA:"
+    assert 0.35 < np.mean(styles) < 0.65
+    assert all(data.mixture_context(0, i, cot_fraction=0.0).count("=") == 0 for i in range(20))
+
+
+def test_mixture_dataset_trains_every_token_and_evaluates_both_styles():
+    cfg = config(variant="mixture", context_problems=2, max_steps=4, eval_examples=8)
+    tok = data.ByteTokenizer()
+    batch = next(iter(data.make_dataset(cfg, tokenizer=tok, seq_len=160, batch_size=4, seed=0)))
+    assert (batch["loss_mask"] == (batch["segment_ids"] > 0)).all()
+    records = list(data._records(cfg, "eval", 0, 160))
+    assert any("=" in c for _, c in records) and any("=" not in c for _, c in records)
+
+
+def test_exemplars_are_short_training_problems_and_heldout_can_be_capped():
+    ex = data.exemplar_problems(3, 0, 1, 6)
+    assert [p.num_steps for p in ex] == [2, 3, 4] and not any(data.is_heldout(p.prompt) for p in ex)
+    assert len(data.heldout_problems(1, 500, at_most=True)) == 273
+    with pytest.raises(ValueError, match="found only 273"):
+        data.heldout_problems(1, 500)

@@ -68,3 +68,54 @@ def test_command_line_loss(workdir, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert result["step"] == 4 and np.isfinite(result["loss"]) and result["perplexity"] > 1
+
+
+def test_cot_task_scores_each_prompting_style_and_self_consistency(workdir):
+    config = tiny_config(steps=4)
+    config.cot.update(shots=2, prompting=("standard", "cot"), n=3, steps=(1, 2), k=3, max_new_tokens=8)
+    result = evaluate.evaluate_workdir(config, str(workdir), "cot")
+    for style in ("standard", "cot"):
+        for kind in ("greedy", "maj@1", "maj@3"):
+            values = [result[f"{style}/{kind}/{s}"] for s in (1, 2)]
+            assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in values)
+            assert result[f"{style}/{kind}/mean"] == pytest.approx(np.mean(values))
+    assert result["n/1"] == result["n/2"] == 3
+
+
+def test_cot_task_matches_a_scripted_model(monkeypatch):
+    """With a generator that answers exactly, greedy and majority are 1; with one that answers
+    from its sample index, the vote is what the samples say."""
+    config = tiny_config(steps=4)
+    config.cot.update(shots=1, prompting=("cot",), n=4, steps=(3,), k=5)
+    problems = data.heldout_problems(3, 4, seed=config.data.seed)
+    answers = {p.prompt: p.answer for p in problems}
+    calls = []
+
+    def fake_complete(model, params, cfg, tokenizer, texts, *, max_new_tokens, stop_strings, rng, **kw):
+        calls.append((len(texts), rng is None, kw["temperature"]))
+        out = []
+        for i, text in enumerate(texts):
+            gold = answers[text[text.rindex("Q:"):]]
+            # greedy is always right; samples are right for 3 of every 5 rows
+            right = rng is None or i % 5 < 3
+            out.append(f"+1=2.The answer is {gold if right else gold + 1}.\n\nQ:")
+        return out
+
+    monkeypatch.setattr(evaluate.generate, "complete", fake_complete)
+    result = evaluate.arithmetic_cot(None, None, None, None, config)
+    assert result["cot/greedy/3"] == 1.0 and result["cot/maj@5/3"] == 1.0 and result["cot/maj@1/3"] == 1.0
+    assert calls == [(4, True, 0.0), (20, False, config.cot.temperature)]
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("k", 0, "cot.k"), ("shots", -1, "cot.shots"), ("prompting", ("chain",), "cot.prompting"),
+    ("steps", (0, 9), "cot.steps"), ("temperature", 0.0, "cot.temperature"), ("top_p", 0.0, "cot.top_k"),
+])
+def test_cot_section_is_validated(field, value, words):
+    from train.config import validate
+
+    config = tiny_config(steps=4)
+    config.cot.k = 2
+    config.cot[field] = value
+    with pytest.raises(ValueError, match=words.replace(".", r"\.")):
+        validate(config)

@@ -25,6 +25,8 @@ DEFAULT_RULES = (
     ("layers", "stage"),
     ("norm", None),
     ("experts", "expert"),
+    ("inner", "tensor"),  # Mamba's expanded channels
+    ("state", None),  # Mamba's state dimension
 )
 
 OBJECTIVES = ("lm",)
@@ -52,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
         exact_match_every=0, exact_match_n=64, exact_match_steps=(1, 2, 3, 4, 5, 6, 7, 8),
         max_new_tokens=96, progress=True, profile_steps=(0, 0)))
 
+    # Few-shot chain-of-thought evaluation on held-out arithmetic (``train.evaluate --task cot``).
+    c.cot = ml_collections.ConfigDict(dict(
+        shots=0, prompting=("cot",), n=500, steps=(1, 2, 3, 4, 5, 6, 7, 8), k=1, temperature=0.7, top_k=0,
+        top_p=1.0, max_new_tokens=96))
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, stage=1, context=1, expert=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
     c.distributed = ml_collections.ConfigDict(dict(
@@ -64,6 +71,27 @@ def _positive(section, names):
         value = getattr(section[0], name)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{section[1]}.{name} is {value!r}; set it to a positive integer.")
+
+
+PROMPTING = ("standard", "cot")
+
+
+def validate_cot(c) -> None:
+    """The ``cot`` section: ValueError naming the field and the fix."""
+    for name in ("n", "k", "max_new_tokens"):
+        value = c[name]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"cot.{name} is {value!r}; set it to a positive integer.")
+    if not isinstance(c.shots, int) or c.shots < 0:
+        raise ValueError(f"cot.shots is {c.shots!r}; use 0 (zero-shot) or a positive number of exemplars.")
+    if not c.prompting or any(p not in PROMPTING for p in c.prompting):
+        raise ValueError(f"cot.prompting is {tuple(c.prompting)!r}; list one or more of {PROMPTING}.")
+    if not c.steps or any(not 1 <= s <= data.MAX_STEPS for s in c.steps):
+        raise ValueError(f"cot.steps is {tuple(c.steps)!r}; list step counts in 1..{data.MAX_STEPS}.")
+    if c.k > 1 and not c.temperature > 0:
+        raise ValueError(f"cot.temperature is {c.temperature}; self-consistency (cot.k > 1) samples, so use > 0.")
+    if c.top_k < 0 or not 0 < c.top_p <= 1:
+        raise ValueError(f"cot.top_k ({c.top_k}) must be >= 0 and cot.top_p ({c.top_p}) in (0, 1].")
 
 
 def validate(config):
@@ -101,6 +129,7 @@ def validate(config):
         raise ValueError(f"optim.warmup_steps ({o.warmup_steps}) must be in [0, train.steps={t.steps}].")
     if o.clip_norm < 0 or o.weight_decay < 0:
         raise ValueError("optim.clip_norm and optim.weight_decay must be >= 0 (0 disables).")
+    validate_cot(config.cot)
     tokenizer_vocab = data.make_tokenizer(config.data).vocab_size
     if tokenizer_vocab > mcfg.vocab_size:
         raise ValueError(f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary "

@@ -2,6 +2,10 @@
 
 Sources (``data_cfg.source``):
   * ``'arithmetic'``: the embedded arithmetic corpus, generated from a seed (see `arithmetic_problem`).
+    ``data_cfg.variant`` picks the completions: ``'cot'`` (every step), ``'direct'`` (the answer
+    only), or ``'mixture'``: multi-example contexts of 1..``context_problems`` problems, each
+    context all chain-of-thought (a ``cot_fraction`` of them) or all direct, in the few-shot
+    prompt format of `train.cot.build_prompt` (see `mixture_context`); every token is trained on.
   * ``'text'``: UTF-8 text files. Each file is split on blank lines into documents; a document
     longer than the context is cut at line ends into chunks of at most ``seq_len - 1`` characters
     (``data_cfg.chunk_chars`` overrides). Every token is trained on.
@@ -47,7 +51,8 @@ import ml_collections
 import numpy as np
 
 SOURCES = ("arithmetic", "text", "jsonl", "stdlib")
-VARIANTS = ("cot", "direct")
+VARIANTS = ("cot", "direct")  # completions of one problem
+DATA_VARIANTS = VARIANTS + ("mixture",)
 TOKENIZERS = ("byte", "sentencepiece")
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 MAX_STEPS = 8
@@ -63,7 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             source="arithmetic",  # 'arithmetic' | 'text' | 'jsonl' | 'stdlib'
-            variant="cot",  # arithmetic completions: 'cot' (every step) or 'direct'
+            variant="cot",  # arithmetic completions: 'cot' (every step), 'direct' or 'mixture' (contexts of both)
+            context_problems=4,  # 'mixture': at most this many problems per context
+            cot_fraction=0.5,  # 'mixture': the share of contexts in chain-of-thought style
             min_steps=1,  # arithmetic: number of operations per problem, in 1..8
             max_steps=8,
             paths=[],  # 'text' / 'jsonl': training files
@@ -93,9 +100,12 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
     c = data_cfg
     need(c.source in SOURCES, f"data.source={c.source!r} is unknown; set it to one of {', '.join(map(repr, SOURCES))}.")
     need(
-        c.variant in VARIANTS,
-        f"data.variant={c.variant!r} is unknown; set it to one of {', '.join(map(repr, VARIANTS))}.",
+        c.variant in DATA_VARIANTS,
+        f"data.variant={c.variant!r} is unknown; set it to one of {', '.join(map(repr, DATA_VARIANTS))}.",
     )
+    need(1 <= c.context_problems <= CONTEXT_STRIDE // 2,
+         f"data.context_problems={c.context_problems} is outside 1..{CONTEXT_STRIDE // 2}; set it within that range.")
+    need(0 <= c.cot_fraction <= 1, f"data.cot_fraction={c.cot_fraction} is outside [0, 1]; set a share in [0, 1].")
     need(
         c.tokenizer in TOKENIZERS,
         f"data.tokenizer={c.tokenizer!r} is unknown; set it to one of {', '.join(map(repr, TOKENIZERS))}.",
@@ -313,8 +323,11 @@ def training_problem(seed: int, index: int, min_steps: int = 1, max_steps: int =
     return None if is_heldout(problem.prompt) else problem
 
 
-def heldout_problems(num_steps: int, n: int, seed: int = 0) -> list[Problem]:
-    """The first `n` distinct held-out problems with `num_steps` operations, in generation order."""
+def heldout_problems(num_steps: int, n: int, seed: int = 0, at_most: bool = False) -> list[Problem]:
+    """The first `n` distinct held-out problems with `num_steps` operations, in generation order.
+
+    Few operations allow few distinct questions (1 operation: 273 held out); where fewer than `n`
+    exist this raises ValueError, or with `at_most` returns all there are."""
     found: dict[str, Problem] = {}
     limit = 2000 * n + 10_000
     for index in range(limit):
@@ -323,11 +336,46 @@ def heldout_problems(num_steps: int, n: int, seed: int = 0) -> list[Problem]:
         problem = arithmetic_problem(seed, index, num_steps)
         if is_heldout(problem.prompt):
             found.setdefault(problem.prompt, problem)
-    if len(found) < n:
+    if len(found) < n and not at_most:
         raise ValueError(
             f"found only {len(found)} distinct held-out problems with num_steps={num_steps}; ask for fewer."
         )
     return list(found.values())
+
+
+CONTEXT_STRIDE = 16  # problem indices reserved per mixture context (held-out ones are skipped)
+
+
+def mixture_context(seed: int, index: int, min_steps: int = 1, max_steps: int = MAX_STEPS,
+                    context_problems: int = 4, cot_fraction: float = 0.5) -> str:
+    """Context `index` of the 'mixture' stream: 1..context_problems training problems in one style.
+
+    The style (chain-of-thought with probability `cot_fraction`, else direct) and the count are
+    drawn per context from a stable hash; problems come from indices index * CONTEXT_STRIDE + j,
+    skipping held-out questions. The text is what `train.cot.build_prompt(compact=True)` writes
+    for the exemplars, without the final blank line:
+        'Q:7+3\nA:+3=10.The answer is 10.\n\nQ:5*2\nA:*2=10.The answer is 10.'
+    """
+    rng = random.Random(_stable_hash(f"context/{seed}/{index}"))
+    count = rng.randint(1, context_problems)
+    variant = "cot" if rng.random() < cot_fraction else "direct"
+    problems = (training_problem(seed, index * CONTEXT_STRIDE + j, min_steps, max_steps) for j in range(CONTEXT_STRIDE))
+    chosen = [p for p in problems if p is not None][:count]
+    return "\n\n".join(p.prompt + p.completion(variant) for p in chosen)
+
+
+def exemplar_problems(shots: int, seed: int, min_steps: int = 1, max_steps: int = MAX_STEPS) -> list[Problem]:
+    """Few-shot exemplars for held-out evaluation: `shots` training (never held-out) problems with
+    min_steps + 1, min_steps + 2, ... operations (at most max_steps), so that a prompt stays as
+    short as the training contexts; taken from indices past the training stream's reach."""
+    out, index = [], 1 << 40
+    while len(out) < shots:
+        steps = min(min_steps + 1 + len(out), max_steps)
+        problem = arithmetic_problem(seed, index, steps)
+        index += 1
+        if not is_heldout(problem.prompt):
+            out.append(problem)
+    return out
 
 
 _ANSWER = re.compile(r"The answer is (-?\d+)\.")
@@ -507,6 +555,12 @@ def _records(data_cfg: ml_collections.ConfigDict, split: str, seed: int, seq_len
     """A MapDataset of Records for `split` (for arithmetic training, None marks a held-out index)."""
     c = data_cfg
     if c.source == "arithmetic":
+        if split == "train" and c.variant == "mixture":
+
+            def context(index):
+                return ("", mixture_context(seed, index, c.min_steps, c.max_steps, c.context_problems, c.cot_fraction))
+
+            return grain.MapDataset.range(c.num_problems).map(context)
         if split == "train":
 
             def record(index):
@@ -520,7 +574,9 @@ def _records(data_cfg: ml_collections.ConfigDict, split: str, seed: int, seq_len
             for steps, n in zip(range(c.min_steps, c.max_steps + 1), counts)
             for p in heldout_problems(steps, int(n), seed)
         ]
-        return grain.MapDataset.source([(p.prompt, p.completion(c.variant)) for p in problems])
+        # 'mixture' evaluates single problems, alternately in each style.
+        styles = [c.variant if c.variant != "mixture" else VARIANTS[i % 2] for i in range(len(problems))]
+        return grain.MapDataset.source([(p.prompt, p.completion(v)) for p, v in zip(problems, styles)])
 
     if c.source in ("text", "jsonl"):
         paths = list(c.paths if split == "train" else c.eval_paths)

@@ -1,4 +1,5 @@
-"""Evaluation: held-out loss and perplexity, and exact match of greedy answers on the arithmetic corpus.
+"""Evaluation: held-out loss and perplexity, exact match of greedy answers on the arithmetic corpus,
+and few-shot chain-of-thought prompting with self-consistency on it.
 
 Used by the trainer, and standalone on a trained workdir's latest checkpoint:
 
@@ -7,7 +8,9 @@ Used by the trainer, and standalone on a trained workdir's latest checkpoint:
         --data held_out.txt          # .txt (every token) or .jsonl (text, or prompt + completion)
 
 Tasks: ``loss`` (the config's eval split), ``perplexity`` (a file), ``exact_match`` (held-out
-arithmetic, per step count). Results are printed as JSON and written to ``--out`` if given.
+arithmetic, per step count), ``cot`` (the config's ``cot`` section: few-shot standard and/or
+chain-of-thought prompts, greedy and self-consistency, per step count). Results are printed as
+JSON and written to ``--out`` if given.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ml_collections import config_flags
 from models import generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
-from train import checkpoint, data
+from train import checkpoint, cot, data
 from train import step as step_lib
 from train.setup import setup_training
 
@@ -60,9 +63,49 @@ def arithmetic_exact_match(model, mcfg, params, tokenizer, config) -> dict[str, 
     return results
 
 
+def arithmetic_cot(model, mcfg, params, tokenizer, config) -> dict[str, float]:
+    """Few-shot prompting on ``config.cot.n`` held-out problems per step count in ``config.cot.steps``
+    (all of them where fewer exist; ``n/{steps}`` says how many).
+
+    The prompt is `cot.build_prompt` (compact) with ``config.cot.shots`` exemplars from
+    `data.exemplar_problems`, in each style of ``config.cot.prompting`` ('standard' exemplars
+    answer directly, 'cot' ones show every step). Completions stop at eos or a blank line and
+    are scored by `cot.extract_strict`. Keys: ``{style}/greedy/{steps}``, and with ``cot.k`` > 1
+    ``{style}/maj@1/{steps}`` and ``{style}/maj@{k}/{steps}`` (Wang et al. 2022: k samples at
+    ``cot.temperature``, majority vote), plus ``.../mean`` over the step counts.
+    """
+    c, d = config.cot, config.data
+    exemplars = data.exemplar_problems(c.shots, d.seed, d.min_steps, d.max_steps)
+
+    def generate_fn(rng):
+        def fn(prompts, k):
+            texts = [p for p in prompts for _ in range(k)]  # equal prompts at other rows sample independently
+            out = generate.complete(model, params, mcfg, tokenizer, texts, max_new_tokens=c.max_new_tokens,
+                                    stop_strings=["\n\n"], rng=rng, temperature=c.temperature if rng is not None
+                                    else 0.0, top_k=c.top_k, top_p=c.top_p)
+            return [out[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return fn
+
+    results = {}
+    for steps in c.steps:
+        problems = data.heldout_problems(steps, c.n, seed=d.seed, at_most=True)
+        golds = [p.answer for p in problems]
+        results[f"n/{steps}"] = len(problems)
+        for style in c.prompting:
+            prompts = [cot.build_prompt(exemplars, p, chain_of_thought=style == "cot", compact=True) for p in problems]
+            results[f"{style}/greedy/{steps}"] = cot.self_consistency(generate_fn(None), prompts, golds, k=1)["maj@1"]
+            if c.k > 1:
+                rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), steps)
+                sc = cot.self_consistency(generate_fn(rng), prompts, golds, k=c.k)
+                results[f"{style}/maj@1/{steps}"], results[f"{style}/maj@{c.k}/{steps}"] = sc["maj@1"], sc["maj@k"]
+    for name in {key.rsplit("/", 1)[0] for key in results} - {"n"}:
+        results[f"{name}/mean"] = float(np.mean([results[f"{name}/{s}"] for s in c.steps]))
+    return results
+
+
 # ----------------------------------------------------------------------------- standalone entry
 
-TASKS = ("loss", "perplexity", "exact_match")
+TASKS = ("loss", "perplexity", "exact_match", "cot")
 
 
 def load_state(config, workdir: str):
@@ -98,6 +141,8 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> di
     with sharding.activate(setup.mesh, setup.rules):
         if task == "exact_match":
             results.update(arithmetic_exact_match(setup.model, setup.mcfg, state.params, tokenizer, config))
+        elif task == "cot":
+            results.update(arithmetic_cot(setup.model, setup.mcfg, state.params, tokenizer, config))
         else:
             eval_step = jax.jit(step_lib.make_eval_step(setup.model, setup.mcfg, objective=t.objective),
                                 in_shardings=(setup.state_shardings.params, setup.batch_sharding))

@@ -1,0 +1,43 @@
+"""Every experiment config validates, and the small ones train a few steps through the trainer."""
+import importlib
+import os
+
+import pytest
+
+from train import config as config_lib
+from train import trainer
+
+EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
+                     if f.endswith(".py") and f not in ("__init__.py", "cot_run.py"))
+SMOKE = ("cot_prompting", "cot_trained", "cot_direct")
+
+
+def get(name):
+    return importlib.import_module(f"experiments.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_config_validates(name):
+    config_lib.validate(get(name))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", SMOKE)
+def test_smoke_few_steps(name, tmp_path):
+    c = get(name)
+    c.train.update(steps=3, batch_size=8, eval_every=3, eval_batches=1, ckpt_every=3, log_every=1, progress=False)
+    c.optim.warmup_steps = 1
+    result = trainer.run(c, str(tmp_path))
+    assert result["step"] == 3 and result["loss"] > 0 and "eval_loss" in result
+
+
+def test_cot_tables_report_mean_spread_and_difference():
+    from experiments import cot_run
+
+    results = [{"a/1": 0.5, "a/mean": 0.5, "b/1": 0.9, "b/mean": 0.9},
+               {"a/1": 0.7, "a/mean": 0.7, "b/1": 1.0, "b/mean": 1.0}]
+    text = cot_run.table("t", [("A", results, "a"), ("B", results, "b")], [1], trained_max=6)
+    row = [r for r in text.splitlines() if r.startswith("| 1 ")][0]
+    assert row == "| 1 | 60.0 [50.0, 70.0] | 95.0 [90.0, 100.0] | +35.0 |"
+    beyond = cot_run.table("t", [("A", results, "a"), ("B", results, "b")], [1], trained_max=0)
+    assert "1 (beyond training)" in beyond
