@@ -24,6 +24,11 @@ number of new tokens, the stop token, the pad id, the key and the sampling setti
 (temperature, top-k, top-p) are traced, so none of them causes a recompilation: greedy
 decoding is the same compiled loop at temperature 0 (a ``lax.cond`` skips the sampling work).
 
+A family may define ``decode_params(params, cfg)``: it is applied once, inside the compiled
+function but outside the loop, to give the weights a layout for decoding (the Transformer
+unstacks its layers and fuses the QKV and gate/up matrices, so no step slices or copies a
+weight).
+
 Compilations happen once per (batch, P, max_len, sharding layout). P is the longest prompt
 rounded up by ``bucket`` (a power of two from 8 to 256, then a multiple of 256), so prompts
 of nearby lengths share a compilation at the cost of at most 2x prefill work on short prompts
