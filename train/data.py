@@ -14,6 +14,18 @@ Sources (``data_cfg.source``):
     example; an example longer than the context is truncated.
   * ``'stdlib'``: the Python standard library's ``.py`` files on this machine, each file one
     document chunked like ``'text'``; a stable hash of the relative path puts ~5% in ``'eval'``.
+  * ``'selective_copying'`` and ``'induction_heads'``: the synthetic tasks of the Mamba paper
+    (Gu & Dao 2023, section 4.1 and appendix E.1), generated from a seed (see `synthetic_record`).
+    A prompt of ``data_cfg.task_length`` symbols, each one byte; the completion is the answer.
+    Selective copying: ``num_memorize`` data symbols (drawn from ``task_vocab`` symbols) at random
+    positions among noise ``'.'``, then the marker ``'='``; the completion is the data symbols
+    in order. Induction heads: ``task_length - 1`` random symbols in which the trigger ``'#'``
+    appears once, followed by a key symbol, then ``'#'`` again; the completion is the key.
+    Training examples are indices 0..``num_problems - 1`` of the ``'train'`` stream; the eval
+    split is the first ``eval_examples`` of a separate ``'eval'`` stream (`synthetic_heldout`),
+    which ``train.evaluate --task length_generalization`` also reads at each of ``eval_lengths``.
+    These sources need the byte tokenizer (one token per symbol) and ``seq_len`` >= the example
+    (`synthetic_example_tokens`).
 
 Every example becomes ``e = [bos] + prompt_ids + completion_ids + [eos]`` (cut to ``seq_len + 1``
 tokens), with ``inputs = e[:-1]`` and ``targets = e[1:]``. Examples are packed several to a row
@@ -50,7 +62,8 @@ import grain
 import ml_collections
 import numpy as np
 
-SOURCES = ("arithmetic", "text", "jsonl", "stdlib")
+SYNTHETIC_SOURCES = ("selective_copying", "induction_heads")
+SOURCES = ("arithmetic", "text", "jsonl", "stdlib") + SYNTHETIC_SOURCES
 VARIANTS = ("cot", "direct")  # completions of one problem
 DATA_VARIANTS = VARIANTS + ("mixture",)
 TOKENIZERS = ("byte", "sentencepiece")
@@ -67,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The data section of an experiment config."""
     return ml_collections.ConfigDict(
         dict(
-            source="arithmetic",  # 'arithmetic' | 'text' | 'jsonl' | 'stdlib'
+            source="arithmetic",  # 'arithmetic' | 'text' | 'jsonl' | 'stdlib' | 'selective_copying' | 'induction_heads'
             variant="cot",  # arithmetic completions: 'cot' (every step), 'direct' or 'mixture' (contexts of both)
             context_problems=4,  # 'mixture': at most this many problems per context
             cot_fraction=0.5,  # 'mixture': the share of contexts in chain-of-thought style
@@ -82,8 +95,12 @@ def default_config() -> ml_collections.ConfigDict:
             loss_on_prompt=False,  # also train on prompt tokens
             chunk_chars=0,  # 'text' / 'stdlib': chunk size in characters; 0 means seq_len - 1
             max_files=0,  # 'stdlib': use at most this many files per split; 0 means all
-            num_problems=1 << 20,  # arithmetic: problem indices per training epoch
-            eval_examples=512,  # arithmetic: held-out problems in the eval split
+            num_problems=1 << 20,  # arithmetic / synthetic: problem indices per training epoch
+            eval_examples=512,  # arithmetic / synthetic: held-out examples in the eval split (synthetic: per length)
+            task_length=256,  # synthetic: prompt symbols of a training example (the paper's sequence length)
+            num_memorize=16,  # selective_copying: data symbols to copy
+            task_vocab=16,  # synthetic: distinct data/key symbols (noise, marker and trigger are extra)
+            eval_lengths=(),  # synthetic: task lengths for --task length_generalization; () means task_length
             prefetch=2,  # batches prepared ahead in one background thread; 0 disables
             seed=0,  # used when make_dataset gets no seed
         )
@@ -130,6 +147,21 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
         need(c[name] >= 0, f"data.{name}={c[name]} is negative; set it to 0 or more.")
     for name in ("num_problems", "eval_examples"):
         need(c[name] >= 1, f"data.{name}={c[name]} is less than 1; set it to a positive count.")
+    need(c.num_memorize >= 1, f"data.num_memorize={c.num_memorize} is less than 1; set a positive count.")
+    need(2 <= c.task_vocab <= len(TASK_SYMBOLS),
+         f"data.task_vocab={c.task_vocab} is outside 2..{len(TASK_SYMBOLS)}; set it within that range.")
+    lengths = tuple(c.eval_lengths)
+    need(all(isinstance(n, int) and not isinstance(n, bool) for n in lengths),
+         f"data.eval_lengths={lengths!r} holds a non-integer; list integer task lengths, e.g. (256, 1024).")
+    if c.source in SYNTHETIC_SOURCES:
+        need(c.tokenizer == "byte", f"data.tokenizer={c.tokenizer!r} does not give one token per symbol of "
+                                    f"data.source={c.source!r}; set data.tokenizer='byte'.")
+        least = min_task_length(c.source, c.num_memorize)
+        why = "data.num_memorize + 1" if c.source == "selective_copying" else "trigger, key, trigger"
+        for name, values in (("task_length", (c.task_length,)), ("eval_lengths", lengths)):
+            short = [n for n in values if n < least]
+            need(not short, f"data.{name} has {short[0] if short else ''}, below {least} ({why}), the least length "
+                            f"of data.source={c.source!r}; use lengths >= {least}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +420,84 @@ def extract_answer(text: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The Mamba paper's synthetic tasks (Gu & Dao 2023, section 4.1, appendix E.1)
+#
+# Every symbol is one byte, so with the byte tokenizer one symbol is one token. Data and key
+# symbols are the first ``task_vocab`` of TASK_SYMBOLS; noise, marker and trigger never occur
+# among them. Examples with task_length 12:
+#   selective_copying (num_memorize 3)   prompt '..c...ab...='    completion 'cab'
+#   induction_heads                      prompt 'bd#kacdbaab#'    completion 'k'
+
+TASK_SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+NOISE, COPY_MARKER, TRIGGER = ".", "=", "#"
+TASK_SPLITS = ("train", "eval")
+
+
+def min_task_length(source: str, num_memorize: int = 16) -> int:
+    """The shortest task_length a synthetic source can generate."""
+    return num_memorize + 1 if source == "selective_copying" else 3
+
+
+def synthetic_completion_length(data_cfg: ml_collections.ConfigDict) -> int:
+    """Completion symbols of one example: num_memorize for selective copying, 1 for induction heads."""
+    return data_cfg.num_memorize if data_cfg.source == "selective_copying" else 1
+
+
+def synthetic_example_tokens(data_cfg: ml_collections.ConfigDict, length: int | None = None) -> int:
+    """The row length one example needs (bos + prompt + completion, whose inputs end before eos)."""
+    length = data_cfg.task_length if length is None else length
+    return 1 + length + synthetic_completion_length(data_cfg)
+
+
+def selective_copying(rng: random.Random, length: int, num_memorize: int, vocab: int) -> Record:
+    """``length - 1`` positions of noise holding ``num_memorize`` data symbols at random (sorted)
+    positions, then the marker; the completion is the data symbols in order."""
+    body = [NOISE] * (length - 1)
+    symbols = rng.choices(TASK_SYMBOLS[:vocab], k=num_memorize)
+    for position, symbol in zip(sorted(rng.sample(range(length - 1), num_memorize)), symbols):
+        body[position] = symbol
+    return "".join(body) + COPY_MARKER, "".join(symbols)
+
+
+def induction_heads(rng: random.Random, length: int, vocab: int) -> Record:
+    """``length - 1`` random symbols with the trigger once, at a uniform position followed by the
+    key, then the trigger again as the last prompt symbol; the completion is the key."""
+    body = rng.choices(TASK_SYMBOLS[:vocab], k=length - 1)
+    position = rng.randrange(length - 2)  # the key at position + 1 <= length - 2
+    body[position] = TRIGGER
+    return "".join(body) + TRIGGER, body[position + 1]
+
+
+def synthetic_record(source: str, seed: int, index: int, length: int, split: str = "train", num_memorize: int = 16,
+                     vocab: int = 16) -> Record:
+    """Example ``index`` of a synthetic task's ``split`` stream: a pure function of its arguments.
+
+    The 'train' and 'eval' streams are seeded by different strings, so a held-out example is not
+    a training example with another index (beyond chance; at the paper's lengths none collide)."""
+    if source not in SYNTHETIC_SOURCES:
+        raise ValueError(f"source={source!r} is not a synthetic task; use one of {SYNTHETIC_SOURCES}.")
+    if split not in TASK_SPLITS:
+        raise ValueError(f"split={split!r} is unknown; use 'train' or 'eval'.")
+    if not 2 <= vocab <= len(TASK_SYMBOLS):
+        raise ValueError(f"vocab={vocab} is outside 2..{len(TASK_SYMBOLS)}.")
+    if length < min_task_length(source, num_memorize) or num_memorize < 1:
+        raise ValueError(f"length={length} is shorter than {min_task_length(source, num_memorize)}, "
+                         f"the least for {source!r}.")
+    rng = random.Random(_stable_hash(f"{source}/{split}/{seed}/{index}/{length}/{num_memorize}/{vocab}"))
+    if source == "selective_copying":
+        return selective_copying(rng, length, num_memorize, vocab)
+    return induction_heads(rng, length, vocab)
+
+
+def synthetic_heldout(data_cfg: ml_collections.ConfigDict, length: int, seed: int | None = None) -> list[Record]:
+    """The first ``data_cfg.eval_examples`` examples of the 'eval' stream at task length ``length``."""
+    c = data_cfg
+    seed = c.seed if seed is None else seed
+    return [synthetic_record(c.source, seed, i, length, "eval", c.num_memorize, c.task_vocab)
+            for i in range(c.eval_examples)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Files and the standard library corpus
 
 
@@ -577,6 +687,18 @@ def _records(data_cfg: ml_collections.ConfigDict, split: str, seed: int, seq_len
         # 'mixture' evaluates single problems, alternately in each style.
         styles = [c.variant if c.variant != "mixture" else VARIANTS[i % 2] for i in range(len(problems))]
         return grain.MapDataset.source([(p.prompt, p.completion(v)) for p, v in zip(problems, styles)])
+
+    if c.source in SYNTHETIC_SOURCES:
+        need_len = synthetic_example_tokens(c)
+        if seq_len < need_len:
+            raise ValueError(f"train.seq_len={seq_len} is shorter than an example of data.source={c.source!r} at "
+                             f"data.task_length={c.task_length} ({need_len} tokens: bos, prompt, completion); "
+                             f"set train.seq_len >= {need_len}.")
+        if split == "train":
+            return grain.MapDataset.range(c.num_problems).map(
+                lambda index: synthetic_record(c.source, seed, index, c.task_length, "train", c.num_memorize,
+                                               c.task_vocab))
+        return grain.MapDataset.source(synthetic_heldout(c, c.task_length, seed))
 
     if c.source in ("text", "jsonl"):
         paths = list(c.paths if split == "train" else c.eval_paths)

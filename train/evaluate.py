@@ -9,8 +9,12 @@ Used by the trainer, and standalone on a trained workdir's latest checkpoint:
 
 Tasks: ``loss`` (the config's eval split), ``perplexity`` (a file), ``exact_match`` (held-out
 arithmetic, per step count), ``cot`` (the config's ``cot`` section: few-shot standard and/or
-chain-of-thought prompts, greedy and self-consistency, per step count). Results are printed as
-JSON and written to ``--out`` if given.
+chain-of-thought prompts, greedy and self-consistency, per step count), ``length_generalization``
+(a synthetic task of the Mamba paper at each of ``data.eval_lengths``, see `length_generalization`).
+Results are printed as JSON and written to ``--out`` if given.
+
+    python -m train.evaluate --config experiments/mamba_induction.py --workdir runs/mamba_induction \
+        --task length_generalization
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -103,9 +108,103 @@ def arithmetic_cot(model, mcfg, params, tokenizer, config) -> dict[str, float]:
     return results
 
 
+def _batch_multiple() -> int:
+    """Rows per batch must be a multiple of the mesh axes that ``batch`` maps to (1 without a layout)."""
+    layout = sharding.active()
+    if layout is None:
+        return 1
+    mesh, rules = layout
+    axes = sharding.logical_to_spec(("batch",), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def completion_predictions(model, mcfg, params, inputs: np.ndarray, start: int, width: int, rows: int,
+                           chunk: int = 0) -> np.ndarray:
+    """Teacher-forced argmax predictions int32 [n, width] at input positions start..start+width-1.
+
+    ``inputs`` [n, seq] goes through ``model.apply`` ``rows`` rows at a time (the last batch filled
+    up with copies of row 0, so every batch has one shape). With ``0 < chunk < seq`` each batch
+    goes through in pieces of ``chunk`` tokens that continue the model's cache (``init_cache``:
+    a KV cache, or Mamba's recurrent state), so attention holds [chunk, seq] scores instead of
+    [seq, seq]; the sequence is padded at its end to a multiple of ``chunk`` (causal models never
+    let those pads reach the positions read)."""
+    n, seq = inputs.shape
+    chunked = 0 < chunk < seq
+    padded = -(-seq // chunk) * chunk if chunked else seq
+
+    @jax.jit
+    def whole(params, tokens):
+        logits, _ = model.apply(params, tokens, mcfg)
+        return jnp.argmax(logits[:, start:start + width], axis=-1).astype(jnp.int32)
+
+    @jax.jit
+    def piece(params, tokens, cache):
+        logits, aux = model.apply(params, tokens, mcfg, cache=cache)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), aux["cache"]
+
+    out = []
+    for i in range(0, n, rows):
+        batch = inputs[i:i + rows]
+        if len(batch) < rows:
+            batch = np.concatenate([batch, np.repeat(inputs[:1], rows - len(batch), axis=0)])
+        if chunked:
+            batch = np.pad(batch, ((0, 0), (0, padded - seq)))
+            cache, pieces = model.init_cache(mcfg, rows, padded), []
+            for j in range(0, padded, chunk):
+                predicted, cache = piece(params, jnp.asarray(batch[:, j:j + chunk]), cache)
+                pieces.append(np.asarray(jax.device_get(predicted)))
+            predicted = np.concatenate(pieces, axis=1)[:, start:start + width]
+        else:
+            predicted = np.asarray(jax.device_get(whole(params, jnp.asarray(batch))))
+        out.append(predicted[:min(rows, n - i)])
+    return np.concatenate(out)
+
+
+def length_generalization(model, mcfg, params, tokenizer, config, *, chunk: int = 0) -> dict[str, float]:
+    """Accuracy on a synthetic task (``data.source`` 'selective_copying' or 'induction_heads') at
+    each task length of ``data.eval_lengths`` (default: ``data.task_length``).
+
+    Per length, ``data.eval_examples`` held-out examples (`data.synthetic_heldout`, seeded by
+    ``data.seed``: the same fixed sets whatever the training seed) go through the model
+    teacher-forced, inputs [bos] + prompt + completion[:-1], and are read by argmax at the
+    completion positions: no generation. An example is correct when every completion token is
+    (exact match). Rows per pass: as many as fit in a training batch's tokens (``train.batch_size
+    * train.seq_len``), at least one; ``chunk`` > 0 feeds long sequences ``chunk`` tokens at a time
+    through the model's cache (`completion_predictions`), bounding attention's memory on a CPU.
+    Keys: ``accuracy/{length}``, ``token_accuracy/{length}`` (the share of completion tokens
+    right) and ``accuracy/mean`` over the lengths.
+    """
+    d = config.data
+    if d.source not in data.SYNTHETIC_SOURCES:
+        raise ValueError(f"data.source is {d.source!r}; --task length_generalization needs one of "
+                         f"{data.SYNTHETIC_SOURCES}.")
+    if chunk < 0:
+        raise ValueError(f"--chunk is {chunk}; use 0 (whole sequences) or a positive number of tokens.")
+    data.validate(d)
+    lengths = tuple(d.eval_lengths) or (d.task_length,)
+    width = data.synthetic_completion_length(d)
+    budget = config.train.batch_size * config.train.seq_len
+    multiple = _batch_multiple()
+    results = {}
+    for length in lengths:
+        records = data.synthetic_heldout(d, length)
+        tokens = np.full((len(records), 1 + length + width), tokenizer.bos_id, np.int32)  # row by row: 2^20 fits
+        for row, (prompt, completion) in zip(tokens, records):
+            row[1:] = tokenizer.encode(prompt + completion)
+        inputs, targets = tokens[:, :-1], tokens[:, length + 1:]  # completion token j is read at input length + j
+        rows = min(max(1, budget // inputs.shape[1]), len(records))
+        rows = -(-rows // multiple) * multiple
+        predicted = completion_predictions(model, mcfg, params, inputs, length, width, rows, chunk)
+        results[f"accuracy/{length}"] = float(np.mean(np.all(predicted == targets, axis=1)))
+        results[f"token_accuracy/{length}"] = float(np.mean(predicted == targets))
+    results["accuracy/mean"] = float(np.mean([results[f"accuracy/{n}"] for n in lengths]))
+    return results
+
+
 # ----------------------------------------------------------------------------- standalone entry
 
-TASKS = ("loss", "perplexity", "exact_match", "cot")
+TASKS = ("loss", "perplexity", "exact_match", "cot", "length_generalization")
 
 
 def load_state(config, workdir: str):
@@ -124,8 +223,9 @@ def load_state(config, workdir: str):
     return setup, state, step
 
 
-def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> dict:
-    """Restore the latest checkpoint's parameters from ``workdir`` and run ``task`` on them."""
+def evaluate_workdir(config, workdir: str, task: str, data_path: str = "", chunk: int = 0) -> dict:
+    """Restore the latest checkpoint's parameters from ``workdir`` and run ``task`` on them
+    (``chunk``: see `length_generalization`)."""
     if task not in TASKS:
         raise ValueError(f"--task is {task!r}; use one of {list(TASKS)}.")
     if task == "perplexity":
@@ -143,6 +243,9 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> di
             results.update(arithmetic_exact_match(setup.model, setup.mcfg, state.params, tokenizer, config))
         elif task == "cot":
             results.update(arithmetic_cot(setup.model, setup.mcfg, state.params, tokenizer, config))
+        elif task == "length_generalization":
+            results.update(length_generalization(setup.model, setup.mcfg, state.params, tokenizer, config,
+                                                 chunk=chunk))
         else:
             eval_step = jax.jit(step_lib.make_eval_step(setup.model, setup.mcfg, objective=t.objective),
                                 in_shardings=(setup.state_shardings.params, setup.batch_sharding))
@@ -155,7 +258,7 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "") -> di
 
 def main(argv):
     del argv
-    results = evaluate_workdir(_CONFIG.value, _WORKDIR.value, _TASK.value, _DATA.value)
+    results = evaluate_workdir(_CONFIG.value, _WORKDIR.value, _TASK.value, _DATA.value, _CHUNK.value)
     print(json.dumps(results, indent=2))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
@@ -167,6 +270,8 @@ if __name__ == "__main__":
     _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (its latest checkpoint is evaluated).")
     _TASK = flags.DEFINE_enum("task", "loss", TASKS, "What to evaluate.")
     _DATA = flags.DEFINE_string("data", "", "For --task perplexity: a .txt or .jsonl file.")
+    _CHUNK = flags.DEFINE_integer("chunk", 0, "For --task length_generalization: feed sequences this many tokens "
+                                  "at a time through the model's cache (0: whole); bounds attention memory on CPU.")
     _OUT = flags.DEFINE_string("out", "", "Also write the results as JSON here.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
