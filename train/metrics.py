@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL log, TensorBoard event files, a progress bar, a loss plot, and MFU.
+"""Training metrics: a JSONL log, TensorBoard event files, a progress bar, loss and MoE plots, and MFU.
 
 Throughput and MFU have one definition here: MFU = model FLOPs per token (the model
 family's ``flops_per_token``: 6 x matmul parameters + causal attention) x tokens/s
@@ -94,6 +94,7 @@ class MetricsLogger:
         self._tb.close()
         self._jsonl.close()
         plot_losses(self.workdir)
+        plot_moe(self.workdir)
 
 
 def read_jsonl(workdir: str) -> list[dict]:
@@ -124,6 +125,38 @@ def plot_losses(workdir: str, filename: str = "loss.png") -> str | None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, filename)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+MOE_PANELS = (("dropped_fraction", "dropped token fraction"), ("load_max", "max expert load"),
+              ("load_min", "min expert load"), ("load_entropy", "load entropy / log N"))
+
+
+def plot_moe(workdir: str, filename: str = "moe.png") -> str | None:
+    """Per-layer MoE curves against step (``moe/<metric>/layer<i>`` records of ``metrics.jsonl``): dropped
+    fraction, max and min expert load, load entropy; saved as a PNG in ``workdir``. None without MoE."""
+    records = read_jsonl(workdir)
+    keys = sorted({k for r in records for k in r if k.startswith("moe/") and "/layer" in k})
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MOE_PANELS), figsize=(4 * len(MOE_PANELS), 3.5))
+    for ax, (metric, title) in zip(axes, MOE_PANELS):
+        for key in (k for k in keys if k.split("/")[1] == metric):
+            points = sorted({r["step"]: r[key] for r in records if key in r}.items())
+            ax.plot(*zip(*points), label=key.rsplit("/", 1)[1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
     fig.tight_layout()
     path = os.path.join(workdir, filename)
     fig.savefig(path, dpi=120)

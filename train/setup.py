@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 import models
+from parallel import expert as expert_parallel
 from parallel import sharding
 from train import data, step as step_lib
 from train.config import validate
@@ -68,12 +69,17 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     sharding.check_divisibility(mcfg, mesh, rules, t.batch_size, seq_len=t.seq_len,
                                 accum_steps=config.optim.accum_steps)
     model = models.get(config.model.family)
+    if hasattr(model, "validate_mesh"):  # MoE: experts over the expert axis, routing groups over the devices
+        axis = expert_parallel.expert_axis(mesh, rules)
+        model.validate_mesh(mcfg, dict(mesh.shape), tokens=t.batch_size // config.optim.accum_steps * t.seq_len,
+                            group_axes=None if axis is None else expert_parallel.group_axes(mesh, rules, axis))
     tx = step_lib.make_optimizer(config.optim, t.steps)
     init_fn = functools.partial(step_lib.init_state, model, mcfg, tx)
     state_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     state_sh = sharding.state_shardings(state_shape, model.param_axes(mcfg), mesh, rules, tx)
     train_step = step_lib.make_train_step(model, mcfg, tx, objective=t.objective,
-                                          accum_steps=config.optim.accum_steps, loss_chunk=t.loss_chunk)
+                                          accum_steps=config.optim.accum_steps, loss_chunk=t.loss_chunk,
+                                          seed=config.seed)
     return TrainSetup(config=config, model=model, mcfg=mcfg, mesh=mesh, rules=rules, tx=tx, init_fn=init_fn,
                       state_shape=state_shape, state_shardings=state_sh,
                       batch_sharding=sharding.batch_sharding(mesh, rules), train_step=train_step)

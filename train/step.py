@@ -2,10 +2,20 @@
 
 The step functions are sharding-agnostic; the trainer jits them with the shardings that
 ``parallel.sharding`` derives from the config's rules.
+
+Auxiliary losses: a family's ``blocks`` may return ``aux['moe']`` (the Transformer with
+Switch layers: float32 [n_moe_layers] arrays per metric). The train step adds the summed
+``aux_loss`` and ``z_loss`` of every layer to the objective and reports each metric per
+layer ("moe/dropped_fraction/layer3", with the family's ``moe_layer_ids``); "loss" stays
+the cross-entropy alone, comparable with a dense model and with the eval loss. Families
+whose ``blocks`` take ``train`` and ``rng`` keywords get train mode in the train step (with
+a PRNG key from the config seed and the step, for expert dropout) and eval mode elsewhere;
+others are called without them, and an empty aux adds nothing.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 import flax.struct
@@ -67,53 +77,110 @@ def token_nll(model, mcfg, params, x: jax.Array, targets: jax.Array, mask: jax.A
     return total
 
 
-def lm_loss(model, mcfg, params, batch: dict, *, loss_chunk: int = 0) -> tuple[jax.Array, dict]:
-    """Summed next-token cross-entropy (float32) over ``loss_mask`` and the token count.
+def takes_mode(model) -> bool:
+    """Whether the family's ``blocks`` takes ``train`` and ``rng`` (train vs eval mode, e.g. MoE)."""
+    params = inspect.signature(model.blocks).parameters
+    return "train" in params and "rng" in params
+
+
+MOE_LOSSES = ("aux_loss", "z_loss")
+
+
+def aux_loss(aux: dict) -> jax.Array:
+    """The auxiliary objective in a ``blocks`` aux: the sum over MoE layers of aux_loss + z_loss (0 if none)."""
+    per_layer = aux.get("moe") or {}
+    return sum((jnp.sum(per_layer[k]) for k in MOE_LOSSES if k in per_layer), jnp.zeros((), jnp.float32))
+
+
+def lm_loss(model, mcfg, params, batch: dict, *, loss_chunk: int = 0, train: bool = False,
+            rng=None) -> tuple[jax.Array, dict]:
+    """Summed next-token cross-entropy (float32) over ``loss_mask``, the token count and the blocks' aux.
 
     batch: inputs, targets, loss_mask and optionally segment_ids, positions, each [batch, seq]
-    (without segment_ids every row is one causal sequence). Returns
-    (sum of -log p(target), {'tokens': count}).
+    (without segment_ids every row is one causal sequence). ``train``/``rng`` reach ``blocks``
+    when the family takes them (``takes_mode``). Returns (sum of -log p(target),
+    {'tokens': count, 'aux': the blocks' aux, e.g. per-layer MoE losses and metrics}).
     """
     tokens = batch["inputs"]
     positions = batch.get("positions")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    mode = dict(train=train, rng=rng) if takes_mode(model) else {}
     x = model.embed(params, tokens, mcfg)
-    x, _, _ = model.blocks(params["layers"], x, mcfg, positions=positions, segment_ids=batch.get("segment_ids"))
+    x, _, aux = model.blocks(params["layers"], x, mcfg, positions=positions, segment_ids=batch.get("segment_ids"),
+                             **mode)
     mask = batch["loss_mask"].astype(jnp.float32)
-    return token_nll(model, mcfg, params, x, batch["targets"], mask, loss_chunk), {"tokens": jnp.sum(mask)}
+    nll = token_nll(model, mcfg, params, x, batch["targets"], mask, loss_chunk)
+    return nll, {"tokens": jnp.sum(mask), "aux": aux}
 
 
 LOSSES: dict[str, Callable] = {"lm": lm_loss}
 
 
-def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int = 1, loss_chunk: int = 0):
+def make_objective(model, mcfg, *, objective: str = "lm", loss_chunk: int = 0):
+    """objective(params, batch, rng) -> (value to differentiate, (nll, tokens, aux_loss, per-layer aux)).
+
+    value = summed task loss + tokens x ``aux_loss(aux)``: divided by the batch's token count
+    it is the mean loss per token plus the auxiliary losses, as the train step takes it. Runs
+    the model in train mode with ``rng`` (families that take it; see ``takes_mode``).
+    """
+    loss_fn = functools.partial(LOSSES[objective], loss_chunk=loss_chunk, train=True)
+
+    def objective_fn(params, batch, rng):
+        nll, metrics = loss_fn(model, mcfg, params, batch, rng=rng)
+        extra = aux_loss(metrics["aux"])
+        per_layer = dict(metrics["aux"].get("moe") or {})
+        return nll + metrics["tokens"] * extra, (nll, metrics["tokens"], extra, per_layer)
+
+    return objective_fn
+
+
+def layer_metrics(per_layer: dict, layer_ids=None) -> dict:
+    """{'moe/<metric>/layer<i>': scalar} from per-layer arrays [n]; i from ``layer_ids`` (default 0..n-1)."""
+    out = {}
+    for name, values in per_layer.items():
+        ids = range(values.shape[0]) if layer_ids is None else layer_ids
+        out.update({f"moe/{name}/layer{i}": values[j] for j, i in enumerate(ids)})
+    return out
+
+
+def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int = 1, loss_chunk: int = 0,
+                    seed: int = 0):
     """train_step(state, batch) -> (state, metrics); gradients summed over ``accum_steps`` microbatches.
 
     The loss is the mean over every loss-masked token of the whole batch, so a step with
-    accumulation equals the same step on the full batch.
+    accumulation equals the same step on the full batch (with MoE, up to routing: groups and
+    capacity are per microbatch). Auxiliary (MoE) losses are added to it, each microbatch's
+    weighted by its token count. The model runs in train mode with
+    the key ``fold_in(fold_in(PRNGKey(seed), step), microbatch)``. Metrics: loss (the task
+    loss alone), grad_norm, tokens, and with MoE layers ``moe/loss`` (the auxiliary losses
+    added) and every per-layer metric of ``aux['moe']`` (averaged over microbatches).
     """
-    loss_fn = functools.partial(LOSSES[objective], loss_chunk=loss_chunk)
+    objective_fn = make_objective(model, mcfg, objective=objective, loss_chunk=loss_chunk)
+    layer_ids = getattr(model, "moe_layer_ids", None)
+    layer_ids = layer_ids(mcfg) if layer_ids is not None else None
 
-    def grads_of(params, micro):
-        (nll, metrics), grads = jax.value_and_grad(
-            lambda p: loss_fn(model, mcfg, p, micro), has_aux=True)(params)
-        return nll, metrics["tokens"], grads
+    def grads_of(params, micro, rng):
+        (_, (nll, tokens, extra, per_layer)), grads = jax.value_and_grad(
+            objective_fn, has_aux=True)(params, micro, rng)
+        return (nll, tokens, grads), (extra, per_layer)
 
     def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
         if accum_steps == 1:
-            nll, tokens, grads = grads_of(state.params, batch)
+            (nll, tokens, grads), (extra, per_layer) = grads_of(state.params, batch, jax.random.fold_in(rng, 0))
         else:
             # Microbatch i takes rows i, i + accum, ...: each device keeps its own rows.
             micro = jax.tree.map(lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
-            def body(carry, mb):
-                nll, tokens, grads = grads_of(state.params, mb)
-                acc = jax.tree.map(jnp.add, carry, (nll, tokens, grads))
-                return acc, None
+            def body(carry, xs):
+                mb, i = xs
+                sums, logged = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, sums), logged
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (nll, tokens, grads), _ = jax.lax.scan(body, zeros, micro)
+            (nll, tokens, grads), logged = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+            extra, per_layer = jax.tree.map(lambda a: jnp.mean(a, axis=0), logged)
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -121,6 +188,9 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
         opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
+        if per_layer:
+            metrics["moe/loss"] = extra
+            metrics.update(layer_metrics(per_layer, layer_ids))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
