@@ -117,7 +117,7 @@ def main(argv):
               f"training problems have {config.data.min_steps}-{trained_max} operations.")
     tables = [
         header,
-        table("(a) prompting: mixture-trained model, 3-shot", [
+        table(f"(a) prompting: mixture-trained model, {config.cot.shots}-shot", [
             ("standard prompt", by["cot_prompting"], "standard/greedy"),
             ("chain-of-thought prompt", by["cot_prompting"], "cot/greedy")], steps, trained_max),
         table("(b) training at equal tokens, zero-shot, greedy", [

@@ -361,7 +361,7 @@ def heldout_problems(num_steps: int, n: int, seed: int = 0, at_most: bool = Fals
     Few operations allow few distinct questions (1 operation: 273 held out); where fewer than `n`
     exist this raises ValueError, or with `at_most` returns all there are."""
     found: dict[str, Problem] = {}
-    limit = 2000 * n + 10_000
+    limit = 200 * n + 10_000
     for index in range(limit):
         if len(found) == n:
             break
