@@ -64,10 +64,17 @@ def llama_config(cfg: transformer.Config) -> dict:
     }
 
 
+def _refuse_moe(cfg: transformer.Config) -> None:
+    if cfg.num_experts:
+        raise ValueError(f"model.num_experts is {cfg.num_experts}: Switch (MoE) models have no Llama checkpoint "
+                         "format; only dense Transformers and Mamba models convert.")
+
+
 def to_hf_state_dict(params: dict, cfg: transformer.Config | mamba.Config) -> dict[str, np.ndarray]:
     """loom params -> Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict of float32 NumPy arrays."""
     if isinstance(cfg, mamba.Config):
         return _mamba_to_hf_state_dict(params, cfg)
+    _refuse_moe(cfg)
     out = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
            "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
     for name, suffix in _LAYER_NAMES.items():
@@ -85,6 +92,7 @@ def from_hf_state_dict(state: dict, cfg: transformer.Config | mamba.Config) -> d
     ``cfg.param_dtype``."""
     if isinstance(cfg, mamba.Config):
         return _mamba_from_hf_state_dict(state, cfg)
+    _refuse_moe(cfg)
     dtype = np.dtype(layers.DTYPES[cfg.param_dtype])
 
     def get(key):

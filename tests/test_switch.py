@@ -269,3 +269,12 @@ def test_train_config_errors_before_compiling():
         setup_training(c, pmesh.make_mesh(c.mesh))
     for config in (switch_stdlib.get_config(), dense_stdlib.get_config(), bench_switch_350m.get_config()):
         config_lib.validate(config)
+
+
+def test_hugging_face_conversion_refuses_moe_by_name():
+    from models import hf
+
+    cfg = T.Config(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, num_experts=4,
+                   moe_group_size=8, dtype="float32")
+    with pytest.raises(ValueError, match="model.num_experts"):
+        hf.to_hf_state_dict(T.init(cfg, jax.random.PRNGKey(0)), cfg)
