@@ -65,7 +65,6 @@ share its keys and are dropped from the result.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -245,17 +244,6 @@ def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
     return arrays
 
 
-def _batch_multiple() -> int:
-    """Rows must come in multiples of the mesh axes that ``batch`` maps to (1 without a layout)."""
-    layout = sharding.active()
-    if layout is None:
-        return 1
-    mesh, rules = layout
-    spec = sharding.logical_to_spec(("batch",), rules)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def sample(model, params, cfg, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, rng,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_token: int | None = None,
            pad_id: int = 0, max_len: int | None = None, include_stop: bool = False) -> list[list[int]]:
@@ -300,7 +288,7 @@ def sample(model, params, cfg, prompts: Sequence[Sequence[int]], *, max_new_toke
                              f"exceeds max_len ({max_len}); raise max_len or shorten the request.")
         length = min(bucket(longest), max_len - max_new_tokens)
     n = len(arrays)
-    extra = -n % _batch_multiple()  # copies of prompt 0, keyed like row 0 so they stop with it
+    extra = -n % sharding.batch_multiple()  # copies of prompt 0, keyed like row 0 so they stop with it
     tokens, positions, segment_ids = left_pad(arrays + [arrays[0]] * extra, length, pad_id)
     generated, _, _ = decode_padded(
         model, params, cfg, tokens, positions, segment_ids, None, max_new_tokens,

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
 from models import layers
 from models.transformer import REMAT_POLICIES
 from parallel.sharding import constrain
@@ -106,12 +107,7 @@ def validate(cfg: Config) -> None:
 
 def from_config(model_cfg) -> Config:
     """Config from a mapping (the ``model`` section of an experiment config); unknown keys are refused."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in dict(model_cfg).items() if k != "family"}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"model.{unknown[0]} is not a Mamba field; known fields: {sorted(fields)}.")
-    return Config(**values)
+    return models.config_from(Config, model_cfg, "Mamba")
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+import models
 from models import layers
 from models import moe
 from models.attention import IMPLEMENTATIONS, attention
@@ -161,12 +162,7 @@ def validate_mesh(cfg: Config, mesh_axis_sizes, *, tokens: int | None = None, gr
 
 def from_config(model_cfg) -> Config:
     """Config from a mapping (the ``model`` section of an experiment config); unknown keys are refused."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in dict(model_cfg).items() if k != "family"}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"model.{unknown[0]} is not a Transformer field; known fields: {sorted(fields)}.")
-    return Config(**values)
+    return models.config_from(Config, model_cfg, "Transformer")
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -231,3 +231,15 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules
     return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, _batch_spec(np.ndim(v), rules)),
                                                       np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def batch_multiple() -> int:
+    """Rows per batch must be a multiple of the mesh axes that ``batch`` maps to in the active
+    layout (1 without one)."""
+    layout = active()
+    if layout is None:
+        return 1
+    mesh, rules = layout
+    axes = logical_to_spec(("batch",), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)

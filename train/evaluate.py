@@ -108,16 +108,6 @@ def arithmetic_cot(model, mcfg, params, tokenizer, config) -> dict[str, float]:
     return results
 
 
-def _batch_multiple() -> int:
-    """Rows per batch must be a multiple of the mesh axes that ``batch`` maps to (1 without a layout)."""
-    layout = sharding.active()
-    if layout is None:
-        return 1
-    mesh, rules = layout
-    axes = sharding.logical_to_spec(("batch",), rules)[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
-
 
 def completion_predictions(model, mcfg, params, inputs: np.ndarray, start: int, width: int, rows: int,
                            chunk: int = 0) -> np.ndarray:
@@ -185,7 +175,7 @@ def length_generalization(model, mcfg, params, tokenizer, config, *, chunk: int 
     lengths = tuple(d.eval_lengths) or (d.task_length,)
     width = data.synthetic_completion_length(d)
     budget = config.train.batch_size * config.train.seq_len
-    multiple = _batch_multiple()
+    multiple = sharding.batch_multiple()
     results = {}
     for length in lengths:
         records = data.synthetic_heldout(d, length)
