@@ -22,8 +22,24 @@ def linear(w, x: jax.Array, out_dtype=None) -> jax.Array:
     extra matmul cost.
     """
     if isinstance(w, (jax.Array, np.ndarray)):
+        if x.size == x.shape[-1] and jax.default_backend() == "gpu":
+            return _vector_times_matrix(x, w.astype(x.dtype), out_dtype)
         return jnp.dot(x, w.astype(x.dtype), preferred_element_type=out_dtype).astype(out_dtype or x.dtype)
     return w.matmul(x, out_dtype)
+
+
+def _vector_times_matrix(x, w, out_dtype):
+    """One row x [..., in] (a batch-1 decoding step) times w [in, out], as a two-row GEMM.
+
+    XLA's GPU compiler rewrites a vector-matrix product whose operands hold under 10M elements
+    into a broadcast multiply and a reduce (its dot strength reduction), which for a decoding
+    step's projections (W_o: [2048, 2048]) writes and re-reads a product the size of the weight.
+    A second, zero row makes it a matrix product again (cuBLAS reads the weight once); the
+    optimisation barriers keep the simplifier from slicing the row back off before the dot.
+    """
+    rows = jax.lax.optimization_barrier(jnp.concatenate([x.reshape(1, -1), jnp.zeros_like(x.reshape(1, -1))]))
+    y = jax.lax.optimization_barrier(jnp.dot(rows, w, preferred_element_type=out_dtype))
+    return y[0].reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype or x.dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -153,6 +153,31 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(layout):
     assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
 
 
+def test_one_row_projection_on_gpu_is_the_same_product(monkeypatch):
+    """The GPU form of a one-row projection (a two-row GEMM behind optimisation barriers) computes
+    x @ w, its gradients included, and batch-1 cached decoding through it equals the full forward."""
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((1, 1, 24), (24, 40)))
+    jaxpr = str(jax.make_jaxpr(layers.linear)(w, x))
+    assert "optimization_barrier" in jaxpr
+    np.testing.assert_allclose(jax.jit(layers.linear)(w, x), np.asarray(x, np.float64) @ np.asarray(w, np.float64),
+                               rtol=1e-5, atol=1e-6)
+    loss = lambda w, x: jnp.sum(jnp.sin(layers.linear(w, x)))  # noqa: E731
+    plain = lambda w, x: jnp.sum(jnp.sin(x @ w))  # noqa: E731
+    for got, want in zip(jax.grad(loss, (0, 1))(w, x), jax.grad(plain, (0, 1))(w, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    cfg = tiny()
+    params, toks = random_params(cfg), tokens(cfg, b=1, s=8)
+    full, _ = T.apply(params, toks, cfg)
+    out, aux = T.apply(T.decode_params(params, cfg), toks[:, :5], cfg, cache=T.init_cache(cfg, 1, 8))
+    steps = [out]
+    for i in range(5, 8):
+        out, aux = T.apply(T.decode_params(params, cfg), toks[:, i:i + 1], cfg, cache=aux["cache"])
+        steps.append(out)
+    assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
+
+
 @pytest.mark.parametrize("policy", ["none", "dots", "save_qkv_mlp"])
 def test_remat_policies_give_same_gradients(policy):
     base, other = tiny(remat="full"), tiny(remat=policy)
