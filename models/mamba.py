@@ -14,10 +14,11 @@ one mixer maps u [batch, seq, d_model] to [batch, seq, d_model]:
     out       = (y * silu(z)) W_out
 
 The selective scan (``selective_scan``) has a sequential ``reference`` (``lax.scan`` over
-time) and a ``chunked`` fast path: an associative scan on (decay, input) pairs within chunks
+time), a ``chunked`` fast path: an associative scan on (decay, input) pairs within chunks
 of ``chunk_size`` steps, the state carried across chunks by an outer ``lax.scan``, each chunk
 under ``jax.checkpoint`` so that only one chunk's [batch, chunk, E, N] tensors exist at once,
-forward or backward.
+forward or backward; and ``pallas``: fused GPU kernels, forward and backward, that keep the
+state in registers (``models/scan_kernel.py``; interpreted, slowly, off GPU).
 
 Packed sequences: ``segment_ids`` [batch, seq] (0 = padding). The first token of a new
 segment resets the state (decay 0) and the convolution never mixes tokens of different
@@ -36,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from models import layers
+from models import layers, scan_kernel
 from models.transformer import REMAT_POLICIES
 from parallel.sharding import constrain
 
-SCANS = ("chunked", "reference")
+SCANS = ("chunked", "reference", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +65,8 @@ class Config:
     dtype: str = "bfloat16"  # compute dtype; the scan state is always float32
     param_dtype: str = "float32"
     remat: str = "full"
-    scan: str = "chunked"
-    chunk_size: int = 64
+    scan: str = "chunked"  # or "reference" (sequential), "pallas" (GPU kernels)
+    chunk_size: int = 64  # of the chunked scan
 
     def __post_init__(self):
         if self.dt_rank == 0 and isinstance(self.d_model, int) and self.d_model > 0:
@@ -264,14 +265,17 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
     (negative); B, C: [batch, seq, N]; D: [E]; reset: [batch, seq] bool, True where the state
     is zeroed before the token (a segment start), or None; h0: [batch, E, N] initial state
     (None: zeros). ``method`` is 'chunked' (associative scan in chunks of ``chunk_size``,
-    any length) or 'reference' (sequential). Returns (y [batch, seq, E] float32,
-    h_last [batch, E, N] float32).
+    any length), 'reference' (sequential) or 'pallas' (``scan_kernel``: x, dt, B, C are read
+    in their own dtype). Returns (y [batch, seq, E] float32, h_last [batch, E, N] float32).
     """
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    keep = None if reset is None else 1.0 - f32(reset)
+    if method == "pallas":
+        y, h = scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0)
+        return y + f32(D) * f32(x), h
     x, dt, A, B, C, D = map(f32, (x, dt, A, B, C, D))
     b, _, E = x.shape
     h0 = jnp.zeros((b, E, A.shape[-1]), jnp.float32) if h0 is None else f32(h0)
-    keep = None if reset is None else 1.0 - f32(reset)
     if method == "reference":
         y, h = _scan_reference(x, dt, A, B, C, keep, h0)
     elif method == "chunked":

@@ -8,7 +8,7 @@ from train import config as config_lib
 from train import trainer
 
 EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
-                     if f.endswith(".py") and f not in ("__init__.py", "cot_run.py"))
+                     if f.endswith(".py") and f not in ("__init__.py", "cot_run.py", "bench_mamba_scan.py"))
 SMOKE = ("cot_prompting", "cot_trained", "cot_direct", "arith_direct", "mamba_arith", "mamba_selective_copying",
          "transformer_induction", "transformer_selective_copying")  # mamba_induction: tests/test_synthetic.py
 

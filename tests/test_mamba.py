@@ -139,7 +139,7 @@ def test_protocol_shapes_dtypes_and_axes():
     (dict(dt_init_floor=-1e-4), "model.dt_init_floor is -0.0001"),
     (dict(dt_max=float("inf")), "model.dt_max is inf"),
     (dict(norm_eps=0.0), "model.norm_eps is 0.0"),
-    (dict(scan="fast"), r"model.scan is 'fast'; use one of \['chunked', 'reference'\]"),
+    (dict(scan="fast"), r"model.scan is 'fast'; use one of \['chunked', 'pallas', 'reference'\]"),
     (dict(chunk_size=0), "model.chunk_size is 0"),
     (dict(remat="some"), "model.remat is 'some'"),
 ])

@@ -1,0 +1,232 @@
+"""Mamba's selective scan as Pallas (Triton) kernels for NVIDIA GPUs, forward and backward.
+
+    h_t = keep_t exp(dt_t A) * h_{t-1} + dt_t B_t x_t        h [E, N] float32, h_{-1} = h0
+    y_t = C_t . h_t                                           (the D x_t skip is added by the caller)
+
+x, dt [b, s, E]; A [E, N]; B, C [b, s, N]; keep [b, s] (0 zeroes the state before the token) or
+None. Inputs keep their dtype in memory (bf16 is fine); all arithmetic is float32.
+
+Forward: one program per (batch row, block of ``block_e`` channels) holds h [block_e, N] in
+registers and walks the sequence in chunks of ``chunk`` steps, each chunk unrolled with all its
+loads issued first (or, with ``prefetch``, one chunk ahead in the loop carry). Under ``jax.grad``
+it also saves h at every chunk start, [b, s / chunk, E, N] float32.
+
+Backward (``custom_vjp``): with g_t = dL/dh_t (total) and a_t = keep_t exp(dt_t A),
+
+    g_t   = gy_t C_t + a_{t+1} g_{t+1}    (g_{s-1} includes dL/dh_last)
+    dC_t  = sum_e gy_t h_t                 dB_t = sum_e g_t dt_t x_t
+    dx_t  = dt_t sum_n g_t B_t             ddt_t = x_t sum_n g_t B_t + sum_n g_t h_{t-1} a_t A
+    dA    = sum_{b,t} g_t h_{t-1} a_t dt_t       dh0 = a_0 g_0
+
+One program per (batch row, channel block) walks the chunks in reverse: it recomputes the
+chunk's states from the saved chunk start (kept in registers, ``chunk`` of them), computes
+dC on the way forward, then the rest on the way back. dB, dC and dA reduce over channels or
+batch: each program writes its partial sums and XLA adds them.
+
+Lengths that are not a multiple of ``chunk`` are padded with dt = 0 (decay 1, no input: the
+state is unchanged); E is padded to a multiple of ``block_e`` and N to a power of 2 with lanes
+that stay zero. ``interpret=True`` runs the same kernels on CPU (tests).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+LOG2E = 1.4426950408889634  # exp(v) = exp2(v log2 e): exp2 is one fast instruction on NVIDIA GPUs
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def _fwd_kernel(*refs, T, n, has_keep, save, prefetch):
+    """One (batch row, channel block): refs are x, dt [S, be]; A [be, N]; B, C [S, N]; keep [S]?; h0 [be, N]
+    -> y [S, be] f32, h_last [be, N] f32, and h at each chunk start [n, be, N] f32 if ``save``."""
+    x_ref, dt_ref, A_ref, B_ref, C_ref, *refs = refs
+    keep_ref = refs.pop(0) if has_keep else None
+    h0_ref, y_ref, hl_ref, *refs = refs
+    hc_ref = refs[0] if save else None
+    A2 = A_ref[...].astype(F32) * LOG2E
+
+    def load(c):  # chunk c's inputs, one tuple per step (static offsets, all issued together)
+        t0 = c * T
+        return [(x_ref[t0 + k].astype(F32), dt_ref[t0 + k].astype(F32), B_ref[t0 + k].astype(F32),
+                 C_ref[t0 + k].astype(F32), keep_ref[t0 + k] if has_keep else None) for k in range(T)]
+
+    def body(c, carry):
+        h, rows = carry
+        rows, ahead = (rows, load(jnp.minimum(c + 1, n - 1))) if prefetch else (load(c), ())
+        if save:
+            hc_ref[c] = h
+        for k, (x, dt, B, C, keep) in enumerate(rows):
+            decay = jnp.exp2(dt[:, None] * A2)
+            if has_keep:
+                decay = decay * keep
+            h = decay * h + (dt * x)[:, None] * B[None, :]
+            y_ref[c * T + k] = jnp.sum(h * C[None, :], axis=1)
+        return h, ahead
+
+    h, _ = jax.lax.fori_loop(0, n, body, (h0_ref[...].astype(F32), load(0) if prefetch else ()))
+    hl_ref[...] = h
+
+
+def _bwd_kernel(*refs, T, n, has_keep, prefetch):
+    """One (batch row, channel block), chunks in reverse. refs: x, dt [S, be]; A [be, N]; B, C [S, N];
+    keep [S]?; hc [n, be, N]; gy [S, be]; g_hlast [be, N] -> dx, ddt [S, be] (in x's and dt's dtypes);
+    dA [be, N]; dB, dC [S, N] (this block's partial sums over channels); dh0 [be, N] (float32)."""
+    x_ref, dt_ref, A_ref, B_ref, C_ref, *refs = refs
+    keep_ref = refs.pop(0) if has_keep else None
+    hc_ref, gy_ref, ghl_ref, dx_ref, ddt_ref, dA_ref, dB_ref, dC_ref, dh0_ref = refs
+    A = A_ref[...].astype(F32)
+    A2 = A * LOG2E
+
+    def load(c):
+        t0 = c * T
+        rows = [(x_ref[t0 + k].astype(F32), dt_ref[t0 + k].astype(F32), B_ref[t0 + k].astype(F32),
+                 C_ref[t0 + k].astype(F32), keep_ref[t0 + k] if has_keep else None, gy_ref[t0 + k].astype(F32))
+                for k in range(T)]
+        return hc_ref[c], rows
+
+    def decay_of(dt, keep):
+        decay = jnp.exp2(dt[:, None] * A2)
+        return decay * keep if has_keep else decay
+
+    def body(i, carry):
+        g, dA, ahead = carry  # g: dL/dh at the end of chunk c from later steps
+        c = n - 1 - i
+        (h, rows), ahead = (ahead, load(jnp.maximum(c - 1, 0))) if prefetch else (load(c), ())  # h: before chunk c
+        before = []  # the state before each step of the chunk
+        for k, (x, dt, B, C, keep, gy) in enumerate(rows):
+            before.append(h)
+            h = decay_of(dt, keep) * h + (dt * x)[:, None] * B[None, :]
+            dC_ref[c * T + k] = jnp.sum(gy[:, None] * h, axis=0)
+        for k in reversed(range(T)):
+            x, dt, B, C, keep, gy = rows[k]
+            t = c * T + k
+            decay = decay_of(dt, keep)
+            g = g + gy[:, None] * C[None, :]  # dL/dh_t
+            gB = jnp.sum(g * B[None, :], axis=1)
+            dx_ref[t] = (dt * gB).astype(dx_ref.dtype)
+            dB_ref[t] = jnp.sum(g * (dt * x)[:, None], axis=0)
+            gda = g * before[k] * decay  # dL/d(dt A) through the decay
+            ddt_ref[t] = (x * gB + jnp.sum(gda * A, axis=1)).astype(ddt_ref.dtype)
+            dA = dA + gda * dt[:, None]
+            g = decay * g
+        return g, dA, ahead
+
+    init = (ghl_ref[...].astype(F32), jnp.zeros(A.shape, F32), load(n - 1) if prefetch else ())
+    g, dA, _ = jax.lax.fori_loop(0, n, body, init)
+    dA_ref[...] = dA
+    dh0_ref[...] = g
+
+
+def _specs(S, N, n, be, has_keep):
+    """BlockSpecs over the grid (batch row i, channel block j)."""
+    sq = pl.squeezed
+    seq_e = pl.BlockSpec((sq, S, be), lambda i, j: (i, 0, j))
+    seq_n = pl.BlockSpec((sq, S, N), lambda i, j: (i, 0, 0))
+    state = pl.BlockSpec((sq, be, N), lambda i, j: (i, j, 0))
+    a = pl.BlockSpec((be, N), lambda i, j: (j, 0))
+    ins = [seq_e, seq_e, a, seq_n, seq_n] + ([pl.BlockSpec((sq, S), lambda i, j: (i, 0))] if has_keep else [])
+    chunks = pl.BlockSpec((sq, n, be, N), lambda i, j: (i, 0, j, 0))
+    partial_n = pl.BlockSpec((sq, sq, S, N), lambda i, j: (i, j, 0, 0))
+    return ins, seq_e, state, chunks, partial_n
+
+
+@functools.lru_cache(maxsize=None)
+def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, interpret):
+    """The custom_vjp scan for padded inputs (S % chunk == 0, E % block sizes == 0, N a power of 2)."""
+
+    def params(warps):
+        return None if interpret else plgpu.CompilerParams(num_warps=warps)
+
+    def forward(x, dt, A, B, C, keep, h0, save):
+        b, S, E = x.shape
+        N, n, be = A.shape[-1], S // chunk, block_e
+        ins, seq_e, state, chunks, _ = _specs(S, N, n, be, keep is not None)
+        out_shape = [jax.ShapeDtypeStruct((b, S, E), F32), jax.ShapeDtypeStruct((b, E, N), F32)]
+        out_specs = [seq_e, state]
+        if save:
+            out_shape.append(jax.ShapeDtypeStruct((b, n, E, N), F32))
+            out_specs.append(chunks)
+        kernel = functools.partial(_fwd_kernel, T=chunk, n=n, has_keep=keep is not None, save=save,
+                                   prefetch=prefetch)
+        args = [x, dt, A, B, C] + ([keep] if keep is not None else []) + [h0]
+        return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, E // be), in_specs=ins + [state],
+                              out_specs=out_specs, interpret=interpret, compiler_params=params(num_warps),
+                              name="selective_scan_fwd")(*args)
+
+    @jax.custom_vjp
+    def scan(x, dt, A, B, C, keep, h0):
+        return tuple(forward(x, dt, A, B, C, keep, h0, save=False))
+
+    def scan_fwd(x, dt, A, B, C, keep, h0):
+        y, h_last, hc = forward(x, dt, A, B, C, keep, h0, save=True)
+        return (y, h_last), (x, dt, A, B, C, keep, hc)
+
+    def scan_bwd(res, cts):
+        x, dt, A, B, C, keep, hc = res
+        gy, ghl = cts
+        b, S, E = x.shape
+        N, n, be = A.shape[-1], S // chunk, bwd_block_e
+        ins, seq_e, state, chunks, partial_n = _specs(S, N, n, be, keep is not None)
+        out_shape = [jax.ShapeDtypeStruct((b, S, E), x.dtype), jax.ShapeDtypeStruct((b, S, E), dt.dtype),
+                     jax.ShapeDtypeStruct((b, E, N), F32), jax.ShapeDtypeStruct((b, E // be, S, N), F32),
+                     jax.ShapeDtypeStruct((b, E // be, S, N), F32), jax.ShapeDtypeStruct((b, E, N), F32)]
+        kernel = functools.partial(_bwd_kernel, T=chunk, n=n, has_keep=keep is not None, prefetch=prefetch)
+        args = [x, dt, A, B, C] + ([keep] if keep is not None else []) + [hc, gy.astype(F32), ghl.astype(F32)]
+        dx, ddt, dA, dB, dC, dh0 = pl.pallas_call(
+            kernel, out_shape=out_shape, grid=(b, E // be), in_specs=ins + [chunks, seq_e, state],
+            out_specs=[seq_e, seq_e, state, partial_n, partial_n, state], interpret=interpret,
+            compiler_params=params(bwd_num_warps), name="selective_scan_bwd")(*args)
+        cast = lambda g, like: g.astype(like.dtype)  # noqa: E731
+        return (dx, ddt, cast(dA.sum(0), A), cast(dB.sum(1), B), cast(dC.sum(1), C),
+                None if keep is None else jnp.zeros_like(keep), dh0)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan
+
+
+def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8, block_e: int = 64,
+                          num_warps: int = 4, bwd_block_e: int = 32, bwd_num_warps: int = 4, prefetch: bool = False,
+                          interpret=None):
+    """(y [b, s, E] float32 = C_t . h_t, h_last [b, E, N] float32); differentiable in x, dt, A, B, C, h0.
+
+    x, dt [b, s, E] and B, C [b, s, N] in any float dtype (read as is, computed in float32);
+    A [E, N]; keep [b, s] (1 - reset) or None; h0 [b, E, N] or None (zeros). ``chunk``: steps
+    unrolled per loop iteration, and the spacing of the states saved for the backward;
+    ``block_e`` / ``num_warps`` (forward) and ``bwd_block_e`` / ``bwd_num_warps`` (backward):
+    channels and warps per program (block sizes are rounded down to powers of 2 and capped at E);
+    ``prefetch``: load the next chunk's inputs while computing this one's (more registers).
+    ``interpret`` (default: not on a GPU) runs the kernels in the Pallas interpreter.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    b, s, E = x.shape
+    N = A.shape[-1]
+    T = int(chunk)
+    if T <= 0:
+        raise ValueError(f"chunk is {chunk!r}; use a positive integer.")
+    be, bbe = (min(_pow2_floor(v), _pow2_ceil(E)) for v in (block_e, bwd_block_e))
+    S, Ep, Np = -(-s // T) * T, -(-E // max(be, bbe)) * max(be, bbe), _pow2_ceil(N)
+
+    def pad(a, *widths):
+        return a if not any(widths) else jnp.pad(a, [(0, w) for w in widths])
+
+    x, dt = pad(x, 0, S - s, Ep - E), pad(dt, 0, S - s, Ep - E)  # dt = 0: the state is unchanged
+    B, C = pad(B, 0, S - s, Np - N), pad(C, 0, S - s, Np - N)
+    A = pad(A.astype(F32), Ep - E, Np - N)
+    keep = None if keep is None else jnp.pad(keep.astype(F32), [(0, 0), (0, S - s)], constant_values=1.0)
+    h0 = jnp.zeros((b, Ep, Np), F32) if h0 is None else pad(h0.astype(F32), 0, Ep - E, Np - N)
+    scan = _make(T, be, int(num_warps), bbe, int(bwd_num_warps), bool(prefetch), bool(interpret))
+    y, h_last = scan(x, dt, A, B, C, keep, h0)
+    return y[:, :s, :E], h_last[:, :E, :N]

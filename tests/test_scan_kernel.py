@@ -1,0 +1,132 @@
+"""Pallas selective scan (models/scan_kernel.py), interpreted on CPU: outputs and gradients against the
+sequential scan and a float64 NumPy loop (with and without resets, padded length, channels and state),
+the Mamba model with scan='pallas', the Triton lowering for CUDA without a GPU, and the benchmark's --quick."""
+import contextlib
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import mamba as M
+from models import scan_kernel as K
+
+pytestmark = pytest.mark.timeout(120)
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})  # compile time dominates
+
+# Small kernels: length 11 = 2 chunks of 4 + 3 (padded), E 24 -> 32 (blocks of 16 / 8), N 3 -> 4.
+KW = dict(chunk=4, block_e=16, bwd_block_e=8)
+
+
+def inputs(b, s, E, N, seed, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    dt = np.log1p(np.exp(f(b, s, E) - 2.0))
+    dt[:, rng.random(s) < 0.15] = 0.0  # padding-like steps
+    cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+    return dict(x=cast(f(b, s, E)), dt=cast(dt), A=jnp.asarray(-np.exp(0.5 * f(E, N)) - 0.1), B=cast(f(b, s, N)),
+                C=cast(f(b, s, N)), h0=jnp.asarray(f(b, E, N))), jnp.asarray(rng.random((b, s)) < 0.15)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("resets,prefetch", [(False, True), (True, False)])
+def test_outputs_and_gradients_match_sequential_scan(resets, prefetch):
+    b, s, E, N = 2, 11, 24, 3
+    inp, reset = inputs(b, s, E, N, seed=int(resets))
+    keep = 1.0 - reset.astype(jnp.float32) if resets else None
+    w_y, w_h = (jnp.asarray(np.random.default_rng(5).standard_normal(sh), jnp.float32) for sh in ((b, s, E), (b, E, N)))
+
+    def loss(args, scan):
+        y, h = scan(args["x"], args["dt"], args["A"], args["B"], args["C"], keep, args["h0"])
+        return jnp.sum(y * w_y) + jnp.sum(h * w_h), (y, h)
+
+    pallas = lambda x, dt, A, B, C, keep, h0: K.selective_scan_pallas(  # noqa: E731
+        x, dt, A, B, C, keep=keep, h0=h0, prefetch=prefetch, **KW)
+    grad = lambda scan: jit(jax.grad(functools.partial(loss, scan=scan), has_aux=True))(inp)  # noqa: E731
+    (g_ref, (y_ref, h_ref)), (g, (y, h)) = grad(M._scan_reference), grad(pallas)
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(h, h_ref) < 1e-6
+    for name in inp:
+        assert rel_err(g[name], g_ref[name]) < 1e-5, name
+    # The primal (no gradient) path, which saves no states, gives the same outputs.
+    y2, h2 = jit(pallas)(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], keep, inp["h0"])
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(h2, h)
+
+
+def test_bf16_inputs_match_float64_numpy():
+    """bf16 x, dt, B, C are read as is and computed in float32: equal to float64 on the rounded values."""
+    b, s, E, N = 1, 7, 8, 2  # shorter than a chunk of 16 (the default)
+    inp, reset = inputs(b, s, E, N, seed=3, dtype=jnp.bfloat16)
+    y, h = M.selective_scan(**inp, D=jnp.full((E,), 0.5), reset=reset, method="pallas")
+    x, dt, A, B, C, h64 = (np.asarray(inp[k], np.float64) for k in ("x", "dt", "A", "B", "C", "h0"))
+    ys = []
+    for t in range(s):
+        decay = np.exp(dt[:, t, :, None] * A) * (1.0 - np.asarray(reset[:, t], np.float64))[:, None, None]
+        h64 = decay * h64 + (dt[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+        ys.append(np.einsum("ben,bn->be", h64, C[:, t]) + 0.5 * x[:, t])
+    assert y.dtype == h.dtype == jnp.float32
+    np.testing.assert_allclose(y, np.stack(ys, axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h, h64, rtol=1e-5, atol=1e-5)
+
+
+def test_mamba_pallas_equals_chunked_logits_and_gradients():
+    cfg = M.Config(vocab_size=61, d_model=16, n_layers=2, d_state=4, dtype="float32", chunk_size=4)
+    params = jit(M.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 61, (2, 9)), jnp.int32)
+    seg = jnp.asarray([[1] * 4 + [2] * 5, [1] * 6 + [0] * 3], jnp.int32)  # packed; right-padded
+
+    def loss(p, cfg):
+        logits = M.apply(p, tokens, cfg, segment_ids=seg)[0]
+        return jnp.mean(logits ** 2), logits
+
+    grad = jit(jax.grad(loss, has_aux=True), static_argnums=1)
+    (g, logits), (g_ref, logits_ref) = grad(params, dataclasses.replace(cfg, scan="pallas")), grad(params, cfg)
+    np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_triton_lowering_for_cuda_without_a_gpu():
+    """Forward and backward lower to Triton calls for an H200 (catches unsupported ops and block shapes)."""
+    b, s, E, N = 2, 40, 128, 16  # 40: padded to 48, chunks of 16
+    sd = jax.ShapeDtypeStruct
+    args = (sd((b, s, E), jnp.bfloat16), sd((b, s, E), jnp.float32), sd((E, N), jnp.float32),
+            sd((b, s, N), jnp.bfloat16), sd((b, s, N), jnp.bfloat16), sd((b, s), jnp.float32), sd((b, E, N), jnp.float32))
+
+    def fwd(x, dt, A, B, C, keep, h0, with_keep):
+        return K.selective_scan_pallas(x, dt, A, B, C, keep=keep if with_keep else None, h0=h0, interpret=False,
+                                       prefetch=not with_keep)
+
+    def grad(*args, with_keep):
+        loss = lambda *diff: sum(jnp.sum(o) for o in fwd(*diff, *args[5:], with_keep=with_keep))  # noqa: E731
+        return jax.grad(loss, argnums=range(5))(*args[:5])
+
+    ctx = contextlib.nullcontext()
+    if hasattr(jax.sharding, "AbstractDevice"):  # newer jax takes the GPU model from an abstract mesh
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+        ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+    with ctx:
+        for with_keep in (False, True):  # without resets: with prefetch
+            for f, calls in ((fwd, 1), (grad, 2)):  # grad: the forward that saves states, and the backward
+                lowered = jax.jit(functools.partial(f, with_keep=with_keep)).trace(*args).lower(
+                    lowering_platforms=("cuda",))
+                assert lowered.as_text().count("__gpu$xla.gpu.triton") == calls
+
+
+def test_benchmark_quick_runs(capsys):
+    from experiments import bench_mamba_scan
+    errs = bench_mamba_scan.main(["--quick", "--skip-reference", "--runs", "1"])
+    assert errs["y"] < 1e-5 and errs["h_last"] < 1e-5 and errs["dA"] < 1e-3
+    assert "pallas" in capsys.readouterr().out
+
+
+def test_config_accepts_pallas():
+    assert M.Config(scan="pallas").scan == "pallas"
+    with pytest.raises(ValueError, match="model.scan is 'fast'"):
+        M.Config(scan="fast")
