@@ -7,6 +7,14 @@ Each row is one config variant (``--variants 'name:key=value,key=value;...'`` ov
 fields per row). Per variant: compile time, median step time over the timed steps, tokens/s,
 MFU against the datasheet peak and against a bf16 matmul ceiling measured in the same process,
 and peak device memory. Batches are random tokens, one causal sequence per row (no packing).
+
+With ``--split`` (the default) two more programs are compiled and timed the same way on the same
+batch and state, to split the step: ``fwd_bwd_s``, the objective the train step differentiates
+(``step.make_objective``) and its gradients, returned so that the backward pass is kept; and
+``optimizer_s``, the update of the state from gradients (``tx.update``, the state's dtypes kept,
+``optax.apply_updates``), the state donated as in the step. Their sum differs from ``step_s`` by
+what fuses across the boundary and by the step's own small work (scaling by the token count,
+the gradient norm). ``--nosplit`` skips them (two fewer compilations).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,6 +35,7 @@ from models import generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
 from train import metrics
+from train import step as step_lib
 from train.setup import setup_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -33,6 +43,7 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _VARIANTS = flags.DEFINE_string("variants", "", "'name:section.key=value,...;name2:...' (empty: the config alone).")
 _OUT = flags.DEFINE_string("out", "", "Write the table as JSON here.")
+_SPLIT = flags.DEFINE_bool("split", True, "Also time the gradients alone and the optimizer update alone.")
 _DECODE = flags.DEFINE_list("decode_batches", [], "Benchmark greedy decoding at these batch sizes instead.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 512, "Decoding: prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Decoding: new tokens per row.")
@@ -72,31 +83,99 @@ def apply_overrides(config, spec: str):
     return config
 
 
-def bench(config, steps: int, warmup: int) -> dict:
-    """Time ``steps`` train steps of ``config``; returns the row of the table."""
-    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+def _timed(run, carry, steps: int, warmup: int):
+    """``carry, out = run(carry)`` warmup + steps times, blocking on ``out`` after each timed call.
+
+    Returns (carry, out, the seconds of each timed call)."""
+    out = None
+    for _ in range(warmup):
+        carry, out = run(carry)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        carry, out = run(carry)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    return carry, out, times
+
+
+def split_programs(setup):
+    """The two halves of the train step, jitted with the state's shardings: (fwd_bwd, optimizer).
+
+    fwd_bwd(params, batch, rng) -> (objective, grads): the value the train step differentiates
+    (``step.make_objective``, train mode) and its gradients, sharded like the parameters; the
+    whole batch in one piece (the step's case when optim.accum_steps is 1). optimizer(state,
+    grads) -> state: ``tx.update``, the state's dtypes kept, ``optax.apply_updates``, as the step
+    does after its gradients; the state donated.
+    """
+    t, tx, params_sh = setup.config.train, setup.tx, setup.state_shardings.params
+    objective_fn = step_lib.make_objective(setup.model, setup.mcfg, objective=t.objective, loss_chunk=t.loss_chunk)
+
+    def fwd_bwd(params, batch, rng):
+        (value, _), grads = jax.value_and_grad(objective_fn, has_aux=True)(params, batch, rng)
+        return value, grads
+
+    def optimizer(state, grads):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state)
+
+    return (jax.jit(fwd_bwd, in_shardings=(params_sh, setup.batch_sharding, None),
+                    out_shardings=(None, params_sh)),
+            jax.jit(optimizer, in_shardings=(setup.state_shardings, params_sh),
+                    out_shardings=setup.state_shardings, donate_argnums=(0,)))
+
+
+def _bench_split(setup, state, batch, steps: int, warmup: int) -> dict:
+    """Compile and time ``split_programs`` from ``state`` (donated) on ``batch``: fwd_bwd_s, optimizer_s, ..."""
+    config, t = setup.config, setup.config.train
+    fwd_bwd, optimizer = split_programs(setup)
+    whole = config.optim.accum_steps == 1
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), 0)  # the step's first key
+    t0 = time.perf_counter()
+    fwd_bwd = fwd_bwd.lower(state.params, batch, key).compile() if whole else None
+    optimizer = optimizer.lower(state, state.params).compile()
+    row = {"split_compile_s": time.perf_counter() - t0, "fwd_bwd_s": None, "fwd_bwd_s_spread": None}
+    if whole:
+        _, (_, grads), times = _timed(lambda c: (c, fwd_bwd(state.params, batch, key)), None, steps, warmup)
+        row.update(fwd_bwd_s=statistics.median(times), fwd_bwd_s_spread=[min(times), max(times)])
+        grads = jax.tree.map(lambda g: g / (t.batch_size * t.seq_len), grads)  # the step's mean over tokens
+    else:
+        grads = jax.tree.map(lambda p: p * 1e-3, state.params)  # any gradients of the right shapes
+    _, _, times = _timed(lambda s: (optimizer(s, grads),) * 2, state, steps, warmup)
+    row.update(optimizer_s=statistics.median(times), optimizer_s_spread=[min(times), max(times)])
+    return row
+
+
+def bench(config, steps: int, warmup: int, split: bool = True, mesh=None) -> dict:
+    """Time ``steps`` train steps of ``config``; returns the row of the table.
+
+    With ``split`` the row also has ``fwd_bwd_s`` and ``optimizer_s`` (``split_programs``, timed
+    the same way after the step, from its state): the median seconds of the gradients alone and of
+    the optimizer update alone; ``fwd_bwd_s`` is None with optim.accum_steps > 1 (the step then
+    scans microbatches). ``mesh``: default, every device under ``config.mesh``.
+    """
+    setup = setup_training(config, mesh or mesh_lib.make_mesh(config.mesh))
     t, mcfg, mesh, rules = config.train, setup.mcfg, setup.mesh, setup.rules
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, mcfg.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
     batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                                    "loss_mask": np.ones((t.batch_size, t.seq_len), np.int32)}, mesh, rules)
+    split_row = {}
     with sharding.activate(mesh, rules):
         state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(0))
         t0 = time.perf_counter()
         compiled = setup.jit_train_step().lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        for _ in range(warmup):
-            state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
+        state, m, times = _timed(lambda s: compiled(s, batch), state, steps, warmup)
+        stats = jax.devices()[0].memory_stats() or {}  # the train step's peak, before the split programs
+        if split:
+            split_row = _bench_split(setup, state, batch, steps, warmup)  # donates the state
+            del state
     step_s = statistics.median(times)
     tokens_per_s = t.batch_size * t.seq_len / step_s
-    stats = jax.devices()[0].memory_stats() or {}
     return {
         "step_s": step_s,
         "step_s_spread": [min(times), max(times)],
@@ -105,6 +184,7 @@ def bench(config, steps: int, warmup: int) -> dict:
         "compile_s": compile_s,
         "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
         "loss": float(m["loss"]),
+        **split_row,
     }
 
 
@@ -121,16 +201,18 @@ def copy_bandwidth(gib: float = 2.0, reps: int = 10) -> float:
     return 2 * x.nbytes / statistics.median(times)
 
 
-def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int = 3) -> dict:
+def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int = 3, mesh=None) -> dict:
     """Greedy decoding of ``new_tokens`` after random ``prompt_len``-token prompts, bf16 weights.
 
     Decode time is the difference between generating ``new_tokens`` and 1 token with the same
     compiled program, so the prefill is excluded; bytes per decode step are the bf16 weights
-    (embedding gather excluded) plus the whole KV cache the attention reads.
+    (embedding gather excluded) plus the whole cache ``model.init_cache`` builds (``cache_nbytes``),
+    read once: the KV cache the attention reads, or a recurrent family's state (which each step
+    also writes back whole; that write is not counted). ``mesh``: for validating the config only.
     """
     config = config.copy_and_resolve_references()
     config.model.param_dtype = "bfloat16"
-    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+    setup = setup_training(config, mesh or mesh_lib.make_mesh(config.mesh))  # validation only: decoding is unsharded
     model, mcfg = setup.model, setup.mcfg
     params = jax.jit(model.init, static_argnums=0)(mcfg, jax.random.PRNGKey(0))
     prompts = np.random.default_rng(0).integers(3, mcfg.vocab_size, (batch, prompt_len)).tolist()
@@ -147,11 +229,21 @@ def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int
     prefill = statistics.median(run(1) for _ in range(reps))
     step_s = (full - prefill) / (new_tokens - 1)
     weight_bytes = 2 * model.matmul_params(mcfg)
-    cache_bytes = 2 * 2 * mcfg.n_layers * batch * max_len * mcfg.n_kv_heads * mcfg.head_dim
+    cache_bytes = cache_nbytes(model, mcfg, batch, max_len)
     return {"batch": batch, "tokens_per_s": batch * new_tokens / full, "decode_tokens_per_s": batch / step_s,
             "decode_step_ms": 1e3 * step_s, "prefill_s": prefill, "total_s": full,
-            "first_call_s": first_call_s,
+            "first_call_s": first_call_s, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
             "hbm_bytes_per_s": (weight_bytes + cache_bytes) / step_s}
+
+
+def cache_nbytes(model, mcfg, batch: int, max_len: int) -> int:
+    """Bytes of the decoding cache ``model.init_cache`` builds (every leaf; shapes only, nothing allocated).
+
+    Transformer: k and v [layers, batch, max_len, kv_heads, head_dim] in the compute dtype, plus the
+    int32 segment ids [batch, max_len]; Mamba: the conv buffers and float32 SSM states, whatever max_len.
+    """
+    shapes = jax.eval_shape(lambda: model.init_cache(mcfg, batch, max_len))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
 def kernel_table(logdir: str, steps: int, top: int = 25) -> str:
@@ -232,7 +324,7 @@ def main(argv):
     peak = metrics.peak_flops(jax.devices()[0])
     rows = {}
     for name, spec in variants:
-        row = bench(apply_overrides(base, spec), _STEPS.value, _WARMUP.value)
+        row = bench(apply_overrides(base, spec), _STEPS.value, _WARMUP.value, split=_SPLIT.value)
         n = jax.device_count()
         row["mfu_datasheet"] = row["flops_per_token"] * row["tokens_per_s"] / (peak * n) if peak else None
         row["mfu_measured_ceiling"] = row["flops_per_token"] * row["tokens_per_s"] / (ceiling * n)
@@ -240,10 +332,16 @@ def main(argv):
         print(f"{name}: {json.dumps(row)}", flush=True)
     print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s (8192^3), datasheet {peak and peak / 1e12} TFLOP/s")
-    print(f"{'variant':<24}{'step s':>9}{'tokens/s':>11}{'MFU(sheet)':>12}{'MFU(meas)':>11}{'mem GB':>8}{'compile s':>11}")
+    print(f"{'variant':<24}{'step s':>9}{'fwd+bwd s':>11}{'opt s':>9}{'tokens/s':>11}{'MFU(sheet)':>12}"
+          f"{'MFU(meas)':>11}{'mem GB':>8}{'compile s':>11}")
+
+    def seconds(value, width):
+        return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
+
     for name, r in rows.items():
         sheet = f"{r['mfu_datasheet']:.3f}" if r["mfu_datasheet"] is not None else "-"
-        print(f"{name:<24}{r['step_s']:>9.4f}{r['tokens_per_s']:>11.0f}{sheet:>12}{r['mfu_measured_ceiling']:>11.3f}"
+        print(f"{name:<24}{r['step_s']:>9.4f}{seconds(r.get('fwd_bwd_s'), 11)}{seconds(r.get('optimizer_s'), 9)}"
+              f"{r['tokens_per_s']:>11.0f}{sheet:>12}{r['mfu_measured_ceiling']:>11.3f}"
               f"{r['peak_mem_gb']:>8.1f}{r['compile_s']:>11.1f}")
     if _OUT.value:
         with open(_OUT.value, "w") as f:

@@ -1,0 +1,86 @@
+"""train.bench at tiny sizes on one CPU device: the split step timings, the decode bench for both
+families (cache bytes from the cache each builds), and the long-sequence benchmark configs validate."""
+import math
+
+import jax
+import ml_collections
+import pytest
+
+from experiments import bench_llama_350m, bench_mamba_370m, bench_switch_350m
+from parallel import mesh as mesh_lib
+from train import bench
+from train.config import base_config
+from train.setup import setup_training
+
+# One layer, no remat: the fewest ops to compile (the bench configs' remat is "dots").
+TINY = ("model.vocab_size=300,model.d_model=32,model.n_layers=1,model.n_heads=2,model.n_kv_heads=2,model.d_ff=64,"
+        "model.remat=none,train.batch_size=4,train.seq_len=16")
+TINY_MAMBA = dict(family="mamba", vocab_size=300, d_model=32, n_layers=1, d_state=4, expand=2, chunk_size=8,
+                  remat="none")
+# Equal tokens per step (32768) at sequence 2k, 8k, 32k: the variants of bench_mamba_370m's docstring.
+LENGTHS = ("train.batch_size=16,train.seq_len=2048", "train.batch_size=4,train.seq_len=8192",
+           "train.batch_size=1,train.seq_len=32768")
+
+
+def one_device(config):
+    return mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("name,make,extra", [
+    ("dense", bench_llama_350m.get_config, ""),
+    ("switch", bench_switch_350m.get_config, ",model.moe_every=1,model.moe_group_size=16"),  # one MoE layer
+])
+def test_bench_reports_step_gradients_and_optimizer(name, make, extra):
+    config = bench.apply_overrides(make(), TINY + extra)
+    row = bench.bench(config, steps=2, warmup=1, mesh=one_device(config))
+    for key in ("step_s", "fwd_bwd_s", "optimizer_s", "tokens_per_s", "compile_s", "split_compile_s"):
+        assert row[key] > 0, (name, key)
+    assert math.isfinite(row["loss"]) and row["loss"] > 0
+
+
+def _decode_row(config, batch=2, prompt_len=8, new_tokens=4):
+    row = bench.bench_decode(config, batch, prompt_len, new_tokens, reps=1, mesh=one_device(config))
+    for key in ("tokens_per_s", "decode_tokens_per_s", "decode_step_ms", "prefill_s", "total_s", "hbm_bytes_per_s"):
+        assert math.isfinite(row[key]), key
+    assert row["batch"] == batch and row["first_call_s"] > 0
+    return row
+
+
+def test_decode_transformer_counts_kv_cache_and_segment_ids():
+    config = bench.apply_overrides(bench_llama_350m.get_config(), TINY)
+    row = _decode_row(config)
+    layers, batch, max_len, kv_heads, head_dim = 1, 2, 8 + 4, 2, 16
+    # k and v in the compute dtype (bf16, 2 bytes), int32 segment ids per slot, the int32 write index.
+    assert row["cache_bytes"] == 2 * 2 * layers * batch * max_len * kv_heads * head_dim + 4 * batch * max_len + 4
+    assert row["weight_bytes"] == 2 * (32 * 4 * 32 + 3 * 32 * 64 + 32 * 300)  # q, k, v, o; the MLP; the head
+
+
+def test_decode_mamba_counts_its_constant_state():
+    config = base_config()
+    config.model = ml_collections.ConfigDict(TINY_MAMBA)
+    row = _decode_row(config)
+    layers, batch, inner, conv, state = 1, 2, 64, 4, 4
+    # conv buffers [layers, batch, d_conv - 1, inner] bf16, SSM state float32, int32 segment per row and index.
+    expected = 2 * layers * batch * (conv - 1) * inner + 4 * layers * batch * inner * state + 4 * batch + 4
+    assert row["cache_bytes"] == expected
+    setup = setup_training(config, one_device(config))
+    assert bench.cache_nbytes(setup.model, setup.mcfg, batch, 100_000) == expected  # whatever the length
+
+
+@pytest.mark.parametrize("make", [bench_mamba_370m.get_config, bench_llama_350m.get_config])
+@pytest.mark.parametrize("spec", LENGTHS)
+def test_long_sequence_configs_validate(make, spec):
+    config = bench.apply_overrides(make(), spec)
+    setup = setup_training(config, one_device(config))  # shapes only: nothing compiled or allocated
+    assert config.train.batch_size * config.train.seq_len == 32768
+    assert setup.abstract_batch()["inputs"].shape == (config.train.batch_size, config.train.seq_len)
+
+
+def test_mamba_370m_matches_its_peer():
+    mamba, peer = bench_mamba_370m.get_config(), bench_llama_350m.get_config()
+    assert mamba.optim.to_dict() == peer.optim.to_dict() and mamba.train.to_dict() == peer.train.to_dict()
+    for field in ("vocab_size", "d_model", "dtype", "param_dtype", "remat"):
+        assert mamba.model[field] == peer.model[field], field
+    setup = setup_training(mamba, one_device(mamba))
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.state_shape.params))
+    assert 340e6 < n < 370e6
