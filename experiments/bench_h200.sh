@@ -3,8 +3,11 @@
 # Usage (device machine, repo root; wheels for grain/ml-collections in .whl, the peer script in .peers):
 #   bash experiments/bench_h200.sh OUT [VARIANT ...]
 #   VARIANT = name:overrides[:XLA_FLAGS] (a training variant), "peer" (HF + torch.compile training),
-#             "decode[:XLA_FLAGS]" (loom greedy decoding at $DECODE_BATCHES, default 1,64, and a kernel
-#             table of the first batch size) or "hfgen" (HF generate, dynamic and static cache, batch 1 and 64)
+#             "decode[:XLA_FLAGS]" (loom greedy decoding at $DECODE_BATCHES, default 1,64, and with
+#             DECODE_PROFILE=1 a kernel table of the first batch size), "hfgen" (HF generate, $HF_CACHES,
+#             default "dynamic static", batch 1 and 64), "scan" (Mamba's selective scans,
+#             experiments/bench_mamba_scan.py) or "switch" (Switch 350M vs its dense peer, step split
+#             into forward+backward and optimizer)
 set -uo pipefail
 out=${1:-/tmp/bench}; shift; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -16,12 +19,19 @@ for variant in "$@"; do
           continue ;;
     decode|decode:*)  # decode[:XLA_FLAGS]; the first batch size's kernels are traced and tabulated
       echo "== $variant"
+      profile=(); [ "${DECODE_PROFILE:-0}" = 1 ] && profile=(--decode_profile "$(mktemp -d)/trace")
       XLA_FLAGS="$(echo "${variant#decode}" | sed 's/^://')" timeout 300 python3 -m train.bench \
-        --config experiments/bench_llama_1b.py --decode_batches="${DECODE_BATCHES:-1,64}" \
-        --decode_profile "$(mktemp -d)/trace" 2>&1 | grep -v -i warn | tail -34
+        --config experiments/bench_llama_1b.py --decode_batches="${DECODE_BATCHES:-1,64}" "${profile[@]}" \
+        --out "$out/loom_decode.json" 2>&1 | grep -v -i warn | tail -34
       continue ;;
-    hfgen) for cache in dynamic static; do
-             timeout 400 python3 experiments/peers/hf_generate.py 1b $cache "$out" 1 64 2>&1 | grep -E "^1b" \
+    scan) timeout 240 python3 -m experiments.bench_mamba_scan --skip-reference 2>&1 | grep --line-buffered -v -i warn
+          continue ;;
+    switch) timeout 400 python3 -m train.bench --config experiments/bench_switch_350m.py --steps 10 --warmup 3 \
+              --variants 'dense:model.num_experts=0;switch:' --out "$out/switch_350m.json" 2>&1 \
+              | grep --line-buffered -v -i warn
+            continue ;;
+    hfgen) for cache in ${HF_CACHES:-dynamic static}; do
+             timeout 240 python3 experiments/peers/hf_generate.py 1b $cache "$out" 1 64 2>&1 | grep -E "^1b" \
                || echo "hf generate ($cache) failed"
            done
            continue ;;

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU experiments of issues 6-8 in one H200 job, all at once (small models share the GPU).
+# Usage (device machine, repo root; wheels for grain/ml-collections in .whl):
+#   bash experiments/h200_experiments.sh OUT SECONDS [GROUP ...]
+# GROUP (default: all):
+#   cot     chain-of-thought (a), (b), (c) at 2 seeds on the GPU budget COT_SET (experiments/cot_run.py)
+#   sc      self-consistency at a budget where greedy is below 100%: cot_trained with COT_SC_SET,
+#           2 seeds, then k = 16 at temperatures 0.5, 0.7 and 1.0 on 6-operation problems
+#   switch  Switch vs dense on the stdlib corpus, 2 seeds
+#   synth   Mamba vs Transformer, induction heads and selective copying, 2 seeds, lengths 64..16384
+#   arith   Mamba vs Transformer on the arithmetic corpus, 2 seeds
+# Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,
+# log.txt) go into OUT/results.tar.gz every 20 s and at the end, so a job cut short still returns
+# what it had.
+set -uo pipefail
+out=${1:-/tmp/out}; limit=${2:-540}; shift 2 || true
+groups=${*:-cot sc switch synth arith}
+runs=/tmp/runs
+mkdir -p "$out" "$runs"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+# The chain-of-thought model on the GPU: 4.8M parameters (d_model 256, 6 layers).
+COT_MODEL=(model.d_model=256 model.n_layers=6 model.n_heads=8 model.n_kv_heads=8 model.d_ff=768)
+# (a), (b), (c): 1000 steps x 64 x 200 packed tokens (12.8M).
+COT_SET=("${COT_MODEL[@]}" train.steps=1000 train.batch_size=64 train.eval_every=500 train.ckpt_every=500)
+# self-consistency: 200 steps x 64 x 200 (2.6M tokens, the CPU budget's), where greedy still errs.
+COT_SC_SET=("${COT_MODEL[@]}" train.steps=200 train.batch_size=64 train.eval_every=100 train.ckpt_every=200)
+
+job() {  # job NAME CONFIG SEED MEM_FRACTION EVAL_TASK [section.key=value ...]: train, then evaluate
+  local name=$1 config=$2 seed=$3 mem=$4 task=$5; shift 5
+  local dir=$runs/${name}_s$seed sets=()
+  for o in "$@"; do sets+=("--config.$o"); done
+  mkdir -p "$dir"
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=$mem
+  python3 -m train --config "experiments/$config.py" --workdir "$dir" --config.seed="$seed" \
+    --config.train.progress=False "${sets[@]}" >"$dir/log.txt" 2>&1 || { echo "$name s$seed: train failed"; return; }
+  if [ -n "$task" ]; then
+    python3 -m train.evaluate --config "experiments/$config.py" --workdir "$dir" --config.seed="$seed" "${sets[@]}" \
+      --task "$task" --out "$dir/results.json" >>"$dir/log.txt" 2>&1 || echo "$name s$seed: eval failed"
+  fi
+  echo "$name s$seed trained and evaluated at $SECONDS s"
+}
+
+sc_job() {  # sc_job SEED: cot_trained at the SC budget, then k = 16 at three temperatures
+  local seed=$1 dir=$runs/cot_sc_s$1 sets=()
+  for o in "${COT_SC_SET[@]}"; do sets+=("--config.$o"); done
+  job cot_sc cot_trained "$seed" 0.05 cot "${COT_SC_SET[@]}"
+  for temp in 0.5 0.7 1.0; do
+    python3 -m train.evaluate --config experiments/cot_trained.py --workdir "$dir" --config.seed="$seed" "${sets[@]}" \
+      --task cot --config.cot.k=16 --config.cot.temperature=$temp --config.cot.steps='(6,)' \
+      --out "$dir/sc_k16_t$temp.json" >>"$dir/log.txt" 2>&1 || echo "cot_sc s$seed t$temp: eval failed"
+  done
+  echo "cot_sc s$seed sweeps done at $SECONDS s"
+}
+
+sync_out() {  # one archive (the device returns at most 8 files): OUT/results.tar.gz of every run's small files
+  (cd "$runs" && find . -maxdepth 4 -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.png' -o -name '*.md' \
+     -o -name '*.txt' \) -size -4M -print0 | tar -czf "$out/results.tar.gz.part" --null -T - \
+     && mv "$out/results.tar.gz.part" "$out/results.tar.gz")
+}
+
+for g in $groups; do case $g in
+  cot) python3 experiments/cot_run.py --root "$runs/cot" --seeds 0,1 --parallel 6 \
+         $(printf -- "--set %s " "${COT_SET[@]}") >"$runs/cot_run.txt" 2>&1 && echo "cot_run done at $SECONDS s" & ;;
+  sc) for seed in 0 1; do sc_job $seed & done ;;
+  switch) for seed in 0 1; do
+            job dense_stdlib dense_stdlib $seed 0.08 "" &
+            job switch_stdlib switch_stdlib $seed 0.08 "" &
+          done ;;
+  synth) for seed in 0 1; do for task in induction selective_copying; do
+           job mamba_$task mamba_$task $seed 0.03 length_generalization &
+           job transformer_$task transformer_$task $seed 0.03 length_generalization &
+         done; done ;;
+  arith) for seed in 0 1; do
+           job mamba_arith mamba_arith $seed 0.02 exact_match &
+           job arith_cot arith_cot $seed 0.02 exact_match &
+         done ;;
+  *) echo "unknown group $g" ;;
+esac; done
+
+end=$((SECONDS + limit))
+while [ -n "$(jobs -r)" ] && [ $SECONDS -lt $end ]; do sleep 20; sync_out; done
+sync_out
+echo "finished at $SECONDS s; still running: $(jobs -r | wc -l)"
+for f in "$runs"/*/log.txt; do echo "== $f"; grep -v -i "warn\|^I1\|^W1" "$f" | tail -3; done 2>/dev/null | tail -80
