@@ -8,7 +8,7 @@ budget (400 steps of 32 x 200 packed tokens) runs in minutes on a CPU.
 
     python -m train --config experiments/cot_prompting.py --workdir runs/cot_prompting
     python -m train.evaluate --config experiments/cot_prompting.py --workdir runs/cot_prompting --task cot
-    python experiments/cot_run.py --root runs/cot   # (a), (b) and (c) at 2 seeds, with the tables
+    python -m experiments.cot_run --root runs/cot   # (a), (b) and (c) at 2 seeds, with the tables
 """
 from train.config import base_config
 

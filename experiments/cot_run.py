@@ -1,6 +1,6 @@
 """Runs the chain-of-thought experiments (a), (b), (c) at several seeds and prints their tables.
 
-    python experiments/cot_run.py --root runs/cot [--seeds 0,1] [--parallel 6] [--set train.steps=10 ...]
+    python -m experiments.cot_run --root runs/cot [--seeds 0,1] [--parallel 6] [--set train.steps=10 ...]
 
 For every experiment config (``cot_prompting``, ``cot_trained``, ``cot_direct``) and seed, one
 job trains with the trainer (``python -m train``, resuming any checkpoint in its workdir) and
@@ -8,64 +8,27 @@ then evaluates with ``python -m train.evaluate --task cot`` into ``ROOT/NAME/see
 Jobs run ``--parallel`` at a time (one GPU shares its memory among them). The tables (mean
 over seeds and [min, max]) go to stdout and ``ROOT/cot_tables.md``:
 
-  (a) prompting: one mixture-trained model, 3-shot standard vs. 3-shot chain-of-thought prompts;
+  (a) prompting: one mixture-trained model, few-shot standard vs. few-shot chain-of-thought prompts;
   (b) training: direct-trained vs. CoT-trained at equal packed training tokens, zero-shot;
   (c) self-consistency: the CoT-trained model, greedy vs. majority of k samples.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.jobs import cell, job
+
 EXPERIMENTS = ("cot_prompting", "cot_trained", "cot_direct")
 
 _ROOT = flags.DEFINE_string("root", "runs/cot", "Directory for the runs and the tables.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of every experiment.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Jobs at once.")
 _SET = flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
-
-
-def job(name: str, seed: int, root: str, overrides: list[str], mem_fraction: float) -> dict:
-    """Train (or resume) and evaluate one (experiment, seed); returns its cot.json plus timings."""
-    workdir = os.path.join(root, name, f"seed{seed}")
-    out = os.path.join(workdir, "cot.json")
-    if os.path.exists(out):
-        with open(out) as f:
-            return json.load(f)
-    os.makedirs(workdir, exist_ok=True)
-    flags_ = ["--config", os.path.join(ROOT, "experiments", f"{name}.py"), "--workdir", workdir,
-              f"--config.seed={seed}", "--config.train.progress=False", *(f"--config.{o}" for o in overrides)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{mem_fraction:.2f}"}
-    times = {}
-    with open(os.path.join(workdir, "log.txt"), "a") as log:
-        for stage, module, extra in (("train", "train", []), ("eval", "train.evaluate", ["--task", "cot", "--out", out])):
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", module, *flags_, *extra], stdout=log, stderr=subprocess.STDOUT,
-                                  env=env, cwd=ROOT)
-            if done.returncode:
-                raise RuntimeError(f"{name} seed {seed}: {stage} failed (exit {done.returncode}); see {log.name}")
-            times[f"{stage}_s"] = time.perf_counter() - start
-    with open(out) as f:
-        result = json.load(f)
-    result.update(times)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
-
-
-def cell(values) -> str:
-    """'mean [min, max]' in percent."""
-    v = 100 * np.asarray(values, float)
-    return f"{v.mean():.1f} [{v.min():.1f}, {v.max():.1f}]"
 
 
 def table(title: str, columns: list[tuple[str, list[dict], str]], steps, trained_max: int) -> str:
@@ -87,7 +50,6 @@ def table(title: str, columns: list[tuple[str, list[dict], str]], steps, trained
 
 def main(argv):
     del argv
-    sys.path.insert(0, ROOT)
     from experiments import cot_prompting, cot_trained
 
     root = os.path.abspath(_ROOT.value)
@@ -96,7 +58,7 @@ def main(argv):
     fraction = 0.9 / max(_PARALLEL.value, 1)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
-        futures = {jb: pool.submit(job, *jb, root, _SET.value, fraction) for jb in jobs}
+        futures = {jb: pool.submit(job, *jb, root, _SET.value, fraction, eval_task="cot") for jb in jobs}
         results = {jb: f.result() for jb, f in futures.items()}
     by = {name: [results[(name, s)] for s in seeds] for name in EXPERIMENTS}
 

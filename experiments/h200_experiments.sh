@@ -62,7 +62,7 @@ sync_out() {  # one archive (the device returns at most 8 files): OUT/results.ta
 }
 
 for g in $groups; do case $g in
-  cot) python3 experiments/cot_run.py --root "$runs/cot" --seeds 0,1 --parallel 6 \
+  cot) python3 -m experiments.cot_run --root "$runs/cot" --seeds 0,1 --parallel 6 \
          $(printf -- "--set %s " "${COT_SET[@]}") >"$runs/cot_run.txt" 2>&1 && echo "cot_run done at $SECONDS s" & ;;
   sc) for seed in 0 1; do sc_job $seed & done ;;
   switch) for seed in 0 1; do

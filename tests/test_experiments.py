@@ -8,7 +8,7 @@ from train import config as config_lib
 from train import trainer
 
 EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
-                     if f.endswith(".py") and f not in ("__init__.py", "cot_run.py", "bench_mamba_scan.py"))
+                     if f.endswith(".py") and f not in ("__init__.py", "cot_run.py", "switch_run.py", "jobs.py", "bench_mamba_scan.py"))
 SMOKE = ("cot_prompting", "cot_trained", "cot_direct", "arith_direct", "mamba_arith", "mamba_selective_copying",
          "transformer_induction", "transformer_selective_copying")  # mamba_induction: tests/test_synthetic.py
 
@@ -43,3 +43,27 @@ def test_cot_tables_report_mean_spread_and_difference():
     assert row == "| 1 | 60.0 [50.0, 70.0] | 95.0 [90.0, 100.0] | +35.0 |"
     beyond = cot_run.table("t", [("A", results, "a"), ("B", results, "b")], [1], trained_max=0)
     assert "1 (beyond training)" in beyond
+
+
+def test_switch_steps_to_reach_dense_final_loss(tmp_path):
+    """Per seed: the first Switch eval at or below the dense run's final eval loss, and the speedup."""
+    import json
+
+    from experiments import switch_run
+
+    curves = {"dense_stdlib": [3.0, 2.5, 2.2, 2.0], "switch_stdlib": [2.8, 2.1, 1.9, 1.8]}
+    for seed, shift in ((0, 0.0), (1, 0.25)):
+        for name, losses in curves.items():
+            workdir = tmp_path / name / f"seed{seed}"
+            workdir.mkdir(parents=True)
+            records = [{"step": 100 * (i + 1), "eval_loss": v + (shift if name == "switch_stdlib" else 0.0)}
+                       for i, v in enumerate(losses)]
+            records += [{"step": 100, "moe/dropped_fraction/layer1": 0.1, "moe/load_max/layer1": 0.2}]
+            (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    r0 = switch_run.steps_to_reach(switch_run.curve(str(tmp_path / "dense_stdlib" / "seed0"), "eval_loss"),
+                                   switch_run.curve(str(tmp_path / "switch_stdlib" / "seed0"), "eval_loss"))
+    assert (r0["dense_final"], r0["switch_step"], r0["dense_steps"], r0["speedup"]) == (2.0, 300, 400, 400 / 300)
+    table = switch_run.summarize(str(tmp_path), [0, 1])
+    assert "| 0 | 2.0000 | 1.8000 | 300 | 400 | 1.33x |" in table
+    assert "| 1 | 2.0000 | 2.0500 | not reached | 400 | - |" in table
+    assert os.path.exists(switch_run.plot(str(tmp_path), [0, 1]))

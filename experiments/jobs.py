@@ -1,0 +1,55 @@
+"""Training jobs as subprocesses, for the scripts that run an experiment at several seeds
+(``cot_run``, ``switch_run``): one ``python -m train`` per (config, seed), then optionally one
+``python -m train.evaluate``, each logged to ``ROOT/NAME/seedS/log.txt``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job(name: str, seed: int, root: str, overrides: list[str], mem_fraction: float,
+        eval_task: str | None = None) -> dict:
+    """Train (or resume) ``experiments/NAME.py`` at ``seed`` in ``root/NAME/seedS`` with the config
+    ``overrides`` (section.key=value), then, with ``eval_task``, evaluate it into ``EVAL_TASK.json``
+    there. Returns that JSON (or {}) plus the seconds of each stage; a finished job is not rerun."""
+    workdir = os.path.join(root, name, f"seed{seed}")
+    out = os.path.join(workdir, f"{eval_task or 'train'}.json")
+    if os.path.exists(out):
+        with open(out) as f:
+            return json.load(f)
+    os.makedirs(workdir, exist_ok=True)
+    flags_ = ["--config", os.path.join(ROOT, "experiments", f"{name}.py"), "--workdir", workdir,
+              f"--config.seed={seed}", "--config.train.progress=False", *(f"--config.{o}" for o in overrides)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{mem_fraction:.2f}"}
+    stages = [("train", "train", [])]
+    if eval_task:
+        stages.append(("eval", "train.evaluate", ["--task", eval_task, "--out", out]))
+    result = {}
+    with open(os.path.join(workdir, "log.txt"), "a") as log:
+        for stage, module, extra in stages:
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", module, *flags_, *extra], stdout=log, stderr=subprocess.STDOUT,
+                                  env=env, cwd=ROOT)
+            if done.returncode:
+                raise RuntimeError(f"{name} seed {seed}: {stage} failed (exit {done.returncode}); see {log.name}")
+            result[f"{stage}_s"] = time.perf_counter() - start
+    if eval_task:
+        with open(out) as f:
+            result = {**json.load(f), **result}
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def cell(values, scale: float = 100.0, digits: int = 1) -> str:
+    """'mean [min, max]' of ``values`` times ``scale`` (percent by default)."""
+    v = scale * np.asarray(values, float)
+    return f"{v.mean():.{digits}f} [{v.min():.{digits}f}, {v.max():.{digits}f}]"

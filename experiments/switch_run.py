@@ -1,0 +1,109 @@
+"""Runs the Switch vs. dense experiment (``switch_stdlib`` vs. ``dense_stdlib``) at several seeds
+and reports how many steps the Switch model needs to reach the dense model's final eval loss.
+
+    python -m experiments.switch_run --root runs/switch [--seeds 0,1] [--parallel 4] [--set train.steps=1200 ...]
+
+Each (config, seed) trains with the trainer in ``ROOT/NAME/seedS`` (a finished run is not rerun).
+Per seed, the dense run's last ``eval_loss`` is the target; the Switch run's first eval step at or
+below it is its step to reach it, and dense steps / that step is the speedup (Fedus et al. 2021,
+figure 4: 7x at scale). The table (per seed, and mean [min, max]) goes to stdout and
+``ROOT/switch_table.md``; ``ROOT/switch.png`` plots both eval-loss curves and the Switch runs'
+per-layer dropped fraction and max expert load (each run's ``moe.png`` has all MoE metrics).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import numpy as np
+from absl import app, flags
+
+from experiments.jobs import cell, job
+from train import metrics
+
+PAIR = ("dense_stdlib", "switch_stdlib")
+
+
+def curve(workdir: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of ``key`` in the run's ``metrics.jsonl``, by step."""
+    return sorted({r["step"]: r[key] for r in metrics.read_jsonl(workdir) if key in r}.items())
+
+
+def steps_to_reach(dense: list[tuple[int, float]], switch: list[tuple[int, float]]) -> dict:
+    """The dense run's final eval loss, the first Switch eval step at or below it (None if never)
+    and the speedup dense_steps / that step."""
+    dense_steps, target = dense[-1]
+    reached = next((s for s, v in switch if v <= target), None)
+    return {"dense_final": target, "switch_final": switch[-1][1], "dense_steps": dense_steps, "switch_step": reached,
+            "speedup": dense_steps / reached if reached else None}
+
+
+def summarize(root: str, seeds: list[int]) -> str:
+    """The markdown table of ``steps_to_reach`` per seed, then mean [min, max] over seeds."""
+    rows = {s: steps_to_reach(*(curve(os.path.join(root, name, f"seed{s}"), "eval_loss") for name in PAIR))
+            for s in seeds}
+    lines = ["| seed | dense final eval loss | Switch final eval loss | Switch steps to reach dense final "
+             "| dense steps | speedup |", "|---|---|---|---|---|---|"]
+    for s, r in rows.items():
+        reach = r["switch_step"] if r["switch_step"] is not None else "not reached"
+        speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        lines.append(f"| {s} | {r['dense_final']:.4f} | {r['switch_final']:.4f} | {reach} | {r['dense_steps']} "
+                     f"| {speed} |")
+    vals = list(rows.values())
+    speeds = [r["speedup"] for r in vals if r["speedup"]]
+    lines.append(f"| mean [min, max] | {cell([r['dense_final'] for r in vals], 1, 4)} | "
+                 f"{cell([r['switch_final'] for r in vals], 1, 4)} | | | "
+                 + (f"{cell(speeds, 1, 2)}x |" if len(speeds) == len(vals) else "- |"))
+    return "\n".join(lines)
+
+
+def plot(root: str, seeds: list[int]) -> str:
+    """ROOT/switch.png: eval loss of both configs, and the Switch layers' dropped fraction and max load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for s in seeds:
+        for name, style in zip(PAIR, ("--", "-")):
+            axes[0].plot(*zip(*curve(os.path.join(root, name, f"seed{s}"), "eval_loss")), style,
+                         label=f"{name.split('_')[0]} seed {s}")
+        records = metrics.read_jsonl(os.path.join(root, PAIR[1], f"seed{s}"))
+        for ax, metric in zip(axes[1:], ("dropped_fraction", "load_max")):
+            for key in sorted({k for r in records for k in r if k.startswith(f"moe/{metric}/")}):
+                ax.plot(*zip(*curve(os.path.join(root, PAIR[1], f"seed{s}"), key)), lw=0.8,
+                        label=f"{key.rsplit('/', 1)[1]} seed {s}")
+    for ax, title in zip(axes, ("eval loss", "dropped token fraction (train)", "max expert load (share of tokens)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    path = os.path.join(root, "switch.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv):
+    del argv
+    FLAGS = flags.FLAGS
+    root, seeds = os.path.abspath(FLAGS.root), [int(s) for s in FLAGS.seeds]
+    fraction = 0.9 / max(FLAGS.parallel, 1)
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
+        for f in [pool.submit(job, name, s, root, FLAGS.set, fraction) for s in seeds for name in PAIR]:
+            f.result()
+    text = summarize(root, seeds)
+    with open(os.path.join(root, "switch_table.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"plot: {plot(root, seeds)}")
+
+
+if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
+    flags.DEFINE_string("root", "runs/switch", "Directory for the runs and the table.")
+    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of both configs.")
+    flags.DEFINE_integer("parallel", 1, "Jobs at once.")
+    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
+    app.run(main)
