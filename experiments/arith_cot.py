@@ -1,4 +1,4 @@
-"""Default experiment: a 0.8M-parameter Transformer learns multi-step arithmetic with chain-of-thought.
+"""Default experiment: a 0.9M-parameter Transformer learns multi-step arithmetic with chain-of-thought.
 
 python -m train --config experiments/arith_cot.py --workdir runs/arith_cot
 """

@@ -1,7 +1,8 @@
 """Speed benchmark (issue 8, item 6): Mamba at the size of the paper's 370M model (d_model 1024,
 48 layers, d_state 16, expand 2, d_conv 4; tied embeddings) with vocab 32000, against the dense
 Transformer ``experiments/bench_llama_350m.py``: same optimizer, batch (8 x 2048), dtypes (bf16
-compute, float32 parameters) and remat policy ("dots").
+compute, float32 parameters) and remat policy ("dots"). The selective scan is the fused Pallas
+kernel (``models/scan_kernel.py``; ``--variants 'xla:model.scan=chunked'`` for the XLA scan).
 
 Parameters (``init`` under ``jax.eval_shape``): this Mamba 352,797,696 (its tied embedding
 32,768,000 of them; ``matmul_params`` 350,486,528; with the paper's vocabulary of 50280 it would
@@ -50,6 +51,6 @@ def get_config():
     peer = c.model
     c.model = ml_collections.ConfigDict(dict(
         family="mamba", vocab_size=peer.vocab_size, d_model=1024, n_layers=48, d_state=16, d_conv=4, expand=2,
-        tie_embeddings=True, dtype=peer.dtype, param_dtype=peer.param_dtype, remat=peer.remat, scan="chunked",
+        tie_embeddings=True, dtype=peer.dtype, param_dtype=peer.param_dtype, remat=peer.remat, scan="pallas",
         chunk_size=64))
     return c

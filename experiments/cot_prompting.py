@@ -1,6 +1,6 @@
 """Chain-of-thought prompting (Wei et al. 2022), experiment (a): one model, two kinds of prompt.
 
-A 0.8M-parameter Transformer trains on contexts of 1-3 arithmetic problems with 1-6 operations,
+A 0.9M-parameter Transformer trains on contexts of 1-3 arithmetic problems with 1-6 operations,
 each context all chain-of-thought or all direct (half each, ``data.variant='mixture'``). It is
 then prompted with 2 exemplars of one style on held-out problems of 1-8 operations: standard
 exemplars (answer only) against chain-of-thought exemplars (every intermediate result). The

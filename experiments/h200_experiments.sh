@@ -21,7 +21,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
-# The chain-of-thought model on the GPU: 4.8M parameters (d_model 256, 6 layers).
+# The chain-of-thought model on the GPU: 5.2M parameters (d_model 256, 6 layers).
 COT_MODEL=(model.d_model=256 model.n_layers=6 model.n_heads=8 model.n_kv_heads=8 model.d_ff=768)
 # (a), (b), (c): 1000 steps x 64 x 200 packed tokens (12.8M).
 COT_SET=("${COT_MODEL[@]}" train.steps=1000 train.batch_size=64 train.eval_every=500 train.ckpt_every=500)
