@@ -6,8 +6,9 @@
 #   cot     chain-of-thought (a), (b), (c) at 2 seeds on the GPU budget COT_SET (experiments/cot_run.py)
 #   sc      self-consistency at a budget where greedy is below 100%: cot_trained with COT_SC_SET,
 #           2 seeds, then k = 16 at temperatures 0.5, 0.7 and 1.0 on 6-operation problems
-#   switch  Switch vs dense on the stdlib corpus, 2 seeds
+#   switch  Switch vs dense on the stdlib corpus, 2 seeds (experiments/switch_run.py: table and plot)
 #   synth   Mamba vs Transformer, induction heads and selective copying, 2 seeds, lengths 64..16384
+#           (experiments/synthetic_run.py: tables)
 #   arith   Mamba vs Transformer on the arithmetic corpus, 2 seeds
 # Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,
 # log.txt) go into OUT/results.tar.gz every 20 s and at the end, so a job cut short still returns
@@ -65,14 +66,10 @@ for g in $groups; do case $g in
   cot) python3 -m experiments.cot_run --root "$runs/cot" --seeds 0,1 --parallel 6 \
          $(printf -- "--set %s " "${COT_SET[@]}") >"$runs/cot_run.txt" 2>&1 && echo "cot_run done at $SECONDS s" & ;;
   sc) for seed in 0 1; do sc_job $seed & done ;;
-  switch) for seed in 0 1; do
-            job dense_stdlib dense_stdlib $seed 0.08 "" &
-            job switch_stdlib switch_stdlib $seed 0.08 "" &
-          done ;;
-  synth) for seed in 0 1; do for task in induction selective_copying; do
-           job mamba_$task mamba_$task $seed 0.03 length_generalization &
-           job transformer_$task transformer_$task $seed 0.03 length_generalization &
-         done; done ;;
+  switch) python3 -m experiments.switch_run --root "$runs/switch" --seeds 0,1 --parallel 4 >"$runs/switch_run.txt" 2>&1 \
+            && echo "switch_run done at $SECONDS s" & ;;
+  synth) python3 -m experiments.synthetic_run --root "$runs/synthetic" --seeds 0,1 --parallel 8 \
+           >"$runs/synthetic_run.txt" 2>&1 && echo "synthetic_run done at $SECONDS s" & ;;
   arith) for seed in 0 1; do
            job mamba_arith mamba_arith $seed 0.02 exact_match &
            job arith_cot arith_cot $seed 0.02 exact_match &

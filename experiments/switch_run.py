@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 
-import numpy as np
 from absl import app, flags
 
 from experiments.jobs import cell, job

@@ -7,8 +7,9 @@ import pytest
 from train import config as config_lib
 from train import trainer
 
+SCRIPTS = ("__init__.py", "jobs.py", "cot_run.py", "switch_run.py", "synthetic_run.py", "bench_mamba_scan.py")
 EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
-                     if f.endswith(".py") and f not in ("__init__.py", "cot_run.py", "switch_run.py", "jobs.py", "bench_mamba_scan.py"))
+                     if f.endswith(".py") and f not in SCRIPTS)
 SMOKE = ("cot_prompting", "cot_trained", "cot_direct", "arith_direct", "mamba_arith", "mamba_selective_copying",
          "transformer_induction", "transformer_selective_copying")  # mamba_induction: tests/test_synthetic.py
 
@@ -67,3 +68,16 @@ def test_switch_steps_to_reach_dense_final_loss(tmp_path):
     assert "| 0 | 2.0000 | 1.8000 | 300 | 400 | 1.33x |" in table
     assert "| 1 | 2.0000 | 2.0500 | not reached | 400 | - |" in table
     assert os.path.exists(switch_run.plot(str(tmp_path), [0, 1]))
+
+
+def test_synthetic_tables_per_length_mean_and_spread():
+    from experiments import synthetic_run
+
+    results = {"mamba": [{"accuracy/256": 1.0, "accuracy/1024": 0.9, "accuracy/mean": 0.95},
+                         {"accuracy/256": 1.0, "accuracy/1024": 0.7, "accuracy/mean": 0.85}],
+               "transformer": [{"accuracy/256": 1.0, "accuracy/1024": 0.0, "accuracy/mean": 0.5},
+                               {"accuracy/256": 0.9, "accuracy/1024": 0.1, "accuracy/mean": 0.5}]}
+    text = synthetic_run.table("induction", results)
+    assert "| 256 (training length) | 100.0 [100.0, 100.0] | 95.0 [90.0, 100.0] |" in text
+    assert "| 1024 | 80.0 [70.0, 90.0] | 5.0 [0.0, 10.0] |" in text
+    assert text.index("| 256 ") < text.index("| 1024 ")

@@ -1,0 +1,60 @@
+"""Runs the Mamba vs. Transformer synthetic-task experiments at several seeds and tabulates
+accuracy per evaluation length (Gu & Dao 2023, section 4.1: trained at length 256).
+
+    python -m experiments.synthetic_run --root runs/synthetic [--tasks induction,selective_copying]
+        [--seeds 0,1] [--parallel 8] [--set train.steps=...]
+
+For every task, family (``mamba_TASK``, ``transformer_TASK``) and seed, one job trains with the
+trainer and evaluates with ``python -m train.evaluate --task length_generalization`` into
+``ROOT/NAME/seedS/length_generalization.json``. One table per task (exact-match accuracy in %,
+mean over seeds [min, max], per length) goes to stdout and ``ROOT/synthetic_tables.md``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+from absl import app, flags
+
+from experiments.jobs import cell, job
+
+FAMILIES = ("mamba", "transformer")
+
+
+def table(task: str, results: dict[str, list[dict]], train_length: int = 256) -> str:
+    """Rows per evaluation length; ``results[family]`` holds one length_generalization dict per seed."""
+    lengths = sorted({int(k.split("/")[1]) for r in results[FAMILIES[0]] for k in r
+                      if k.startswith("accuracy/") and k.split("/")[1].isdigit()})
+    lines = [f"**{task}** (exact match, %; trained at length {train_length})", "",
+             "| length | " + " | ".join(FAMILIES) + " |", "|---|" + "---|" * len(FAMILIES)]
+    for n in lengths:
+        label = f"{n} (training length)" if n == train_length else str(n)
+        lines.append(f"| {label} | " + " | ".join(cell([r[f"accuracy/{n}"] for r in results[f]]) for f in FAMILIES)
+                     + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    FLAGS = flags.FLAGS
+    root, seeds = os.path.abspath(FLAGS.root), [int(s) for s in FLAGS.seeds]
+    jobs = [(f"{family}_{task}", s) for task in FLAGS.tasks for family in FAMILIES for s in seeds]
+    fraction = 0.9 / max(FLAGS.parallel, 1)
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
+        futures = {jb: pool.submit(job, *jb, root, FLAGS.set, fraction, eval_task="length_generalization")
+                   for jb in jobs}
+        results = {jb: f.result() for jb, f in futures.items()}
+    text = "\n\n".join(table(task, {f: [results[(f"{f}_{task}", s)] for s in seeds] for f in FAMILIES})
+                       for task in FLAGS.tasks) + "\n"
+    with open(os.path.join(root, "synthetic_tables.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
+    flags.DEFINE_string("root", "runs/synthetic", "Directory for the runs and the tables.")
+    flags.DEFINE_list("tasks", ["induction", "selective_copying"], "Tasks (experiments/mamba_TASK.py).")
+    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of every job.")
+    flags.DEFINE_integer("parallel", 1, "Jobs at once.")
+    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
+    app.run(main)
