@@ -53,12 +53,13 @@ def eval_loss(eval_step, params, config, mesh, rules, *, tokenizer, seq_len, bat
 def arithmetic_exact_match(model, mcfg, params, tokenizer, config) -> dict[str, float]:
     """Greedy-decoded held-out problems per step count: {'exact_match/k': accuracy, 'exact_match': mean}.
 
-    The answer is the N of the first "The answer is N." in the completion.
+    ``train.exact_match_n`` problems per step count, or all there are where fewer exist (1
+    operation: 273). The answer is the N of the first "The answer is N." in the completion.
     """
     t = config.train
     results = {}
     for k in t.exact_match_steps:
-        problems = data.heldout_problems(k, t.exact_match_n, seed=config.data.seed)
+        problems = data.heldout_problems(k, t.exact_match_n, seed=config.data.seed, at_most=True)
         prompts = [[tokenizer.bos_id] + tokenizer.encode(p.prompt) for p in problems]
         outputs = generate.greedy(model, params, mcfg, prompts, max_new_tokens=t.max_new_tokens,
                                   stop_token=tokenizer.eos_id, pad_id=tokenizer.pad_id)
