@@ -17,12 +17,12 @@ for variant in "$@"; do
   case "$variant" in
     peer) B=8 timeout 300 python3 .peers/torch_llama.py 1b "$out" 2>&1 | grep -E "^1b" || echo "peer failed"
           continue ;;
-    decode|decode:*)  # decode[:XLA_FLAGS]; the first batch size's kernels are traced and tabulated
+    decode|decode:*)  # decode[:XLA_FLAGS]; with DECODE_PROFILE=1 the first batch size's kernels are tabulated
       echo "== $variant"
       profile=(); [ "${DECODE_PROFILE:-0}" = 1 ] && profile=(--decode_profile "$(mktemp -d)/trace")
       XLA_FLAGS="$(echo "${variant#decode}" | sed 's/^://')" timeout 300 python3 -m train.bench \
         --config experiments/bench_llama_1b.py --decode_batches="${DECODE_BATCHES:-1,64}" "${profile[@]}" \
-        --out "$out/loom_decode.json" 2>&1 | grep -v -i warn | tail -34
+        --out "$out/loom_decode$(echo "${variant#decode}" | tr -c 'A-Za-z0-9_\n' '_').json" 2>&1 | grep -v -i warn | tail -34
       continue ;;
     scan) timeout 240 python3 -m experiments.bench_mamba_scan --skip-reference 2>&1 | grep --line-buffered -v -i warn
           continue ;;

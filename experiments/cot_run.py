@@ -22,14 +22,9 @@ import numpy as np
 from absl import app, flags
 
 from experiments.jobs import cell, job
+from train.config import override
 
 EXPERIMENTS = ("cot_prompting", "cot_trained", "cot_direct")
-
-_ROOT = flags.DEFINE_string("root", "runs/cot", "Directory for the runs and the tables.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of every experiment.")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Jobs at once.")
-_SET = flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
-
 
 def table(title: str, columns: list[tuple[str, list[dict], str]], steps, trained_max: int) -> str:
     """Rows per step count; columns (header, results per seed, key prefix); the last column is the
@@ -52,23 +47,19 @@ def main(argv):
     del argv
     from experiments import cot_prompting, cot_trained
 
-    root = os.path.abspath(_ROOT.value)
-    seeds = [int(s) for s in _SEEDS.value]
+    FLAGS = flags.FLAGS
+    root = os.path.abspath(FLAGS.root)
+    seeds = [int(s) for s in FLAGS.seeds]
     jobs = [(name, seed) for name in EXPERIMENTS for seed in seeds]
-    fraction = 0.9 / max(_PARALLEL.value, 1)
+    fraction = 0.9 / max(FLAGS.parallel, 1)
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
-        futures = {jb: pool.submit(job, *jb, root, _SET.value, fraction, eval_task="cot") for jb in jobs}
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
+        futures = {jb: pool.submit(job, *jb, root, FLAGS.set, fraction, eval_task="cot") for jb in jobs}
         results = {jb: f.result() for jb, f in futures.items()}
     by = {name: [results[(name, s)] for s in seeds] for name in EXPERIMENTS}
 
-    config = cot_prompting.get_config()
-    for o in _SET.value:  # the budget as the jobs ran it
-        key, value = o.split("=", 1)
-        section, field = key.split(".", 1)
-        if (section, field) in (("train", "steps"), ("train", "batch_size"), ("train", "seq_len"), ("cot", "n")):
-            config[section][field] = int(value)
-    t, k = config.train, cot_trained.get_config().cot.k
+    config, trained = (override(m.get_config(), FLAGS.set) for m in (cot_prompting, cot_trained))  # as the jobs ran
+    t, k = config.train, trained.cot.k
     steps = sorted({int(key.rsplit("/", 1)[1]) for key in by["cot_trained"][0] if key.rpartition("/")[2].isdigit()})
     trained_max = config.data.max_steps
     tokens = t.steps * t.batch_size * t.seq_len
@@ -85,14 +76,13 @@ def main(argv):
         table("(b) training at equal tokens, zero-shot, greedy", [
             ("direct-trained", by["cot_direct"], "standard/greedy"),
             ("CoT-trained", by["cot_trained"], "cot/greedy")], steps, trained_max),
-        table(f"(c) self-consistency, CoT-trained model, k = {k} at temperature "
-              f"{cot_trained.get_config().cot.temperature}", [
+        table(f"(c) self-consistency, CoT-trained model, k = {k} at temperature {trained.cot.temperature}", [
             ("one sample (maj@1)", by["cot_trained"], "cot/maj@1"),
             ("greedy", by["cot_trained"], "cot/greedy"),
             (f"majority of {k} (maj@{k})", by["cot_trained"], f"cot/maj@{k}")], steps, trained_max),
         "Wall time per job (train + eval, s): " + ", ".join(
             f"{name} {np.mean([r.get('train_s', 0) + r.get('eval_s', 0) for r in by[name]]):.0f}"
-            for name in EXPERIMENTS) + f"; all jobs {time.perf_counter() - start:.0f} s with {_PARALLEL.value} at once.",
+            for name in EXPERIMENTS) + f"; all jobs {time.perf_counter() - start:.0f} s with {FLAGS.parallel} at once.",
     ]
     text = "\n\n".join(tables) + "\n"
     with open(os.path.join(root, "cot_tables.md"), "w") as f:
@@ -100,5 +90,9 @@ def main(argv):
     print(text)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
+    flags.DEFINE_string("root", "runs/cot", "Directory for the runs and the tables.")
+    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of every experiment.")
+    flags.DEFINE_integer("parallel", 1, "Jobs at once.")
+    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
     app.run(main)

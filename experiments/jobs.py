@@ -1,5 +1,5 @@
 """Training jobs as subprocesses, for the scripts that run an experiment at several seeds
-(``cot_run``, ``switch_run``): one ``python -m train`` per (config, seed), then optionally one
+(``cot_run``, ``switch_run``, ``synthetic_run``): one ``python -m train`` per (config, seed), then optionally one
 ``python -m train.evaluate``, each logged to ``ROOT/NAME/seedS/log.txt``."""
 from __future__ import annotations
 

@@ -23,9 +23,8 @@ from train import metrics
 PAIR = ("dense_stdlib", "switch_stdlib")
 
 
-def curve(workdir: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of ``key`` in the run's ``metrics.jsonl``, by step."""
-    return sorted({r["step"]: r[key] for r in metrics.read_jsonl(workdir) if key in r}.items())
+def _records(root: str, name: str, seed: int) -> list[dict]:
+    return metrics.read_jsonl(os.path.join(root, name, f"seed{seed}"))
 
 
 def steps_to_reach(dense: list[tuple[int, float]], switch: list[tuple[int, float]]) -> dict:
@@ -39,8 +38,7 @@ def steps_to_reach(dense: list[tuple[int, float]], switch: list[tuple[int, float
 
 def summarize(root: str, seeds: list[int]) -> str:
     """The markdown table of ``steps_to_reach`` per seed, then mean [min, max] over seeds."""
-    rows = {s: steps_to_reach(*(curve(os.path.join(root, name, f"seed{s}"), "eval_loss") for name in PAIR))
-            for s in seeds}
+    rows = {s: steps_to_reach(*(metrics.curve(_records(root, name, s), "eval_loss") for name in PAIR)) for s in seeds}
     lines = ["| seed | dense final eval loss | Switch final eval loss | Switch steps to reach dense final "
              "| dense steps | speedup |", "|---|---|---|---|---|---|"]
     for s, r in rows.items():
@@ -65,14 +63,13 @@ def plot(root: str, seeds: list[int]) -> str:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for s in seeds:
-        for name, style in zip(PAIR, ("--", "-")):
-            axes[0].plot(*zip(*curve(os.path.join(root, name, f"seed{s}"), "eval_loss")), style,
-                         label=f"{name.split('_')[0]} seed {s}")
-        records = metrics.read_jsonl(os.path.join(root, PAIR[1], f"seed{s}"))
+        runs = {name: _records(root, name, s) for name in PAIR}
+        for (name, records), style in zip(runs.items(), ("--", "-")):
+            axes[0].plot(*zip(*metrics.curve(records, "eval_loss")), style, label=f"{name.split('_')[0]} seed {s}")
+        switch = runs[PAIR[1]]
         for ax, metric in zip(axes[1:], ("dropped_fraction", "load_max")):
-            for key in sorted({k for r in records for k in r if k.startswith(f"moe/{metric}/")}):
-                ax.plot(*zip(*curve(os.path.join(root, PAIR[1], f"seed{s}"), key)), lw=0.8,
-                        label=f"{key.rsplit('/', 1)[1]} seed {s}")
+            for key in sorted({k for r in switch for k in r if k.startswith(f"moe/{metric}/")}):
+                ax.plot(*zip(*metrics.curve(switch, key)), lw=0.8, label=f"{key.rsplit('/', 1)[1]} seed {s}")
     for ax, title in zip(axes, ("eval loss", "dropped token fraction (train)", "max expert load (share of tokens)")):
         ax.set_title(title)
         ax.set_xlabel("step")

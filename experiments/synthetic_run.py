@@ -12,11 +12,13 @@ mean over seeds [min, max], per length) goes to stdout and ``ROOT/synthetic_tabl
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import os
 
 from absl import app, flags
 
 from experiments.jobs import cell, job
+from train.config import override
 
 FAMILIES = ("mamba", "transformer")
 
@@ -44,7 +46,9 @@ def main(argv):
         futures = {jb: pool.submit(job, *jb, root, FLAGS.set, fraction, eval_task="length_generalization")
                    for jb in jobs}
         results = {jb: f.result() for jb, f in futures.items()}
-    text = "\n\n".join(table(task, {f: [results[(f"{f}_{task}", s)] for s in seeds] for f in FAMILIES})
+    text = "\n\n".join(table(task, {f: [results[(f"{f}_{task}", s)] for s in seeds] for f in FAMILIES},
+                             override(importlib.import_module(f"experiments.mamba_{task}").get_config(),
+                                      FLAGS.set).data.task_length)
                        for task in FLAGS.tasks) + "\n"
     with open(os.path.join(root, "synthetic_tables.md"), "w") as f:
         f.write(text)

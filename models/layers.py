@@ -22,10 +22,14 @@ def linear(w, x: jax.Array, out_dtype=None) -> jax.Array:
     extra matmul cost.
     """
     if isinstance(w, (jax.Array, np.ndarray)):
-        if x.size == x.shape[-1] and jax.default_backend() == "gpu":
+        if x.size == x.shape[-1] and _on_gpu():
             return _vector_times_matrix(x, w.astype(x.dtype), out_dtype)
         return jnp.dot(x, w.astype(x.dtype), preferred_element_type=out_dtype).astype(out_dtype or x.dtype)
     return w.matmul(x, out_dtype)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
 
 
 def _vector_times_matrix(x, w, out_dtype):

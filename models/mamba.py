@@ -38,6 +38,7 @@ import numpy as np
 
 import models
 from models import layers, scan_kernel
+from models import transformer
 from models.transformer import REMAT_POLICIES
 from parallel.sharding import constrain
 
@@ -266,17 +267,18 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
     is zeroed before the token (a segment start), or None; h0: [batch, E, N] initial state
     (None: zeros). ``method`` is 'chunked' (associative scan in chunks of ``chunk_size``,
     any length), 'reference' (sequential) or 'pallas' (``scan_kernel``: x, dt, B, C are read
-    in their own dtype). Returns (y [batch, seq, E] float32, h_last [batch, E, N] float32).
+    in their own dtype; a one-token call, a decoding step, takes the sequential update). Returns
+    (y [batch, seq, E] float32, h_last [batch, E, N] float32).
     """
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     keep = None if reset is None else 1.0 - f32(reset)
-    if method == "pallas":
+    if method == "pallas" and x.shape[1] > 1:  # one decoding step: the plain update below, not a padded kernel
         y, h = scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0)
         return y + f32(D) * f32(x), h
     x, dt, A, B, C, D = map(f32, (x, dt, A, B, C, D))
     b, _, E = x.shape
     h0 = jnp.zeros((b, E, A.shape[-1]), jnp.float32) if h0 is None else f32(h0)
-    if method == "reference":
+    if method == "reference" or method == "pallas":
         y, h = _scan_reference(x, dt, A, B, C, keep, h0)
     elif method == "chunked":
         y, h = _scan_chunked(x, dt, A, B, C, keep, h0, chunk_size)
@@ -339,10 +341,7 @@ def causal_conv(x, w, bias=None, *, run=None, buffer=None):
 
 # ----------------------------------------------------------------------------- forward
 
-def embed(params: dict, tokens: jax.Array, cfg: Config) -> jax.Array:
-    """tokens [batch, seq] int -> hidden [batch, seq, d_model] in the compute dtype."""
-    table = constrain(params["embed"], (None, "embed"))
-    return constrain(layers.embed_lookup(table, tokens, cfg.compute_dtype), ("batch", "seq", "embed"))
+embed = transformer.embed  # the same table lookup and (tied) head as the Transformer's
 
 
 def _bias(p, name, y):
@@ -426,11 +425,7 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, seg
     return x, {**cache, **states, "segment": segment_info(segment_ids, last)[3]}, aux
 
 
-def head(params: dict, x: jax.Array, cfg: Config) -> jax.Array:
-    """Final RMSNorm and LM head: hidden [batch, seq, d_model] -> float32 logits [batch, seq, vocab]."""
-    x = layers.rms_norm(x, params["final_norm"], cfg.norm_eps)
-    w = params["embed"].T if cfg.tie_embeddings else params["head"]
-    return constrain(layers.linear(w, x, out_dtype=jnp.float32), ("batch", "seq", "vocab"))
+head = transformer.head
 
 
 def init_cache(cfg: Config, batch: int, max_len: int = 0, dtype=None) -> dict:

@@ -205,7 +205,7 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
     A [E, N]; keep [b, s] (1 - reset) or None; h0 [b, E, N] or None (zeros). ``chunk``: steps
     unrolled per loop iteration, and the spacing of the states saved for the backward;
     ``block_e`` / ``num_warps`` (forward) and ``bwd_block_e`` / ``bwd_num_warps`` (backward):
-    channels and warps per program (block sizes are rounded down to powers of 2 and capped at E);
+    channels and warps per program (block sizes are rounded down to powers of 2, at most the power of 2 at or above E);
     ``prefetch``: load the next chunk's inputs while computing this one's (more registers).
     ``interpret`` (default: not on a GPU) runs the kernels in the Pallas interpreter.
     """

@@ -24,7 +24,8 @@ then runs any remaining dense layers; ``aux['moe']`` holds each MoE layer's metr
 (``moe.apply``'s aux, stacked [L_moe]). Training mode (``train=True``: the training
 capacity factor, expert dropout keyed by ``rng`` and the layer index) is the train step's;
 everything else runs in evaluation mode, and cached decoding always takes the dropless
-path so that it equals the full forward. With ``num_experts == 0`` (the default) the model,
+path, so it equals the full forward with ``moe_dispatch='dropless'`` (a capacity-path forward
+may drop tokens that decoding keeps). With ``num_experts == 0`` (the default) the model,
 its parameters and its checkpoints are exactly the dense ones.
 """
 from __future__ import annotations
@@ -401,7 +402,7 @@ def _cached_blocks(layer_params, x, cfg, *, positions, segment_ids, cache, captu
     ``decode_params`` makes it). Each layer writes only its new positions into the stacked
     cache, in place. With per-layer weights nothing is sliced inside the loop: slicing stacked
     weights in a decode loop would copy each GEMM's weights on every step. MoE layers run
-    the dropless path (evaluation mode), so cached decoding equals the full forward.
+    the dropless path (evaluation mode), so cached decoding equals the dropless full forward.
     """
     per_layer = layer_params if isinstance(layer_params, (list, tuple)) else _unstack(layer_params, cfg)
     kv, hidden, moe_aux = {"k": cache["k"], "v": cache["v"]}, [], []

@@ -24,18 +24,15 @@ buffers. ``models.moe.apply`` calls it when ``parallel.sharding.active()`` has a
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from parallel.sharding import _axes_size, _describe, _targets
+
 Rules = Sequence[tuple[str, Any]]
-
-
-def _targets(target) -> tuple[str, ...]:
-    return (target,) if isinstance(target, str) else tuple(target or ())
 
 
 def expert_axis(mesh: Mesh, rules: Rules) -> str | None:
@@ -71,10 +68,9 @@ def check(num_experts: int, n_groups: int, mesh: Mesh, rules: Rules) -> tuple[st
         raise ValueError(f"moe.num_experts ({num_experts}) is not divisible by the {axis} mesh axis "
                          f"({mesh.shape[axis]}); make num_experts a multiple of mesh.{axis}.")
     gaxes = group_axes(mesh, rules, axis)
-    n = math.prod(mesh.shape[a] for a in gaxes)
+    n = _axes_size(mesh, gaxes)
     if n_groups % n:
-        sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in gaxes)
-        raise ValueError(f"the batch holds {n_groups} MoE routing groups, which the {sizes} mesh axes ({n} devices) "
+        raise ValueError(f"the batch holds {n_groups} MoE routing groups, which {_describe(mesh, gaxes)} "
                          f"cannot split evenly; make batch*seq/moe.group_size a multiple of {n} (smaller "
                          f"moe.group_size or a larger batch).")
     return axis, gaxes

@@ -240,6 +240,4 @@ def batch_multiple() -> int:
     if layout is None:
         return 1
     mesh, rules = layout
-    axes = logical_to_spec(("batch",), rules)[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
+    return _axes_size(mesh, _targets(logical_to_spec(("batch",), rules)[0]))

@@ -72,7 +72,6 @@ def test_decode_mamba_counts_its_constant_state():
 def test_long_sequence_configs_validate(make, spec):
     config = bench.apply_overrides(make(), spec)
     setup = setup_training(config, one_device(config))  # shapes only: nothing compiled or allocated
-    assert config.train.batch_size * config.train.seq_len == 32768
     assert setup.abstract_batch()["inputs"].shape == (config.train.batch_size, config.train.seq_len)
 
 
@@ -83,4 +82,4 @@ def test_mamba_370m_matches_its_peer():
         assert mamba.model[field] == peer.model[field], field
     setup = setup_training(mamba, one_device(mamba))
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.state_shape.params))
-    assert 340e6 < n < 370e6
+    assert n == 352_797_696  # the figure in bench_mamba_370m's docstring

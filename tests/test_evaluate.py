@@ -96,20 +96,20 @@ def test_cot_task_matches_a_scripted_model(monkeypatch):
         out = []
         for i, text in enumerate(texts):
             gold = answers[text[text.rindex("Q:"):]]
-            # greedy is always right; samples are right for 3 of every 5 rows
-            right = rng is None or i % 5 < 3
+            # greedy is always right; of each problem's 5 samples the first is wrong, 3 of the others right
+            right = rng is None or i % 5 in (1, 2, 3)
             out.append(f"+1=2.The answer is {gold if right else gold + 1}.\n\nQ:")
         return out
 
     monkeypatch.setattr(evaluate.generate, "complete", fake_complete)
     result = evaluate.arithmetic_cot(None, None, None, None, config)
-    assert result["cot/greedy/3"] == 1.0 and result["cot/maj@5/3"] == 1.0 and result["cot/maj@1/3"] == 1.0
+    assert result["cot/greedy/3"] == 1.0 and result["cot/maj@5/3"] == 1.0 and result["cot/maj@1/3"] == 0.0
     assert calls == [(4, True, 0.0), (20, False, config.cot.temperature)]
 
 
 @pytest.mark.parametrize("field, value, words", [
     ("k", 0, "cot.k"), ("shots", -1, "cot.shots"), ("prompting", ("chain",), "cot.prompting"),
-    ("steps", (0, 9), "cot.steps"), ("temperature", 0.0, "cot.temperature"), ("top_p", 0.0, "cot.top_k"),
+    ("steps", (0, 9), "cot.steps"), ("temperature", 0.0, "cot.temperature"), ("top_p", 0.0, "cot.top_p"),
 ])
 def test_cot_section_is_validated(field, value, words):
     from train.config import validate

@@ -7,9 +7,9 @@ import pytest
 from train import config as config_lib
 from train import trainer
 
-SCRIPTS = ("__init__.py", "jobs.py", "cot_run.py", "switch_run.py", "synthetic_run.py", "bench_mamba_scan.py")
-EXPERIMENTS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
-                     if f.endswith(".py") and f not in SCRIPTS)
+MODULES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
+                 if f.endswith(".py") and f != "__init__.py")
+EXPERIMENTS = [m for m in MODULES if hasattr(importlib.import_module(f"experiments.{m}"), "get_config")]  # not scripts
 SMOKE = ("cot_prompting", "cot_trained", "cot_direct", "arith_direct", "mamba_arith", "mamba_selective_copying",
          "transformer_induction", "transformer_selective_copying")  # mamba_induction: tests/test_synthetic.py
 
@@ -51,6 +51,7 @@ def test_switch_steps_to_reach_dense_final_loss(tmp_path):
     import json
 
     from experiments import switch_run
+    from train import metrics
 
     curves = {"dense_stdlib": [3.0, 2.5, 2.2, 2.0], "switch_stdlib": [2.8, 2.1, 1.9, 1.8]}
     for seed, shift in ((0, 0.0), (1, 0.25)):
@@ -61,8 +62,9 @@ def test_switch_steps_to_reach_dense_final_loss(tmp_path):
                        for i, v in enumerate(losses)]
             records += [{"step": 100, "moe/dropped_fraction/layer1": 0.1, "moe/load_max/layer1": 0.2}]
             (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    r0 = switch_run.steps_to_reach(switch_run.curve(str(tmp_path / "dense_stdlib" / "seed0"), "eval_loss"),
-                                   switch_run.curve(str(tmp_path / "switch_stdlib" / "seed0"), "eval_loss"))
+    dense, switch = (metrics.curve(metrics.read_jsonl(str(tmp_path / name / "seed0")), "eval_loss")
+                     for name in ("dense_stdlib", "switch_stdlib"))
+    r0 = switch_run.steps_to_reach(dense, switch)
     assert (r0["dense_final"], r0["switch_step"], r0["dense_steps"], r0["speedup"]) == (2.0, 300, 400, 400 / 300)
     table = switch_run.summarize(str(tmp_path), [0, 1])
     assert "| 0 | 2.0000 | 1.8000 | 300 | 400 | 1.33x |" in table

@@ -61,7 +61,7 @@ def test_outputs_and_gradients_match_sequential_scan(resets, prefetch):
 
 def test_bf16_inputs_match_float64_numpy():
     """bf16 x, dt, B, C are read as is and computed in float32: equal to float64 on the rounded values."""
-    b, s, E, N = 1, 7, 8, 2  # shorter than a chunk of 16 (the default)
+    b, s, E, N = 1, 7, 8, 2  # shorter than a chunk of 8 (the default)
     inp, reset = inputs(b, s, E, N, seed=3, dtype=jnp.bfloat16)
     y, h = M.selective_scan(**inp, D=jnp.full((E,), 0.5), reset=reset, method="pallas")
     x, dt, A, B, C, h64 = (np.asarray(inp[k], np.float64) for k in ("x", "dt", "A", "B", "C", "h0"))
@@ -94,7 +94,7 @@ def test_mamba_pallas_equals_chunked_logits_and_gradients():
 
 def test_triton_lowering_for_cuda_without_a_gpu():
     """Forward and backward lower to Triton calls for an H200 (catches unsupported ops and block shapes)."""
-    b, s, E, N = 2, 40, 128, 16  # 40: padded to 48, chunks of 16
+    b, s, E, N = 2, 41, 128, 16  # 41: padded to 48, chunks of 8
     sd = jax.ShapeDtypeStruct
     args = (sd((b, s, E), jnp.bfloat16), sd((b, s, E), jnp.float32), sd((E, N), jnp.float32),
             sd((b, s, N), jnp.bfloat16), sd((b, s, N), jnp.bfloat16), sd((b, s), jnp.float32), sd((b, E, N), jnp.float32))
@@ -127,6 +127,4 @@ def test_benchmark_quick_runs(capsys):
 
 
 def test_config_accepts_pallas():
-    assert M.Config(scan="pallas").scan == "pallas"
-    with pytest.raises(ValueError, match="model.scan is 'fast'"):
-        M.Config(scan="fast")
+    assert M.Config(scan="pallas").scan == "pallas"  # refusals: tests/test_mamba.py

@@ -131,7 +131,6 @@ def test_aux_losses_reach_the_objective_and_the_router():
     assert per_layer["aux_loss"].shape == (1,) and float(count) == 32
     np.testing.assert_allclose(extra, jnp.sum(per_layer["aux_loss"] + per_layer["z_loss"]), rtol=1e-6)
     np.testing.assert_allclose(value, nll + count * extra, rtol=1e-6)
-    assert float(per_layer["aux_loss"].min()) >= 0.1 * 0.99  # alpha N sum f P >= alpha (equality when balanced)
     # The auxiliary part alone has a gradient on the router and on the layer below it, none above it.
     assert float(jnp.abs(grads["layers"]["moe"]["router"]).max()) > 0
     assert float(jnp.abs(grads["layers"]["dense"]["w_gate"][0]).max()) > 0

@@ -34,6 +34,7 @@ from ml_collections import config_flags
 from models import generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
+from train import config as config_lib
 from train import metrics
 from train import step as step_lib
 from train.setup import setup_training
@@ -65,22 +66,9 @@ def matmul_ceiling(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def _parse(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"True": True, "False": False}.get(value, value)
-
-
 def apply_overrides(config, spec: str):
-    config = config.copy_and_resolve_references()
-    for item in filter(None, spec.split(",")):
-        key, value = item.split("=", 1)
-        section, field = key.split(".", 1)
-        config[section][field] = _parse(value)
-    return config
+    """``config`` with a variant's 'section.key=value,...' overrides (``train.config.override``)."""
+    return config_lib.override(config, filter(None, spec.split(",")))
 
 
 def _timed(run, carry, steps: int, warmup: int):
@@ -240,7 +228,8 @@ def cache_nbytes(model, mcfg, batch: int, max_len: int) -> int:
     """Bytes of the decoding cache ``model.init_cache`` builds (every leaf; shapes only, nothing allocated).
 
     Transformer: k and v [layers, batch, max_len, kv_heads, head_dim] in the compute dtype, plus the
-    int32 segment ids [batch, max_len]; Mamba: the conv buffers and float32 SSM states, whatever max_len.
+    int32 segment ids [batch, max_len] and write index; Mamba: the conv buffers, float32 SSM states and
+    segment ids, whatever max_len.
     """
     shapes = jax.eval_shape(lambda: model.init_cache(mcfg, batch, max_len))
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))

@@ -6,6 +6,8 @@ raises ValueError with one sentence naming the field and the fix.
 """
 from __future__ import annotations
 
+import ast
+
 import ml_collections
 
 import models
@@ -145,3 +147,18 @@ def validate(config):
         raise ValueError(f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary "
                          f"({tokenizer_vocab}); set model.vocab_size >= {tokenizer_vocab}.")
     return mcfg
+
+
+def override(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with each ``section.key=value`` of ``items`` set; values are Python
+    literals (``3``, ``1e-3``, ``True``, ``(1, 2)``) or else strings (``bfloat16``)."""
+    config = config.copy_and_resolve_references()
+    for item in items:
+        key, value = item.split("=", 1)
+        section, field = key.split(".", 1)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        config[section][field] = value
+    return config

@@ -97,6 +97,11 @@ class MetricsLogger:
         plot_moe(self.workdir)
 
 
+def curve(records: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of ``key`` in ``read_jsonl`` records, by step (the last record of a step wins)."""
+    return sorted({r["step"]: r[key] for r in records if key in r}.items())
+
+
 def read_jsonl(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -117,7 +122,7 @@ def plot_losses(workdir: str, filename: str = "loss.png") -> str | None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
-        points = sorted({r["step"]: r[key] for r in records if key in r}.items())
+        points = curve(records, key)
         if points:
             ax.plot(*zip(*points), style, label=key, markersize=3)
     ax.set_xlabel("step")
@@ -151,7 +156,7 @@ def plot_moe(workdir: str, filename: str = "moe.png") -> str | None:
     fig, axes = plt.subplots(1, len(MOE_PANELS), figsize=(4 * len(MOE_PANELS), 3.5))
     for ax, (metric, title) in zip(axes, MOE_PANELS):
         for key in (k for k in keys if k.split("/")[1] == metric):
-            points = sorted({r["step"]: r[key] for r in records if key in r}.items())
+            points = curve(records, key)
             ax.plot(*zip(*points), label=key.rsplit("/", 1)[1])
         ax.set_title(title)
         ax.set_xlabel("step")
