@@ -7,7 +7,9 @@
 #             DECODE_PROFILE=1 a kernel table of the first batch size), "hfgen" (HF generate, $HF_CACHES,
 #             default "dynamic static", batch 1 and 64), "scan" (Mamba's selective scans,
 #             experiments/bench_mamba_scan.py) or "switch" (Switch 350M vs its dense peer, step split
-#             into forward+backward and optimizer)
+#             into forward+backward and optimizer) or "mamba" (Mamba 370M vs the Transformer 350M: training
+#             tokens/s at sequence 2k, 8k and 32k, 32768 tokens per step, then decoding at batch 64 after a
+#             2048-token prompt; commands as in experiments/bench_mamba_370m.py)
 set -uo pipefail
 out=${1:-/tmp/bench}; shift; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -30,6 +32,20 @@ for variant in "$@"; do
               --variants 'dense:model.num_experts=0;switch:' --out "$out/switch_350m.json" 2>&1 \
               | grep --line-buffered -v -i warn
             continue ;;
+    mamba) V='seq2k:train.batch_size=16,train.seq_len=2048;seq8k:train.batch_size=4,train.seq_len=8192'
+           V="$V;seq32k:train.batch_size=1,train.seq_len=32768"
+           for m in mamba_370m llama_350m; do
+             echo "== $m training"
+             timeout 300 python3 -m train.bench --config "experiments/bench_$m.py" --steps 10 --warmup 3 --nosplit \
+               --variants "$V" --out "$out/${m}_train.json" 2>&1 | grep --line-buffered -v -i "warn\|^I1"
+           done
+           for m in mamba_370m llama_350m; do
+             echo "== $m decoding"
+             timeout 240 python3 -m train.bench --config "experiments/bench_$m.py" --decode_batches=64 \
+               --prompt_len 2048 --new_tokens 256 --out "$out/${m}_decode.json" 2>&1 \
+               | grep --line-buffered -v -i "warn\|^I1"
+           done
+           continue ;;
     hfgen) for cache in ${HF_CACHES:-dynamic static}; do
              timeout 240 python3 experiments/peers/hf_generate.py 1b $cache "$out" 1 64 2>&1 | grep -E "^1b" \
                || echo "hf generate ($cache) failed"
