@@ -8,7 +8,7 @@
 #           2 seeds, then k = 16 at temperatures 0.5, 0.7 and 1.0 on 6-operation problems
 #   switch  Switch vs dense on the stdlib corpus, 2 seeds (experiments/switch_run.py: table and plot)
 #   synth   Mamba vs Transformer, induction heads and selective copying, 2 seeds, lengths 64..16384
-#           (experiments/synthetic_run.py: tables)
+#           (experiments/synthetic_run.py: tables; SYNTH_TASKS=selective_copying for one task)
 #   arith   Mamba vs Transformer on the arithmetic corpus, 2 seeds
 # Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,
 # log.txt) go into OUT/results.tar.gz every 20 s and at the end, so a job cut short still returns
@@ -69,6 +69,7 @@ for g in $groups; do case $g in
   switch) python3 -m experiments.switch_run --root "$runs/switch" --seeds 0,1 --parallel 4 >"$runs/switch_run.txt" 2>&1 \
             && echo "switch_run done at $SECONDS s" & ;;
   synth) python3 -m experiments.synthetic_run --root "$runs/synthetic" --seeds 0,1 --parallel 8 \
+           --tasks "${SYNTH_TASKS:-induction,selective_copying}" \
            >"$runs/synthetic_run.txt" 2>&1 && echo "synthetic_run done at $SECONDS s" & ;;
   arith) for seed in 0 1; do
            job mamba_arith mamba_arith $seed 0.02 exact_match &

@@ -27,7 +27,7 @@ TRANSFORMER = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=96, tie
 EVAL_LENGTHS = tuple(2 ** k for k in range(6, 15))  # 64 .. 16384
 
 
-def synthetic(source: str, family: str, task_length: int = 256):
+def synthetic(source: str, family: str, task_length: int = 256, batch_size: int = 64):
     """A synthetic-task run: ``source`` in data.SYNTHETIC_SOURCES, ``family`` 'mamba' or 'transformer'.
 
     One example per row (``train.seq_len`` = bos + prompt + completion), fresh examples from a
@@ -40,7 +40,7 @@ def synthetic(source: str, family: str, task_length: int = 256):
     else:
         c.model.update(TRANSFORMER)
     c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.1)
-    c.train.update(steps=4000, batch_size=64, seq_len=data.synthetic_example_tokens(c.data), eval_every=1000,
+    c.train.update(steps=4000, batch_size=batch_size, seq_len=data.synthetic_example_tokens(c.data), eval_every=1000,
                    eval_batches=4, ckpt_every=1000, exact_match_every=0, log_every=50)
     return c
 

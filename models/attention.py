@@ -12,7 +12,8 @@ Implementations:
   xla        ``jax.nn.dot_product_attention(implementation="xla")``.
   cudnn      ``jax.nn.dot_product_attention(implementation="cudnn")``: flash attention on
              NVIDIA GPUs, bf16/fp16 only.
-  auto       cudnn on GPU for half-precision inputs, xla otherwise.
+  auto       cudnn on GPU for half-precision inputs where cuDNN takes them, xla otherwise
+             (``auto_choice``).
 Sequence-parallel (ring) attention registers itself in ``IMPLEMENTATIONS``.
 """
 from __future__ import annotations
@@ -58,13 +59,19 @@ def _library(implementation):
     return attend
 
 
-def _auto(q, k, v, **kw):
-    """cuDNN flash attention for half-precision training and prefill on GPU; XLA otherwise
-    (including cached decoding, whose mask over the cache cuDNN would take as a dense bias)."""
-    on_gpu = jax.default_backend() == "gpu"
+def auto_choice(q, k, *, on_gpu: bool, q_segment_ids=None, q_start=0, **_) -> str:
+    """The implementation ``auto`` takes: cuDNN flash attention for half-precision training and
+    prefill on GPU; XLA otherwise. That includes cached decoding (cuDNN would take its mask over the
+    cache as a dense bias) and a segment mask over an odd length, which cuDNN refuses in training."""
     half = q.dtype in (jnp.bfloat16, jnp.float16)
-    uncached = q.shape[1] == k.shape[1] and isinstance(kw.get("q_start", 0), int)
-    return IMPLEMENTATIONS["cudnn" if on_gpu and half and uncached else "xla"](q, k, v, **kw)
+    uncached = q.shape[1] == k.shape[1] and isinstance(q_start, int)
+    masked = q_segment_ids is not None or q_start != 0
+    even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
+    return "cudnn" if on_gpu and half and uncached and (even or not masked) else "xla"
+
+
+def _auto(q, k, v, **kw):
+    return IMPLEMENTATIONS[auto_choice(q, k, on_gpu=jax.default_backend() == "gpu", **kw)](q, k, v, **kw)
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {

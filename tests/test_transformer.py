@@ -133,6 +133,22 @@ def test_attention_implementations_agree():
     assert rel_err(T.apply(params, toks, cfg_xla)[0], T.apply(params, toks, cfg_ref)[0]) < 1e-6
 
 
+def test_auto_attention_takes_cudnn_only_where_cudnn_accepts_the_input():
+    """cuDNN on GPU for bf16 training/prefill; XLA on CPU, for float32, cached decoding, and a segment
+    mask over an odd length (cuDNN refuses a bias there in training: a 273-token synthetic row)."""
+    from models.attention import auto_choice
+
+    def choice(q_len, kv_len, dtype=jnp.bfloat16, on_gpu=True, **kw):
+        q, k = jnp.zeros((1, q_len, 2, 8), dtype), jnp.zeros((1, kv_len, 2, 8), dtype)
+        return auto_choice(q, k, on_gpu=on_gpu, **kw)
+
+    seg = jnp.ones((1, 273), jnp.int32)
+    assert choice(256, 256) == choice(273, 273) == choice(256, 256, q_segment_ids=seg[:, :256]) == "cudnn"
+    assert choice(273, 273, q_segment_ids=seg) == "xla"
+    assert choice(256, 256, on_gpu=False) == choice(256, 256, dtype=jnp.float32) == "xla"
+    assert choice(1, 256, q_start=jnp.int32(7)) == choice(256, 256, q_start=jnp.int32(0)) == "xla"
+
+
 @pytest.mark.parametrize("layout", ["stacked", "per_layer", "fused"])
 def test_kv_cache_prefill_then_decode_equals_full_forward(layout):
     """Cached decoding equals the full forward with stacked weights and with the decoding layouts."""
