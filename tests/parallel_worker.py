@@ -38,10 +38,10 @@ def tiny_config(n_kv_heads: int = 2) -> T.Config:
                     dtype="float32", attention="xla")
 
 
-def optimizer():
+def optimizer(mcfg: T.Config):
     optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9,
                                            b2=0.95, eps=1e-8, clip_norm=1.0))
-    return tstep.make_optimizer(optim, STEPS)
+    return tstep.make_optimizer(optim, STEPS, T.param_axes(mcfg))
 
 
 def make_batches(vocab: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -69,7 +69,7 @@ def train_losses(mesh, mcfg: T.Config, rules=DEFAULT_RULES, seed: int = 0):
 
     Returns (losses: list of STEPS floats, final TrainState, its shardings).
     """
-    tx = optimizer()
+    tx = optimizer(mcfg)
     sharding.validate_rules(rules, mesh)
     sharding.check_divisibility(mcfg, mesh, rules, GLOBAL_BATCH, seq_len=SEQ)
     init = lambda: tstep.init_state(T, mcfg, tx, jax.random.PRNGKey(seed))  # noqa: E731

@@ -136,7 +136,8 @@ def test_check_divisibility():
 
 
 def test_state_shardings_rejects_wrong_rank():
-    mcfg, tx = W.tiny_config(), W.optimizer()
+    mcfg = W.tiny_config()
+    tx = W.optimizer(mcfg)
     shape = jax.eval_shape(lambda: tstep.init_state(T, mcfg, tx, jax.random.PRNGKey(0)))
     axes = T.param_axes(mcfg)
     axes["layers"]["wq"] = ("embed", "heads")

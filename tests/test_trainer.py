@@ -12,6 +12,7 @@ import time
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -194,7 +195,7 @@ def test_gradient_accumulation_equals_full_batch():
     c = tiny_config()
     model = models.get("transformer")
     mcfg = model.from_config(c.model)
-    tx = step_lib.make_optimizer(c.optim, 10)
+    tx = step_lib.make_optimizer(c.optim, 10, model.param_axes(mcfg))
     state = step_lib.init_state(model, mcfg, tx, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(3, 200, (4, 16)), "targets": rng.integers(3, 200, (4, 16)),
@@ -226,3 +227,31 @@ def test_chunked_cross_entropy_equals_whole_sequence():
     np.testing.assert_allclose(loss(params, 0), ref, rtol=1e-6)
     np.testing.assert_allclose(loss(params, 4), ref, rtol=1e-6)
     chex.assert_trees_all_close(jax.grad(loss)(params, 4), jax.grad(loss)(params, 0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family, decayed, kept", [
+    ("transformer", {"embed", "head", "wq", "wo", "w_down"}, {"attn_norm", "mlp_norm", "final_norm"}),
+    ("mamba", {"embed", "in_x", "x_proj", "dt_proj", "conv_w", "out_proj"}, {"norm", "A_log", "D", "dt_bias",
+                                                                              "final_norm"}),
+])
+def test_weight_decay_only_on_matrices_not_stacked_vectors_or_a_log(family, decayed, kept):
+    """One AdamW step with zero gradients moves a decayed parameter by -lr * wd * p exactly and
+    leaves norms, D, dt_bias and A_log (stacked over layers: 2-D, yet not matrices) unchanged."""
+    c = tiny_config()
+    if family == "mamba":
+        c.model = ml_collections.ConfigDict(dict(family="mamba", vocab_size=259, d_model=16, n_layers=2, d_state=4,
+                                                 tie_embeddings=False))
+    c.optim.update(warmup_steps=0, clip_norm=0.0, weight_decay=0.5, lr=0.1, end_lr_ratio=1.0)
+    model = models.get(family)
+    mcfg = model.from_config(c.model)
+    params = model.init(mcfg, jax.random.PRNGKey(0))
+    tx = step_lib.make_optimizer(c.optim, 10, model.param_axes(mcfg))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    names = []
+    for (path, p), u in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(updates)):
+        names.append(path[-1].key)
+        if names[-1] in decayed:
+            np.testing.assert_allclose(u, -0.1 * 0.5 * np.asarray(p), rtol=1e-6, atol=1e-12, err_msg=names[-1])
+        elif names[-1] in kept:
+            assert not np.any(np.asarray(u)), names[-1]
+    assert decayed | kept <= set(names)

@@ -73,7 +73,7 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
         axis = expert_parallel.expert_axis(mesh, rules)
         model.validate_mesh(mcfg, dict(mesh.shape), tokens=t.batch_size // config.optim.accum_steps * t.seq_len,
                             group_axes=None if axis is None else expert_parallel.group_axes(mesh, rules, axis))
-    tx = step_lib.make_optimizer(config.optim, t.steps)
+    tx = step_lib.make_optimizer(config.optim, t.steps, model.param_axes(mcfg))
     init_fn = functools.partial(step_lib.init_state, model, mcfg, tx)
     state_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     state_sh = sharding.state_shardings(state_shape, model.param_axes(mcfg), mesh, rules, tx)

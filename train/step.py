@@ -38,15 +38,24 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
         decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.lr * optim_cfg.end_lr_ratio)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on ``make_schedule`` with global-norm clipping; weight decay on matrices only."""
+def decay_mask(param_axes) -> Any:
+    """True for the parameters AdamW decays: matrices (two or more logical axes besides ``layers``),
+    except the state matrix A_log (axis ``state``), which Gu & Dao exclude along with D. Norm
+    scales, biases, D and dt_bias, stacked over layers or not, are not decayed."""
+    def decays(axes):
+        own = [a for a in axes if a != "layers"]
+        return len(own) >= 2 and "state" not in own
+    return jax.tree.map(decays, param_axes, is_leaf=lambda a: isinstance(a, tuple))
+
+
+def make_optimizer(optim_cfg, total_steps: int, param_axes) -> optax.GradientTransformation:
+    """AdamW on ``make_schedule`` with global-norm clipping; weight decay where ``decay_mask(param_axes)``."""
     schedule = make_schedule(optim_cfg, total_steps)
     parts = []
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
     parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay,
-                             mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+                             weight_decay=optim_cfg.weight_decay, mask=decay_mask(param_axes)))
     return optax.chain(*parts)
 
 
