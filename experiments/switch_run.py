@@ -1,12 +1,12 @@
 """Runs the Switch vs. dense experiment (``switch_stdlib`` vs. ``dense_stdlib``) at several seeds
-and reports how many steps the Switch model needs to reach the dense model's final eval loss.
+and reports how many steps the Switch model needs to reach the dense model's best eval loss.
 
     python -m experiments.switch_run --root runs/switch [--seeds 0,1] [--parallel 4] [--set train.steps=1200 ...]
 
 Each (config, seed) trains with the trainer in ``ROOT/NAME/seedS`` (a finished run is not rerun).
-Per seed, the dense run's last ``eval_loss`` is the target; the Switch run's first eval step at or
-below it is its step to reach it, and dense steps / that step is the speedup (Fedus et al. 2021,
-figure 4: 7x at scale). The table (per seed, and mean [min, max]) goes to stdout and
+Per seed, the dense run's lowest ``eval_loss`` is the target; the Switch run's first eval step at
+or below it is its step to reach it, and the dense run's step to its best / that step is the
+speedup (Fedus et al. 2021, figure 4: 7x at scale). The table (per seed, and mean [min, max]) goes to stdout and
 ``ROOT/switch_table.md``; ``ROOT/switch.png`` plots both eval-loss curves and the Switch runs'
 per-layer dropped fraction and max expert load (each run's ``moe.png`` has all MoE metrics).
 """
@@ -28,28 +28,31 @@ def _records(root: str, name: str, seed: int) -> list[dict]:
 
 
 def steps_to_reach(dense: list[tuple[int, float]], switch: list[tuple[int, float]]) -> dict:
-    """The dense run's final eval loss, the first Switch eval step at or below it (None if never)
-    and the speedup dense_steps / that step."""
-    dense_steps, target = dense[-1]
+    """The dense run's best eval loss and the step it first got there, the first Switch eval step at
+    or below it (None if never) and the speedup dense step / Switch step.
+
+    The best, not the final loss: once a run overfits (eval loss rising in a second epoch), any
+    model reaches the dense run's final loss early, and dense would 'speed up' over itself."""
+    dense_step, target = min(dense, key=lambda p: (p[1], p[0]))
     reached = next((s for s, v in switch if v <= target), None)
-    return {"dense_final": target, "switch_final": switch[-1][1], "dense_steps": dense_steps, "switch_step": reached,
-            "speedup": dense_steps / reached if reached else None}
+    return {"dense_best": target, "switch_best": min(v for _, v in switch), "dense_step": dense_step,
+            "switch_step": reached, "speedup": dense_step / reached if reached else None}
 
 
 def summarize(root: str, seeds: list[int]) -> str:
     """The markdown table of ``steps_to_reach`` per seed, then mean [min, max] over seeds."""
     rows = {s: steps_to_reach(*(metrics.curve(_records(root, name, s), "eval_loss") for name in PAIR)) for s in seeds}
-    lines = ["| seed | dense final eval loss | Switch final eval loss | Switch steps to reach dense final "
-             "| dense steps | speedup |", "|---|---|---|---|---|---|"]
+    lines = ["| seed | dense best eval loss | Switch best eval loss | dense steps to its best "
+             "| Switch steps to reach it | speedup |", "|---|---|---|---|---|---|"]
     for s, r in rows.items():
         reach = r["switch_step"] if r["switch_step"] is not None else "not reached"
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        lines.append(f"| {s} | {r['dense_final']:.4f} | {r['switch_final']:.4f} | {reach} | {r['dense_steps']} "
+        lines.append(f"| {s} | {r['dense_best']:.4f} | {r['switch_best']:.4f} | {r['dense_step']} | {reach} "
                      f"| {speed} |")
     vals = list(rows.values())
     speeds = [r["speedup"] for r in vals if r["speedup"]]
-    lines.append(f"| mean [min, max] | {cell([r['dense_final'] for r in vals], 1, 4)} | "
-                 f"{cell([r['switch_final'] for r in vals], 1, 4)} | | | "
+    lines.append(f"| mean [min, max] | {cell([r['dense_best'] for r in vals], 1, 4)} | "
+                 f"{cell([r['switch_best'] for r in vals], 1, 4)} | | | "
                  + (f"{cell(speeds, 1, 2)}x |" if len(speeds) == len(vals) else "- |"))
     return "\n".join(lines)
 

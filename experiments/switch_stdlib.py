@@ -13,8 +13,10 @@ Same data, steps, batch and optimizer as the peer. Two seeds, on one H200 (a few
 Besides loss and ``eval_loss``, ``metrics.jsonl`` (and TensorBoard) hold per MoE layer i (1, 3,
 5, 7) ``moe/dropped_fraction/layer{i}``, ``moe/load_min|load_max|load_entropy/layer{i}`` and
 ``moe/aux_loss|z_loss/layer{i}``, and ``moe/loss`` (their sum added to the objective);
-``moe.png`` plots the load and drop curves. Compare the step at which ``eval_loss`` first
-reaches the dense run's final ``eval_loss``.
+``moe.png`` plots the load and drop curves. ``python -m experiments.switch_run`` runs both configs
+at two seeds and compares the step at which ``eval_loss`` first reaches the dense run's best
+``eval_loss`` (the best, not the final one: after about 1830 steps the data repeats and both eval
+losses rise).
 """
 from experiments import dense_stdlib
 
