@@ -18,7 +18,9 @@ time), a ``chunked`` fast path: an associative scan on (decay, input) pairs with
 of ``chunk_size`` steps, the state carried across chunks by an outer ``lax.scan``, each chunk
 under ``jax.checkpoint`` so that only one chunk's [batch, chunk, E, N] tensors exist at once,
 forward or backward; and ``pallas``: fused GPU kernels, forward and backward, that keep the
-state in registers (``models/scan_kernel.py``; interpreted, slowly, off GPU).
+state in registers (``models/scan_kernel.py``; interpreted, slowly, off GPU). XLA cannot
+partition the kernels, so under an active mesh they run in ``shard_map`` on each device's
+[batch / data, seq, E / tensor] block (rows and channels are independent).
 
 Packed sequences: ``segment_ids`` [batch, seq] (0 = padding). The first token of a new
 segment resets the state (decay 0) and the convolution never mixes tokens of different
@@ -40,6 +42,7 @@ import models
 from models import layers, scan_kernel
 from models import transformer
 from models.transformer import REMAT_POLICIES
+from parallel import sharding
 from parallel.sharding import constrain
 
 SCANS = ("chunked", "reference", "pallas")
@@ -259,6 +262,30 @@ def _scan_chunked(x, dt, A, B, C, keep, h0, chunk_size):
     return jnp.moveaxis(y, 0, 1).reshape(b, n * T, E)[:, :s], h
 
 
+def _scan_pallas(x, dt, A, B, C, keep, h0):
+    """``scan_kernel.selective_scan_pallas``; under an active mesh in ``shard_map``, each device
+    scanning its rows and channels (by the rules for ``batch`` and ``inner``) over the whole
+    sequence: the custom calls of the kernels are opaque to XLA's partitioner."""
+    active = sharding.active()
+    if active is None:
+        return scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0)
+    mesh, rules = active
+    spec = lambda *names: sharding.logical_to_spec(names, rules)  # noqa: E731
+    args = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "keep": keep, "h0": h0}
+    specs = {"x": spec("batch", None, "inner"), "dt": spec("batch", None, "inner"), "A": spec("inner", None),
+             "B": spec("batch", None, None), "C": spec("batch", None, None), "keep": spec("batch", None),
+             "h0": spec("batch", "inner", None)}
+    given = {k: v for k, v in args.items() if v is not None}
+
+    def local(given):
+        a = {**dict.fromkeys(args), **given}
+        return scan_kernel.selective_scan_pallas(a["x"], a["dt"], a["A"], a["B"], a["C"], keep=a["keep"],
+                                                 h0=a["h0"])
+
+    return jax.shard_map(local, mesh=mesh, in_specs=({k: specs[k] for k in given},),
+                         out_specs=(specs["x"], specs["h0"]), check_vma=False)(given)
+
+
 def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chunked", chunk_size: int = 64):
     """y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, in float32.
 
@@ -273,7 +300,7 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     keep = None if reset is None else 1.0 - f32(reset)
     if method == "pallas" and x.shape[1] > 1:  # one decoding step: the plain update below, not a padded kernel
-        y, h = scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0)
+        y, h = _scan_pallas(x, dt, A, B, C, keep, h0)
         return y + f32(D) * f32(x), h
     x, dt, A, B, C, D = map(f32, (x, dt, A, B, C, D))
     b, _, E = x.shape
