@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,29 +129,17 @@ def validate(cfg: MoEConfig) -> None:
                          "from the task loss; set normalize_gates=False or top_k > 1.")
 
 
-def validate_mesh(cfg: MoEConfig, mesh_axis_sizes: Mapping[str, int], *, tokens: int | None = None,
-                  group_axes: Sequence[str] = ("data", "fsdp", "context", "expert")) -> None:
-    """Refuse a mesh the layer cannot use, before compiling (ValueError naming the field and the fix).
-
-    mesh_axis_sizes: e.g. ``dict(mesh.shape)`` or the config's ``mesh`` section (-1 already
-    resolved). num_experts must divide evenly over the ``expert`` axis. With ``tokens`` (the
-    global tokens per step, batch*seq) on the capacity path, they must form whole groups and,
-    with expert parallelism, the groups must split over ``group_axes`` (the mesh axes that
-    the ``batch``, ``seq`` and ``experts`` rules use; the default fits DEFAULT_RULES).
-    """
-    sizes = dict(mesh_axis_sizes)
-    n_expert = sizes.get("expert", 1)
-    if cfg.num_experts % n_expert:
-        raise ValueError(f"moe.num_experts ({cfg.num_experts}) is not divisible by mesh.expert ({n_expert}); make "
-                         f"num_experts a multiple of mesh.expert or shrink the expert axis.")
-    if tokens is None or cfg.dispatch != "capacity":
-        return
-    _check_groups(cfg, tokens)
-    n = math.prod(sizes.get(a, 1) for a in group_axes)
-    if n_expert > 1 and (tokens // cfg.group_size) % n:
-        raise ValueError(f"batch*seq ({tokens}) / moe.group_size ({cfg.group_size}) = {tokens // cfg.group_size} "
-                         f"routing groups do not split over the {' x '.join(group_axes)} mesh axes ({n} devices); "
-                         f"make the group count a multiple of {n}.")
+def validate_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules, *, tokens: int | None = None) -> None:
+    """Refuse a mesh the layer cannot use, before compiling: the checks ``apply`` meets when it
+    traces (ValueError naming the field and the fix). With ``tokens`` (batch x seq of one forward)
+    on the capacity path, they must form whole routing groups and, with experts over a mesh axis,
+    the groups must split over the devices (``parallel.expert.check``, which also checks that the
+    experts split over that axis)."""
+    groups = None
+    if tokens is not None and cfg.dispatch == "capacity":
+        _check_groups(cfg, tokens)
+        groups = tokens // cfg.group_size
+    expert_parallel.check(cfg.num_experts, groups, mesh, rules)
 
 
 def _check_groups(cfg: MoEConfig, tokens: int) -> None:

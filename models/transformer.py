@@ -146,17 +146,13 @@ def validate(cfg: Config) -> None:
                              f"layer would be MoE; set moe_every <= n_layers or num_experts=0.")
 
 
-def validate_mesh(cfg: Config, mesh_axis_sizes, *, tokens: int | None = None, group_axes=None) -> None:
-    """``moe.validate_mesh`` for the MoE layers (nothing for the dense model), errors naming ``model.`` fields.
-
-    tokens: batch x seq of one forward (a microbatch); group_axes: the mesh axes the routing
-    groups split over (``parallel.expert.group_axes``), when experts are parallel.
-    """
+def validate_mesh(cfg: Config, mesh, rules, *, tokens: int | None = None) -> None:
+    """``moe.validate_mesh`` for the MoE layers (nothing for the dense model), errors naming ``model.``
+    fields; tokens: batch x seq of one forward (a microbatch)."""
     if not cfg.num_experts:
         return
-    kwargs = {} if group_axes is None else {"group_axes": tuple(group_axes)}
     try:
-        moe.validate_mesh(cfg.moe, mesh_axis_sizes, tokens=tokens, **kwargs)
+        moe.validate_mesh(cfg.moe, mesh, rules, tokens=tokens)
     except ValueError as e:
         raise ValueError(_model_fields(str(e))) from None
 

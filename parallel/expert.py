@@ -55,11 +55,11 @@ def group_axes(mesh: Mesh, rules: Rules, axis: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*axes, axis]))
 
 
-def check(num_experts: int, n_groups: int, mesh: Mesh, rules: Rules) -> tuple[str, tuple[str, ...]] | None:
+def check(num_experts: int, n_groups: int | None, mesh: Mesh, rules: Rules) -> tuple[str, tuple[str, ...]] | None:
     """(expert axis, group axes) for this mesh and rules, or None without expert parallelism.
 
-    Raises ValueError (naming the field and the fix) when the experts or the groups do not
-    split evenly over the devices.
+    Raises ValueError (naming the field and the fix) when the experts or the ``n_groups``
+    routing groups (None: not checked) do not split evenly over the devices.
     """
     axis = expert_axis(mesh, rules)
     if axis is None:
@@ -69,7 +69,7 @@ def check(num_experts: int, n_groups: int, mesh: Mesh, rules: Rules) -> tuple[st
                          f"({mesh.shape[axis]}); make num_experts a multiple of mesh.{axis}.")
     gaxes = group_axes(mesh, rules, axis)
     n = _axes_size(mesh, gaxes)
-    if n_groups % n:
+    if n_groups is not None and n_groups % n:
         raise ValueError(f"the batch holds {n_groups} MoE routing groups, which {_describe(mesh, gaxes)} "
                          f"cannot split evenly; make batch*seq/moe.group_size a multiple of {n} (smaller "
                          f"moe.group_size or a larger batch).")

@@ -4,6 +4,7 @@ References: float64 NumPy for the router math and a naive per-token loop (capaci
 by position, all first choices before second choices) for the layer; a per-token jnp loop
 for gradients; the single-device layer for the expert-parallel layer on 8 host devices.
 """
+import dataclasses
 import functools
 import math
 
@@ -380,20 +381,24 @@ def test_dropless_ignores_capacity_factor_and_shape_errors():
 
 def test_mesh_errors():
     cfg = moe.MoEConfig(num_experts=6, group_size=8)
-    with pytest.raises(ValueError, match=r"moe.num_experts \(6\) is not divisible by mesh.expert \(4\)"):
-        moe.validate_mesh(cfg, {"data": 2, "expert": 4})
-    moe.validate_mesh(cfg, {"data": 4, "expert": 2}, tokens=64)
-    with pytest.raises(ValueError, match=r"batch\*seq \(60\) is not a multiple of moe.group_size"):
-        moe.validate_mesh(cfg, {"data": 4, "expert": 2}, tokens=60)
-    with pytest.raises(ValueError, match=r"8 routing groups do not split over the .* mesh axes \(16 devices\)"):
-        moe.validate_mesh(cfg, {"data": 8, "expert": 2}, tokens=64)
     mesh = pmesh.make_mesh({"data": 2, "expert": 4})
     with pytest.raises(ValueError, match=r"moe.num_experts \(6\) is not divisible by the expert mesh axis \(4\)"):
+        moe.validate_mesh(cfg, mesh, DEFAULT_RULES)
+    with pytest.raises(ValueError, match=r"moe.num_experts \(6\) is not divisible by the expert mesh axis \(4\)"):
         pexpert.check(6, 8, mesh, DEFAULT_RULES)
+    cfg = moe.MoEConfig(num_experts=8, group_size=8)
+    moe.validate_mesh(cfg, mesh, DEFAULT_RULES, tokens=64)
+    with pytest.raises(ValueError, match=r"batch\*seq \(60\) is not a multiple of moe.group_size"):
+        moe.validate_mesh(cfg, mesh, DEFAULT_RULES, tokens=60)
     with pytest.raises(ValueError, match=r"holds 4 MoE routing groups, which the data x expert axes \(2 x 4 = 8\) "
                                          r"cannot split"):
-        pexpert.check(8, 4, mesh, DEFAULT_RULES)
+        moe.validate_mesh(cfg, mesh, DEFAULT_RULES, tokens=32)
+    moe.validate_mesh(dataclasses.replace(cfg, dispatch="dropless"), mesh, DEFAULT_RULES, tokens=32)  # no groups
     assert pexpert.check(8, 8, pmesh.make_mesh({"data": 8}), DEFAULT_RULES) is None  # no expert axis: no EP
+    # experts mapped to another axis: the checks follow the rule, not the axis name
+    rules = tuple((n, "tensor" if n == "experts" else t) for n, t in DEFAULT_RULES)
+    with pytest.raises(ValueError, match=r"moe.num_experts \(6\) is not divisible by the tensor mesh axis \(4\)"):
+        moe.validate_mesh(moe.MoEConfig(num_experts=6, group_size=8), pmesh.make_mesh({"data": 2, "tensor": 4}), rules)
 
 
 # ----------------------------------------------------------------------------- expert parallelism

@@ -118,11 +118,7 @@ def validate(config):
     if t.batch_size % o.accum_steps:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by optim.accum_steps "
                          f"({o.accum_steps}).")
-    moe_cfg = getattr(mcfg, "moe", None)
-    expert = config.mesh.get("expert", 1)
-    if moe_cfg is not None and isinstance(expert, int) and expert > 1 and moe_cfg.num_experts % expert:
-        raise ValueError(f"model.num_experts ({moe_cfg.num_experts}) is not divisible by mesh.expert ({expert}); "
-                         f"make num_experts a multiple of mesh.expert or shrink the expert axis.")
+    moe_cfg = getattr(mcfg, "moe", None)  # experts and groups against the mesh: train.setup, with the mesh
     micro_tokens = t.batch_size // o.accum_steps * t.seq_len
     if moe_cfg is not None and moe_cfg.dispatch == "capacity" and micro_tokens % moe_cfg.group_size:
         raise ValueError(f"model.moe_group_size ({moe_cfg.group_size}) does not divide the tokens of a "

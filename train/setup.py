@@ -15,7 +15,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 import models
-from parallel import expert as expert_parallel
 from parallel import sharding
 from train import data, step as step_lib
 from train.config import validate
@@ -69,10 +68,8 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     sharding.check_divisibility(mcfg, mesh, rules, t.batch_size, seq_len=t.seq_len,
                                 accum_steps=config.optim.accum_steps)
     model = models.get(config.model.family)
-    if hasattr(model, "validate_mesh"):  # MoE: experts over the expert axis, routing groups over the devices
-        axis = expert_parallel.expert_axis(mesh, rules)
-        model.validate_mesh(mcfg, dict(mesh.shape), tokens=t.batch_size // config.optim.accum_steps * t.seq_len,
-                            group_axes=None if axis is None else expert_parallel.group_axes(mesh, rules, axis))
+    if hasattr(model, "validate_mesh"):  # MoE: routing groups over the devices, experts over their axis
+        model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps * t.seq_len)
     tx = step_lib.make_optimizer(config.optim, t.steps, model.param_axes(mcfg))
     init_fn = functools.partial(step_lib.init_state, model, mcfg, tx)
     state_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
