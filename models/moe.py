@@ -129,7 +129,8 @@ def validate(cfg: MoEConfig) -> None:
                          "from the task loss; set normalize_gates=False or top_k > 1.")
 
 
-def validate_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules, *, tokens: int | None = None) -> None:
+def validate_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
+                  tokens: int | None = None) -> None:
     """Refuse a mesh the layer cannot use, before compiling: the checks ``apply`` meets when it
     traces (ValueError naming the field and the fix). With ``tokens`` (batch x seq of one forward)
     on the capacity path, they must form whole routing groups and, with experts over a mesh axis,
