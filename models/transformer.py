@@ -102,12 +102,8 @@ class Config:
 
 
 # moe.MoEConfig field -> Transformer Config field.
-_MOE_FIELDS = {"num_experts": "num_experts", "every": "moe_every", "top_k": "moe_top_k",
-               "capacity_factor_train": "moe_capacity_factor_train",
-               "capacity_factor_eval": "moe_capacity_factor_eval", "group_size": "moe_group_size",
-               "dispatch": "moe_dispatch", "aux_loss_coef": "moe_aux_loss_coef", "z_loss_coef": "moe_z_loss_coef",
-               "expert_dropout": "moe_expert_dropout", "init_scale": "moe_init_scale",
-               "router_init_scale": "moe_router_init_scale", "normalize_gates": "moe_normalize_gates"}
+# MoEConfig field -> Config field: ``num_experts`` as is, every other one with a ``moe_`` prefix.
+_MOE_FIELDS = {f.name: f.name if f.name == "num_experts" else f"moe_{f.name}" for f in dataclasses.fields(moe.MoEConfig)}
 
 
 def _model_fields(message: str) -> str:

@@ -236,6 +236,21 @@ def test_model_config_errors_name_the_field(kwargs, match):
         tiny(**kwargs)
 
 
+def test_model_moe_fields_mirror_the_layer_config():
+    """Every MoEConfig field has its Config field, with the same default, except the two the model
+    sets on purpose: num_experts (0: dense) and moe_every (2: Switch's every other layer)."""
+    import dataclasses
+
+    layer = {f.name: f.default for f in dataclasses.fields(moe.MoEConfig)}
+    model = {f.name: f.default for f in dataclasses.fields(T.Config)}
+    for name, default in layer.items():
+        field = name if name == "num_experts" else f"moe_{name}"
+        assert field in model, field
+        if name not in ("num_experts", "every"):
+            assert model[field] == default, (field, model[field], default)
+    assert (model["num_experts"], model["moe_every"]) == (0, 2)
+
+
 def test_dense_ignores_moe_fields_and_from_config_refuses_unknown():
     assert T.Config(**{**TINY, "num_experts": 0, "moe_top_k": 9}).moe is None
     assert T.from_config({"family": "transformer", **TINY}).moe == moe.MoEConfig(
