@@ -171,6 +171,25 @@ def test_experiment_smoke_logs_moe_metrics(module, tmp_path):
     assert last["moe/loss"] == pytest.approx(last["moe/aux_loss/layer1"] + last["moe/z_loss/layer1"], rel=1e-5)
     assert (tmp_path / "moe.png").exists()
     assert json.loads((tmp_path / "config.json").read_text())["model"]["num_experts"] == 8
+    evals = [r for r in records if "eval_loss" in r][-1]
+    for name in ("dropped_fraction", "load_max", "aux_loss"):
+        assert 0 <= evals[f"eval_moe/{name}/layer1"] <= 1, name
+
+
+def test_eval_step_reports_moe_metrics_at_the_eval_capacity():
+    """The eval step runs the layers in eval mode: its dropped fraction follows moe_capacity_factor_eval
+    (capacity = the whole group at factor num_experts: nothing dropped), not the training factor."""
+    toks = np.random.default_rng(0).integers(3, 61, (4, 9)).astype(np.int32)
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((4, 8), np.int32)}
+    dropped = {}
+    for factor in (0.25, 4.0):
+        cfg = tiny(moe_capacity_factor_train=0.25, moe_capacity_factor_eval=factor)
+        out = jax.jit(step_lib.make_eval_step(T, cfg))(random_params(cfg), batch)
+        assert sorted(k for k in out if k.startswith("eval_moe/dropped")) == [
+            f"eval_moe/dropped_fraction/layer{i}" for i in (1, 3)]
+        dropped[factor] = [float(out[f"eval_moe/dropped_fraction/layer{i}"]) for i in (1, 3)]
+    assert dropped[4.0] == [0.0, 0.0]
+    assert min(dropped[0.25]) >= 0.5  # capacity 1 of 8 tokens per expert of 4: at least half dropped
 
 
 def test_expert_parallel_loss_and_grads_equal_one_device():

@@ -37,17 +37,22 @@ from train import step as step_lib
 from train.setup import setup_training
 
 
-def eval_loss(eval_step, params, config, mesh, rules, *, tokenizer, seq_len, batch_size, process_index=0,
-              process_count=1, max_batches: int | None) -> float:
-    """Mean next-token cross-entropy over the first ``max_batches`` eval batches (None: all of them)."""
+def eval_metrics(eval_step, params, config, mesh, rules, *, tokenizer, seq_len, batch_size, process_index=0,
+                 process_count=1, max_batches: int | None) -> dict[str, float]:
+    """Over the first ``max_batches`` eval batches (None: all of them): {'eval_loss': mean next-token
+    cross-entropy per token, and the eval step's other metrics (MoE: ``eval_moe/...``) averaged
+    over batches}."""
     ds = data.make_dataset(config.data, split="eval", seed=config.seed, tokenizer=tokenizer, seq_len=seq_len,
                            batch_size=batch_size, process_index=process_index, process_count=process_count)
     nll = tokens = 0.0
+    sums, n = {}, 0
     for local in itertools.islice(iter(ds), max_batches):  # the last batch comes padded
         out = jax.device_get(eval_step(params, sharding.global_batch(local, mesh, rules)))
-        nll += float(out["nll"])
-        tokens += float(out["tokens"])
-    return nll / max(tokens, 1.0)
+        nll += float(out.pop("nll"))
+        tokens += float(out.pop("tokens"))
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+        n += 1
+    return {"eval_loss": nll / max(tokens, 1.0), **{k: v / n for k, v in sums.items()}}
 
 
 def arithmetic_exact_match(model, mcfg, params, tokenizer, config) -> dict[str, float]:
@@ -240,10 +245,12 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "", chunk
         else:
             eval_step = jax.jit(step_lib.make_eval_step(setup.model, setup.mcfg, objective=t.objective),
                                 in_shardings=(setup.state_shardings.params, setup.batch_sharding))
-            loss = eval_loss(eval_step, state.params, config, setup.mesh, setup.rules, tokenizer=tokenizer,
-                             seq_len=t.seq_len, batch_size=t.batch_size, process_index=jax.process_index(),
-                             process_count=jax.process_count(), max_batches=None if task == "perplexity" else t.eval_batches)
-            results.update(loss=loss, perplexity=math.exp(loss))
+            record = eval_metrics(eval_step, state.params, config, setup.mesh, setup.rules, tokenizer=tokenizer,
+                                  seq_len=t.seq_len, batch_size=t.batch_size, process_index=jax.process_index(),
+                                  process_count=jax.process_count(),
+                                  max_batches=None if task == "perplexity" else t.eval_batches)
+            loss = record.pop("eval_loss")
+            results.update(loss=loss, perplexity=math.exp(loss), **record)
     return results
 
 

@@ -144,6 +144,12 @@ def make_objective(model, mcfg, *, objective: str = "lm", loss_chunk: int = 0):
     return objective_fn
 
 
+def _moe_layer_ids(model, mcfg):
+    """The family's MoE layer indices (``moe_layer_ids``), or None where it has no such layers."""
+    ids = getattr(model, "moe_layer_ids", None)
+    return ids(mcfg) if ids is not None else None
+
+
 def layer_metrics(per_layer: dict, layer_ids=None) -> dict:
     """{'moe/<metric>/layer<i>': scalar} from per-layer arrays [n]; i from ``layer_ids`` (default 0..n-1)."""
     out = {}
@@ -166,8 +172,7 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
     added) and every per-layer metric of ``aux['moe']`` (averaged over microbatches).
     """
     objective_fn = make_objective(model, mcfg, objective=objective, loss_chunk=loss_chunk)
-    layer_ids = getattr(model, "moe_layer_ids", None)
-    layer_ids = layer_ids(mcfg) if layer_ids is not None else None
+    layer_ids = _moe_layer_ids(model, mcfg)
 
     def grads_of(params, micro, rng):
         (_, (nll, tokens, extra, per_layer)), grads = jax.value_and_grad(
@@ -206,11 +211,16 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
 
 
 def make_eval_step(model, mcfg, *, objective: str = "lm"):
-    """eval_step(params, batch) -> {'nll': summed loss, 'tokens': count}."""
+    """eval_step(params, batch) -> {'nll': summed loss, 'tokens': count}, and with MoE layers every
+    per-layer metric of the eval-mode forward (capacity factor ``moe_capacity_factor_eval``) as
+    ``eval_moe/<metric>/layer<i>``."""
     loss_fn = LOSSES[objective]
+    layer_ids = _moe_layer_ids(model, mcfg)
 
     def eval_step(params, batch):
         nll, metrics = loss_fn(model, mcfg, params, batch)
-        return {"nll": nll, "tokens": metrics["tokens"]}
+        per_layer = metrics["aux"].get("moe") or {}
+        return {"nll": nll, "tokens": metrics["tokens"],
+                **{f"eval_{k}": v for k, v in layer_metrics(per_layer, layer_ids).items()}}
 
     return eval_step

@@ -148,8 +148,8 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 interval_start, interval_steps = time.perf_counter(), 0
             eval_start = time.perf_counter()
             if (t.eval_every and step % t.eval_every == 0) or (step == t.steps and t.eval_every):
-                record = {"eval_loss": evaluate.eval_loss(eval_step, state.params, config, mesh, rules,
-                                                                max_batches=t.eval_batches, **ds_kwargs)}
+                record = evaluate.eval_metrics(eval_step, state.params, config, mesh, rules,
+                                               max_batches=t.eval_batches, **ds_kwargs)
                 logger.log(step, record)
                 last.update(record)
             if t.exact_match_every and (step % t.exact_match_every == 0 or step == t.steps):
