@@ -421,13 +421,15 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=Non
 
 
 def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
-           capture_hidden: bool = False):
+           capture_hidden: bool = False, train: bool = False, rng=None):
     """All layers via ``lax.scan`` over the stacked ``layers`` axis (rematerialised per ``cfg.remat``).
+    ``train`` and ``rng`` are the protocol's mode arguments; Mamba has no dropout, so nothing uses them.
 
     With ``cache`` (``init_cache``) each layer starts from its cached conv buffer and SSM state
     and the new ones are returned: (x, new cache without 'index', aux); else (x, None, aux).
     ``aux['hidden_states']`` [n_layers + 1, b, s, d_model] when ``capture_hidden``.
     """
+    del positions, train, rng
     last = None
     if cache is not None:
         if segment_ids is None:

@@ -15,7 +15,6 @@ others are called without them, and an empty aux adds nothing.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable
 
 import flax.struct
@@ -86,12 +85,6 @@ def token_nll(model, mcfg, params, x: jax.Array, targets: jax.Array, mask: jax.A
     return total
 
 
-def takes_mode(model) -> bool:
-    """Whether the family's ``blocks`` takes ``train`` and ``rng`` (train vs eval mode, e.g. MoE)."""
-    params = inspect.signature(model.blocks).parameters
-    return "train" in params and "rng" in params
-
-
 MOE_LOSSES = ("aux_loss", "z_loss")
 
 
@@ -106,18 +99,17 @@ def lm_loss(model, mcfg, params, batch: dict, *, loss_chunk: int = 0, train: boo
     """Summed next-token cross-entropy (float32) over ``loss_mask``, the token count and the blocks' aux.
 
     batch: inputs, targets, loss_mask and optionally segment_ids, positions, each [batch, seq]
-    (without segment_ids every row is one causal sequence). ``train``/``rng`` reach ``blocks``
-    when the family takes them (``takes_mode``). Returns (sum of -log p(target),
+    (without segment_ids every row is one causal sequence). ``train``/``rng`` go to ``blocks``
+    (train or eval mode, e.g. MoE capacity and dropout). Returns (sum of -log p(target),
     {'tokens': count, 'aux': the blocks' aux, e.g. per-layer MoE losses and metrics}).
     """
     tokens = batch["inputs"]
     positions = batch.get("positions")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    mode = dict(train=train, rng=rng) if takes_mode(model) else {}
     x = model.embed(params, tokens, mcfg)
     x, _, aux = model.blocks(params["layers"], x, mcfg, positions=positions, segment_ids=batch.get("segment_ids"),
-                             **mode)
+                             train=train, rng=rng)
     mask = batch["loss_mask"].astype(jnp.float32)
     nll = token_nll(model, mcfg, params, x, batch["targets"], mask, loss_chunk)
     return nll, {"tokens": jnp.sum(mask), "aux": aux}
@@ -131,7 +123,7 @@ def make_objective(model, mcfg, *, objective: str = "lm", loss_chunk: int = 0):
 
     value = summed task loss + tokens x ``aux_loss(aux)``: divided by the batch's token count
     it is the mean loss per token plus the auxiliary losses, as the train step takes it. Runs
-    the model in train mode with ``rng`` (families that take it; see ``takes_mode``).
+    the model in train mode with ``rng``.
     """
     loss_fn = functools.partial(LOSSES[objective], loss_chunk=loss_chunk, train=True)
 
