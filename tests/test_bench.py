@@ -83,3 +83,30 @@ def test_mamba_370m_matches_its_peer():
     setup = setup_training(mamba, one_device(mamba))
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.state_shape.params))
     assert n == 352_797_696  # the figure in bench_mamba_370m's docstring
+
+
+def test_split_programs_compose_to_the_train_step():
+    """fwd_bwd's gradients, divided by the batch's tokens as the step does, then the optimizer program,
+    give the train step's new state: the two timed halves are the step's own computation (Switch: the
+    aux losses and train-mode routing included)."""
+    import numpy as np
+
+    from parallel import sharding
+
+    config = bench.apply_overrides(bench_switch_350m.get_config(), TINY + ",model.moe_every=1,model.moe_group_size=16")
+    setup = setup_training(config, one_device(config))
+    t = config.train
+    toks = np.random.default_rng(0).integers(0, 300, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+    batch = sharding.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
+                                   "loss_mask": np.ones((t.batch_size, t.seq_len), np.int32)}, setup.mesh, setup.rules)
+    with sharding.activate(setup.mesh, setup.rules):
+        fresh = lambda: jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(0))  # noqa: E731
+        want, _ = jax.jit(setup.train_step)(fresh(), batch)
+        fwd_bwd, optimizer = bench.split_programs(setup)
+        state = fresh()
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), 0)
+        _, grads = fwd_bwd(state.params, batch, key)
+        got = optimizer(state, jax.tree.map(lambda g: g / (t.batch_size * t.seq_len), grads))
+    assert int(got.step) == int(want.step) == 1
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
