@@ -1,4 +1,4 @@
-"""Speed benchmark (issue 8, item 6): Mamba at the size of the paper's 370M model (d_model 1024,
+"""Speed benchmark: Mamba at the size of the paper's 370M model (d_model 1024,
 48 layers, d_state 16, expand 2, d_conv 4; tied embeddings) with vocab 32000, against the dense
 Transformer ``experiments/bench_llama_350m.py``: same optimizer, batch (8 x 2048), dtypes (bf16
 compute, float32 parameters) and remat policy ("dots"). The selective scan is the fused Pallas

@@ -1,4 +1,4 @@
-"""Speed benchmark (issue 7, item 6): ``experiments/bench_llama_350m.py`` with Switch layers of
+"""Speed benchmark: ``experiments/bench_llama_350m.py`` with Switch layers of
 8 experts in every other layer (12 of 24), top-1, capacity factor 1.25, routing groups of one
 2048-token sequence; same tokens per step (batch 8 x 2048) and FLOPs per token as the dense model
 plus the routers (1.10B parameters, 341M active). Goal: step time <= 1.3x the dense one on one H200.

@@ -1,4 +1,4 @@
-"""Dense peer of the Switch experiment (issue 7, item 5): a 27M-parameter Llama-style Transformer
+"""Dense peer of the Switch experiment: a 27M-parameter Llama-style Transformer
 (d_model 512, 8 layers, 8 heads, d_ff 1536, byte tokens) on the Python standard library's source.
 
 Same data, steps, batch and optimizer as ``experiments/switch_stdlib.py``, and the same FLOPs per

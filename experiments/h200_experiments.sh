@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU experiments of issues 6-8 in one H200 job, all at once (small models share the GPU).
+# The GPU experiments (chain-of-thought, Switch, Mamba) in one H200 job, all at once (small models share the GPU).
 # Usage (device machine, repo root; wheels for grain/ml-collections in .whl):
 #   bash experiments/h200_experiments.sh OUT SECONDS [GROUP ...]
 # GROUP (default: all):

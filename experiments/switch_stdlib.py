@@ -1,4 +1,4 @@
-"""Switch Transformer experiment (issue 7, item 5): ``experiments/dense_stdlib.py`` with every other
+"""Switch Transformer experiment: ``experiments/dense_stdlib.py`` with every other
 MLP replaced by a Switch layer of 8 experts (Fedus et al. 2021): top-1 routing, capacity factor
 1.25 in training and 2.0 in evaluation, routing groups of 1024 tokens (two sequences), load
 balancing loss 0.01 and router z-loss 1e-3, no expert dropout.
