@@ -14,14 +14,13 @@ over seeds and [min, max]) go to stdout and ``ROOT/cot_tables.md``:
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import time
 
 import numpy as np
 from absl import app, flags
 
-from experiments.jobs import cell, job
+from experiments.jobs import cell, define_flags, run_all
 from train.config import override
 
 EXPERIMENTS = ("cot_prompting", "cot_trained", "cot_direct")
@@ -50,12 +49,9 @@ def main(argv):
     FLAGS = flags.FLAGS
     root = os.path.abspath(FLAGS.root)
     seeds = [int(s) for s in FLAGS.seeds]
-    jobs = [(name, seed) for name in EXPERIMENTS for seed in seeds]
-    fraction = 0.9 / max(FLAGS.parallel, 1)
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
-        futures = {jb: pool.submit(job, *jb, root, FLAGS.set, fraction, eval_task="cot") for jb in jobs}
-        results = {jb: f.result() for jb, f in futures.items()}
+    results = run_all([(name, seed) for name in EXPERIMENTS for seed in seeds], root, FLAGS.set, FLAGS.parallel,
+                      eval_task="cot")
     by = {name: [results[(name, s)] for s in seeds] for name in EXPERIMENTS}
 
     config, trained = (override(m.get_config(), FLAGS.set) for m in (cot_prompting, cot_trained))  # as the jobs ran
@@ -91,8 +87,5 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
-    flags.DEFINE_string("root", "runs/cot", "Directory for the runs and the tables.")
-    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of every experiment.")
-    flags.DEFINE_integer("parallel", 1, "Jobs at once.")
-    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
+    define_flags("runs/cot")
     app.run(main)

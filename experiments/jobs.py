@@ -1,8 +1,10 @@
 """Training jobs as subprocesses, for the scripts that run an experiment at several seeds
 (``cot_run``, ``switch_run``, ``synthetic_run``): one ``python -m train`` per (config, seed), then optionally one
-``python -m train.evaluate``, each logged to ``ROOT/NAME/seedS/log.txt``."""
+``python -m train.evaluate``, each logged to ``ROOT/NAME/seedS/log.txt``; ``run_all`` runs several at once,
+``define_flags`` declares the flags the scripts share."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -47,6 +49,27 @@ def job(name: str, seed: int, root: str, overrides: list[str], mem_fraction: flo
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def define_flags(root: str) -> None:
+    """--root (default ``root``), --seeds, --parallel, --set: the flags every runner script takes.
+    Called under ``if __name__ == "__main__"``, so that importing a runner (tests) defines none."""
+    from absl import flags
+
+    flags.DEFINE_string("root", root, "Directory for the runs and the tables.")
+    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of every job.")
+    flags.DEFINE_integer("parallel", 1, "Jobs at once (they share the accelerator's memory evenly).")
+    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
+
+
+def run_all(jobs: list[tuple[str, int]], root: str, overrides: list[str], parallel: int,
+            eval_task: str | None = None) -> dict[tuple[str, int], dict]:
+    """``job`` for every (name, seed), ``parallel`` at once, each given 0.9 / parallel of the
+    accelerator memory; returns their results by (name, seed). Raises on the first failed job."""
+    fraction = 0.9 / max(parallel, 1)
+    with concurrent.futures.ThreadPoolExecutor(max(parallel, 1)) as pool:
+        futures = {jb: pool.submit(job, *jb, root, overrides, fraction, eval_task=eval_task) for jb in jobs}
+        return {jb: f.result() for jb, f in futures.items()}
 
 
 def cell(values, scale: float = 100.0, digits: int = 1) -> str:

@@ -12,12 +12,11 @@ per-layer dropped fraction and max expert load (each run's ``moe.png`` has all M
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
 
 from absl import app, flags
 
-from experiments.jobs import cell, job
+from experiments.jobs import cell, define_flags, run_all
 from train import metrics
 
 PAIR = ("dense_stdlib", "switch_stdlib")
@@ -89,10 +88,7 @@ def main(argv):
     del argv
     FLAGS = flags.FLAGS
     root, seeds = os.path.abspath(FLAGS.root), [int(s) for s in FLAGS.seeds]
-    fraction = 0.9 / max(FLAGS.parallel, 1)
-    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
-        for f in [pool.submit(job, name, s, root, FLAGS.set, fraction) for s in seeds for name in PAIR]:
-            f.result()
+    run_all([(name, s) for s in seeds for name in PAIR], root, FLAGS.set, FLAGS.parallel)
     text = summarize(root, seeds)
     with open(os.path.join(root, "switch_table.md"), "w") as f:
         f.write(text + "\n")
@@ -101,8 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
-    flags.DEFINE_string("root", "runs/switch", "Directory for the runs and the table.")
-    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of both configs.")
-    flags.DEFINE_integer("parallel", 1, "Jobs at once.")
-    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
+    define_flags("runs/switch")
     app.run(main)

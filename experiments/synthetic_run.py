@@ -11,13 +11,12 @@ mean over seeds [min, max], per length) goes to stdout and ``ROOT/synthetic_tabl
 """
 from __future__ import annotations
 
-import concurrent.futures
 import importlib
 import os
 
 from absl import app, flags
 
-from experiments.jobs import cell, job
+from experiments.jobs import cell, define_flags, run_all
 from train.config import override
 
 FAMILIES = ("mamba", "transformer")
@@ -41,11 +40,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     root, seeds = os.path.abspath(FLAGS.root), [int(s) for s in FLAGS.seeds]
     jobs = [(f"{family}_{task}", s) for task in FLAGS.tasks for family in FAMILIES for s in seeds]
-    fraction = 0.9 / max(FLAGS.parallel, 1)
-    with concurrent.futures.ThreadPoolExecutor(FLAGS.parallel) as pool:
-        futures = {jb: pool.submit(job, *jb, root, FLAGS.set, fraction, eval_task="length_generalization")
-                   for jb in jobs}
-        results = {jb: f.result() for jb, f in futures.items()}
+    results = run_all(jobs, root, FLAGS.set, FLAGS.parallel, eval_task="length_generalization")
     text = "\n\n".join(table(task, {f: [results[(f"{f}_{task}", s)] for s in seeds] for f in FAMILIES},
                              override(importlib.import_module(f"experiments.mamba_{task}").get_config(),
                                       FLAGS.set).data.task_length)
@@ -56,9 +51,6 @@ def main(argv):
 
 
 if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
-    flags.DEFINE_string("root", "runs/synthetic", "Directory for the runs and the tables.")
+    define_flags("runs/synthetic")
     flags.DEFINE_list("tasks", ["induction", "selective_copying"], "Tasks (experiments/mamba_TASK.py).")
-    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of every job.")
-    flags.DEFINE_integer("parallel", 1, "Jobs at once.")
-    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
     app.run(main)
