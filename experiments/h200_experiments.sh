@@ -9,7 +9,7 @@
 #   switch  Switch vs dense on the stdlib corpus, 2 seeds (experiments/switch_run.py: table and plot)
 #   synth   Mamba vs Transformer, induction heads and selective copying, 2 seeds, lengths 64..16384
 #           (experiments/synthetic_run.py: tables; SYNTH_TASKS=selective_copying for one task)
-#   arith   Mamba vs Transformer on the arithmetic corpus, 2 seeds
+#   arith   Mamba vs Transformer on the arithmetic corpus, 2 seeds (experiments/arith_run.py: table)
 # Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,
 # log.txt) go into OUT/results.tar.gz every 20 s and at the end, so a job cut short still returns
 # what it had.
@@ -71,10 +71,8 @@ for g in $groups; do case $g in
   synth) python3 -m experiments.synthetic_run --root "$runs/synthetic" --seeds 0,1 --parallel 8 \
            --tasks "${SYNTH_TASKS:-induction,selective_copying}" \
            >"$runs/synthetic_run.txt" 2>&1 && echo "synthetic_run done at $SECONDS s" & ;;
-  arith) for seed in 0 1; do
-           job mamba_arith mamba_arith $seed 0.02 exact_match &
-           job arith_cot arith_cot $seed 0.02 exact_match &
-         done ;;
+  arith) python3 -m experiments.arith_run --root "$runs/arith" --seeds 0,1 --parallel 4 >"$runs/arith_run.txt" 2>&1 \
+           && echo "arith_run done at $SECONDS s" & ;;
   *) echo "unknown group $g" ;;
 esac; done
 

@@ -86,3 +86,16 @@ def test_synthetic_tables_per_length_mean_and_spread():
     assert "| 256 (training length) | 100.0 [100.0, 100.0] | 95.0 [90.0, 100.0] |" in text
     assert "| 1024 | 80.0 [70.0, 90.0] | 5.0 [0.0, 10.0] |" in text
     assert text.index("| 256 ") < text.index("| 1024 ")
+
+
+def test_arith_table_per_operation_count():
+    from experiments import arith_run
+
+    runs = {"Mamba": [{"exact_match/1": 0.5, "exact_match/2": 0.25, "exact_match": 0.375, "step": 400},
+                      {"exact_match/1": 0.7, "exact_match/2": 0.25, "exact_match": 0.475, "step": 400}],
+            "Transformer": [{"exact_match/1": 1.0, "exact_match/2": 0.0, "exact_match": 0.5, "step": 400},
+                            {"exact_match/1": 1.0, "exact_match/2": 0.5, "exact_match": 0.75, "step": 400}]}
+    text = arith_run.table(runs)
+    assert text.splitlines()[0] == "| model | 1 | 2 | all |"
+    assert "| Mamba | 60.0 [50.0, 70.0] | 25.0 [25.0, 25.0] | 42.5 [37.5, 47.5] |" in text
+    assert "| Transformer | 100.0 [100.0, 100.0] | 25.0 [0.0, 50.0] | 62.5 [50.0, 75.0] |" in text
