@@ -23,6 +23,7 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -70,10 +71,7 @@ def _refuse_moe(cfg: transformer.Config) -> None:
                          "format; only dense Transformers and Mamba models convert.")
 
 
-def to_hf_state_dict(params: dict, cfg: transformer.Config | mamba.Config) -> dict[str, np.ndarray]:
-    """loom params -> Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict of float32 NumPy arrays."""
-    if isinstance(cfg, mamba.Config):
-        return _mamba_to_hf_state_dict(params, cfg)
+def _llama_to_hf_state_dict(params: dict, cfg: transformer.Config) -> dict[str, np.ndarray]:
     _refuse_moe(cfg)
     out = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
            "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
@@ -87,11 +85,7 @@ def to_hf_state_dict(params: dict, cfg: transformer.Config | mamba.Config) -> di
     return out
 
 
-def from_hf_state_dict(state: dict, cfg: transformer.Config | mamba.Config) -> dict:
-    """Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict (NumPy arrays) -> loom params in
-    ``cfg.param_dtype``."""
-    if isinstance(cfg, mamba.Config):
-        return _mamba_from_hf_state_dict(state, cfg)
+def _llama_from_hf_state_dict(state: dict, cfg: transformer.Config) -> dict:
     _refuse_moe(cfg)
     dtype = np.dtype(layers.DTYPES[cfg.param_dtype])
 
@@ -391,15 +385,46 @@ _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-def _hf_names(cfg: transformer.Config | mamba.Config) -> list[str]:
-    """Every tensor name a Llama (or Mamba) checkpoint of ``cfg`` must hold."""
-    if isinstance(cfg, mamba.Config):
-        names = ["backbone.embeddings.weight", "backbone.norm_f.weight"]
-        names += [f"backbone.layers.{i}.{s}" for s in _mamba_layer_names(cfg) for i in range(cfg.n_layers)]
-        return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+def _llama_names(cfg: transformer.Config) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     names += [f"model.layers.{i}.{s}" for s in _LAYER_NAMES.values() for i in range(cfg.n_layers)]
     return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+
+
+def _mamba_names(cfg: mamba.Config) -> list[str]:
+    names = ["backbone.embeddings.weight", "backbone.norm_f.weight"]
+    names += [f"backbone.layers.{i}.{s}" for s in _mamba_layer_names(cfg) for i in range(cfg.n_layers)]
+    return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+
+
+class _Family(NamedTuple):
+    """What checkpoint conversion needs of one model family; ``_FAMILIES`` maps its Config type to it."""
+    name: str  # in messages: "Llama" or "Mamba"
+    module: Any  # the loom model family (its ``init`` gives the expected shapes)
+    hf_config: Callable  # Config -> config.json fields
+    names: Callable  # Config -> every tensor name a checkpoint holds, in order
+    to_hf: Callable  # (params, Config) -> state dict
+    from_hf: Callable  # (state dict, Config) -> params
+
+
+def _family(cfg: transformer.Config | mamba.Config) -> _Family:
+    return _FAMILIES[type(cfg)]
+
+
+def to_hf_state_dict(params: dict, cfg: transformer.Config | mamba.Config) -> dict[str, np.ndarray]:
+    """loom params -> Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict of float32 NumPy arrays."""
+    return _family(cfg).to_hf(params, cfg)
+
+
+def from_hf_state_dict(state: dict, cfg: transformer.Config | mamba.Config) -> dict:
+    """Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict (NumPy arrays) -> loom params in
+    ``cfg.param_dtype``."""
+    return _family(cfg).from_hf(state, cfg)
+
+
+def _hf_names(cfg: transformer.Config | mamba.Config) -> list[str]:
+    """Every tensor name a Llama (or Mamba) checkpoint of ``cfg`` must hold."""
+    return _family(cfg).names(cfg)
 
 
 def _shard_files(d: Path) -> dict[str, list[str]]:
@@ -442,7 +467,7 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **c
         raise FileNotFoundError(f"{d} has no config.json; is it a Hugging Face checkpoint directory?")
     hf_config = _read_json(d / "config.json")
     cfg = config_from_hf(hf_config, dtype=dtype, **config_overrides)
-    family, module = ("Mamba", mamba) if isinstance(cfg, mamba.Config) else ("Llama", transformer)
+    family, module = _family(cfg).name, _family(cfg).module
     needed = set(_hf_names(cfg))
     files = _shard_files(d)
     found = {n for names in files.values() for n in names}
@@ -512,7 +537,7 @@ def save_checkpoint(params: dict, cfg: transformer.Config | mamba.Config, direct
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()  # not mkdtemp: the checkpoint keeps the usual umask permissions
     try:
-        hf_config = mamba_config(cfg) if isinstance(cfg, mamba.Config) else llama_config(cfg)
+        hf_config = _family(cfg).hf_config(cfg)
         config = {**hf_config, "torch_dtype": dtype, "dtype": dtype}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if max_shard_bytes:
@@ -549,3 +574,11 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         os.replace(old / "ckpt", target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+_FAMILIES = {
+    transformer.Config: _Family("Llama", transformer, llama_config, _llama_names, _llama_to_hf_state_dict,
+                                _llama_from_hf_state_dict),
+    mamba.Config: _Family("Mamba", mamba, mamba_config, _mamba_names, _mamba_to_hf_state_dict,
+                          _mamba_from_hf_state_dict),
+}
