@@ -20,12 +20,17 @@ def job(name: str, seed: int, root: str, overrides: list[str], mem_fraction: flo
         eval_task: str | None = None) -> dict:
     """Train (or resume) ``experiments/NAME.py`` at ``seed`` in ``root/NAME/seedS`` with the config
     ``overrides`` (section.key=value), then, with ``eval_task``, evaluate it into ``EVAL_TASK.json``
-    there. Returns that JSON (or {}) plus the seconds of each stage; a finished job is not rerun."""
+    there. Returns that JSON (or {}) plus the seconds of each stage and the overrides. A finished
+    job is not rerun; one finished with other overrides is refused (ValueError), not reused."""
     workdir = os.path.join(root, name, f"seed{seed}")
     out = os.path.join(workdir, f"{eval_task or 'train'}.json")
     if os.path.exists(out):
         with open(out) as f:
-            return json.load(f)
+            done = json.load(f)
+        if done.get("overrides", list(overrides)) != list(overrides):
+            raise ValueError(f"{workdir} holds a finished run with overrides {done['overrides']}, not {list(overrides)}; "
+                             f"use another --root or remove it.")
+        return done
     os.makedirs(workdir, exist_ok=True)
     flags_ = ["--config", os.path.join(ROOT, "experiments", f"{name}.py"), "--workdir", workdir,
               f"--config.seed={seed}", "--config.train.progress=False", *(f"--config.{o}" for o in overrides)]
@@ -46,6 +51,7 @@ def job(name: str, seed: int, root: str, overrides: list[str], mem_fraction: flo
     if eval_task:
         with open(out) as f:
             result = {**json.load(f), **result}
+    result["overrides"] = list(overrides)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return result

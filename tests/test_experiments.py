@@ -99,3 +99,18 @@ def test_arith_table_per_operation_count():
     assert text.splitlines()[0] == "| model | 1 | 2 | all |"
     assert "| Mamba | 60.0 [50.0, 70.0] | 25.0 [25.0, 25.0] | 42.5 [37.5, 47.5] |" in text
     assert "| Transformer | 100.0 [100.0, 100.0] | 25.0 [0.0, 50.0] | 62.5 [50.0, 75.0] |" in text
+
+
+def test_a_finished_job_is_reused_only_with_the_same_overrides(tmp_path):
+    import json
+
+    from experiments import jobs
+
+    workdir = tmp_path / "arith_cot" / "seed0"
+    workdir.mkdir(parents=True)
+    (workdir / "exact_match.json").write_text(json.dumps({"exact_match": 0.5, "overrides": ["train.steps=10"]}))
+    done = jobs.job("arith_cot", 0, str(tmp_path), ["train.steps=10"], 0.5, eval_task="exact_match")
+    assert done["exact_match"] == 0.5  # no subprocess ran: the finished result
+    with pytest.raises(ValueError, match=r"holds a finished run with overrides \['train.steps=10'\], not "
+                                         r"\['train.steps=20'\]; use another --root"):
+        jobs.job("arith_cot", 0, str(tmp_path), ["train.steps=20"], 0.5, eval_task="exact_match")
