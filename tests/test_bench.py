@@ -87,23 +87,22 @@ def test_mamba_370m_matches_its_peer():
 
 def test_split_programs_compose_to_the_train_step():
     """fwd_bwd's gradients, divided by the batch's tokens as the step does, then the optimizer program,
-    give the train step's new state: the two timed halves are the step's own computation (Switch: the
-    aux losses and train-mode routing included)."""
+    give the train step's new state: the two timed halves are the step's own computation."""
     import numpy as np
 
     from parallel import sharding
 
-    config = bench.apply_overrides(bench_switch_350m.get_config(), TINY + ",model.moe_every=1,model.moe_group_size=16")
+    config = bench.apply_overrides(bench_llama_350m.get_config(), TINY)
     setup = setup_training(config, one_device(config))
     t = config.train
     toks = np.random.default_rng(0).integers(0, 300, (t.batch_size, t.seq_len + 1), dtype=np.int32)
     batch = sharding.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:],
                                    "loss_mask": np.ones((t.batch_size, t.seq_len), np.int32)}, setup.mesh, setup.rules)
     with sharding.activate(setup.mesh, setup.rules):
-        fresh = lambda: jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(0))  # noqa: E731
-        want, _ = jax.jit(setup.train_step)(fresh(), batch)
+        init = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)
+        want, _ = jax.jit(setup.train_step)(init(jax.random.PRNGKey(0)), batch)
         fwd_bwd, optimizer = bench.split_programs(setup)
-        state = fresh()
+        state = init(jax.random.PRNGKey(0))  # a fresh copy: the optimizer program donates it
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), 0)
         _, grads = fwd_bwd(state.params, batch, key)
         got = optimizer(state, jax.tree.map(lambda g: g / (t.batch_size * t.seq_len), grads))

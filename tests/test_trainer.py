@@ -244,9 +244,10 @@ def test_weight_decay_only_on_matrices_not_stacked_vectors_or_a_log(family, deca
     c.optim.update(warmup_steps=0, clip_norm=0.0, weight_decay=0.5, lr=0.1, end_lr_ratio=1.0)
     model = models.get(family)
     mcfg = model.from_config(c.model)
-    params = model.init(mcfg, jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(lambda: model.init(mcfg, jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda s: jnp.asarray(np.random.default_rng(0).normal(size=s.shape), s.dtype), shapes)
     tx = step_lib.make_optimizer(c.optim, 10, model.param_axes(mcfg))
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), jax.jit(tx.init)(params), params)
     names = []
     for (path, p), u in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(updates)):
         names.append(path[-1].key)
