@@ -37,9 +37,8 @@ No length field is needed for either family at 32k: the Transformer's RoPE is co
 positions (no table, no maximum length) and Mamba has no positions. The Transformer's
 ``attention="auto"`` picks cuDNN flash attention on GPU for bf16 training (plain causal, head_dim
 64; no [seq, seq] scores are held at 32k); with remat "dots" both keep the matmul outputs per
-token (estimated 0.5 MB per token for the Transformer, 1 MB for Mamba, over all layers), so
-equal tokens per step hold about equal activation memory at every length: some 17 and 32 GB here
-(plus 4 GB of float32 logits), well within an H200's 141 GB.
+token, so equal tokens per step hold equal activation memory at every length: measured peaks
+on one H200 were 42.1 GB (Mamba) and 30.0 GB (Transformer) at 2k, 8k and 32k alike.
 """
 import ml_collections
 

@@ -80,4 +80,5 @@ end=$((SECONDS + limit))
 while [ -n "$(jobs -r)" ] && [ $SECONDS -lt $end ]; do sleep 20; sync_out; done
 sync_out
 echo "finished at $SECONDS s; still running: $(jobs -r | wc -l)"
-for f in "$runs"/*/log.txt; do echo "== $f"; grep -v -i "warn\|^I1\|^W1" "$f" | tail -3; done 2>/dev/null | tail -80
+for f in "$runs"/*_run.txt; do echo "== $f"; grep -v -i "warn\|^I1\|^W1" "$f" | tail -30; done 2>/dev/null  # tables
+for f in "$runs"/*/log.txt; do echo "== $f"; grep -v -i "warn\|^I1\|^W1" "$f" | tail -3; done 2>/dev/null  # sc jobs

@@ -47,10 +47,15 @@ def reference(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_start=0):
     return out.reshape(b, s, h, d)
 
 
+def _plain_causal(q, k, q_segment_ids, q_start) -> bool:
+    """Whether the mask is causal alone (no segments, no cache offset): no mask array is needed."""
+    return q_segment_ids is None and q.shape[1] == k.shape[1] and isinstance(q_start, int) and q_start == 0
+
+
 def _library(implementation):
     def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_start=0):
         s, t = q.shape[1], k.shape[1]
-        plain_causal = q_segment_ids is None and s == t and isinstance(q_start, int) and q_start == 0
+        plain_causal = _plain_causal(q, k, q_segment_ids, q_start)
         mask = None if plain_causal else make_mask(s, t, q_start, q_segment_ids, kv_segment_ids)
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=plain_causal, implementation=implementation
@@ -65,9 +70,8 @@ def auto_choice(q, k, *, on_gpu: bool, q_segment_ids=None, q_start=0, **_) -> st
     cache as a dense bias) and a segment mask over an odd length, which cuDNN refuses in training."""
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     uncached = q.shape[1] == k.shape[1] and isinstance(q_start, int)
-    masked = q_segment_ids is not None or q_start != 0
     even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
-    return "cudnn" if on_gpu and half and uncached and (even or not masked) else "xla"
+    return "cudnn" if on_gpu and half and uncached and (even or _plain_causal(q, k, q_segment_ids, q_start)) else "xla"
 
 
 def _auto(q, k, v, **kw):

@@ -266,24 +266,19 @@ def _scan_pallas(x, dt, A, B, C, keep, h0):
     """``scan_kernel.selective_scan_pallas``; under an active mesh in ``shard_map``, each device
     scanning its rows and channels (by the rules for ``batch`` and ``inner``) over the whole
     sequence: the custom calls of the kernels are opaque to XLA's partitioner."""
+    def run(x, dt, A, B, C, keep, h0):
+        return scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0)
+
     active = sharding.active()
     if active is None:
-        return scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0)
+        return run(x, dt, A, B, C, keep, h0)
     mesh, rules = active
-    spec = lambda *names: sharding.logical_to_spec(names, rules)  # noqa: E731
-    args = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "keep": keep, "h0": h0}
-    specs = {"x": spec("batch", None, "inner"), "dt": spec("batch", None, "inner"), "A": spec("inner", None),
-             "B": spec("batch", None, None), "C": spec("batch", None, None), "keep": spec("batch", None),
-             "h0": spec("batch", "inner", None)}
-    given = {k: v for k, v in args.items() if v is not None}
-
-    def local(given):
-        a = {**dict.fromkeys(args), **given}
-        return scan_kernel.selective_scan_pallas(a["x"], a["dt"], a["A"], a["B"], a["C"], keep=a["keep"],
-                                                 h0=a["h0"])
-
-    return jax.shard_map(local, mesh=mesh, in_specs=({k: specs[k] for k in given},),
-                         out_specs=(specs["x"], specs["h0"]), check_vma=False)(given)
+    rows_inner, rows, state = (sharding.logical_to_spec(names, rules) for names in (
+        ("batch", None, "inner"), ("batch", None, None), ("batch", "inner", None)))
+    in_specs = (rows_inner, rows_inner, sharding.logical_to_spec(("inner", None), rules), rows, rows,
+                sharding.logical_to_spec(("batch", None), rules), state)  # keep, h0: None is an empty pytree
+    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(rows_inner, state),
+                         check_vma=False)(x, dt, A, B, C, keep, h0)
 
 
 def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chunked", chunk_size: int = 64):

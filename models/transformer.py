@@ -101,9 +101,9 @@ class Config:
         return moe.MoEConfig(**{name: getattr(self, field) for name, field in _MOE_FIELDS.items()})
 
 
-# moe.MoEConfig field -> Transformer Config field.
 # MoEConfig field -> Config field: ``num_experts`` as is, every other one with a ``moe_`` prefix.
-_MOE_FIELDS = {f.name: f.name if f.name == "num_experts" else f"moe_{f.name}" for f in dataclasses.fields(moe.MoEConfig)}
+_MOE_FIELDS = {f.name: f.name if f.name == "num_experts" else f"moe_{f.name}"
+               for f in dataclasses.fields(moe.MoEConfig)}
 
 
 def _model_fields(message: str) -> str:

@@ -30,9 +30,7 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from parallel.sharding import _axes_size, _describe, _targets
-
-Rules = Sequence[tuple[str, Any]]
+from parallel.sharding import Rules, _axes_size, _describe, _targets
 
 
 def expert_axis(mesh: Mesh, rules: Rules) -> str | None:

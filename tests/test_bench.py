@@ -9,6 +9,7 @@ import pytest
 from experiments import bench_llama_350m, bench_mamba_370m, bench_switch_350m
 from parallel import mesh as mesh_lib
 from train import bench
+from train import step as step_lib
 from train.config import base_config
 from train.setup import setup_training
 
@@ -103,8 +104,7 @@ def test_split_programs_compose_to_the_train_step():
         want, _ = jax.jit(setup.train_step)(init(jax.random.PRNGKey(0)), batch)
         fwd_bwd, optimizer = bench.split_programs(setup)
         state = init(jax.random.PRNGKey(0))  # a fresh copy: the optimizer program donates it
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), 0)
-        _, grads = fwd_bwd(state.params, batch, key)
+        _, grads = fwd_bwd(state.params, batch, step_lib.step_rng(config.seed, 0))
         got = optimizer(state, jax.tree.map(lambda g: g / (t.batch_size * t.seq_len), grads))
     assert int(got.step) == int(want.step) == 1
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):

@@ -155,3 +155,15 @@ def test_pallas_under_a_mesh_runs_per_device_and_equals_one_device():
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert rel_err(a, b) < 1e-5
+    # The other optional inputs: no resets, a given initial state.
+    inp, _ = inputs(4, 11, 24, 3, seed=2)
+    def scan(inp):
+        return M.selective_scan(**inp, D=jnp.ones((24,)), method="pallas")
+
+    want = jit(scan)(inp)
+    with sharding.activate(mesh, DEFAULT_RULES):
+        sharded = functools.partial(scan)  # a new function: jax caches traces per function, not per mesh
+        assert "shard_map" in str(jax.make_jaxpr(sharded)(inp))
+        got = jit(sharded)(inp)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-6

@@ -295,7 +295,8 @@ def test_train_config_errors_before_compiling():
     c.mesh.update(data=2, expert=4)
     c.train.batch_size = 4  # 4 x 64 tokens = 4 groups of 64 for 8 devices
     config_lib.validate(c)
-    with pytest.raises(ValueError, match=r"holds 4 MoE routing groups, which the data x expert axes \(2 x 4 = 8\) cannot split"):
+    with pytest.raises(ValueError,
+                       match=r"holds 4 MoE routing groups, which the data x expert axes \(2 x 4 = 8\) cannot split"):
         setup_training(c, pmesh.make_mesh(c.mesh))
     for config in (switch_stdlib.get_config(), dense_stdlib.get_config(), bench_switch_350m.get_config()):
         config_lib.validate(config)

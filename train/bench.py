@@ -11,8 +11,8 @@ and peak device memory. Batches are random tokens, one causal sequence per row (
 With ``--split`` (the default) two more programs are compiled and timed the same way on the same
 batch and state, to split the step: ``fwd_bwd_s``, the objective the train step differentiates
 (``step.make_objective``) and its gradients, returned so that the backward pass is kept; and
-``optimizer_s``, the update of the state from gradients (``tx.update``, the state's dtypes kept,
-``optax.apply_updates``), the state donated as in the step. Their sum differs from ``step_s`` by
+``optimizer_s``, the update of the state from gradients (``step.apply_gradients``), the state
+donated as in the step. Their sum differs from ``step_s`` by
 what fuses across the boundary and by the step's own small work (scaling by the token count,
 the gradient norm). ``--nosplit`` skips them (two fewer compilations).
 """
@@ -27,7 +27,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -94,8 +93,8 @@ def split_programs(setup):
     fwd_bwd(params, batch, rng) -> (objective, grads): the value the train step differentiates
     (``step.make_objective``, train mode) and its gradients, sharded like the parameters; the
     whole batch in one piece (the step's case when optim.accum_steps is 1). optimizer(state,
-    grads) -> state: ``tx.update``, the state's dtypes kept, ``optax.apply_updates``, as the step
-    does after its gradients; the state donated.
+    grads) -> state: ``step.apply_gradients``, as the step does after its gradients; the state
+    donated.
     """
     t, tx, params_sh = setup.config.train, setup.tx, setup.state_shardings.params
     objective_fn = step_lib.make_objective(setup.model, setup.mcfg, objective=t.objective, loss_chunk=t.loss_chunk)
@@ -105,10 +104,7 @@ def split_programs(setup):
         return value, grads
 
     def optimizer(state, grads):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state)
+        return step_lib.apply_gradients(tx, state, grads)
 
     return (jax.jit(fwd_bwd, in_shardings=(params_sh, setup.batch_sharding, None),
                     out_shardings=(None, params_sh)),
@@ -121,7 +117,7 @@ def _bench_split(setup, state, batch, steps: int, warmup: int) -> dict:
     config, t = setup.config, setup.config.train
     fwd_bwd, optimizer = split_programs(setup)
     whole = config.optim.accum_steps == 1
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), 0)  # the step's first key
+    key = step_lib.step_rng(config.seed, 0)  # the first step's key
     t0 = time.perf_counter()
     fwd_bwd = fwd_bwd.lower(state.params, batch, key).compile() if whole else None
     optimizer = optimizer.lower(state, state.params).compile()

@@ -118,7 +118,8 @@ def validate(config):
     if t.batch_size % o.accum_steps:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by optim.accum_steps "
                          f"({o.accum_steps}).")
-    moe_cfg = getattr(mcfg, "moe", None)  # experts and groups against the mesh: train.setup, with the mesh
+    # MoE: the groups of a (micro)batch here; experts and groups against the mesh in train.setup.
+    moe_cfg = getattr(mcfg, "moe", None)
     micro_tokens = t.batch_size // o.accum_steps * t.seq_len
     if moe_cfg is not None and moe_cfg.dispatch == "capacity" and micro_tokens % moe_cfg.group_size:
         raise ValueError(f"model.moe_group_size ({moe_cfg.group_size}) does not divide the tokens of a "

@@ -151,6 +151,19 @@ def layer_metrics(per_layer: dict, layer_ids=None) -> dict:
     return out
 
 
+def step_rng(seed: int, step, microbatch=0) -> jax.Array:
+    """The train-mode key of a step's microbatch: ``fold_in(fold_in(PRNGKey(seed), step), microbatch)``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), microbatch)
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads) -> TrainState:
+    """One optimizer update of ``state`` (step + 1). The state keeps its dtypes: bf16 parameters keep
+    bf16 moments even where optax promotes them."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
+    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
 def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int = 1, loss_chunk: int = 0,
                     seed: int = 0):
     """train_step(state, batch) -> (state, metrics); gradients summed over ``accum_steps`` microbatches.
@@ -158,8 +171,8 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
     The loss is the mean over every loss-masked token of the whole batch, so a step with
     accumulation equals the same step on the full batch (with MoE, up to routing: groups and
     capacity are per microbatch). Auxiliary (MoE) losses are added to it, each microbatch's
-    weighted by its token count. The model runs in train mode with
-    the key ``fold_in(fold_in(PRNGKey(seed), step), microbatch)``. Metrics: loss (the task
+    weighted by its token count. The model runs in train mode with the key ``step_rng(seed, step,
+    microbatch)``. Metrics: loss (the task
     loss alone), grad_norm, tokens, and with MoE layers ``moe/loss`` (the auxiliary losses
     added) and every per-layer metric of ``aux['moe']`` (averaged over microbatches).
     """
@@ -172,16 +185,15 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
         return (nll, tokens, grads), (extra, per_layer)
 
     def train_step(state: TrainState, batch: dict):
-        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
         if accum_steps == 1:
-            (nll, tokens, grads), (extra, per_layer) = grads_of(state.params, batch, jax.random.fold_in(rng, 0))
+            (nll, tokens, grads), (extra, per_layer) = grads_of(state.params, batch, step_rng(seed, state.step))
         else:
             # Microbatch i takes rows i, i + accum, ...: each device keeps its own rows.
             micro = jax.tree.map(lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def body(carry, xs):
                 mb, i = xs
-                sums, logged = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+                sums, logged = grads_of(state.params, mb, step_rng(seed, state.step, i))
                 return jax.tree.map(jnp.add, carry, sums), logged
 
             zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
@@ -189,15 +201,11 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
             extra, per_layer = jax.tree.map(lambda a: jnp.mean(a, axis=0), logged)
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        # The state keeps its dtypes (bf16 parameters keep bf16 moments even where optax promotes).
-        opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
-        params = optax.apply_updates(state.params, updates)
         metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
         if per_layer:
             metrics["moe/loss"] = extra
             metrics.update(layer_metrics(per_layer, layer_ids))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return apply_gradients(tx, state, grads), metrics
 
     return train_step
 
