@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from train import data
+from train.data import pipeline
 
 BYTE = data.ByteTokenizer()
 
@@ -449,7 +450,7 @@ def test_mixture_dataset_trains_every_token_and_evaluates_both_styles():
     tok = data.ByteTokenizer()
     batch = next(iter(data.make_dataset(cfg, tokenizer=tok, seq_len=160, batch_size=4, seed=0)))
     assert (batch["loss_mask"] == (batch["segment_ids"] > 0)).all()
-    records = list(data._records(cfg, "eval", 0, 160))
+    records = list(pipeline._records(cfg, "eval", 0, 160))
     assert any("=" in c for _, c in records) and any("=" not in c for _, c in records)
 
 

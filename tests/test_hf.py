@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from models import generate, hf
+from models import generate, hf, tokenizers
 from models import transformer as T
 from tests.test_transformer import random_params, rel_err, tiny, tokens
 
@@ -298,7 +298,7 @@ def test_tokenizer_json_is_picked_up_and_round_trips(tmp_path):
     cfg = tiny(vocab_size=trained.get_vocab_size())
     hf.save_checkpoint(random_params(cfg), cfg, tmp_path)  # carries tokenizer.json over
     _, _, tok = hf.load_checkpoint(tmp_path)
-    assert isinstance(tok, hf.HFTokenizer)
+    assert isinstance(tok, tokenizers.HFTokenizer)
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, cfg.vocab_size)
     text = "the lazy fox jumps 12+3=15, naïve → done."
     ids = tok.encode(text)
@@ -310,7 +310,7 @@ def test_tokenizer_json_is_picked_up_and_round_trips(tmp_path):
 def test_sentencepiece_model_is_picked_up_and_no_tokenizer_gives_none(tmp_path):
     sentencepiece = pytest.importorskip("sentencepiece")
     pytest.importorskip("safetensors")
-    from train.data import SentencePieceTokenizer
+    from models.tokenizers import SentencePieceTokenizer
 
     cfg = tiny()
     hf.save_checkpoint(random_params(cfg), cfg, tmp_path / "ckpt")

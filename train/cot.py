@@ -21,13 +21,16 @@ Exemplar files are JSONL, one object per line, in either format:
     annotations ``<<48/2=24>>`` are removed and the rationale's lines are joined with spaces.
 Blank lines are skipped; a malformed line raises ValueError naming the file and the 1-based line.
 
-loom's compact arithmetic corpus (`train.data.Problem`) goes through the same builder: `as_exemplar`
-turns a Problem into an Exemplar and ``compact=True`` drops the spaces after ``Q:``/``A:`` and
-before ``The answer is``, so an exemplar renders as exactly ``problem.prompt + problem.cot``
-(``problem.direct`` for standard prompting) and the query as exactly ``problem.prompt``.
+loom's compact arithmetic corpus (`train.data.Problem`, or anything with its fields: `CompactProblem`)
+goes through the same builder: `as_exemplar` turns a Problem into an Exemplar and ``compact=True``
+drops the spaces after ``Q:``/``A:`` and before ``The answer is``, so an exemplar renders as exactly
+``problem.prompt + problem.cot`` (``problem.direct`` for standard prompting) and the query as exactly
+``problem.prompt``.
 
 Answers are compared as normalized number strings (`normalize_number`): ``$1,234.`` and
-``1234.0`` both become ``1234``.
+``1234.0`` both become ``1234``. `extract_strict` is the one answer extraction of the code base:
+`train.data.extract_answer` (exact match on the corpus) reads its integer answers through it.
+This module imports nothing from `train`, so the data package can use it.
 """
 
 from __future__ import annotations
@@ -36,9 +39,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Callable, Sequence
-
-from train import data
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,17 @@ class Exemplar:
     question: str
     rationale: str
     answer: str
+
+
+@runtime_checkable
+class CompactProblem(Protocol):
+    """A problem of loom's compact arithmetic corpus (`train.data.Problem`): ``prompt`` 'Q:{question}\\nA:',
+    ``cot`` the worked steps then ``direct``, ``direct`` 'The answer is {answer}.'."""
+
+    prompt: str
+    cot: str
+    direct: str
+    answer: int
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,10 +102,23 @@ def _exemplar_from_json(obj: object) -> Exemplar:
     return Exemplar(obj["question"], rationale, final)
 
 
+def _read_lines(path: str | os.PathLike) -> list[str]:
+    """A UTF-8 file's lines; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exemplar file not found (or not a regular file): {path}")
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except OSError as e:
+        raise OSError(f"cannot read exemplar file {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+
+
 def load_exemplars(path: str | os.PathLike) -> list[Exemplar]:
     """Exemplars from a JSONL file in loom's or GSM8K's format (see the module docstring)."""
     exemplars = []
-    for lineno, line in enumerate(data._read_text(path).splitlines(), start=1):
+    for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -110,7 +136,7 @@ def load_exemplars(path: str | os.PathLike) -> list[Exemplar]:
 # Prompts
 
 
-def as_exemplar(item: Exemplar | data.Problem) -> Exemplar:
+def as_exemplar(item: Exemplar | CompactProblem) -> Exemplar:
     """An Exemplar as is; a compact-corpus Problem as (its question, its worked steps, its answer).
 
     For ``Problem(prompt='Q:7+3\\nA:', cot='+3=10.The answer is 10.', ...)`` this gives
@@ -118,15 +144,15 @@ def as_exemplar(item: Exemplar | data.Problem) -> Exemplar:
     """
     if isinstance(item, Exemplar):
         return item
-    if isinstance(item, data.Problem):
+    if isinstance(item, CompactProblem):
         question = item.prompt.removeprefix("Q:").removesuffix("\nA:")
         return Exemplar(question, item.cot.removesuffix(item.direct), str(item.answer))
     raise TypeError(f"expected an Exemplar or a train.data.Problem, got {type(item).__name__}")
 
 
 def build_prompt(
-    exemplars: Sequence[Exemplar | data.Problem],
-    question: str | Exemplar | data.Problem,
+    exemplars: Sequence[Exemplar | CompactProblem],
+    question: str | Exemplar | CompactProblem,
     *,
     chain_of_thought: bool = True,
     compact: bool = False,
@@ -153,8 +179,9 @@ def build_prompt(
 # ----------------------------------------------------------------------------------------------
 # Answers
 
-# A minus sign counts only where it cannot be subtraction (not right after a digit, letter or ')').
-_NUMBER = r"(?:(?<![\w)])-)?\$?-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)"
+# A minus sign counts only where it cannot be subtraction (not right after a digit, letter or ')'):
+# before the '$' or, after a '$', right before the digits ('-$5', '$-5').
+_NUMBER = r"(?:(?<![\w)])-\$?|\$-?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)"
 _STRICT = re.compile(r"The answer is\s*(" + _NUMBER + ")")
 _ANY_NUMBER = re.compile(_NUMBER)
 
@@ -251,8 +278,8 @@ def self_consistency(
 
 def evaluate_cot(
     generate_fn: GenerateFn,
-    problems: Sequence[Exemplar | data.Problem],
-    exemplars: Sequence[Exemplar | data.Problem] = (),
+    problems: Sequence[Exemplar | CompactProblem],
+    exemplars: Sequence[Exemplar | CompactProblem] = (),
     *,
     compact: bool = False,
     extract: Callable[[str], str | None] = extract_strict,

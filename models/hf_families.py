@@ -1,0 +1,341 @@
+"""Hugging Face model families: for Llama-family and Mamba checkpoints, the config.json fields,
+the tensor names and the state-dict maps to and from loom's parameters.
+
+loom stores projections as [in, out] stacked over layers; Hugging Face stores
+``nn.Linear`` weights as [out, in] per layer under ``model.layers.{i}.*`` (Llama) or
+``backbone.layers.{i}.*`` (Mamba). Both sides use the half-split rotary layout, so q/k
+weights map without permutation. Mamba's fused ``in_proj`` [2 d_inner, d_model] is loom's
+``in_x`` and ``in_z`` halves, and its conv1d weight [d_inner, 1, d_conv] is loom's
+``conv_w`` [d_conv, d_inner]. Which family a function handles follows the Config's type
+(`family`); a new family adds its maps here and one `Family` entry in ``FAMILIES``.
+Reading and writing checkpoint directories is `models.hf`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from models import layers, mamba, transformer
+
+# loom name in params['layers'] -> Hugging Face suffix under model.layers.{i}.
+_LAYER_NAMES = {
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
+    "w_down": "mlp.down_proj.weight",
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+}
+
+
+def llama_config(cfg: transformer.Config) -> dict:
+    """config.json fields of a ``LlamaForCausalLM`` equal to ``cfg``."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def _refuse_moe(cfg: transformer.Config) -> None:
+    if cfg.num_experts:
+        raise ValueError(f"model.num_experts is {cfg.num_experts}: Switch (MoE) models have no Llama checkpoint "
+                         "format; only dense Transformers and Mamba models convert.")
+
+
+def _llama_to_hf_state_dict(params: dict, cfg: transformer.Config) -> dict[str, np.ndarray]:
+    _refuse_moe(cfg)
+    out = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
+           "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
+    for name, suffix in _LAYER_NAMES.items():
+        stacked = np.asarray(params["layers"][name], np.float32)
+        for i in range(cfg.n_layers):
+            w = stacked[i]
+            out[f"model.layers.{i}.{suffix}"] = w.T if w.ndim == 2 else w
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = np.asarray(params["head"], np.float32).T
+    return out
+
+
+def _llama_from_hf_state_dict(state: dict, cfg: transformer.Config) -> dict:
+    _refuse_moe(cfg)
+    dtype = np.dtype(layers.DTYPES[cfg.param_dtype])
+
+    def get(key):
+        if key not in state:
+            raise KeyError(f"checkpoint has no tensor {key!r}; is it a Llama-family model with "
+                           f"{cfg.n_layers} layers?")
+        return np.asarray(state[key], dtype)
+
+    block = {}
+    for name, suffix in _LAYER_NAMES.items():
+        per_layer = [get(f"model.layers.{i}.{suffix}") for i in range(cfg.n_layers)]
+        block[name] = np.stack([w.T if w.ndim == 2 else w for w in per_layer])
+    params = {"embed": get("model.embed_tokens.weight"), "layers": block,
+              "final_norm": get("model.norm.weight")}
+    if not cfg.tie_embeddings:
+        params["head"] = get("lm_head.weight").T
+    return params
+
+
+def _llama_names(cfg: transformer.Config) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    names += [f"model.layers.{i}.{s}" for s in _LAYER_NAMES.values() for i in range(cfg.n_layers)]
+    return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+
+
+# ----------------------------------------------------------------------------- config
+
+# Families whose checkpoints have exactly the Llama layout and math (no biases, SwiGLU, RMSNorm).
+_MODEL_TYPES = {"llama", "mistral"}
+_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+
+
+def config_from_hf(hf_config: dict, **overrides) -> transformer.Config | mamba.Config:
+    """loom Config from a Llama-family or Mamba config.json dict; ``overrides`` set any other Config field.
+
+    model_type 'mamba' gives a ``mamba.Config`` (``mamba_config_from_hf``). For Llama, reads the
+    rope theta from ``rope_parameters`` (transformers 5), or ``rope_theta`` beside a
+    ``rope_scaling`` dict (earlier versions). Raises ValueError, naming the field, for other
+    architectures, biases, sliding windows, activations other than SiLU and rope scaling.
+    """
+    c = hf_config
+    model_type = c.get("model_type")
+    if model_type == "mamba":
+        return mamba_config_from_hf(c, **overrides)
+    if model_type not in _MODEL_TYPES:
+        raise ValueError(f"config.json model_type is {model_type!r}; loom loads only "
+                         f"{sorted(_MODEL_TYPES | {'mamba'})}.")
+    bad_arch = [a for a in c.get("architectures") or [] if a not in _ARCHITECTURES]
+    if bad_arch:
+        raise ValueError(f"config.json architectures holds {bad_arch[0]!r}; loom loads only {sorted(_ARCHITECTURES)}.")
+    for field in ("attention_bias", "mlp_bias"):
+        if c.get(field):
+            raise ValueError(f"config.json {field} is true; loom's Llama layers have no biases.")
+    if c.get("sliding_window") is not None:
+        raise ValueError(f"config.json sliding_window is {c['sliding_window']}; loom implements full causal "
+                         "attention only (set it to null if the model never uses the window).")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act is {c['hidden_act']!r}; loom's SwiGLU MLP uses 'silu'.")
+    rope = dict(c.get("rope_parameters") or {})
+    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    for field in ("rope_parameters", "rope_scaling"):
+        spec = c.get(field) or {}
+        kind = spec.get("rope_type", spec.get("type", "default")) if isinstance(spec, dict) else spec
+        if kind != "default":
+            raise ValueError(f"config.json {field} has rope type {kind!r}; loom implements only the default "
+                             "(unscaled) rotary embedding.")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if c.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json has no {missing[0]}; it is required for a Llama model.")
+    heads = c["num_attention_heads"]
+    values = dict(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], d_ff=c["intermediate_size"],
+        n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads, rope_theta=float(theta),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    return transformer.Config(**{**values, **overrides})
+
+
+# ----------------------------------------------------------------------------- Mamba
+
+_MAMBA_ARCHITECTURES = {"MambaForCausalLM"}
+
+
+def mamba_config(cfg: mamba.Config) -> dict:
+    """config.json fields of a ``MambaForCausalLM`` equal to ``cfg`` (residual_in_fp32 is True there:
+    loom's residual stream is in ``cfg.dtype``, the same thing in float32)."""
+    return {
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_inner,
+        "state_size": cfg.d_state,
+        "num_hidden_layers": cfg.n_layers,
+        "expand": cfg.expand,
+        "conv_kernel": cfg.d_conv,
+        "time_step_rank": cfg.dt_rank,
+        "time_step_min": cfg.dt_min,
+        "time_step_max": cfg.dt_max,
+        "time_step_floor": cfg.dt_init_floor,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "use_bias": cfg.proj_bias,
+        "use_conv_bias": cfg.conv_bias,
+        "hidden_act": "silu",
+        "residual_in_fp32": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+def mamba_config_from_hf(hf_config: dict, **overrides) -> mamba.Config:
+    """``mamba.Config`` from a Mamba config.json dict (transformers' ``MambaConfig`` fields and defaults).
+
+    Raises ValueError, naming the field, for other architectures, activations other than SiLU,
+    a non-integer ``expand`` or an ``intermediate_size`` other than expand * hidden_size.
+    """
+    c = hf_config
+    bad_arch = [a for a in c.get("architectures") or [] if a not in _MAMBA_ARCHITECTURES]
+    if bad_arch:
+        raise ValueError(f"config.json architectures holds {bad_arch[0]!r}; loom loads only "
+                         f"{sorted(_MAMBA_ARCHITECTURES)} for model_type 'mamba'.")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act is {c['hidden_act']!r}; loom's Mamba mixer uses 'silu'.")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if c.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json has no {missing[0]}; it is required for a Mamba model.")
+    expand = c.get("expand", 2)
+    if isinstance(expand, bool) or not isinstance(expand, (int, float)) or expand != int(expand):
+        raise ValueError(f"config.json expand is {expand!r}; loom's Mamba needs an integer expansion factor.")
+    expand, hidden = int(expand), c["hidden_size"]
+    if c.get("intermediate_size") not in (None, expand * hidden):
+        raise ValueError(f"config.json intermediate_size is {c['intermediate_size']}, not expand * hidden_size "
+                         f"= {expand * hidden}; loom's Mamba derives it from expand.")
+    rank = c.get("time_step_rank", "auto")
+    values = dict(
+        vocab_size=c["vocab_size"], d_model=hidden, n_layers=c["num_hidden_layers"],
+        d_state=c.get("state_size", 16), d_conv=c.get("conv_kernel", 4), expand=expand,
+        dt_rank=0 if rank == "auto" else rank, dt_min=float(c.get("time_step_min", 0.001)),
+        dt_max=float(c.get("time_step_max", 0.1)), dt_init_floor=float(c.get("time_step_floor", 1e-4)),
+        norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+        proj_bias=bool(c.get("use_bias", False)), conv_bias=bool(c.get("use_conv_bias", True)))
+    return mamba.Config(**{**values, **overrides})
+
+
+def _mamba_layer_names(cfg: mamba.Config) -> list[str]:
+    """Tensor suffixes under ``backbone.layers.{i}.`` of a Mamba layer of ``cfg``."""
+    names = ["norm.weight", "mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.x_proj.weight",
+             "mixer.dt_proj.weight", "mixer.dt_proj.bias", "mixer.A_log", "mixer.D", "mixer.out_proj.weight"]
+    names += ["mixer.conv1d.bias"] if cfg.conv_bias else []
+    return names + (["mixer.in_proj.bias", "mixer.out_proj.bias"] if cfg.proj_bias else [])
+
+
+def _mamba_to_hf_state_dict(params: dict, cfg: mamba.Config) -> dict[str, np.ndarray]:
+    block = {k: np.asarray(v, np.float32) for k, v in params["layers"].items()}
+    out = {"backbone.embeddings.weight": np.asarray(params["embed"], np.float32)}
+    for i in range(cfg.n_layers):
+        p = {k: v[i] for k, v in block.items()}
+        layer = {
+            "norm.weight": p["norm"],
+            "mixer.in_proj.weight": np.concatenate([p["in_x"].T, p["in_z"].T]),  # [2E, D]
+            "mixer.conv1d.weight": p["conv_w"].T[:, None, :],  # [E, 1, K]
+            "mixer.x_proj.weight": p["x_proj"].T,
+            "mixer.dt_proj.weight": p["dt_proj"].T,
+            "mixer.dt_proj.bias": p["dt_bias"],
+            "mixer.A_log": p["A_log"],
+            "mixer.D": p["D"],
+            "mixer.out_proj.weight": p["out_proj"].T,
+        }
+        if cfg.conv_bias:
+            layer["mixer.conv1d.bias"] = p["conv_b"]
+        if cfg.proj_bias:
+            layer["mixer.in_proj.bias"] = np.concatenate([p["in_x_bias"], p["in_z_bias"]])
+            layer["mixer.out_proj.bias"] = p["out_bias"]
+        out.update({f"backbone.layers.{i}.{k}": np.ascontiguousarray(v) for k, v in layer.items()})
+    out["backbone.norm_f.weight"] = np.asarray(params["final_norm"], np.float32)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["head"], np.float32).T)
+    return out
+
+
+def _mamba_from_hf_state_dict(state: dict, cfg: mamba.Config) -> dict:
+    dtype = np.dtype(layers.DTYPES[cfg.param_dtype])
+    E = cfg.d_inner
+
+    def get(key):
+        if key not in state:
+            raise KeyError(f"checkpoint has no tensor {key!r}; is it a Mamba model with {cfg.n_layers} layers?")
+        return np.asarray(state[key], dtype)
+
+    per_layer: dict[str, list] = {}
+    for i in range(cfg.n_layers):
+        g = lambda suffix: get(f"backbone.layers.{i}.{suffix}")  # noqa: E731
+        in_proj = g("mixer.in_proj.weight")
+        if in_proj.shape[0] != 2 * E:
+            raise ValueError(f"backbone.layers.{i}.mixer.in_proj.weight has shape {in_proj.shape}, but config.json "
+                             f"implies ({2 * E}, {cfg.d_model}).")
+        layer = {
+            "norm": g("norm.weight"), "in_x": in_proj[:E].T, "in_z": in_proj[E:].T,
+            "conv_w": g("mixer.conv1d.weight")[:, 0, :].T, "x_proj": g("mixer.x_proj.weight").T,
+            "dt_proj": g("mixer.dt_proj.weight").T, "dt_bias": g("mixer.dt_proj.bias"),
+            "A_log": g("mixer.A_log"), "D": g("mixer.D"), "out_proj": g("mixer.out_proj.weight").T,
+        }
+        if cfg.conv_bias:
+            layer["conv_b"] = g("mixer.conv1d.bias")
+        if cfg.proj_bias:
+            in_bias = g("mixer.in_proj.bias")
+            layer.update(in_x_bias=in_bias[:E], in_z_bias=in_bias[E:], out_bias=g("mixer.out_proj.bias"))
+        for k, v in layer.items():
+            per_layer.setdefault(k, []).append(v)
+    params = {"embed": get("backbone.embeddings.weight"), "layers": {k: np.stack(v) for k, v in per_layer.items()},
+              "final_norm": get("backbone.norm_f.weight")}
+    if not cfg.tie_embeddings:
+        params["head"] = get("lm_head.weight").T
+    return params
+
+
+def _mamba_names(cfg: mamba.Config) -> list[str]:
+    names = ["backbone.embeddings.weight", "backbone.norm_f.weight"]
+    names += [f"backbone.layers.{i}.{s}" for s in _mamba_layer_names(cfg) for i in range(cfg.n_layers)]
+    return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+
+
+# ----------------------------------------------------------------------------- families
+
+class Family(NamedTuple):
+    """What checkpoint conversion needs of one model family; ``FAMILIES`` maps its Config type to it."""
+    name: str  # in messages: "Llama" or "Mamba"
+    module: Any  # the loom model family (its ``init`` gives the expected shapes)
+    hf_config: Callable  # Config -> config.json fields
+    names: Callable  # Config -> every tensor name a checkpoint holds, in order
+    to_hf: Callable  # (params, Config) -> state dict
+    from_hf: Callable  # (state dict, Config) -> params
+
+
+def family(cfg: transformer.Config | mamba.Config) -> Family:
+    """The conversion maps of ``cfg``'s model family."""
+    if type(cfg) not in FAMILIES:
+        raise TypeError(f"no Hugging Face format for a {type(cfg).__module__}.{type(cfg).__name__}; "
+                        f"known: {', '.join(f.name for f in FAMILIES.values())}.")
+    return FAMILIES[type(cfg)]
+
+
+def to_hf_state_dict(params: dict, cfg: transformer.Config | mamba.Config) -> dict[str, np.ndarray]:
+    """loom params -> Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict of float32 NumPy arrays."""
+    return family(cfg).to_hf(params, cfg)
+
+
+def from_hf_state_dict(state: dict, cfg: transformer.Config | mamba.Config) -> dict:
+    """Hugging Face Llama (or Mamba, for a ``mamba.Config``) state dict (NumPy arrays) -> loom params in
+    ``cfg.param_dtype``."""
+    return family(cfg).from_hf(state, cfg)
+
+
+def hf_names(cfg: transformer.Config | mamba.Config) -> list[str]:
+    """Every tensor name a Llama (or Mamba) checkpoint of ``cfg`` must hold, in order."""
+    return family(cfg).names(cfg)
+
+
+FAMILIES = {
+    transformer.Config: Family("Llama", transformer, llama_config, _llama_names, _llama_to_hf_state_dict,
+                               _llama_from_hf_state_dict),
+    mamba.Config: Family("Mamba", mamba, mamba_config, _mamba_names, _mamba_to_hf_state_dict,
+                         _mamba_from_hf_state_dict),
+}
