@@ -140,6 +140,15 @@ def test_prompt_compact_corpus_matches_problem_text():
         ("", None, None),
         ("+3=10*2=20/2=10%5=0.The answer is 0.", "0", "0"),
         ("She owes -$5.", None, "-5"),
+        # A minus right after a digit, letter or ')' is subtraction, not a sign.
+        ("We compute 10-3", None, "3"),
+        ("so (4+6)-2", None, "2"),
+        ("x-1 and y-2", None, "2"),
+        ("The total is -3", None, "-3"),
+        ("so x = -12", None, "-12"),
+        ("(-4)", None, "-4"),
+        ("It costs $-5 now.", None, "-5"),
+        ("The answer is -7. Not 8-7", "-7", "7"),
     ],
 )
 @pytest.mark.timeout(60)

@@ -1,5 +1,6 @@
 """Tests for train/data.py: tokenizers, the arithmetic corpus, file sources and the Grain pipeline."""
 
+import dataclasses
 import json
 import re
 
@@ -150,12 +151,20 @@ def test_arithmetic_is_not_additive():
 
 @pytest.mark.timeout(60)
 def test_extract_answer():
+    from train import cot
+
     p = data.arithmetic_problem(0, 1, 5)
     assert data.extract_answer(p.cot) == p.answer
     assert data.extract_answer(p.direct) == p.answer
     assert data.extract_answer("+3=10.The answer is 10.The answer is 4.") == 10
     assert data.extract_answer("The answer is .") is None
     assert data.extract_answer("no answer here") is None
+    assert data.extract_answer("The answer is -3.") == -3
+    assert data.extract_answer("The answer is 12.5.") is None  # not an integer
+    # One extraction: the integer of train.cot's strict extraction.
+    for text in ("*2=10.The answer is 10.", "The answer is 007.", "The answer is 4-3.", "x", "The answer is 9"):
+        strict = cot.extract_strict(text)
+        assert data.extract_answer(text) == (None if strict is None else int(strict))
 
 
 @pytest.mark.timeout(60)
@@ -295,13 +304,17 @@ def test_validate(overrides, field):
 # Pipeline
 
 
-def check_batch_invariants(batch, rows, seq_len):
-    assert set(batch) == set(data.BATCH_KEYS)
-    for v in batch.values():
-        assert v.shape == (rows, seq_len) and v.dtype == np.int32
-    for inputs, targets, segments, positions, mask in zip(*(batch[k] for k in data.BATCH_KEYS)):
+def check_batch_invariants(batch, rows, seq_len, prefix="", empty_rows=False):
+    keys = [prefix + k for k in data.BATCH_KEYS]
+    assert set(keys) <= set(batch)
+    for k in keys:
+        assert batch[k].shape == (rows, seq_len) and batch[k].dtype == np.int32
+    for inputs, targets, segments, positions, mask in zip(*(batch[k] for k in keys)):
         pad = segments == 0
         assert np.all(mask[pad] == 0) and np.all(positions[pad] == 0) and np.all(inputs[pad] == 0)
+        if pad.all():  # an eval stream's last batch is filled up with empty rows
+            assert empty_rows
+            continue
         ids = segments[~pad]
         assert ids[0] == 1 and np.all(np.diff(ids) >= 0) and np.all(np.diff(ids) <= 1)  # contiguous 1, 2, 3, ...
         assert np.all(pad[len(ids) :])  # padding only at the end
@@ -321,6 +334,7 @@ def check_batch_invariants(batch, rows, seq_len):
 def test_batch_invariants(packing):
     batches = take(data.make_dataset(config(packing=packing), tokenizer=BYTE, seq_len=128, batch_size=16), 3)
     for b in batches:
+        assert set(b) == set(data.BATCH_KEYS) == set(data.batch_keys(config()))
         check_batch_invariants(b, 16, 128)
         per_row = b["segment_ids"].max(axis=1)
         assert per_row.mean() > 1.5 if packing else np.all(per_row == 1)
@@ -460,3 +474,96 @@ def test_exemplars_are_short_training_problems_and_heldout_can_be_capped():
     assert len(data.heldout_problems(1, 500, at_most=True)) == 273
     with pytest.raises(ValueError, match="found only 273"):
         data.heldout_problems(1, 500)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs ('arithmetic_pairs')
+
+
+def pair_config(**overrides):
+    return config(**{"source": "arithmetic_pairs", "max_steps": 4, "eval_examples": 12, **overrides})
+
+
+@pytest.mark.timeout(60)
+def test_preference_pairs_reject_a_close_wrong_answer_in_the_last_step():
+    offsets = set()
+    for index in range(300):
+        pair = data.training_pair(0, index, 1, 8)
+        problem = data.training_problem(0, index, 1, 8)
+        if problem is None:
+            assert pair is None
+            continue
+        prompt, chosen, rejected = pair
+        assert pair == data.training_pair(0, index, 1, 8)  # deterministic
+        start, work = recompute(prompt)
+        assert prompt == problem.prompt and chosen == problem.cot
+        # The rejected completion: the same steps, the last one with result W != answer, and answer W.
+        match = re.fullmatch(r"(.*=)(\d+)\.The answer is (\d+)\.", rejected)
+        assert match and match.group(2) == match.group(3)
+        wrong = int(match.group(2))
+        assert match.group(1) == chosen[: len(match.group(1))] and chosen[len(match.group(1)):].startswith(
+            f"{problem.answer}.")
+        assert wrong == data.wrong_answer(problem, 0) != problem.answer and 0 <= wrong <= data.MAX_VALUE
+        offsets.add(wrong - problem.answer)
+        assert data.preference_pair(problem, 0, "direct") == (prompt, problem.direct, f"The answer is {wrong}.")
+    assert offsets == set(data.WRONG_OFFSETS)
+    other_seed = [data.wrong_answer(data.arithmetic_problem(0, i, 3), 1) for i in range(50)]
+    assert other_seed != [data.wrong_answer(data.arithmetic_problem(0, i, 3), 0) for i in range(50)]
+
+
+def check_pair_batch(batch, rows, seq_len, seed, empty_rows=False):
+    """Both sides are valid LM batches, and segment s of row r is one pair on both sides."""
+    assert set(batch) == set(data.PAIR_KEYS)
+    for side in ("chosen_", "rejected_"):
+        check_batch_invariants(batch, rows, seq_len, side, empty_rows)
+    for r in range(rows):
+        chosen = data.batch_examples({k: v[r:r + 1] for k, v in batch.items()}, "chosen_")
+        rejected = data.batch_examples({k: v[r:r + 1] for k, v in batch.items()}, "rejected_")
+        assert len(chosen) == len(rejected)
+        np.testing.assert_array_equal(np.unique(batch["chosen_segment_ids"][r]),
+                                      np.unique(batch["rejected_segment_ids"][r]))
+        for c, j in zip(chosen, rejected):
+            c_text, j_text = BYTE.decode(c), BYTE.decode(j)
+            prompt = c_text[: c_text.index("\nA:") + 3]
+            start, work = recompute(prompt)
+            problem = data.Problem(prompt, "", f"The answer is {work[-1][2]}.", work[-1][2], len(work))
+            problem = dataclasses.replace(problem, cot="".join(f"{o}{n}={v}" for o, n, v in work) + "." + problem.direct)
+            assert (c_text, j_text) == tuple(prompt + x for x in data.preference_pair(problem, seed)[1:])
+    return [BYTE.decode(e) for e in data.batch_examples(batch, "chosen_")]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("packing", [True, False])
+def test_pair_batches_align_chosen_and_rejected_row_for_row(packing):
+    cfg = pair_config(packing=packing)
+    assert data.batch_keys(cfg) == data.PAIR_KEYS
+    texts = []
+    for batch in take(data.make_dataset(cfg, tokenizer=BYTE, seq_len=96, batch_size=8, seed=4), 3):
+        texts += check_pair_batch(batch, 8, 96, seed=4)
+        per_row = batch["chosen_segment_ids"].max(axis=1)
+        assert per_row.mean() > 1.5 if packing else np.all(per_row == 1)
+    assert not any(data.is_heldout(t[: t.index("\nA:") + 3]) for t in texts)  # held out as for 'arithmetic'
+    evaluation = all_batches(data.make_dataset(cfg, tokenizer=BYTE, seq_len=96, batch_size=8, split="eval", seed=4))
+    texts = [t for b in evaluation for t in check_pair_batch(b, 8, 96, seed=4, empty_rows=True)]
+    assert len(set(texts)) == 12 and all(data.is_heldout(t[: t.index("\nA:") + 3]) for t in texts)
+
+
+@pytest.mark.timeout(60)
+def test_pair_iterator_resumes_exactly_and_refusals():
+    cfg = pair_config(prefetch=2)
+    make = lambda: data.make_dataset(cfg, tokenizer=BYTE, seq_len=96, batch_size=4, seed=1)
+    iterator = iter(make())
+    for _ in range(3):
+        next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    expected = [next(iterator) for _ in range(3)]
+    resumed = iter(make())
+    resumed.set_state(state)
+    for a, b in zip(expected, [next(resumed) for _ in range(3)]):
+        assert a.keys() == b.keys() == set(data.PAIR_KEYS)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(ValueError, match="data.variant='mixture' has no preference pairs"):
+        data.validate(pair_config(variant="mixture"))
+    with pytest.raises(ValueError, match="a preference pair needs"):
+        next(iter(data.make_dataset(pair_config(min_steps=4, prefetch=0), tokenizer=BYTE, seq_len=24, batch_size=2)))
