@@ -462,6 +462,13 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
     }
 
 
+def cache_axes(cfg: Config) -> dict:
+    """Logical axis names of ``init_cache``'s arrays."""
+    del cfg
+    kv = ("layers", "batch", None, "kv_heads", "head_dim")
+    return {"k": kv, "v": kv, "segment_ids": ("batch", None), "index": ()}
+
+
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
           capture_hidden: bool = False, train: bool = False, rng=None):
     """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], aux).
