@@ -24,10 +24,10 @@ number of new tokens, the stop token, the pad id, the key and the sampling setti
 (temperature, top-k, top-p) are traced, so none of them causes a recompilation: greedy
 decoding is the same compiled loop at temperature 0 (a ``lax.cond`` skips the sampling work).
 
-A family may define ``decode_params(params, cfg)``: it is applied once, inside the compiled
-function but outside the loop, to give the weights a layout for decoding (the Transformer
-unstacks its layers and fuses the QKV and gate/up matrices, so no step slices or copies a
-weight).
+The family's ``decode_params(params, cfg)`` is applied once, inside the compiled function but
+outside the loop, to give the weights a layout for decoding (the Transformer unstacks its layers
+and fuses the QKV and gate/up matrices, so no step slices or copies a weight; Mamba's is the
+identity).
 
 Compilations happen once per (batch, P, max_len, sharding layout). P is the longest prompt
 rounded up by ``bucket`` (a power of two from 8 to 256, then a multiple of 256), so prompts
@@ -37,9 +37,10 @@ and fewer than 256 padding tokens on long ones. The default ``max_len`` is
 
 **Sampling.** ``filter_logits`` scales float32 logits by 1/temperature, keeps the top-k
 (tokens tied with the k-th are kept too), then the nucleus: the smallest prefix of the
-remaining tokens, by decreasing probability, whose renormalised mass is >= top_p (the top
-token always stays). Both cut-offs come from one sort over the vocabulary, so ``top_k`` is
-a traced value like the others. Row r's token number s (s = 0 from the prefill) is drawn
+remaining tokens, by decreasing probability, whose mass renormalised over the top-k set is
+>= top_p (tokens tied with the last one kept too; the top token always stays; top_p >= 1 keeps
+the whole top-k set). Both cut-offs come from one sort over the vocabulary, so ``top_k`` is a
+traced value like the others. Row r's token number s (s = 0 from the prefill) is drawn
 with the key ``fold_in(fold_in(rng, s), r)``: the same rng gives the same tokens; a prompt
 at index r gets the same tokens whatever the other prompts of the batch (and however many),
 up to float rounding of its logits at another padded shape; equal prompts at different
@@ -57,8 +58,8 @@ come back as for the Transformer.
 **Sharded decoding.** Under ``parallel.sharding.activate(mesh, rules)`` with parameters
 placed by ``tree_shardings(model.param_axes(cfg), mesh, rules)``, the same calls run
 partitioned: the cache is created inside the jitted function and constrained to logical
-axes (``model.cache_axes(cfg)`` when the family defines it, else the Transformer's KV
-layout: batch over ``batch``, kv heads over ``kv_heads``), and the batch is filled up to a
+axes (``model.cache_axes(cfg)``: for the Transformer's KV cache, rows over ``batch`` and kv
+heads over ``kv_heads``), and the batch is filled up to a
 multiple of the mesh axes that ``batch`` maps to with copies of the first prompt, which
 share its keys and are dropped from the result.
 """
@@ -74,10 +75,6 @@ import numpy as np
 from parallel import sharding
 
 _NO_STOP = -1  # a token id no model emits: sampled ids are never negative
-# Logical axes of the Transformer's KV cache (``init_cache``), used when a family has no ``cache_axes``.
-_KV_CACHE_AXES = {"k": ("layers", "batch", None, "kv_heads", "head_dim"),
-                  "v": ("layers", "batch", None, "kv_heads", "head_dim"),
-                  "segment_ids": ("batch", None), "index": ()}
 
 
 def bucket(n: int) -> int:
@@ -108,18 +105,20 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0) -> jax.Array:
     """Temperature, then top-k, then top-p: logits [..., V] -> float32 [..., V], -inf where cut.
 
-    temperature > 0; top_k = 0 keeps every token (else the k largest, ties with the k-th kept);
-    top_p in (0, 1] keeps the smallest set of largest tokens whose probability after top-k is
-    >= top_p, always at least the top token. All three may be traced scalars.
+    temperature > 0; top_k = 0 keeps every token, else the set K of the k largest and every token
+    tied with the k-th; top_p in (0, 1] then keeps the smallest set of largest tokens of K whose
+    probability renormalised over K is >= top_p, and every token tied with the last of them: at
+    least the top token, all of K when top_p >= 1. All three may be traced scalars.
     """
     z = jnp.asarray(logits, jnp.float32) / temperature
     v = z.shape[-1]
     desc = -jnp.sort(-z, axis=-1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    in_k = jnp.arange(v) < k
+    kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, desc.shape[:-1])[..., None], axis=-1)
+    in_k = desc >= kth  # the top-k set with its ties: sorted, so a prefix
     probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly larger tokens
-    n = jnp.clip(jnp.sum(in_k & (mass_before < top_p), axis=-1), 1, k)  # tokens kept
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the larger tokens in sorted order
+    n = jnp.maximum(jnp.sum(in_k & ((mass_before < top_p) | (top_p >= 1)), axis=-1), 1)  # tokens kept
     threshold = jnp.take_along_axis(desc, (n - 1)[..., None], axis=-1)
     return jnp.where(z >= threshold, z, -jnp.inf)
 
@@ -141,14 +140,8 @@ def sample_logits(keys, logits, temperature, top_k=0, top_p=1.0) -> jax.Array:
 
 
 def _constrain_cache(model, cfg, cache):
-    """Place the cache by logical names: ``model.cache_axes(cfg)``, or the Transformer's KV layout."""
-    if hasattr(model, "cache_axes"):
-        axes = model.cache_axes(cfg)
-    elif isinstance(cache, dict) and cache.keys() == _KV_CACHE_AXES.keys():
-        axes = _KV_CACHE_AXES
-    else:
-        return cache
-    return jax.tree.map(lambda names, x: sharding.constrain(x, names), axes, cache,
+    """Place the cache by the logical names of ``model.cache_axes(cfg)``."""
+    return jax.tree.map(lambda names, x: sharding.constrain(x, names), model.cache_axes(cfg), cache,
                         is_leaf=lambda n: isinstance(n, tuple))
 
 
@@ -196,8 +189,7 @@ def _decode(model, params, cfg, tokens, positions, segment_ids, rows, cache, rng
             pad_id, top_k, temperature, top_p, *, width, layout):
     del layout  # the active (mesh, rules) of ``constrain``: part of the compilation key
     b, p = tokens.shape
-    if hasattr(model, "decode_params"):  # a layout for decoding, made once outside the loop
-        params = model.decode_params(params, cfg)
+    params = model.decode_params(params, cfg)  # a layout for decoding, made once outside the loop
     cache = _constrain_cache(model, cfg, model.init_cache(cfg, b, p + width) if cache is None else cache)
 
     def pick(step, logits):  # logits [b, V] -> int32 [b], row r keyed by fold_in(fold_in(rng, step), r)

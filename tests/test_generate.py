@@ -1,7 +1,8 @@
 """Decoding: greedy equality with a naive full-forward loop, stop tokens, compilation count,
 input refusal, bfloat16 agreement on a model with large argmax margins; sampling: its limits
 (temperature 0, top-k 1, tiny top-p) equal greedy, keys, the filtered distribution against
-float64 NumPy, text completion with stop strings, and sharded decoding equal to one device."""
+float64 NumPy (ties and top_p = 1 included), text completion with stop strings, and sharded
+decoding equal to one device."""
 import functools
 
 import chex
@@ -14,16 +15,17 @@ from scipy import stats
 
 import models
 from models import generate as G
+from models.tokenizers import ByteTokenizer
 from parallel import mesh as pmesh
 from parallel import sharding
+from tests import helpers
 from train.config import DEFAULT_RULES
-from train.data import ByteTokenizer
 
 pytestmark = pytest.mark.timeout(120)
 
 T = models.get("transformer")
-TINY = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 48, "dtype": "float32"}
-CFG = T.Config(**TINY)
+TINY = helpers.TINY["transformer"]
+CFG = helpers.tiny()
 PROMPTS = ((5, 17), (8, 1, 33, 60), (12, 7, 7, 30, 44, 9, 51))  # lengths 2, 4, 7: P = 8
 NEW = 5
 
@@ -31,26 +33,25 @@ NEW = 5
 @functools.cache
 def params_for(cfg, seed=0):
     """Init params with random (non-unit) norm scales so every weight matters."""
-    params = jax.jit(T.init, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-    for name in ("attn_norm", "mlp_norm"):
-        params["layers"][name] = jnp.asarray(rng.uniform(0.5, 1.5, params["layers"][name].shape), jnp.float32)
-    params["final_norm"] = jnp.asarray(rng.uniform(0.5, 1.5, params["final_norm"].shape), jnp.float32)
-    return params
+    return helpers.random_params(cfg, seed)
 
 
-# The reference compiles once per sequence length; a low backend optimization level halves that.
-@functools.partial(jax.jit, static_argnames="cfg", compiler_options={"xla_backend_optimization_level": 0})
+@functools.partial(helpers.jit, static_argnames="cfg")
 def full_forward(params, tokens, cfg):
     return T.apply(params, tokens, cfg)[0]
 
 
 @functools.cache
 def naive(prompt, n, cfg=CFG):
-    """Greedy by recomputing the whole forward pass (no cache) on the growing, unpadded sequence."""
+    """Greedy by recomputing the whole forward pass (no cache) on the growing, unpadded sequence.
+
+    The sequence is right-padded to one length (16 here) so that every step of every prompt reuses
+    one compilation; causal attention keeps the padding out of the logits read at its last token."""
     params, seq = params_for(cfg), list(prompt)
+    width = max(16, len(prompt) + n)
     for _ in range(n):
-        seq.append(int(jnp.argmax(full_forward(params, jnp.array([seq], jnp.int32), cfg)[0, -1])))
+        logits = full_forward(params, jnp.array([seq + [0] * (width - len(seq))], jnp.int32), cfg)
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
@@ -104,13 +105,14 @@ def test_loop_exits_early_pads_stopped_rows_and_returns_the_advanced_cache():
     expected = naive(PROMPTS[0], NEW)
     k = next(i for i in range(1, NEW) if expected[i] not in expected[:i])
     stop, pad, P, max_len = expected[k], 3, 8, 8 + 16
-    tokens, positions, segment_ids = G.left_pad([PROMPTS[0]], P, pad)
+    # Two rows of the same prompt (the batch shape of the second call below: one compilation).
+    tokens, positions, segment_ids = G.left_pad([PROMPTS[0]] * 2, P, pad)
     generated, steps, cache = G.decode_padded(
-        T, params, CFG, tokens, positions, segment_ids, T.init_cache(CFG, 1, max_len), NEW, stop, pad,
+        T, params, CFG, tokens, positions, segment_ids, T.init_cache(CFG, 2, max_len), NEW, stop, pad,
         width=max_len - P)
-    chex.assert_shape(generated, (1, max_len - P))
+    chex.assert_shape(generated, (2, max_len - P))
     assert int(steps) == k + 1 < NEW  # every row has stopped: the loop ends before NEW steps
-    assert np.asarray(generated)[0].tolist() == expected[:k + 1] + [pad] * (max_len - P - k - 1)
+    assert np.asarray(generated).tolist() == [expected[:k + 1] + [pad] * (max_len - P - k - 1)] * 2
     assert int(cache["index"]) == P + k  # prefill P, then k one-token steps
     np.testing.assert_array_equal(cache["segment_ids"][:, :P], segment_ids)
     np.testing.assert_array_equal(cache["segment_ids"][:, P:P + k], 1)
@@ -225,16 +227,19 @@ def test_same_key_same_tokens_other_key_other_tokens_rows_independent_of_the_bat
 
 
 def reference_probs(logits, temperature, top_k, top_p):
-    """Float64 NumPy: temperature, top-k, then the smallest top set with mass >= top_p, renormalised."""
+    """Float64 NumPy of the rule: temperature; top-k keeps K = the k largest and every token tied with
+    the k-th; top-p keeps the smallest prefix of K by decreasing probability (renormalised over K)
+    whose mass reaches top_p, and every token tied with its last; top_p >= 1 keeps all of K."""
     z = np.asarray(logits, np.float64) / temperature
-    order = np.argsort(-z)
+    order = np.argsort(-z, kind="stable")
     k = top_k or len(z)
-    p = np.exp(z[order[:k]] - z[order[0]])
+    in_k = z >= z[order[k - 1]]
+    p = np.where(in_k, np.exp(z - z[order[0]]), 0.0)
     p /= p.sum()
-    n = int(np.searchsorted(np.cumsum(p), top_p)) + 1  # first prefix whose mass reaches top_p
-    probs = np.zeros(len(z))
-    probs[order[:n]] = p[:n] / p[:n].sum()
-    return probs
+    n = in_k.sum() if top_p >= 1 else int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+    kept = in_k & (z >= z[order[n - 1]])
+    probs = np.where(kept, p, 0.0)
+    return probs / probs.sum()
 
 
 LOGITS = np.array([1.2, -0.4, 2.0, 0.3, 1.5, -1.0, 0.9, 0.0, -2.2, 1.1], np.float32)
@@ -265,6 +270,36 @@ def test_filtered_sampler_matches_float64_distribution(temperature, top_k, top_p
     assert counts[~kept].sum() == 0
     assert stats.chisquare(counts[kept], n * want[kept]).pvalue > 1e-4
     assert np.max(np.abs(counts / n - want)) < 5 * np.sqrt(0.25 / n)
+
+
+@pytest.mark.parametrize("logits,temperature,top_k,top_p,kept", [
+    ([3, 1, 1, 1, 0], 1.0, 2, 0.8, 4),  # the top-p mass is renormalised over the k-set with its ties
+    ([3, 1, 1, 1, 0], 1.0, 2, 0.7, 1),
+    ([3, 1, 1, 1, 0], 1.0, 2, 1.0, 4),
+    ([3, 1, 1, 1, 0], 1.0, 1, 1.0, 1),
+    ([2, 2, 0, 0, -1], 0.5, 0, 0.5, 2),  # ties with the last token of the nucleus stay
+    ([2, 2, 0, 0, -1], 2.0, 3, 0.9, 4),
+    ([0, 1, 2, 3, 4, 4], 1.0, 0, 1.0, 6),
+])
+def test_filter_rule_with_ties_matches_float64(logits, temperature, top_k, top_p, kept):
+    want = reference_probs(logits, temperature, top_k, top_p)
+    assert (want > 0).sum() == kept
+    filtered = jax.jit(G.filter_logits)(jnp.asarray(logits, jnp.float32), jnp.float32(temperature),
+                                        jnp.int32(top_k), jnp.float32(top_p))  # traced, as in the loop
+    np.testing.assert_array_equal(np.isfinite(filtered), want > 0)
+    np.testing.assert_allclose(jax.nn.softmax(filtered), want, atol=1e-6)
+
+
+def test_top_p_one_removes_nothing_on_a_large_vocabulary():
+    """float32 cumulative sums reach 1 before the tail of 32k sorted probabilities; top_p = 1 must
+    still keep every token (and every token of the top-k set)."""
+    z = jnp.asarray(3 * np.random.default_rng(0).standard_normal(32_000), jnp.float32)
+    run = jax.jit(G.filter_logits)
+    assert bool(jnp.all(jnp.isfinite(run(z, jnp.float32(0.5), jnp.int32(0), jnp.float32(1.0)))))
+    top = run(z, jnp.float32(0.5), jnp.int32(20_000), jnp.float32(1.0))
+    np.testing.assert_array_equal(np.isfinite(top), np.asarray(z) >= np.sort(np.asarray(z))[-20_000])
+    # Negative control: a top_p just below 1 does cut the tail.
+    assert 0 < int(jnp.sum(~jnp.isfinite(run(z, jnp.float32(0.5), jnp.int32(0), jnp.float32(0.999))))) < 32_000
 
 
 def test_complete_cuts_at_stop_strings_and_refuses_empty_texts():
