@@ -1,4 +1,5 @@
-"""Tests for train/data.py: tokenizers, the arithmetic corpus, file sources and the Grain pipeline."""
+"""Tests for the train/data package and models/tokenizers.py: tokenizers, the arithmetic corpus and its
+preference pairs, file sources and the Grain pipeline."""
 
 import dataclasses
 import json

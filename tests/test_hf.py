@@ -6,7 +6,8 @@ import pytest
 
 from models import generate, hf, tokenizers
 from models import transformer as T
-from tests.test_transformer import random_params, rel_err, tiny, tokens
+from tests.helpers import random_params, rel_err, tiny
+from tests.helpers import tokens as random_tokens
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,12 +77,12 @@ def test_load_hugging_face_checkpoint_matches_logits_and_greedy_tokens(tmp_path,
         4, 2, 8, 500.0, 1e-5, tie)
     assert cfg.dtype == "float32" and ("head" in params) == (not tie)
 
-    toks = tokens(cfg, b=2, s=24, seed=5)
+    toks = random_tokens(cfg.vocab_size, b=2, s=24, seed=5)
     theirs = torch_logits(model, toks)
     assert np.std(theirs) > 0.5  # non-degenerate: attention far from uniform
     assert rel_err(loom_logits(params, cfg, toks), theirs) <= 1e-5
 
-    prompts = np.asarray(tokens(cfg, b=2, s=7, seed=6))
+    prompts = np.asarray(random_tokens(cfg.vocab_size, b=2, s=7, seed=6))
     gen = transformers.GenerationConfig(do_sample=False, max_new_tokens=6, min_length=0, min_new_tokens=None,
                                         eos_token_id=2, pad_token_id=0, bos_token_id=1)
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_saved_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, tie,
 
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     assert model.config.tie_word_embeddings == tie and model.config.num_key_value_heads == 2
-    toks = tokens(cfg, b=2, s=24, seed=5)
+    toks = random_tokens(cfg.vocab_size, b=2, s=24, seed=5)
     theirs = torch_logits(model, toks)
     assert np.std(theirs) > 0.5
     assert rel_err(loom_logits(params, cfg, toks), theirs) <= 1e-5

@@ -1,4 +1,4 @@
-"""The Mamba paper's synthetic tasks (train/data.py) and their per-length evaluation (train/evaluate.py):
+"""The Mamba paper's synthetic tasks (train/data/synthetic.py) and their per-length evaluation (train/evaluate.py):
 generators checked by an independent decoding of their text, the held-out stream, refusals, the
 pipeline's loss mask, accuracy against a NumPy computation for a scripted model, chunked equal to
 whole-sequence evaluation, and a few trainer steps of a Mamba synthetic config."""
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import models
+from tests import helpers
 from train import data, evaluate, trainer
 
 pytestmark = pytest.mark.timeout(120)
@@ -199,13 +200,11 @@ def test_chunked_evaluation_equals_whole_sequences(family):
     model = models.get(family)
     extra = dict(n_heads=2, n_kv_heads=2, d_ff=32) if family == "transformer" else dict(d_state=4, chunk_size=8)
     mcfg = model.from_config(dict(vocab_size=V, d_model=16, n_layers=2, dtype="float32", **extra))
-    # A low backend optimization level cuts init's compile time (its PRNG code) several-fold.
-    init = jax.jit(model.init, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0})
-    params = init(mcfg, jax.random.PRNGKey(1))
+    params = helpers.jit(model.init, static_argnums=0)(mcfg, jax.random.PRNGKey(1))
     inputs = np.random.default_rng(2).integers(3, V, (5, 45))
     whole = evaluate.completion_predictions(model, mcfg, params, inputs, 40, 5, rows=2)
     chunked = evaluate.completion_predictions(model, mcfg, params, inputs, 40, 5, rows=2, chunk=16)
-    logits = jax.jit(model.apply, static_argnums=2)(params, jnp.asarray(inputs), mcfg)[0]
+    logits = helpers.jit(model.apply, static_argnums=2)(params, jnp.asarray(inputs), mcfg)[0]
     np.testing.assert_array_equal(whole, np.argmax(np.asarray(logits)[:, 40:45], axis=-1))
     np.testing.assert_array_equal(chunked, whole)
 
