@@ -1,6 +1,7 @@
 """Decoding with a preallocated cache (greedy and sampled), for any model family behind the protocol.
 
-The loop uses only the protocol: ``model.init_cache(cfg, batch, max_len)`` and
+The loop uses only the protocol: ``model.init_cache(cfg, batch, max_len)``, its logical axes
+``model.cache_axes(cfg)``, ``model.decode_params(params, cfg)`` and
 ``model.apply(params, tokens, cfg, positions=..., segment_ids=..., cache=...)``, which
 returns ``(logits, aux)`` with the updated cache in ``aux['cache']``. It never reads the
 cache itself, so the cache may be any pytree.
@@ -53,7 +54,8 @@ per-row recurrent state in the pytree that ``init_cache(cfg, batch, max_len)`` r
 and then with one token [batch, 1] per step. Its ``apply`` must leave a row's state unchanged
 across tokens with segment id 0 (the left padding), so that the state after the prefill
 equals that of the unpadded prompt; it may ignore ``positions``. Logits [batch, seq, vocab]
-come back as for the Transformer.
+come back as for the Transformer. Its ``cache_axes`` names the state's axes (rows on ``batch``)
+and its ``decode_params`` may be the identity.
 
 **Sharded decoding.** Under ``parallel.sharding.activate(mesh, rules)`` with parameters
 placed by ``tree_shardings(model.param_axes(cfg), mesh, rules)``, the same calls run

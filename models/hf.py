@@ -103,10 +103,11 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **c
     hf_config = _read_json(d / "config.json")
     cfg = config_from_hf(hf_config, dtype=dtype, **config_overrides)
     family, module = hf_families.family(cfg).name, hf_families.family(cfg).module
-    needed = set(hf_families.hf_names(cfg))
+    names = hf_families.hf_names(cfg)
+    needed = set(names)
     files = _shard_files(d)
-    found = {n for names in files.values() for n in names}
-    missing = sorted(needed - found, key=hf_families.hf_names(cfg).index)
+    found = {n for file_names in files.values() for n in file_names}
+    missing = sorted(needed - found, key=names.index)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"checkpoint {d} has no tensor(s) {missing[:3]}{more} needed by a {cfg.n_layers}-layer "
@@ -117,10 +118,10 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **c
         raise ValueError(f"checkpoint {d} holds tensor {extra[0]!r} that a {family} layer does not use "
                          f"({len(extra)} such); refusing to drop weights silently.")
     state = {}
-    for file, names in files.items():
+    for file, file_names in files.items():
         with safe_open(str(d / file), framework="np") as f:
             keys = set(f.keys())
-            for name in names:
+            for name in file_names:
                 if name in needed:
                     if name not in keys:
                         raise ValueError(f"shard {file} has no tensor {name!r} that {_INDEX} places there.")
