@@ -69,6 +69,9 @@ class CountingModel:
         return T.apply(*args, **kwargs)
 
 
+COUNTING = CountingModel()  # one static model for the tests that count traces: they share its compilations
+
+
 def test_bucket_and_left_pad_layout():
     assert [G.bucket(n) for n in (1, 8, 9, 100, 256, 257, 600)] == [8, 8, 16, 128, 256, 512, 768]
     tokens, positions, segment_ids = G.left_pad([[4, 5, 6], [7]], 4, pad_id=9)
@@ -129,7 +132,7 @@ def test_loop_exits_early_pads_stopped_rows_and_returns_the_advanced_cache():
 
 
 def test_same_shapes_compile_once():
-    params, model = params_for(CFG), CountingModel()
+    params, model = params_for(CFG), COUNTING
     first = G.greedy(model, params, CFG, PROMPTS, max_new_tokens=NEW)
     traces = model.traces
     assert traces >= 2  # the prefill and the decode step
@@ -198,7 +201,7 @@ def test_bfloat16_gives_float32_tokens_when_margins_are_large():
 # ----------------------------------------------------------------------------- sampling
 
 def test_sampling_limits_equal_greedy_in_the_same_compiled_loop():
-    params, model = params_for(CFG), CountingModel()
+    params, model = params_for(CFG), COUNTING
     want = G.greedy(model, params, CFG, PROMPTS, max_new_tokens=NEW)
     traces = model.traces
     key = jax.random.PRNGKey(3)
