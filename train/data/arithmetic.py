@@ -195,8 +195,8 @@ def extract_answer(text: str) -> int | None:
 
 def wrong_answer(problem: Problem, seed: int) -> int:
     """A wrong final answer for `problem`: the correct one plus an offset drawn uniformly from
-    WRONG_OFFSETS (+-1, +-2, +-3) by a stable hash of (seed, question), negated when that leaves 0..99.
-    Close to the correct answer and in range, so it differs from it only in the arithmetic."""
+    WRONG_OFFSETS (+-1, +-2, +-3) by a stable hash of (seed, question), negated when that leaves 0..99:
+    a plausible value in the corpus's range, so a pair differs only in its last step's arithmetic."""
     offset = WRONG_OFFSETS[stable_hash(f"wrong/{seed}/{problem.prompt}") % len(WRONG_OFFSETS)]
     wrong = problem.answer + offset
     return wrong if 0 <= wrong <= MAX_VALUE else problem.answer - offset
