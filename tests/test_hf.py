@@ -6,13 +6,21 @@ import pytest
 
 from models import generate, hf, tokenizers
 from models import transformer as T
-from tests.helpers import random_params, rel_err, tiny
+from tests.helpers import perturb_norms, rel_err, tiny
 from tests.helpers import tokens as random_tokens
 
 pytestmark = pytest.mark.timeout(120)
 
 HF_TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def random_params(cfg, seed=0):
+    """`tests.helpers.random_params` with an eager init: these tests use many configs, each used once or
+    twice, and eager ops compile nothing per config."""
+    import jax
+
+    return perturb_norms(T.init(cfg, jax.random.PRNGKey(seed)), T.param_axes(cfg), seed)
 
 
 def hf_model(tie: bool, seed: int = 0, rope_theta: float = 500.0):
