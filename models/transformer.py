@@ -358,13 +358,16 @@ def unit_layers(p_unit: dict, cfg: Config) -> list[dict]:
     return [jax.tree.map(lambda a, j=j: a[j], dense) for j in range(cfg.moe_every - 1)] + [p_unit["moe"]]
 
 
-def _ids(layer_ids, units: int) -> np.ndarray:
-    """Global unit ids as a NumPy array (they name metrics and taps, so they must be concrete)."""
+def _ids(layer_ids, units: int, concrete: bool = True):
+    """Global unit ids: a NumPy array, or as given (possibly traced: they only key randomness) unless
+    ``concrete`` (they name metrics or taps)."""
     if layer_ids is None:
         return np.arange(units)
     if isinstance(layer_ids, jax.core.Tracer):
-        raise ValueError("layer_ids must be concrete (a NumPy array, a tuple or an array made outside jit): they "
-                         "name the per-layer metrics and taps.")
+        if not concrete:
+            return layer_ids
+        raise ValueError("layer_ids must be concrete (a NumPy array, a tuple or an array made outside jit) with "
+                         "Switch layers or under capture: they name the per-layer metrics and taps.")
     ids = np.asarray(layer_ids).reshape(-1)
     if ids.shape[0] != units:
         raise ValueError(f"layer_ids has {ids.shape[0]} entries for {units} units of layer_params.")
@@ -416,7 +419,7 @@ def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=No
     if cache is not None or capture.active():
         return _unrolled_blocks(layer_params, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
                                 train=train, rng=rng, layer_ids=layer_ids)
-    ids = _ids(layer_ids, jax.tree.leaves(layer_params)[0].shape[0])
+    ids = _ids(layer_ids, jax.tree.leaves(layer_params)[0].shape[0], concrete=bool(cfg.num_experts))
 
     def layer(h, p, i):
         key = None if rng is None else jax.random.fold_in(rng, i)
@@ -434,7 +437,7 @@ def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=No
         return h, aux
 
     x, moe_aux = jax.lax.scan(body, x, (layer_params, jnp.asarray(ids, jnp.int32)))
-    return x, None, standard_aux(moe_aux, ids * per + per - 1)
+    return x, None, standard_aux(moe_aux, np.asarray(ids) * per + per - 1 if moe_aux else [])
 
 
 def _unrolled_blocks(layer_params, x, cfg, *, positions, segment_ids, cache, train, rng, layer_ids):

@@ -30,6 +30,9 @@ def is_axes(t) -> bool:
     return isinstance(t, tuple) and all(n is None or isinstance(n, str) for n in t)
 
 
+_SAME = object()
+
+
 class Dot(NamedTuple):
     """The linear op ``layers.linear`` asks for, applied by ``__call__`` to a plain array ``w``."""
 
@@ -39,11 +42,11 @@ class Dot(NamedTuple):
     group_sizes: Any = None  # ragged only
     precision: Any = None
 
-    def __call__(self, x: jax.Array, w: jax.Array, out_dtype: Any = "default") -> jax.Array:
+    def __call__(self, x: jax.Array, w: jax.Array, out_dtype: Any = _SAME) -> jax.Array:
+        """x times the plain array w in this form; ``out_dtype`` overrides the requested result dtype."""
         from models import layers  # the plain-array kernels live with linear
 
-        out = self.out_dtype if isinstance(out_dtype, str) else out_dtype
-        return layers.plain_dot(self._replace(out_dtype=out), x, w)
+        return layers.plain_dot(self if out_dtype is _SAME else self._replace(out_dtype=out_dtype), x, w)
 
 
 class Weight:

@@ -153,8 +153,8 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
     capacity are per microbatch). Auxiliary (MoE) losses are added to it, each microbatch's
     weighted by its token count. The model runs in train mode with the key ``step_rng(seed, step,
     microbatch)``. Metrics: loss (the task
-    loss alone), grad_norm, tokens, and with MoE layers ``moe/loss`` (the auxiliary losses
-    added) and every per-layer metric of ``aux['moe']`` (averaged over microbatches).
+    loss alone), grad_norm, tokens, and with auxiliary losses ``moe/loss`` (their sum, added) and
+    every metric of ``aux['metrics']`` (averaged over microbatches).
     """
     objective_fn = make_objective(model, mcfg, objective=objective, loss_chunk=loss_chunk)
 
@@ -190,9 +190,9 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
 
 
 def make_eval_step(model, mcfg, *, objective: str = "lm"):
-    """eval_step(params, batch) -> {'nll': summed loss, 'tokens': count}, and with MoE layers every
-    per-layer metric of the eval-mode forward (capacity factor ``moe_capacity_factor_eval``) as
-    ``eval_moe/<metric>/layer<i>``."""
+    """eval_step(params, batch) -> {'nll': summed loss, 'tokens': count}, and every metric of the
+    eval-mode forward's ``aux['metrics']`` (MoE: capacity factor ``moe_capacity_factor_eval``) as
+    ``eval_`` + its name."""
     loss_fn = LOSSES[objective]
 
     def eval_step(params, batch):
