@@ -1,4 +1,6 @@
-"""Layer math shared by every model family: projections, norms, rotary embeddings, MLPs.
+"""Layer math shared by every model family: the one projection ``linear`` (weight types in
+``models.weights``), the embedding lookup and LM head (tied or not), norms, rotary embeddings,
+MLPs and the remat policies.
 
 All functions are pure and work on any leading batch shape. Weights are stored in
 ``param_dtype`` (float32 by default) and cast to the activations' compute dtype at use.
