@@ -1,4 +1,6 @@
-"""Layer math shared by every model family: projections, norms, rotary embeddings, MLPs.
+"""Layer math shared by every model family: the one projection ``linear`` (weight types in
+``models.weights``), the embedding lookup and LM head (tied or not), norms, rotary embeddings,
+MLPs and the remat policies.
 
 All functions are pure and work on any leading batch shape. Weights are stored in
 ``param_dtype`` (float32 by default) and cast to the activations' compute dtype at use.
@@ -9,23 +11,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import capture
+from models.weights import Dot, Weight
+from parallel.sharding import constrain
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def linear(w, x: jax.Array, out_dtype=None) -> jax.Array:
-    """y = x @ w for x [..., in] and w [in, out] -> [..., out].
+def linear(w, x: jax.Array, out_dtype=None, *, name: str | None = None, transpose: bool = False,
+           experts: bool = False, group_sizes: jax.Array | None = None, precision=None) -> jax.Array:
+    """y = x @ w: the one projection every model uses (``weights.Dot`` lists the forms).
 
-    The one projection every model uses. A dense ``w`` is an array; compressed
-    weights (int8, packed int4, NF4 + LoRA) are pytree objects with a
-    ``matmul(x, out_dtype)`` method, so compression swaps weights, not model code.
-    ``out_dtype`` asks for a wider result (float32 logits from bf16 inputs) at no
-    extra matmul cost.
+    dense: x [..., in], w [in, out] -> [..., out]; ``transpose``: w [out, in], y = x @ w.T (a tied LM
+    head on the embedding table, never materialising the transpose). ``experts``: x [..., E, C, in],
+    w [E, in, out] -> [..., E, C, out] (the Switch capacity buffers). ``group_sizes`` [E]: x [M, in]
+    with rows sorted by expert, w [E, in, out] -> [M, out] (the dropless grouped matmul).
+    w is an array (cast to x's dtype) or a ``weights.Weight`` with its own matmul, so compression
+    and adapters swap weights, not model code. ``out_dtype`` asks for a wider result (float32
+    logits from bf16 inputs) at no extra matmul cost. ``name`` (dense form) is the tap name under
+    ``capture`` (the input's per-channel statistics, keyed "layer<i>/<name>").
     """
-    if isinstance(w, (jax.Array, np.ndarray)):
-        if x.size == x.shape[-1] and _on_gpu():
-            return _vector_times_matrix(x, w.astype(x.dtype), out_dtype)
-        return jnp.dot(x, w.astype(x.dtype), preferred_element_type=out_dtype).astype(out_dtype or x.dtype)
-    return w.matmul(x, out_dtype)
+    if name is not None and capture.active():
+        capture.linear_input(name, x)
+    form = "ragged" if group_sizes is not None else "experts" if experts else "dense"
+    dot = Dot(form, transpose, out_dtype, group_sizes, precision)
+    if isinstance(w, Weight):
+        return w.matmul(x, dot)
+    return plain_dot(dot, x, w)
+
+
+def plain_dot(dot: Dot, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``dot`` on a plain array w (cast to x's dtype); the kernels behind ``linear``."""
+    out_dtype = dot.out_dtype
+    w = w.astype(x.dtype)
+    if dot.form == "ragged":
+        return grouped_matmul(x, w, dot.group_sizes).astype(out_dtype or x.dtype)
+    if dot.form == "experts":
+        y = jnp.einsum("...ecd,edf->...ecf", x, w, preferred_element_type=out_dtype, precision=dot.precision)
+        return y.astype(out_dtype or x.dtype)
+    if dot.transpose:
+        w = w.T
+    if x.size == x.shape[-1] and _on_gpu():
+        return _vector_times_matrix(x, w, out_dtype)
+    return jnp.dot(x, w, preferred_element_type=out_dtype, precision=dot.precision).astype(out_dtype or x.dtype)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, K] with rows sorted by group, w [N, K, F], group_sizes [N] (summing to M) -> [M, F].
+
+    Rows of group i are multiplied by w[i]. The one place to swap in a faster GPU kernel.
+    """
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
 
 
 def _on_gpu() -> bool:
@@ -72,12 +108,42 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def swiglu(p: dict, x: jax.Array) -> jax.Array:
     """SwiGLU MLP (Shazeer 2020): W_down (silu(x W_gate) * x W_up). x [..., d] -> [..., d]."""
-    return linear(p["w_down"], jax.nn.silu(linear(p["w_gate"], x)) * linear(p["w_up"], x))
+    hidden = jax.nn.silu(linear(p["w_gate"], x, name="w_gate")) * linear(p["w_up"], x, name="w_up")
+    return linear(p["w_down"], hidden, name="w_down")
 
 
-def embed_lookup(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
-    """Rows of table [vocab, d] for integer tokens [...] -> [..., d] in ``dtype``."""
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "save_qkv_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "mlp_hidden"),
+}
+
+
+def embed_lookup(table, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows of table [vocab, d] (an array or a ``Weight``) for integer tokens [...] -> [..., d] in ``dtype``."""
+    if isinstance(table, Weight):
+        return table.rows(tokens, dtype)
     return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+def embed(params: dict, tokens: jax.Array, dtype) -> jax.Array:
+    """tokens [batch, seq] int -> hidden [batch, seq, d] in ``dtype`` from ``params['embed']`` [vocab, d]."""
+    # Gather the table over vocab first: a lookup into a vocab-split table would be rematerialised whole.
+    table = params["embed"]
+    if not isinstance(table, Weight):
+        table = constrain(table, (None, "embed"))
+    return constrain(embed_lookup(table, tokens, dtype), ("batch", "seq", "embed"))
+
+
+def lm_head(params: dict, x: jax.Array, eps: float, tie_embeddings: bool) -> jax.Array:
+    """Final RMSNorm and LM head: hidden [batch, seq, d] -> float32 logits [batch, seq, vocab].
+
+    The head is ``params['head']`` [d, vocab], or with ``tie_embeddings`` the table [vocab, d] transposed."""
+    x = rms_norm(x, params["final_norm"], eps)
+    w = params["embed"] if tie_embeddings else params["head"]
+    logits = linear(w, x, out_dtype=jnp.float32, transpose=tie_embeddings, name="head")
+    return constrain(logits, ("batch", "seq", "vocab"))
 
 
 def normal_init(rng, shape, fan_in: int, dtype) -> jax.Array:

@@ -39,9 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from models import layers, scan_kernel
-from models import transformer
-from models.transformer import REMAT_POLICIES
+from models import capture, layers, scan_kernel
+from models.layers import REMAT_POLICIES
 from parallel import sharding
 from parallel.sharding import constrain
 
@@ -181,6 +180,23 @@ def param_axes(cfg: Config) -> dict:
     if not cfg.tie_embeddings:
         axes["head"] = ("embed", "vocab")
     return axes
+
+
+def axis_sizes(cfg: Config) -> dict:
+    """{logical axis: (size, config field)} of the activation axes a mesh must divide."""
+    return {"inner": (cfg.d_inner, "d_inner"), "state": (cfg.d_state, "d_state"), "embed": (cfg.d_model, "d_model"),
+            "vocab": (cfg.vocab_size, "vocab_size")}
+
+
+def validate_mesh(cfg: Config, mesh, rules, *, tokens: int | None = None) -> None:
+    """Nothing to check beyond ``axis_sizes``: every Mamba layer splits like any other."""
+    del cfg, mesh, rules, tokens
+
+
+def decode_params(params: dict, cfg: Config) -> dict:
+    """The decoding layout: the training one (the recurrent state is the cache; nothing to fuse)."""
+    del cfg
+    return params
 
 
 def matmul_params(cfg: Config) -> int:
@@ -363,23 +379,35 @@ def causal_conv(x, w, bias=None, *, run=None, buffer=None):
 
 # ----------------------------------------------------------------------------- forward
 
-embed = transformer.embed  # the same table lookup and (tied) head as the Transformer's
+def embed(params: dict, tokens: jax.Array, cfg: Config) -> jax.Array:
+    """tokens [batch, seq] int -> hidden [batch, seq, d_model] in the compute dtype."""
+    return layers.embed(params, tokens, cfg.compute_dtype)
 
 
 def _bias(p, name, y):
     return y if name not in p else y + p[name].astype(y.dtype)
 
 
-def block(p: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, last_segment=None,
-          state=None):
+def block(p: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None, train: bool = False,
+          rng=None):
     """One residual layer x + Mixer(RMSNorm(x)). p: one layer's slice of ``params['layers']``; x [b, s, d_model].
 
-    segment_ids [b, s] (0 = padding; None: each row one sequence); state: None, or
-    {'conv': [b, d_conv-1, E], 'ssm': [b, E, N] float32} from earlier tokens, with
-    last_segment [b] their last non-padding segment id. ``positions`` is ignored.
-    Returns (x, new state or None, aux {}).
+    segment_ids [b, s] (0 = padding; None: each row one sequence); cache: None, or this layer's
+    state from earlier tokens {'conv': [b, d_conv-1, E], 'ssm': [b, E, N] float32, 'segment': [b]
+    their last non-padding segment id}. ``positions``, ``train`` and ``rng`` are the protocol's
+    (Mamba needs no positions and has no dropout). Returns (x, new cache or None, aux {}).
     """
-    del positions
+    x, state = _layer(p, x, cfg, segment_ids=segment_ids, last_segment=None if cache is None else cache["segment"],
+                      state=None if cache is None else {"conv": cache["conv"], "ssm": cache["ssm"]})
+    if cache is None:
+        return x, None, {"losses": {}, "metrics": {}}
+    if segment_ids is None:
+        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    return x, {**state, "segment": segment_info(segment_ids, cache["segment"])[3]}, {"losses": {}, "metrics": {}}
+
+
+def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment=None, state=None):
+    """``block``'s math: (x, new {'conv', 'ssm'} state or None)."""
     dt_type = cfg.compute_dtype
     R, N = cfg.dt_rank, cfg.d_state
     if segment_ids is None and state is not None:
@@ -389,16 +417,16 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=Non
         start, nonpad, run, _ = segment_info(segment_ids, last_segment)
     names = ("batch", "seq", "inner")
     n = layers.rms_norm(x, p["norm"], cfg.norm_eps)
-    xi = constrain(_bias(p, "in_x_bias", layers.linear(p["in_x"], n)), names)
-    z = constrain(_bias(p, "in_z_bias", layers.linear(p["in_z"], n)), names)
+    xi = constrain(_bias(p, "in_x_bias", layers.linear(p["in_x"], n, name="in_x")), names)
+    z = constrain(_bias(p, "in_z_bias", layers.linear(p["in_z"], n, name="in_z")), names)
     if nonpad is not None:
         xi = jnp.where(nonpad[..., None], xi, 0)
     xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run,
                                   buffer=None if state is None else state["conv"])
     xc = constrain(jax.nn.silu(xc).astype(dt_type), names)
-    dbc = layers.linear(p["x_proj"], xc)  # [b, s, R + 2N]
+    dbc = layers.linear(p["x_proj"], xc, name="x_proj")  # [b, s, R + 2N]
     dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
-    dt = jax.nn.softplus(layers.linear(p["dt_proj"], dt_low, out_dtype=jnp.float32)
+    dt = jax.nn.softplus(layers.linear(p["dt_proj"], dt_low, out_dtype=jnp.float32, name="dt_proj")
                          + p["dt_bias"].astype(jnp.float32))
     if nonpad is not None:
         dt = jnp.where(nonpad[..., None], dt, 0.0)  # padding: decay 1, no input
@@ -407,22 +435,23 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=Non
     y, h = selective_scan(xc, dt, A, B, C, p["D"], reset=start, h0=None if state is None else state["ssm"],
                           method=cfg.scan, chunk_size=cfg.chunk_size)
     y = constrain((y * jax.nn.silu(z.astype(jnp.float32))).astype(dt_type), names)
-    x = x + _bias(p, "out_bias", layers.linear(p["out_proj"], y))
+    x = x + _bias(p, "out_bias", layers.linear(p["out_proj"], y, name="out_proj"))
     new_state = None
     if state is not None:
         new_state = {"conv": conv_buffer.astype(state["conv"].dtype),
                      "ssm": constrain(h, ("batch", "inner", "state"))}
-    return constrain(x, ("batch", "seq", "embed")), new_state, {}
+    return constrain(x, ("batch", "seq", "embed")), new_state
 
 
 def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
-           capture_hidden: bool = False, train: bool = False, rng=None):
-    """All layers via ``lax.scan`` over the stacked ``layers`` axis (rematerialised per ``cfg.remat``).
-    ``train`` and ``rng`` are the protocol's mode arguments; Mamba has no dropout, so nothing uses them.
+           train: bool = False, rng=None, layer_ids=None):
+    """The layers on ``layer_params``' leading ``layers`` axis via ``lax.scan`` (rematerialised per ``cfg.remat``).
 
-    With ``cache`` (``init_cache``) each layer starts from its cached conv buffer and SSM state
-    and the new ones are returned: (x, new cache without 'index', aux); else (x, None, aux).
-    ``aux['hidden_states']`` [n_layers + 1, b, s, d_model] when ``capture_hidden``.
+    ``train`` and ``rng`` are the protocol's mode arguments (Mamba has no dropout); layer_ids
+    [layers] the global layer ids (default 0..layers-1; they name the ``capture`` taps). With
+    ``cache`` (``init_cache`` for these layers) each layer starts from its cached conv buffer and
+    SSM state and the new ones are returned: (x, new cache without 'index', aux); else (x, None,
+    aux). aux: {'losses': {}, 'metrics': {}}. Under ``capture`` the layers run in a Python loop.
     """
     del positions, train, rng
     last = None
@@ -430,26 +459,37 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, seg
         if segment_ids is None:
             segment_ids = jnp.ones(x.shape[:2], jnp.int32)
         last = cache["segment"]
-
-    def body(h, xs):
-        p, state = xs
-        out, state, aux = block(p, h, cfg, segment_ids=segment_ids, last_segment=last, state=state)
-        if capture_hidden:
-            aux = {**aux, "hidden_states": h}
-        return out, (state, aux)
-
-    if cache is None and cfg.remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     states = None if cache is None else {"conv": cache["conv"], "ssm": cache["ssm"]}
-    x, (states, aux) = jax.lax.scan(body, x, (layer_params, states))
-    if capture_hidden:
-        aux["hidden_states"] = jnp.concatenate([aux["hidden_states"], x[None]], axis=0)
+    aux = {"losses": {}, "metrics": {}}
+    units = jax.tree.leaves(layer_params)[0].shape[0]
+    if capture.active():
+        ids = np.arange(units) if layer_ids is None else np.asarray(layer_ids).reshape(-1)
+        new_states = []
+        for i in range(units):
+            capture.hidden(int(ids[i]), x)
+            state = None if states is None else jax.tree.map(lambda a, i=i: a[i], states)
+            with capture.layer(int(ids[i])):
+                x, state = _layer(jax.tree.map(lambda a, i=i: a[i], layer_params), x, cfg, segment_ids=segment_ids,
+                                  last_segment=last, state=state)
+            new_states.append(state)
+        capture.hidden(int(ids[-1]) + 1, x)
+        states = None if states is None else jax.tree.map(lambda *a: jnp.stack(a), *new_states)
+    else:
+        def body(h, xs):
+            p, state = xs
+            return _layer(p, h, cfg, segment_ids=segment_ids, last_segment=last, state=state)
+
+        if cache is None and cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x, states = jax.lax.scan(body, x, (layer_params, states))
     if cache is None:
         return x, None, aux
     return x, {**cache, **states, "segment": segment_info(segment_ids, last)[3]}, aux
 
 
-head = transformer.head
+def head(params: dict, x: jax.Array, cfg: Config) -> jax.Array:
+    """Final RMSNorm and LM head (tied to the embedding by default): float32 logits [batch, seq, vocab]."""
+    return layers.lm_head(params, x, cfg.norm_eps, cfg.tie_embeddings)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int = 0, dtype=None) -> dict:
@@ -475,7 +515,7 @@ def cache_axes(cfg: Config) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
-          capture_hidden: bool = False):
+          train: bool = False, rng=None):
     """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], aux).
 
     segment_ids [batch, seq] (0 = padding) keep packed sequences apart; ``positions`` is
@@ -485,8 +525,7 @@ def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segme
     """
     del positions
     x = embed(params, tokens, cfg)
-    x, new_cache, aux = blocks(params["layers"], x, cfg, segment_ids=segment_ids, cache=cache,
-                               capture_hidden=capture_hidden)
+    x, new_cache, aux = blocks(params["layers"], x, cfg, segment_ids=segment_ids, cache=cache, train=train, rng=rng)
     if new_cache is not None:
         aux["cache"] = {**new_cache, "index": cache["index"] + tokens.shape[1]}
     return head(params, x, cfg), aux

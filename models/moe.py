@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from models import layers
+from models import capture, layers
 from parallel import expert as expert_parallel
 from parallel import sharding
 
@@ -219,8 +219,8 @@ class Routing(NamedTuple):
 
 def route(router: jax.Array, xg: jax.Array, cfg: MoEConfig, cap: int | None) -> Routing:
     """Router for xg [G, S, d] (any dtype) with weights router [d, N]; ``cap`` = C, or None for no capacity."""
-    logits = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), router.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST)
+    logits = layers.linear(router, xg.astype(jnp.float32), jnp.float32, precision=jax.lax.Precision.HIGHEST,
+                           name="router")
     probs = jax.nn.softmax(logits, axis=-1)
     gates, experts = jax.lax.top_k(probs, cfg.top_k)
     if cfg.normalize_gates:
@@ -297,21 +297,26 @@ def _dropout(h: jax.Array, keep_mask: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep_mask, h / (1.0 - rate), 0).astype(h.dtype)
 
 
-def expert_ffn(w: dict, buf: jax.Array, ids=(), rng=(), *, rate: float = 0.0) -> jax.Array:
+def expert_ffn(w: dict, buf: jax.Array, ids=(), rng=(), *, rate: float = 0.0, filled=None) -> jax.Array:
     """SwiGLU of each expert on its slots: buf [G, N', C, d] with w_* [N', ...] -> [G, N', C, d] (buf's dtype).
 
     With ``rate`` > 0, ids [G, N'] int32 name each (group, expert) buffer and the dropout mask
-    of its hidden [C, d_ff] is drawn from fold_in(rng, id), the same on any mesh.
+    of its hidden [C, d_ff] is drawn from fold_in(rng, id), the same on any mesh. ``filled``
+    [G, N', C] bool (under ``capture`` only): the slots holding a token, for per-expert statistics.
     """
-    dt = buf.dtype
-    h = jax.nn.silu(jnp.einsum("gecd,edf->gecf", buf, w["w_gate"].astype(dt))) * jnp.einsum(
-        "gecd,edf->gecf", buf, w["w_up"].astype(dt))
+    if filled is not None:
+        experts = jnp.where(filled, jnp.arange(buf.shape[1])[:, None], buf.shape[1])
+        capture.linear_input("w_gate", buf, segment_ids=experts, num_segments=buf.shape[1])
+        capture.linear_input("w_up", buf, segment_ids=experts, num_segments=buf.shape[1])
+    h = jax.nn.silu(layers.linear(w["w_gate"], buf, experts=True)) * layers.linear(w["w_up"], buf, experts=True)
     if rate > 0:
         shape = h.shape[2:]
         bits = jax.vmap(jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, shape)))
         h = _dropout(h, bits(ids), rate)
     h = checkpoint_name(h, "mlp_hidden")
-    return jnp.einsum("gecf,efd->gecd", h, w["w_down"].astype(dt))
+    if filled is not None:
+        capture.linear_input("w_down", h, segment_ids=experts, num_segments=buf.shape[1])
+    return layers.linear(w["w_down"], h, experts=True)
 
 
 def _capacity_path(p: dict, xg: jax.Array, r: Routing, cfg: MoEConfig, cap: int, rng, rate: float) -> jax.Array:
@@ -319,6 +324,10 @@ def _capacity_path(p: dict, xg: jax.Array, r: Routing, cfg: MoEConfig, cap: int,
     buf = dispatch(xg, r, n, cap)
     w = {name: p[name] for name in EXPERT_WEIGHTS}
     ids, key = (jnp.arange(G * n, dtype=jnp.int32).reshape(G, n), rng) if rate > 0 else ((), ())
+    if capture.active():  # one device's view: taps cannot leave a shard_map
+        per_expert = jnp.sum(jax.nn.one_hot(r.experts, n, dtype=jnp.int32) * r.keep[..., None], axis=(1, 2))
+        filled = jnp.arange(cap) < per_expert[:, :, None]  # [G, N, C]: slots fill from 0
+        return combine(expert_ffn(w, buf, ids, key, rate=rate, filled=filled), r, cap)
 
     def fn(w, b, i, k):
         return expert_ffn(w, b, i, k, rate=rate)
@@ -335,12 +344,7 @@ def _capacity_path(p: dict, xg: jax.Array, r: Routing, cfg: MoEConfig, cap: int,
 
 # ----------------------------------------------------------------------------- dropless path
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """x [M, K] with rows sorted by group, w [N, K, F], group_sizes [N] (summing to M) -> [M, F].
-
-    Rows of group i are multiplied by w[i]. The one place to swap in a faster GPU kernel.
-    """
-    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+grouped_matmul = layers.grouped_matmul
 
 
 def _dropless_path(p: dict, x: jax.Array, r: Routing, cfg: MoEConfig, rng, rate: float) -> jax.Array:
@@ -351,11 +355,17 @@ def _dropless_path(p: dict, x: jax.Array, r: Routing, cfg: MoEConfig, rng, rate:
     order = jnp.argsort(choice, stable=True)
     sizes = jnp.bincount(choice, length=n).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)
-    h = jax.nn.silu(grouped_matmul(xs, p["w_gate"], sizes)) * grouped_matmul(xs, p["w_up"], sizes)
+    row_expert = jnp.take(choice, order)
+    for name in ("w_gate", "w_up"):
+        capture.linear_input(name, xs, segment_ids=row_expert, num_segments=n)
+    h = jax.nn.silu(layers.linear(p["w_gate"], xs, group_sizes=sizes)) * layers.linear(p["w_up"], xs,
+                                                                                         group_sizes=sizes)
     if rate > 0:
         mask = jax.random.bernoulli(rng, 1.0 - rate, (T * k, h.shape[-1]))
         h = _dropout(h, jnp.take(mask, order, axis=0), rate)
-    out = grouped_matmul(checkpoint_name(h, "mlp_hidden"), p["w_down"], sizes)
+    h = checkpoint_name(h, "mlp_hidden")
+    capture.linear_input("w_down", h, segment_ids=row_expert, num_segments=n)
+    out = layers.linear(p["w_down"], h, group_sizes=sizes)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))
     out = jnp.take(out, inverse, axis=0).reshape(T, k, -1)
     return jnp.sum(out.astype(jnp.float32) * r.gates.reshape(T, k, 1), axis=1)

@@ -14,19 +14,25 @@ Layers are stacked on a leading ``layers`` axis and run with ``lax.scan`` under
 Switch Transformer (Fedus et al. 2021) as a configuration of this family: with
 ``num_experts`` > 0, every ``moe_every``-th layer (layers moe_every-1, 2 moe_every-1, ...,
 0-based) replaces SwiGLU(RMSNorm(h)) by the Switch layer of ``models/moe.py`` on the same
-normed input, with the same residual add. Parameters then hold two stacks of whole layers,
-``params['layers'] = {'dense': {...}, 'moe': {...}}`` (``dense`` absent when every layer is
-MoE): ``dense`` as above over the dense layers, ``moe`` the attention weights and norms of
-the MoE layers plus ``router`` [L_moe, d_model, N] and expert weights w_gate, w_up
-[L_moe, N, d_model, d_ff], w_down [L_moe, N, d_ff, d_model]. ``blocks`` scans over
-"superblocks" of ``moe_every`` layers (moe_every - 1 dense layers, then one MoE layer),
-then runs any remaining dense layers; ``aux['moe']`` holds each MoE layer's metrics
-(``moe.apply``'s aux, stacked [L_moe]). Training mode (``train=True``: the training
-capacity factor, expert dropout keyed by ``rng`` and the layer index) is the train step's;
-everything else runs in evaluation mode, and cached decoding always takes the dropless
-path, so it equals the full forward with ``moe_dispatch='dropless'`` (a capacity-path forward
-may drop tokens that decoding keeps). With ``num_experts == 0`` (the default) the model,
+normed input, with the same residual add. ``n_layers`` must be a multiple of ``moe_every``.
+
+One uniform layer stack: ``params['layers']`` stacks repeating *units* on its leading ``layers``
+axis. Dense: a unit is one layer. Switch: a unit is ``moe_every`` layers,
+``{'dense': {...}, 'moe': {...}}``: ``dense`` the moe_every-1 dense layers before the MoE layer,
+leaves [U, moe_every-1, ...] (inner logical axis ``sublayers``; absent when moe_every == 1), and
+``moe`` the MoE layer's attention weights and norms plus ``router`` [U, d_model, N] and expert
+weights w_gate, w_up [U, N, d_model, d_ff], w_down [U, N, d_ff, d_model]. ``blocks`` runs any
+number of units (a pipeline stage's slice) under ``lax.scan``, with their global unit ids
+``layer_ids``. Training mode (``train=True``: the training capacity factor, expert dropout keyed
+by ``fold_in(rng, global index of the unit's MoE layer)``) is the train step's; everything else
+runs in evaluation mode, and cached decoding always takes the dropless path, so it equals the
+full forward with ``moe_dispatch='dropless'``. With ``num_experts == 0`` (the default) the model,
 its parameters and its checkpoints are exactly the dense ones.
+
+aux (every family): ``aux['losses']`` {name: float32 scalar, already weighted, per token}: with
+Switch layers "moe/loss" = sum over MoE layers of aux_loss + z_loss; ``aux['metrics']``
+{"moe/<metric>/layer<i>": float32 scalar} for every metric of ``moe.apply``, i the global layer
+index; ``aux['cache']`` when decoding.
 """
 from __future__ import annotations
 
@@ -35,20 +41,14 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 import models
-from models import layers
-from models import moe
+from models import capture, layers, moe
 from models.attention import IMPLEMENTATIONS, attention
+from models.layers import REMAT_POLICIES
 from parallel.sharding import constrain
-
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-    "save_qkv_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "mlp_hidden"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +140,10 @@ def validate(cfg: Config) -> None:
         if not moe.moe_layers(moe_cfg, cfg.n_layers):
             raise ValueError(f"model.moe_every ({cfg.moe_every}) exceeds model.n_layers ({cfg.n_layers}), so no "
                              f"layer would be MoE; set moe_every <= n_layers or num_experts=0.")
+        if cfg.n_layers % cfg.moe_every:
+            raise ValueError(f"model.n_layers ({cfg.n_layers}) is not a multiple of model.moe_every "
+                             f"({cfg.moe_every}): the layer stack repeats units of moe_every layers (moe_every-1 "
+                             f"dense, then one MoE); make n_layers a multiple of moe_every.")
 
 
 def validate_mesh(cfg: Config, mesh, rules, *, tokens: int | None = None) -> None:
@@ -169,6 +173,16 @@ def moe_layer_ids(cfg: Config) -> tuple[int, ...]:
     return moe.moe_layers(cfg.moe, cfg.n_layers) if cfg.num_experts else ()
 
 
+def layers_per_unit(cfg: Config) -> int:
+    """Layers in one unit of the stack: ``moe_every`` with Switch layers, else 1."""
+    return cfg.moe_every if cfg.num_experts else 1
+
+
+def n_units(cfg: Config) -> int:
+    """Units on the ``layers`` axis of ``params['layers']``."""
+    return cfg.n_layers // layers_per_unit(cfg)
+
+
 def _stack(cfg: Config, keys, n: int) -> dict:
     """``n`` stacked dense layers: every weight drawn with its key of ``keys``, unit norms."""
     pd = layers.DTYPES[cfg.param_dtype]
@@ -187,21 +201,23 @@ def _stack(cfg: Config, keys, n: int) -> dict:
 def init(cfg: Config, rng: jax.Array) -> dict:
     """Parameters: N(0, 1/fan_in) matrices (2-D, [in, out]; stacked [layers, in, out]), unit norms.
 
-    With MoE the layers form the two stacks of the module docstring: attention weights, norms
-    and the dense MLPs are those of the dense model with the same ``rng`` (its layers sorted
-    into the stacks); routers and experts come from ``moe.init`` (truncated normal, std
-    sqrt(0.1 / fan_in)).
+    With MoE the units of the module docstring: attention weights, norms and the dense MLPs are
+    those of the dense model with the same ``rng`` (its layers sorted into the units); routers and
+    experts come from ``moe.init`` (truncated normal, std sqrt(0.1 / fan_in)).
     """
     pd = layers.DTYPES[cfg.param_dtype]
     D, V = cfg.d_model, cfg.vocab_size
     keys = jax.random.split(rng, len(ATTENTION_WEIGHTS + MLP_WEIGHTS) + 2)
     block = _stack(cfg, keys, cfg.n_layers)
     if cfg.num_experts:
-        ids = moe_layer_ids(cfg)
-        dense_ids = [i for i in range(cfg.n_layers) if i not in ids]
-        experts = moe.init(cfg.moe, jax.random.fold_in(rng, 1), D, cfg.d_ff, len(ids), pd)
-        block = {"moe": {**{k: v[jnp.array(ids)] for k, v in block.items() if k not in MLP_WEIGHTS}, **experts},
-                 **({"dense": {k: v[jnp.array(dense_ids)] for k, v in block.items()}} if dense_ids else {})}
+        every, units = cfg.moe_every, n_units(cfg)
+        ids = np.asarray(moe_layer_ids(cfg))
+        dense_ids = np.asarray([i for i in range(cfg.n_layers) if i not in set(ids.tolist())])
+        experts = moe.init(cfg.moe, jax.random.fold_in(rng, 1), D, cfg.d_ff, units, pd)
+        block_ = {"moe": {**{k: v[ids] for k, v in block.items() if k not in MLP_WEIGHTS}, **experts}}
+        if every > 1:
+            block_["dense"] = {k: v[dense_ids].reshape(units, every - 1, *v.shape[1:]) for k, v in block.items()}
+        block = block_
     # Tied tables also serve as the output projection, so keep their logits O(1).
     embed_fan_in = D if cfg.tie_embeddings else 1
     params = {
@@ -225,13 +241,23 @@ def param_axes(cfg: Config) -> dict:
     }
     if cfg.num_experts:
         stacks = {"moe": {**{k: v for k, v in dense.items() if k not in MLP_WEIGHTS}, **moe.param_axes(cfg.moe)}}
-        if cfg.n_layers > len(moe_layer_ids(cfg)):
-            stacks["dense"] = dense
+        if cfg.moe_every > 1:
+            stacks["dense"] = {k: ("layers", "sublayers", *v[1:]) for k, v in dense.items()}
         dense = stacks
     axes = {"embed": ("vocab", "embed"), "layers": dense, "final_norm": ("norm",)}
     if not cfg.tie_embeddings:
         axes["head"] = ("embed", "vocab")
     return axes
+
+
+def axis_sizes(cfg: Config) -> dict:
+    """{logical axis: (size, config field)} of the activation axes a mesh must divide."""
+    sizes = {"heads": (cfg.n_heads, "n_heads"), "kv_heads": (cfg.n_kv_heads, "n_kv_heads"),
+             "head_dim": (cfg.head_dim, "head_dim"), "mlp": (cfg.d_ff, "d_ff"),
+             "vocab": (cfg.vocab_size, "vocab_size"), "embed": (cfg.d_model, "d_model")}
+    if cfg.num_experts:
+        sizes["experts"] = (cfg.num_experts, "num_experts")
+    return sizes
 
 
 def matmul_params(cfg: Config) -> int:
@@ -263,30 +289,27 @@ def flops_per_token(cfg: Config, seq_len: int) -> float:
 
 def embed(params: dict, tokens: jax.Array, cfg: Config) -> jax.Array:
     """tokens [batch, seq] int -> hidden [batch, seq, d_model] in the compute dtype."""
-    # Gather the table over vocab first: a lookup into a vocab-split table would be rematerialised whole.
-    table = constrain(params["embed"], (None, "embed"))
-    x = layers.embed_lookup(table, tokens, cfg.compute_dtype)
-    return constrain(x, ("batch", "seq", "embed"))
+    return layers.embed(params, tokens, cfg.compute_dtype)
 
 
-def block(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, cache=None, cache_index=0,
-          cache_segment_ids=None, cache_layer=None, train: bool = False, rng=None):
-    """One decoder layer. p: one layer's slice of the stacked layers; x [batch, seq, d_model].
+def decoder_layer(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, cache=None, cache_index=0,
+                  cache_segment_ids=None, cache_layer=None, train: bool = False, rng=None):
+    """One decoder layer. p: one layer's weights (no leading axis); x [batch, seq, d_model].
 
     With ``cache`` ({'k', 'v'}: [batch, max_len, kv_heads, head_dim]) the new keys and values
     are written at ``cache_index`` and attention reads the whole cache. With ``cache_layer``
-    the cache holds every layer ([n_layers, batch, max_len, ...]) and only this layer's new
+    the cache holds several layers ([layers, batch, max_len, ...]) and only this layer's new
     positions are written, in place. A layer whose params hold a ``router`` is a Switch layer:
     ``train`` and ``rng`` (expert dropout) go to ``moe.apply``, and with a cache it runs the
-    dropless path. Returns (x, new_cache or None, aux dict: the MoE metrics, {} when dense).
+    dropless path. Returns (x, new_cache or None, the MoE layer's ``moe.apply`` aux, {} when dense).
     """
     b, s, _ = x.shape
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     n = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
     if "wqkv" in p:  # the fused decoding layout of ``decode_params``
-        q, k, v = jnp.split(layers.linear(p["wqkv"], n), [q_dim, q_dim + kv_dim], axis=-1)
+        q, k, v = jnp.split(layers.linear(p["wqkv"], n, name="wqkv"), [q_dim, q_dim + kv_dim], axis=-1)
     else:
-        q, k, v = (layers.linear(p[name], n) for name in ("wq", "wk", "wv"))
+        q, k, v = (layers.linear(p[name], n, name=name) for name in ("wq", "wk", "wv"))
     q = q.reshape(b, s, cfg.n_heads, cfg.head_dim)
     k = k.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
     v = v.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
@@ -309,7 +332,7 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, ca
             k_all, v_all = (jax.lax.dynamic_index_in_dim(new_cache[n], cache_layer, 0, keepdims=False) for n in "kv")
         o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), implementation=cfg.attention,
                       q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids, q_start=cache_index)
-    x = x + layers.linear(p["wo"], o.reshape(b, s, cfg.n_heads * cfg.head_dim))
+    x = x + layers.linear(p["wo"], o.reshape(b, s, cfg.n_heads * cfg.head_dim), name="wo")
     x = constrain(x, ("batch", "seq", "embed"))
     n = layers.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
     if "router" in p:
@@ -318,109 +341,143 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, ca
                            rng=rng)
         return constrain(x + y, ("batch", "seq", "embed")), new_cache, aux
     if "w_gate_up" in p:
-        gate, up = jnp.split(layers.linear(p["w_gate_up"], n), [cfg.d_ff], axis=-1)
+        gate, up = jnp.split(layers.linear(p["w_gate_up"], n, name="w_gate_up"), [cfg.d_ff], axis=-1)
     else:
-        gate, up = layers.linear(p["w_gate"], n), layers.linear(p["w_up"], n)
+        gate, up = layers.linear(p["w_gate"], n, name="w_gate"), layers.linear(p["w_up"], n, name="w_up")
     hidden = jax.nn.silu(gate) * up
     hidden = checkpoint_name(constrain(hidden, ("batch", "seq", "mlp")), "mlp_hidden")
-    x = x + layers.linear(p["w_down"], hidden)
+    x = x + layers.linear(p["w_down"], hidden, name="w_down")
     return constrain(x, ("batch", "seq", "embed")), new_cache, {}
 
 
-def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, cache=None,
-           capture_hidden: bool = False, train: bool = False, rng=None):
-    """All layers via ``lax.scan`` over the stacked ``layers`` axis (superblocks of ``moe_every`` with MoE).
+def unit_layers(p_unit: dict, cfg: Config) -> list[dict]:
+    """The layers of one unit (its weights without the ``layers`` axis), in order."""
+    if not cfg.num_experts:
+        return [p_unit]
+    dense = p_unit.get("dense", {})
+    return [jax.tree.map(lambda a, j=j: a[j], dense) for j in range(cfg.moe_every - 1)] + [p_unit["moe"]]
 
-    Returns (x, new_cache, aux). ``aux['hidden_states']`` [n_layers + 1, batch, seq, d_model]
-    holds every layer's input and the last layer's output when ``capture_hidden``. With MoE,
-    ``aux['moe']`` maps each metric of ``moe.apply`` (aux_loss and z_loss already scaled by
-    their coefficients, dropped_fraction, load_min, load_max, load_entropy) to a float32
-    [n_moe_layers] array, in the order of ``moe_layer_ids``. ``train`` selects the training
-    capacity factor and expert dropout, whose masks come from ``fold_in(rng, layer index)``.
+
+def _ids(layer_ids, units: int, concrete: bool = True):
+    """Global unit ids: a NumPy array, or as given (possibly traced: they only key randomness) unless
+    ``concrete`` (they name metrics or taps)."""
+    if layer_ids is None:
+        return np.arange(units)
+    if isinstance(layer_ids, jax.core.Tracer):
+        if not concrete:
+            return layer_ids
+        raise ValueError("layer_ids must be concrete (a NumPy array, a tuple or an array made outside jit) with "
+                         "Switch layers or under capture: they name the per-layer metrics and taps.")
+    ids = np.asarray(layer_ids).reshape(-1)
+    if ids.shape[0] != units:
+        raise ValueError(f"layer_ids has {ids.shape[0]} entries for {units} units of layer_params.")
+    return ids
+
+
+def standard_aux(moe_aux: dict, layer_index) -> dict:
+    """{'losses', 'metrics'} from per-MoE-layer ``moe.apply`` aux (arrays [n]) at global layer indices [n]."""
+    if not moe_aux:
+        return {"losses": {}, "metrics": {}}
+    losses = {"moe/loss": jnp.sum(moe_aux["aux_loss"]) + jnp.sum(moe_aux["z_loss"])}
+    metrics = {f"moe/{name}/layer{int(i)}": values[k] for name, values in moe_aux.items()
+               for k, i in enumerate(layer_index)}
+    return {"losses": losses, "metrics": metrics}
+
+
+def block(p_unit: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=None, cache=None, cache_index=0,
+          cache_segment_ids=None, train: bool = False, rng=None, layer_id: int = 0):
+    """One unit of the stack (a layer; with Switch layers moe_every layers) with global unit id ``layer_id``.
+
+    p_unit: the unit's slice of ``params['layers']``. cache: None, or {'k', 'v'} [layers in the unit,
+    batch, max_len, kv_heads, head_dim] written at ``cache_index`` (``cache_segment_ids`` [batch,
+    max_len]). ``rng`` is the unit's key (``blocks`` passes fold_in(rng, global index of its last
+    layer)). Returns (x, new cache or None, aux in the standard form).
     """
-    if cache is not None:
-        return _cached_blocks(layer_params, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
-                              capture_hidden=capture_hidden)
+    per, moe_aux, kv = layers_per_unit(cfg), {}, cache
+    for j, p in enumerate(unit_layers(p_unit, cfg)):
+        x, kv, a = decoder_layer(p, x, cfg, positions=positions, segment_ids=segment_ids, cache=kv,
+                                 cache_index=cache_index, cache_segment_ids=cache_segment_ids,
+                                 cache_layer=None if cache is None else j, train=train, rng=rng)
+        moe_aux = moe_aux or a
+    moe_aux = jax.tree.map(lambda v: v[None], moe_aux)
+    return x, kv, standard_aux(moe_aux, [layer_id * per + per - 1] if moe_aux else [])
+
+
+def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=None, cache=None, train: bool = False,
+           rng=None, layer_ids=None):
+    """The units held on ``layer_params``' leading ``layers`` axis, in order, via ``lax.scan``.
+
+    layer_ids: their global unit ids [units] (default 0..units-1; a pipeline stage passes its
+    slice's). Each layer runs under ``jax.checkpoint`` with the ``cfg.remat`` policy. ``train``
+    selects the training capacity factor and expert dropout, whose masks come from ``fold_in(rng,
+    global index of the unit's MoE layer)``. With ``cache`` (``init_cache`` for these layers) the
+    layers run one after another in a Python loop (see ``_cached_blocks``); while a
+    ``models.capture`` is open too (taps cannot leave a scan). Returns (x, new cache or None, aux):
+    aux['losses'] {"moe/loss"} and aux['metrics'] {"moe/<metric>/layer<i>"} with Switch layers.
+    """
+    per = layers_per_unit(cfg)
+    if cache is not None or capture.active():
+        return _unrolled_blocks(layer_params, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
+                                train=train, rng=rng, layer_ids=layer_ids)
+    ids = _ids(layer_ids, jax.tree.leaves(layer_params)[0].shape[0], concrete=bool(cfg.num_experts))
 
     def layer(h, p, i):
         key = None if rng is None else jax.random.fold_in(rng, i)
-        out, _, aux = block(p, h, cfg, positions=positions, segment_ids=segment_ids, train=train, rng=key)
+        out, _, aux = decoder_layer(p, h, cfg, positions=positions, segment_ids=segment_ids, train=train, rng=key)
         return out, aux
 
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
 
-    def dense_body(h, xs):
-        p, i = xs
-        out, aux = layer(h, p, i)
-        return out, ({**aux, "hidden_states": h} if capture_hidden else aux)
+    def body(h, xs):  # one unit: its dense layers, then (with Switch layers) its MoE layer
+        p_unit, uid = xs
+        aux = {}
+        for j, p in enumerate(unit_layers(p_unit, cfg)):
+            h, aux = layer(h, p, uid if per == 1 else uid * per + j)
+        return h, aux
 
-    if not cfg.num_experts:
-        x, aux = jax.lax.scan(dense_body, x, (layer_params, jnp.arange(cfg.n_layers)))
-        if capture_hidden:
-            aux["hidden_states"] = jnp.concatenate([aux["hidden_states"], x[None]], axis=0)
-        return x, None, aux
-
-    every, n_moe = cfg.moe_every, len(moe_layer_ids(cfg))
-    dense = layer_params.get("dense", {})
-    head_dense = jax.tree.map(lambda a: a[:n_moe * (every - 1)].reshape(n_moe, every - 1, *a.shape[1:]), dense)
-
-    def super_body(h, xs):  # moe_every - 1 dense layers, then one MoE layer
-        pd, pm, s = xs
-        hidden = []
-        for j in range(every - 1):
-            hidden.append(h)
-            h, _ = layer(h, jax.tree.map(lambda a, j=j: a[j], pd), s * every + j)
-        hidden.append(h)
-        h, aux = layer(h, pm, s * every + every - 1)
-        return h, ({"moe": aux, "hidden_states": jnp.stack(hidden)} if capture_hidden else {"moe": aux})
-
-    x, aux = jax.lax.scan(super_body, x, (head_dense, layer_params["moe"], jnp.arange(n_moe)))
-    hidden = [aux.pop("hidden_states").reshape(n_moe * every, *x.shape)] if capture_hidden else []
-    n_tail = cfg.n_layers - n_moe * every
-    if n_tail:  # dense layers after the last MoE layer
-        tail = jax.tree.map(lambda a: a[n_moe * (every - 1):], dense)
-        x, tail_aux = jax.lax.scan(dense_body, x, (tail, n_moe * every + jnp.arange(n_tail)))
-        hidden += [tail_aux["hidden_states"]] if capture_hidden else []
-    if capture_hidden:
-        aux["hidden_states"] = jnp.concatenate([*hidden, x[None]], axis=0)
-    return x, None, aux
+    x, moe_aux = jax.lax.scan(body, x, (layer_params, jnp.asarray(ids, jnp.int32)))
+    return x, None, standard_aux(moe_aux, np.asarray(ids) * per + per - 1 if moe_aux else [])
 
 
-def _cached_blocks(layer_params, x, cfg, *, positions, segment_ids, cache, capture_hidden):
-    """``blocks`` with a KV cache, one layer after another in a Python loop.
+def _unrolled_blocks(layer_params, x, cfg, *, positions, segment_ids, cache, train, rng, layer_ids):
+    """``blocks`` one layer after another in a Python loop: cached decoding and ``capture``.
 
-    ``layer_params`` is stacked (as ``init`` makes it) or a tuple of per-layer dicts (as
-    ``decode_params`` makes it). Each layer writes only its new positions into the stacked
-    cache, in place. With per-layer weights nothing is sliced inside the loop: slicing stacked
-    weights in a decode loop would copy each GEMM's weights on every step. MoE layers run
-    the dropless path (evaluation mode), so cached decoding equals the dropless full forward.
+    ``layer_params`` is stacked (as ``init`` makes it) or a tuple of per-layer dicts in layer order
+    (as ``decode_params`` makes it). With a cache, each layer writes only its new positions into the
+    stacked cache ([layers of these units, ...]), in place: with per-layer weights nothing is sliced
+    inside the loop (slicing stacked weights in a decode loop would copy each GEMM's weights on every
+    step). MoE layers then run the dropless path (evaluation mode), so cached decoding equals the
+    dropless full forward. Under ``capture`` every layer's input (and the last output) is tapped as
+    "layer<i>" and its linears' inputs under "layer<i>/".
     """
+    per = layers_per_unit(cfg)
     per_layer = layer_params if isinstance(layer_params, (list, tuple)) else _unstack(layer_params, cfg)
-    kv, hidden, moe_aux = {"k": cache["k"], "v": cache["v"]}, [], []
+    ids = _ids(layer_ids, len(per_layer) // per)
+    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    moe_aux, moe_index, index = [], [], 0
     for i, p in enumerate(per_layer):
-        hidden.append(x)
-        x, kv, layer_aux = block(p, x, cfg, positions=positions, segment_ids=segment_ids, cache=kv,
-                                 cache_index=cache["index"], cache_segment_ids=cache["segment_ids"], cache_layer=i)
-        if layer_aux:
-            moe_aux.append(layer_aux)
-    aux = {"hidden_states": jnp.stack(hidden + [x])} if capture_hidden else {}
-    if moe_aux:
-        aux["moe"] = jax.tree.map(lambda *a: jnp.stack(a), *moe_aux)
-    return x, {**cache, **kv}, aux
+        index = int(ids[i // per]) * per + i % per
+        key = None if rng is None else jax.random.fold_in(rng, index)
+        capture.hidden(index, x)
+        with capture.layer(index):
+            x, kv, a = decoder_layer(
+                p, x, cfg, positions=positions, segment_ids=segment_ids, cache=kv, train=train, rng=key,
+                cache_index=None if cache is None else cache["index"],
+                cache_segment_ids=None if cache is None else cache["segment_ids"],
+                cache_layer=None if cache is None else i)
+        if a:
+            moe_aux.append(a)
+            moe_index.append(index)
+    capture.hidden(index + 1, x)
+    moe_aux = jax.tree.map(lambda *v: jnp.stack(v), *moe_aux) if moe_aux else {}
+    return x, None if cache is None else {**cache, **kv}, standard_aux(moe_aux, moe_index)
 
 
 def _unstack(layer_params: dict, cfg: Config) -> tuple:
-    """Per-layer dicts in layer order from the stacked layers (both stacks interleaved with MoE)."""
-    def split(stack, n):
-        return [jax.tree.map(lambda a, i=i: a[i], stack) for i in range(n)]
-
-    if not cfg.num_experts:
-        return tuple(split(layer_params, cfg.n_layers))
-    ids = moe_layer_ids(cfg)
-    moe_layers = iter(split(layer_params["moe"], len(ids)))
-    dense_layers = iter(split(layer_params.get("dense", {}), cfg.n_layers - len(ids)))
-    return tuple(next(moe_layers) if i in ids else next(dense_layers) for i in range(cfg.n_layers))
+    """Per-layer dicts in layer order from the stacked units."""
+    units = jax.tree.leaves(layer_params)[0].shape[0]
+    return tuple(p for u in range(units) for p in unit_layers(jax.tree.map(lambda a: a[u], layer_params), cfg))
 
 
 def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
@@ -430,10 +487,11 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
     weight where it lies instead of slicing it out of the stacked array again. With ``fuse``,
     dense W_q, W_k, W_v become one ``wqkv`` [d_model, (heads + 2 kv_heads) head_dim] and, in
     dense layers, W_gate, W_up one ``w_gate_up`` [d_model, 2 d_ff]: one wider matmul each per
-    step. Expert weights stay as they are.
+    step. Expert weights, and weights of a ``weights.Weight`` type, stay as they are.
     """
     per_layer = []
     for p in _unstack(params["layers"], cfg):  # fresh dicts: popping leaves params alone
+        p = dict(p)
         dense_mlp = "router" not in p
         if fuse and all(isinstance(p[n], jax.Array) for n in ("wq", "wk", "wv") + ("w_gate", "w_up") * dense_mlp):
             p["wqkv"] = jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1)
@@ -445,9 +503,7 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
 
 def head(params: dict, x: jax.Array, cfg: Config) -> jax.Array:
     """Final RMSNorm and LM head: hidden [batch, seq, d_model] -> float32 logits [batch, seq, vocab]."""
-    x = layers.rms_norm(x, params["final_norm"], cfg.norm_eps)
-    w = params["embed"].T if cfg.tie_embeddings else params["head"]
-    return constrain(layers.linear(w, x, out_dtype=jnp.float32), ("batch", "seq", "vocab"))
+    return layers.lm_head(params, x, cfg.norm_eps, cfg.tie_embeddings)
 
 
 def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
@@ -463,20 +519,20 @@ def init_cache(cfg: Config, batch: int, max_len: int, dtype=None) -> dict:
 
 
 def cache_axes(cfg: Config) -> dict:
-    """Logical axis names of ``init_cache``'s arrays."""
+    """Logical axis names of ``init_cache``'s arrays (the cache's ``layers`` axis counts layers, not units)."""
     del cfg
     kv = ("layers", "batch", None, "kv_heads", "head_dim")
     return {"k": kv, "v": kv, "segment_ids": ("batch", None), "index": ()}
 
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
-          capture_hidden: bool = False, train: bool = False, rng=None):
-    """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], aux).
+          train: bool = False, rng=None):
+    """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], aux) = head(blocks(embed(tokens))).
 
     positions [batch, seq] default to 0..seq-1 (offset by the cache index when decoding);
     segment_ids [batch, seq] (0 = padding) keep packed sequences apart. With ``cache`` the
     tokens are appended at ``cache['index']`` and ``aux['cache']`` is the updated cache.
-    ``train``/``rng``: MoE training mode (see ``blocks``); ``aux['moe']``: per-layer MoE metrics.
+    ``train``/``rng``: MoE training mode (see ``blocks``); aux['losses'], aux['metrics'] as ``blocks``.
     """
     b, s = tokens.shape
     start = cache["index"] if cache is not None else 0
@@ -489,7 +545,7 @@ def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segme
             cache["segment_ids"], segment_ids.astype(jnp.int32), start, axis=1)}
     x = embed(params, tokens, cfg)
     x, new_cache, aux = blocks(params["layers"], x, cfg, positions=positions, segment_ids=segment_ids,
-                               cache=cache, capture_hidden=capture_hidden, train=train, rng=rng)
+                               cache=cache, train=train, rng=rng)
     if new_cache is not None:
         aux["cache"] = {**new_cache, "index": start + s}
     return head(params, x, cfg), aux

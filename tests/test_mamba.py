@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import models
+from models import capture
 from models import generate as G
 from models import hf
 from models import mamba as M
@@ -105,9 +106,14 @@ def test_protocol_shapes_dtypes_and_axes():
     base = params_for(CFG)
     with_bias = {**base, "layers": {**base["layers"], **zeros}}
     tokens = toks()
-    logits, aux = jax.eval_shape(lambda: M.apply(with_bias, tokens, cfg, capture_hidden=True))
+    def with_hidden():
+        with capture.taps(hidden=True) as got:
+            logits, _ = M.apply(with_bias, tokens, cfg)
+        return logits, capture.stack_hidden(got.hidden)
+
+    logits, hidden = jax.eval_shape(with_hidden)
     assert (logits.shape, logits.dtype) == ((B, S, 61), jnp.float32)
-    assert (aux["hidden_states"].shape, aux["hidden_states"].dtype) == ((3, B, S, 16), jnp.bfloat16)
+    assert (hidden.shape, hidden.dtype) == ((3, B, S, 16), jnp.bfloat16)
 
     def pieces(params, tokens):  # embed -> blocks -> head is apply; block() runs one layer
         x = M.embed(params, tokens, CFG)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import bench_switch_350m, dense_stdlib, switch_stdlib
-from models import generate, layers, moe
+from models import capture, generate, layers, moe
 from models import transformer as T
 from parallel import mesh as pmesh
 from parallel import sharding
@@ -20,7 +20,7 @@ from train.setup import setup_training
 
 pytestmark = pytest.mark.timeout(120)
 
-TINY = dict(vocab_size=61, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, d_ff=48, dtype="float32",
+TINY = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=48, dtype="float32",
             num_experts=4, moe_every=2, moe_group_size=8, moe_capacity_factor_train=1.0,
             moe_capacity_factor_eval=1.0, moe_expert_dropout=0.1, moe_aux_loss_coef=0.1, moe_z_loss_coef=0.01)
 
@@ -52,41 +52,52 @@ def moe_part(p):
     return {k: p[k] for k in ("router", *moe.EXPERT_WEIGHTS)}
 
 
-def split(stack):
-    """Per-layer dicts of a stack of layers."""
-    n = jax.tree.leaves(stack)[0].shape[0]
-    return [jax.tree.map(lambda a, i=i: a[i], stack) for i in range(n)]
-
-
 def manual_forward(params, toks, cfg, *, train, rng=None):
-    """embed -> per layer: a dense ``block``, or attention (a ``block`` with a zero MLP) + moe.apply -> head."""
+    """embed -> per layer: a dense ``decoder_layer``, or attention (a layer with a zero MLP) + moe.apply -> head.
+    Returns (logits, {metric: [n_moe] per-layer values}, every layer's input and the last output)."""
     x = T.embed(params, toks, cfg)
     pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
-    dense, moe_layers = iter(split(params["layers"]["dense"])), iter(split(params["layers"]["moe"]))
+    stack, every = params["layers"], cfg.moe_every
     d, f = cfg.d_model, cfg.d_ff
-    aux = []
+    aux, hidden = [], []
     for i in range(cfg.n_layers):
-        if i not in T.moe_layer_ids(cfg):
-            x, _, _ = T.block(next(dense), x, cfg, positions=pos)
+        hidden.append(x)
+        u, j = divmod(i, every)
+        if j < every - 1:  # dense layer j of unit u
+            x, _, _ = T.decoder_layer(jax.tree.map(lambda a: a[u, j], stack["dense"]), x, cfg, positions=pos)
             continue
-        p = next(moe_layers)
+        p = jax.tree.map(lambda a: a[u], stack["moe"])
         attn_only = {k: v for k, v in p.items() if k not in ("router", *moe.EXPERT_WEIGHTS)}
         attn_only.update(w_gate=jnp.zeros((d, f)), w_up=jnp.zeros((d, f)), w_down=jnp.zeros((f, d)))
-        h, _, _ = T.block(attn_only, x, cfg, positions=pos)
+        h, _, _ = T.decoder_layer(attn_only, x, cfg, positions=pos)
         y, a = moe.apply(moe_part(p), layers.rms_norm(h, p["mlp_norm"], cfg.norm_eps), cfg.moe, train=train,
                          rng=None if rng is None else jax.random.fold_in(rng, i))
         x = h + y
         aux.append(a)
-    return T.head(params, x, cfg), jax.tree.map(lambda *a: jnp.stack(a), *aux)
+    hidden.append(x)
+    return T.head(params, x, cfg), jax.tree.map(lambda *a: jnp.stack(a), *aux), jnp.stack(hidden)
+
+
+def named(per_layer, layer_ids):
+    """{'moe/<metric>/layer<i>': value} from {metric: [n]} at layer ids [n]."""
+    return {f"moe/{k}/layer{i}": v[n] for k, v in per_layer.items() for n, i in enumerate(layer_ids)}
 
 
 def test_structure_axes_and_active_flops():
     cfg = tiny()
     params = jax.eval_shape(lambda: T.init(cfg, jax.random.PRNGKey(0)))
     assert T.moe_layer_ids(cfg) == (1, 3) and set(params["layers"]) == {"dense", "moe"}
+    # Units of moe_every = 2 layers (dense, MoE) on the leading axis; the dense ones [units, moe_every - 1, ...].
     chex.assert_shape([params["layers"]["dense"]["w_gate"], params["layers"]["moe"]["w_gate"],
                        params["layers"]["moe"]["router"], params["layers"]["moe"]["wq"]],
-                      [(3, 32, 48), (2, 4, 32, 48), (2, 32, 4), (2, 32, 32)])
+                      [(2, 1, 32, 48), (2, 4, 32, 48), (2, 32, 4), (2, 32, 32)])
+    assert T.param_axes(cfg)["layers"]["dense"]["wq"] == ("layers", "sublayers", "embed", "heads")
+    # The layers are the dense model's with the same key, sorted into the units.
+    init = jax.jit(T.init, static_argnums=0)
+    dense_init = init(T.Config(**{**TINY, "num_experts": 0}), jax.random.PRNGKey(0))["layers"]
+    real = init(cfg, jax.random.PRNGKey(0))["layers"]
+    np.testing.assert_array_equal(real["dense"]["wq"][:, 0], dense_init["wq"][np.array([0, 2])])
+    np.testing.assert_array_equal(real["moe"]["wq"], dense_init["wq"][np.array([1, 3])])
     axes = T.param_axes(cfg)
     is_names = lambda t: isinstance(t, tuple)  # noqa: E731
     assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=is_names)
@@ -101,43 +112,56 @@ def test_structure_axes_and_active_flops():
 
 
 def test_forward_equals_dense_blocks_plus_moe_layers():
-    """Train mode (training capacity, expert dropout keyed by fold_in(rng, layer)); 5 layers: D M D M D."""
+    """Train mode (training capacity, expert dropout keyed by fold_in(rng, layer)); 4 layers: D M D M."""
     cfg = tiny()
     params, toks = random_params(cfg), tokens(cfg)
-    f = jax.jit(lambda p, t, r: T.apply(p, t, cfg, capture_hidden=True, train=True, rng=r))
-    logits, aux = f(params, toks, jax.random.PRNGKey(7))
-    want, want_aux = jax.jit(lambda p, t, r: manual_forward(p, t, cfg, train=True, rng=r))(
+
+    def forward(p, t, r):
+        with capture.taps(hidden=True) as got:  # the unrolled layers of a capture ...
+            _, aux_unrolled = T.apply(p, t, cfg, train=True, rng=r)
+        logits, aux = T.apply(p, t, cfg, train=True, rng=r)  # ... and the scan
+        return logits, aux, aux_unrolled, capture.stack_hidden(got.hidden)
+
+    f = jax.jit(forward)
+    logits, aux, aux_unrolled, hidden = f(params, toks, jax.random.PRNGKey(7))
+    want, want_aux, want_hidden = jax.jit(lambda p, t, r: manual_forward(p, t, cfg, train=True, rng=r))(
         params, toks, jax.random.PRNGKey(7))
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(aux["moe"], want_aux, rtol=1e-5, atol=1e-7)
-    chex.assert_shape(aux["hidden_states"], (6, 2, 12, 32))
-    assert float(aux["moe"]["dropped_fraction"].max()) > 0  # capacity factor 1: the test drops tokens
-    other, _ = f(params, toks, jax.random.PRNGKey(8))  # expert dropout: another key, other logits
+    assert set(aux) == {"losses", "metrics"} and set(aux["losses"]) == {"moe/loss"}
+    chex.assert_trees_all_close(aux["metrics"], named(want_aux, (1, 3)), rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(aux_unrolled, aux, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(aux["losses"]["moe/loss"], jnp.sum(want_aux["aux_loss"] + want_aux["z_loss"]),
+                               rtol=1e-5)
+    chex.assert_shape(hidden, (5, 2, 12, 32))
+    np.testing.assert_allclose(hidden, want_hidden, rtol=1e-5, atol=1e-5)
+    assert float(want_aux["dropped_fraction"].max()) > 0  # capacity factor 1: the test drops tokens
+    other, *_ = f(params, toks, jax.random.PRNGKey(8))  # expert dropout: another key, other logits
     assert np.abs(np.asarray(other - logits)).max() > 1e-4
 
 
 def test_aux_losses_reach_the_objective_and_the_router():
-    cfg = tiny(moe_expert_dropout=0.0, n_layers=3)  # dense, MoE, dense
+    cfg = tiny(moe_expert_dropout=0.0)  # dense, MoE, dense, MoE
     params, toks = random_params(cfg), tokens(cfg, b=2, s=16)
     batch = {"inputs": toks, "targets": jnp.roll(toks, -1, axis=1), "loss_mask": jnp.ones_like(toks)}
-    objective = step_lib.make_objective(T, cfg)
-
-    def aux_part(p):  # the auxiliary term, and everything the objective returns
-        out = objective(p, batch, None)
-        return out[1][2], out
-
-    (_, (value, (nll, count, extra, per_layer))), grads = jax.jit(jax.value_and_grad(aux_part, has_aux=True))(
-        params)
-    assert per_layer["aux_loss"].shape == (1,) and float(count) == 32
-    np.testing.assert_allclose(extra, jnp.sum(per_layer["aux_loss"] + per_layer["z_loss"]), rtol=1e-6)
+    value, (nll, count, extra, metrics) = jax.jit(step_lib.make_objective(T, cfg))(params, batch, None)
+    assert float(count) == 32 and metrics["moe/aux_loss/layer1"].shape == ()
+    np.testing.assert_allclose(extra, sum(metrics[f"moe/{k}/layer{i}"] for k in ("aux_loss", "z_loss")
+                                          for i in (1, 3)), rtol=1e-6)
     np.testing.assert_allclose(value, nll + count * extra, rtol=1e-6)
-    # The auxiliary part alone has a gradient on the router and on the layer below it, none above it.
-    assert float(jnp.abs(grads["layers"]["moe"]["router"]).max()) > 0
+
+    def first_moe_layer_loss(p):  # the auxiliary losses of layer 1 alone
+        m = T.apply(p, toks, cfg, train=True)[1]["metrics"]
+        return m["moe/aux_loss/layer1"] + m["moe/z_loss/layer1"]
+
+    grads = jax.jit(jax.grad(first_moe_layer_loss))(params)
+    # A gradient on layer 1's router and on the layer below it, none on the layers above it or on experts.
+    assert float(jnp.abs(grads["layers"]["moe"]["router"][0]).max()) > 0
     assert float(jnp.abs(grads["layers"]["dense"]["w_gate"][0]).max()) > 0
     assert float(jnp.abs(grads["layers"]["dense"]["w_gate"][1]).max()) == 0
+    assert float(jnp.abs(grads["layers"]["moe"]["router"][1]).max()) == 0
     assert float(jnp.abs(grads["layers"]["moe"]["w_gate"]).max()) == 0
-    # A family without MoE layers (empty aux, or other entries) adds nothing.
-    assert float(step_lib.aux_loss({})) == 0 and float(step_lib.aux_loss({"hidden_states": jnp.ones(3)})) == 0
+    # A family without MoE layers (empty losses) adds nothing.
+    assert float(step_lib.aux_loss({"losses": {}, "metrics": {}})) == 0
 
 
 def tiny_run_config(module, **model):
@@ -204,7 +228,7 @@ def test_expert_parallel_loss_and_grads_equal_one_device():
     objective = jax.value_and_grad(step_lib.make_objective(T, one.mcfg), has_aux=True)
     rng = jax.random.PRNGKey(3)
     (value, aux), grads = jax.jit(objective)(params, batch, rng)
-    assert float(aux[3]["dropped_fraction"].min()) > 0
+    assert float(aux[3]["moe/dropped_fraction/layer0"]) > 0
     c.mesh.update(data=2, expert=4)
     ep = setup_training(c, pmesh.make_mesh(c.mesh))
     with sharding.activate(ep.mesh, ep.rules):
@@ -234,7 +258,8 @@ def test_generation_equals_full_forward_dropless():
         out, aux = apply(per_layer, toks[:, i:i + 1], aux["cache"])
         steps.append(out)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
-    assert aux["moe"]["dropped_fraction"].shape == (1,) and float(aux["moe"]["dropped_fraction"].max()) == 0
+    assert [k for k in aux["metrics"] if "dropped" in k] == ["moe/dropped_fraction/layer1"]
+    assert float(aux["metrics"]["moe/dropped_fraction/layer1"]) == 0
     prompts = [[5, 9, 14, 3], [7, 1]]  # left-padded to one length
     new = generate.greedy(T, params, cfg, prompts, max_new_tokens=6)
     seqs = jnp.asarray([prompts[0] + new[0], prompts[1] + new[1] + [0, 0]], jnp.int32)  # 10 tokens, as above
@@ -247,7 +272,8 @@ def test_generation_equals_full_forward_dropless():
     (dict(moe_capacity_factor_train=0.0), r"model.moe_capacity_factor_train is 0.0 but the capacity path"),
     (dict(moe_dispatch="sorted"), r"model.moe_dispatch is 'sorted'"),
     (dict(num_experts=-1), r"model.num_experts is -1"),
-    (dict(moe_every=6), r"model.moe_every \(6\) exceeds model.n_layers \(5\)"),
+    (dict(moe_every=6), r"model.moe_every \(6\) exceeds model.n_layers \(4\)"),
+    (dict(n_layers=5), r"model.n_layers \(5\) is not a multiple of model.moe_every \(2\)"),
     (dict(moe_every=0), r"model.moe_every is 0"),
 ])
 def test_model_config_errors_name_the_field(kwargs, match):

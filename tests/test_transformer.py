@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import layers
+from models import capture, layers
 from models import transformer as T
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,6 +36,13 @@ def rel_err(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+def apply_with_hidden(params, toks, cfg):
+    """(logits, every layer's input and the last output [n_layers + 1, b, s, d]) via ``models.capture``."""
+    with capture.taps(hidden=True) as got:
+        logits, _ = T.apply(params, toks, cfg)
+    return logits, capture.stack_hidden(got.hidden)
+
+
 def test_shapes_and_dtypes():
     cfg = T.Config(**{**TINY, "dtype": "bfloat16"})
     params = T.init(cfg, jax.random.PRNGKey(0))
@@ -46,22 +53,22 @@ def test_shapes_and_dtypes():
                           jax.tree.leaves(T.param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))):
         assert leaf.dtype == jnp.float32 and leaf.ndim == len(axes)
     assert params["layers"]["wq"].shape == (2, 32, 32) and params["layers"]["wk"].shape == (2, 32, 16)
-    logits, aux = jax.jit(lambda p, t: T.apply(p, t, cfg, capture_hidden=True))(params, tokens(cfg))
+    logits, hidden = jax.jit(lambda p, t: apply_with_hidden(p, t, cfg))(params, tokens(cfg))
     chex.assert_shape(logits, (2, 12, 61))
     assert logits.dtype == jnp.float32
-    chex.assert_shape(aux["hidden_states"], (3, 2, 12, 32))
-    assert aux["hidden_states"].dtype == jnp.bfloat16
+    chex.assert_shape(hidden, (3, 2, 12, 32))
+    assert hidden.dtype == jnp.bfloat16
     chex.assert_tree_all_finite(logits)
 
 
 def test_embed_blocks_head_compose_and_block_runs_one_layer():
     cfg = tiny()
     params, toks = random_params(cfg), tokens(cfg)
-    logits, aux = T.apply(params, toks, cfg, capture_hidden=True)
+    logits, hidden = apply_with_hidden(params, toks, cfg)
     x = T.embed(params, toks, cfg)
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
     for i in range(cfg.n_layers):
-        chex.assert_trees_all_close(x, aux["hidden_states"][i], atol=1e-6)
+        chex.assert_trees_all_close(x, hidden[i], atol=1e-6)
         x, _, _ = T.block(jax.tree.map(lambda a: a[i], params["layers"]), x, cfg, positions=pos)
     chex.assert_trees_all_close(T.head(params, x, cfg), logits, atol=1e-5)
 

@@ -3,10 +3,9 @@
 The step functions are sharding-agnostic; the trainer jits them with the shardings that
 ``parallel.sharding`` derives from the config's rules.
 
-Auxiliary losses: a family's ``blocks`` may return ``aux['moe']`` (the Transformer with
-Switch layers: float32 [n_moe_layers] arrays per metric). The train step adds the summed
-``aux_loss`` and ``z_loss`` of every layer to the objective and reports each metric per
-layer ("moe/dropped_fraction/layer3", with the family's ``moe_layer_ids``); "loss" stays
+Auxiliary losses: a family's ``blocks`` returns ``aux['losses']`` (weighted per-token scalars,
+e.g. "moe/loss") and ``aux['metrics']`` (scalars, e.g. "moe/dropped_fraction/layer3"). The train
+step adds tokens x the sum of the losses to the objective and logs the metrics; "loss" stays
 the cross-entropy alone, comparable with a dense model and with the eval loss. Families
 whose ``blocks`` take ``train`` and ``rng`` keywords get train mode in the train step (with
 a PRNG key from the config seed and the step, for expert dropout) and eval mode elsewhere;
@@ -85,13 +84,9 @@ def token_nll(model, mcfg, params, x: jax.Array, targets: jax.Array, mask: jax.A
     return total
 
 
-MOE_LOSSES = ("aux_loss", "z_loss")
-
-
 def aux_loss(aux: dict) -> jax.Array:
-    """The auxiliary objective in a ``blocks`` aux: the sum over MoE layers of aux_loss + z_loss (0 if none)."""
-    per_layer = aux.get("moe") or {}
-    return sum((jnp.sum(per_layer[k]) for k in MOE_LOSSES if k in per_layer), jnp.zeros((), jnp.float32))
+    """The auxiliary objective in a ``blocks`` aux: the sum of ``aux['losses']`` (0 if none)."""
+    return sum(aux.get("losses", {}).values(), jnp.zeros((), jnp.float32))
 
 
 def lm_loss(model, mcfg, params, batch: dict, *, loss_chunk: int = 0, train: bool = False,
@@ -130,25 +125,10 @@ def make_objective(model, mcfg, *, objective: str = "lm", loss_chunk: int = 0):
     def objective_fn(params, batch, rng):
         nll, metrics = loss_fn(model, mcfg, params, batch, rng=rng)
         extra = aux_loss(metrics["aux"])
-        per_layer = dict(metrics["aux"].get("moe") or {})
+        per_layer = dict(metrics["aux"].get("metrics") or {})
         return nll + metrics["tokens"] * extra, (nll, metrics["tokens"], extra, per_layer)
 
     return objective_fn
-
-
-def _moe_layer_ids(model, mcfg):
-    """The family's MoE layer indices (``moe_layer_ids``), or None where it has no such layers."""
-    ids = getattr(model, "moe_layer_ids", None)
-    return ids(mcfg) if ids is not None else None
-
-
-def layer_metrics(per_layer: dict, layer_ids=None) -> dict:
-    """{'moe/<metric>/layer<i>': scalar} from per-layer arrays [n]; i from ``layer_ids`` (default 0..n-1)."""
-    out = {}
-    for name, values in per_layer.items():
-        ids = range(values.shape[0]) if layer_ids is None else layer_ids
-        out.update({f"moe/{name}/layer{i}": values[j] for j, i in enumerate(ids)})
-    return out
 
 
 def step_rng(seed: int, step, microbatch=0) -> jax.Array:
@@ -173,11 +153,10 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
     capacity are per microbatch). Auxiliary (MoE) losses are added to it, each microbatch's
     weighted by its token count. The model runs in train mode with the key ``step_rng(seed, step,
     microbatch)``. Metrics: loss (the task
-    loss alone), grad_norm, tokens, and with MoE layers ``moe/loss`` (the auxiliary losses
-    added) and every per-layer metric of ``aux['moe']`` (averaged over microbatches).
+    loss alone), grad_norm, tokens, and with auxiliary losses ``moe/loss`` (their sum, added) and
+    every metric of ``aux['metrics']`` (averaged over microbatches).
     """
     objective_fn = make_objective(model, mcfg, objective=objective, loss_chunk=loss_chunk)
-    layer_ids = _moe_layer_ids(model, mcfg)
 
     def grads_of(params, micro, rng):
         (_, (nll, tokens, extra, per_layer)), grads = jax.value_and_grad(
@@ -204,23 +183,21 @@ def make_train_step(model, mcfg, tx, *, objective: str = "lm", accum_steps: int 
         metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "tokens": tokens}
         if per_layer:
             metrics["moe/loss"] = extra
-            metrics.update(layer_metrics(per_layer, layer_ids))
+            metrics.update(per_layer)
         return apply_gradients(tx, state, grads), metrics
 
     return train_step
 
 
 def make_eval_step(model, mcfg, *, objective: str = "lm"):
-    """eval_step(params, batch) -> {'nll': summed loss, 'tokens': count}, and with MoE layers every
-    per-layer metric of the eval-mode forward (capacity factor ``moe_capacity_factor_eval``) as
-    ``eval_moe/<metric>/layer<i>``."""
+    """eval_step(params, batch) -> {'nll': summed loss, 'tokens': count}, and every metric of the
+    eval-mode forward's ``aux['metrics']`` (MoE: capacity factor ``moe_capacity_factor_eval``) as
+    ``eval_`` + its name."""
     loss_fn = LOSSES[objective]
-    layer_ids = _moe_layer_ids(model, mcfg)
 
     def eval_step(params, batch):
         nll, metrics = loss_fn(model, mcfg, params, batch)
-        per_layer = metrics["aux"].get("moe") or {}
-        return {"nll": nll, "tokens": metrics["tokens"],
-                **{f"eval_{k}": v for k, v in layer_metrics(per_layer, layer_ids).items()}}
+        per_layer = metrics["aux"].get("metrics") or {}
+        return {"nll": nll, "tokens": metrics["tokens"], **{f"eval_{k}": v for k, v in per_layer.items()}}
 
     return eval_step
