@@ -91,6 +91,37 @@ def test_interrupted_and_resumed_run_has_bitwise_equal_losses(straight, tmp_path
     assert result["eval_loss"] == straight[1]["eval_loss"]
 
 
+@pytest.mark.timeout(300)
+def test_paired_objective_command_line_with_exact_resume(tmp_path):
+    """`python -m train` on the paired experiment (pair_margin on arithmetic_pairs) at the tiny size, straight;
+    the same run interrupted twice in process: bitwise equal losses, and the held-out pairs evaluated."""
+    sizes = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, dtype="float32")
+    train = dict(steps=6, batch_size=8, seq_len=64, log_every=1, eval_every=6, eval_batches=1, exact_match_every=0,
+                 ckpt_every=2, progress=False)
+    overrides = ([f"--config.model.{k}={v}" for k, v in sizes.items()] + ["--config.data.max_steps=3"] +
+                 [f"--config.train.{k}={v}" for k, v in train.items()] + ["--config.optim.warmup_steps=2"])
+    cmd = [sys.executable, "-m", "train", "--config", "experiments/arith_pairs.py", "--workdir",
+           str(tmp_path / "straight"), *overrides]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)  # the tests' 8 CPU devices
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    from experiments import arith_pairs
+
+    c = arith_pairs.get_config()
+    c.model.update(sizes)
+    c.data.max_steps = 3
+    c.train.update(train)
+    c.optim.warmup_steps = 2
+    trainer.run(c, str(tmp_path / "resumed"), stop_after=1)
+    trainer.run(c, str(tmp_path / "resumed"), stop_after=4)
+    result = trainer.run(c, str(tmp_path / "resumed"))
+    straight = losses(str(tmp_path / "straight"))
+    assert sorted(straight) == list(range(1, 7)) and straight == losses(str(tmp_path / "resumed"))
+    assert straight[6] < straight[1]  # the margin loss falls (from about log 2 + the chosen NLL)
+    assert result["pairs"] == 8 and 0 <= result["accuracy"] <= 1 and 0 <= result["eval_accuracy"] <= 1
+    assert {"eval_loss", "eval_margin", "eval_chosen_nll"} <= set(result)
+
+
 def _spawn(code: str, workdir, env_extra=None):
     env = {**os.environ, **(env_extra or {})}  # same 8 CPU devices as this process (conftest)
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(workdir)], cwd=ROOT, env=env,
