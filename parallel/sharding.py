@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import math
 from typing import Any, Iterator, Mapping, Sequence
 

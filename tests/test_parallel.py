@@ -110,7 +110,8 @@ def tiny(**kw):
 
 
 def sizes(mcfg, batch=8, seq=16, accum=1):
-    """What a Transformer's ``axis_sizes`` reports (CONTRACT §1), with the batch and sequence, as train.setup builds it."""
+    """What a Transformer's ``axis_sizes`` reports (CONTRACT §1), with the batch and sequence, as train.setup
+    builds them."""
     fields = dict(heads="n_heads", kv_heads="n_kv_heads", head_dim="head_dim", mlp="d_ff", vocab="vocab_size",
                   embed="d_model")
     out = {axis: (getattr(mcfg, field), f"model.{field}") for axis, field in fields.items()}

@@ -341,7 +341,8 @@ def test_lm_objective_matches_float64_reference_and_adds_aux_losses_per_token(ti
         @staticmethod
         def blocks(*args, **kwargs):
             x, cache, aux = model.blocks(*args, **kwargs)
-            return x, cache, {**aux, "losses": {"x/loss": jnp.float32(0.25)}, "metrics": {"x/m/layer1": jnp.float32(3.0)}}
+            return x, cache, {**aux, "losses": {"x/loss": jnp.float32(0.25)},
+                              "metrics": {"x/m/layer1": jnp.float32(3.0)}}
 
     obj = objective_lib.lm_objective(loss_chunk=0)
     plain = obj.loss(model, mcfg, params, batch)

@@ -17,7 +17,7 @@ model-specific is named here: auxiliary losses reach the loss only through ``aux
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
