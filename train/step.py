@@ -68,8 +68,9 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads, 
     view = _view(state.params, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, view)
     opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state.opt_state)
-    params = _merge(optax.apply_updates(view, updates), state.params, frozen)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    step = state.step + 1
+    return TrainState(step=step, params=_merge(optax.apply_updates(view, updates), state.params, frozen),
+                      opt_state=opt_state)
 
 
 def make_train_step(model, mcfg, tx, objective: Objective, *, frozen=None, accum_steps: int = 1, seed: int = 0):
