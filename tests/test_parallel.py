@@ -110,7 +110,7 @@ def tiny(**kw):
 
 
 def sizes(mcfg, batch=8, seq=16, accum=1):
-    """What a Transformer's ``axis_sizes`` reports (CONTRACT §1), with the batch and sequence, as train.setup
+    """What a Transformer's ``axis_sizes`` reports (the model protocol), with the batch and sequence, as train.setup
     builds them."""
     fields = dict(heads="n_heads", kv_heads="n_kv_heads", head_dim="head_dim", mlp="d_ff", vocab="vocab_size",
                   embed="d_model")

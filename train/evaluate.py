@@ -299,7 +299,8 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "", chunk
         record = evaluator.run(task, state.params)
     if task in ("loss", "perplexity"):
         loss = record.pop("eval_loss")
-        record = dict(loss=loss, perplexity=math.exp(loss), **record)
+        per_token = {"perplexity": math.exp(loss)} if setup.objective.weight_name == "tokens" else {}
+        record = dict(loss=loss, **per_token, **record)
     return {**results, **record}
 
 

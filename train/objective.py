@@ -1,12 +1,13 @@
 """Objectives: what the train step differentiates, by name (``config.train.objective``).
 
-An objective declares the batch it reads (``batch_keys``: int32 [batch, seq] arrays, CONTRACT
-§5: the LM's five, or the paired ``chosen_*``/``rejected_*``) and computes, from the parameters
-and one (micro)batch, a ``Loss``:
+An objective declares the batch it reads (``batch_keys``: int32 [batch, seq] arrays, the LM's five
+or the paired ``chosen_*``/``rejected_*``), what it logs, and computes, from the parameters and
+one (micro)batch, a ``Loss``:
 
     total    summed loss to differentiate: the task loss plus weight x sum(aux["losses"])
     weight   what the losses are summed over (tokens, pairs); the step divides sums by it
-    sums     {name: sum over the batch}, logged as sum / weight ("loss" is the task loss alone)
+    sums     {name: sum over the batch} for each name of ``logs``, logged as sum / weight ("loss":
+             the task loss alone)
     means    {name: scalar}: the model's aux["losses"] and aux["metrics"] (e.g. "moe/loss",
              "moe/dropped_fraction/layer1"), logged as they are, averaged over microbatches
 
@@ -35,19 +36,16 @@ class Loss(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """One objective: its name, the batch keys it reads, what its weight counts, and its loss.
-
-    loss(model, mcfg, params, batch, *, train, rng) -> Loss; ``train``/``rng`` go to the model's
-    ``blocks`` (train mode: e.g. dropout, MoE capacity).
+    """One objective: its name, the batch keys it reads, the sums it logs, what its weight counts, and
+    its loss: loss(model, mcfg, params, batch, *, train, rng) -> Loss; ``train``/``rng`` go to the
+    model's ``blocks`` (train mode: e.g. dropout, MoE capacity). The train step logs each of ``logs``
+    (sum / weight), the weight as ``weight_name``, grad_norm and the model's ``Loss.means``.
     """
     name: str
     batch_keys: tuple[str, ...]
-    weight_name: str           # logged as this (e.g. "tokens", "pairs")
+    logs: tuple[str, ...]      # the keys of Loss.sums, "loss" first
+    weight_name: str           # e.g. "tokens", "pairs"
     loss: Callable[..., Loss]
-
-    def logs(self, sums: dict) -> tuple[str, ...]:
-        """The names the train step logs besides the model's ``means``: its sums, the weight and grad_norm."""
-        return (*sums, self.weight_name, "grad_norm")
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -112,7 +110,7 @@ def lm_objective(train_cfg=None, loss_chunk: int | None = None) -> Objective:
         extra, means = aux_parts(aux)
         return Loss(nll + tokens * extra, tokens, {"loss": nll}, means)
 
-    return Objective("lm", LM_KEYS, "tokens", loss)
+    return Objective("lm", LM_KEYS, ("loss",), "tokens", loss)
 
 
 # ----------------------------------------------------------------------------- a paired objective
@@ -151,7 +149,7 @@ def pair_margin_objective(train_cfg=None, *, beta: float | None = None, nll_weig
                 "margin": jnp.sum(margin), "chosen_nll": jnp.sum(chosen_nll / chosen_tokens)}
         return Loss(pair_loss + pairs * extra, pairs, sums, means)  # the aux losses once per unit of weight
 
-    return Objective("pair_margin", PAIR_KEYS, "pairs", loss)
+    return Objective("pair_margin", PAIR_KEYS, ("loss", "accuracy", "margin", "chosen_nll"), "pairs", loss)
 
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {"lm": lm_objective, "pair_margin": pair_margin_objective}

@@ -64,7 +64,7 @@ class TrainSetup:
 
 def _axis_sizes(model, mcfg, config, mesh) -> dict:
     """Logical axis -> (size, field to change) of the activation axes a mesh must divide: the model
-    family's (``axis_sizes``, CONTRACT §1), the (micro)batch and the sequence."""
+    family's (``axis_sizes``), the (micro)batch and the sequence."""
     t, accum = config.train, config.optim.accum_steps
     family = getattr(model, "axis_sizes", None)  # every family after the model protocol; none before
     sizes = {name: (size, f"model.{field}") for name, (size, field) in (family(mcfg) if family else {}).items()}
