@@ -546,3 +546,12 @@ def test_adafactor_state_axes_drop_the_reduced_dimension():
     from parallel.sharding import check_axes
 
     check_axes(state, got, "adafactor state axes")  # one name per dimension of every leaf
+
+
+def test_state_axes_refuse_a_leaf_that_mirrors_no_parameter():
+    """An optimizer whose state has an array no parameter explains (a GaLore projection, say) needs its own rule."""
+    params = {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)}
+    odd = optax.GradientTransformation(lambda p: {"proj": jnp.zeros((8, 2))}, lambda u, s, p=None: (u, s))
+    tx = optax.chain(optax.scale_by_adam(), odd)
+    with pytest.raises(ValueError, match=r"optimizer state leaf \[1\]\['proj'\] of shape \(8, 2\) mirrors no parameter"):
+        optim.state_axes(jax.eval_shape(tx.init, params), params, {"w": ("embed", "mlp")})

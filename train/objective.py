@@ -23,8 +23,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-LM_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-PAIR_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in LM_KEYS)
+from train.data import BATCH_KEYS as LM_KEYS
+
+PAIR_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in LM_KEYS)  # as train.data's pairs
 
 
 class Loss(NamedTuple):

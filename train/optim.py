@@ -159,7 +159,7 @@ def state_axes(opt_state, params, param_axes) -> Any:
             return structure.unflatten(axes)
         children, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
         if treedef.num_leaves == 1 and children and children[0][1] is node:  # an array
-            if np.ndim(node) == 0 or len(getattr(node, "shape", ())) == 0:
+            if len(node.shape) == 0:
                 return ()
             raise ValueError(f"optimizer state leaf {jax.tree_util.keystr(path)} of shape {tuple(node.shape)} "
                              f"mirrors no parameter; give its optimizer a state_axes rule.")

@@ -100,11 +100,11 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     tx = optim.make_optimizer(config.optim, t.steps, trainable_axes)
     init_fn = functools.partial(step_lib.init_state, model, mcfg, tx, frozen=frozen)
     state_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
-    view = step_lib._view(state_shape.params, frozen)
+    view = state_shape.params if frozen is None else optim.trainable(state_shape.params, frozen)
     state_axes = step_lib.TrainState(step=(), params=param_axes,
                                      opt_state=optim.state_axes(state_shape.opt_state, view, trainable_axes))
     sharding.check_divisibility(state_shape, state_axes, mesh, rules, _axis_sizes(model, mcfg, config, mesh))
-    if hasattr(model, "validate_mesh"):  # MoE: routing groups over the devices, experts over their axis
+    if hasattr(model, "validate_mesh"):  # every family after the model protocol; the family's own mesh checks
         model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps * t.seq_len)
     state_sh = sharding.state_shardings(state_axes, mesh, rules, state_shape)
     train_step = step_lib.make_train_step(model, mcfg, tx, objective, frozen=frozen,
