@@ -44,7 +44,7 @@ class Objective:
     """
     name: str
     batch_keys: tuple[str, ...]
-    logs: tuple[str, ...]      # the keys of Loss.sums, "loss" first
+    logs: tuple[str, ...]      # the keys of Loss.sums ("loss" among them)
     weight_name: str           # e.g. "tokens", "pairs"
     loss: Callable[..., Loss]
 
