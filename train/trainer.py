@@ -126,7 +126,8 @@ def train_loop(setup, state, start: int, next_batch, train_iter, *, workdir: str
     Returns (last step, last logged values)."""
     t, config = setup.config.train, setup.config
     schedule = optim.make_schedule(config.optim, t.steps)
-    tokens_per_step = t.batch_size * t.seq_len
+    row_sets = sum(k.endswith("inputs") for k in setup.objective.batch_keys)  # 2 for chosen and rejected rows
+    tokens_per_step = row_sets * t.batch_size * t.seq_len
     flops_per_token = setup.model.flops_per_token(setup.mcfg, t.seq_len)
     last, step = {}, start
     if start >= t.steps:
