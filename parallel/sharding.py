@@ -26,9 +26,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 Rules = Sequence[tuple[str, "str | Sequence[str] | None"]]
 
 # Logical axis names that models use; ``validate_rules`` refuses others on the left of a rule.
-# ``layers`` counts the repeating units of a layer stack, ``sublayers`` the layers inside one unit.
+# ``layers`` counts the repeating units of a layer stack, ``sublayers`` the layers inside one unit,
+# ``lora`` the rank of a low-rank adapter or moment.
 LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "sublayers",
-                "norm", "experts", "state", "inner")
+                "norm", "experts", "state", "inner", "lora")
 
 # Logical axis -> mesh axes. Batch splits over data and fsdp; FSDP shards the embedding
 # dimension of every weight; tensor parallelism shards heads, MLP width and vocabulary.
@@ -47,6 +48,7 @@ DEFAULT_RULES = (
     ("experts", "expert"),
     ("inner", "tensor"),  # Mamba's expanded channels
     ("state", None),  # Mamba's state dimension
+    ("lora", None),  # low ranks: replicated
 )
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("loom_sharding", default=None)
