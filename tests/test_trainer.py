@@ -22,7 +22,7 @@ import pytest
 import models
 from parallel import mesh as mesh_lib
 from tests.helpers import jit, tiny_train_config
-from train import checkpoint, metrics, objective as objective_lib, optim, step as step_lib, trainer
+from train import checkpoint, evaluate, metrics, objective as objective_lib, optim, step as step_lib, trainer
 from train.config import validate
 from train.setup import setup_training
 
@@ -45,9 +45,22 @@ def losses(workdir):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """(workdir, result) of the shared run, uninterrupted."""
+    """(workdir, result) of the shared run, uninterrupted, with one more evaluation registered (on the loss
+    eval's cadence) to show that the loop runs whatever the registry holds."""
     path = tmp_path_factory.mktemp("straight")
-    return path, trainer.run(shared_config(), str(path))
+    calls = []
+
+    def probe(ev, params):
+        calls.append(ev.config.train.steps)
+        return {"probe/parameters": float(sum(x.size for x in jax.tree.leaves(params)))}
+
+    evaluate.EVALS["probe"] = evaluate.Eval(probe, every="eval_every")
+    try:
+        result = trainer.run(shared_config(), str(path))
+    finally:
+        del evaluate.EVALS["probe"]
+    assert calls == [8]
+    return path, result
 
 
 @pytest.mark.timeout(240)
@@ -63,6 +76,7 @@ def test_default_experiment_smoke(straight):
     assert sorted(recorded) == list(range(1, 9)) and recorded[8] < recorded[1]
     assert 0 <= result["exact_match/1"] <= 1 and "eval_loss" in result and result["tokens_per_s"] > 0
     assert result["tokens"] > 0 and result["grad_norm"] > 0  # the LM objective's weight, the step's norm
+    assert result["probe/parameters"] > 1000  # the registered extra evaluation ran at step 8 and was logged
 
 
 @pytest.mark.timeout(300)

@@ -182,7 +182,11 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                                         process_index=jax.process_index(), process_count=jax.process_count()))
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=t.ckpt_every, keep=t.ckpt_keep,
                                    async_save=t.async_checkpoint)
-    state, start = restore_or_init(setup, ckpt, train_iter, config.seed)
+    try:
+        state, start = restore_or_init(setup, ckpt, train_iter, config.seed)
+    except checkpoint.CheckpointError:
+        ckpt.close()
+        raise
     _write_run_info(workdir, config)
     logger = metrics.MetricsLogger(workdir, total_steps=t.steps, initial_step=start, progress=t.progress)
     evaluator = evaluate.Evaluator(setup, tokenizer)
