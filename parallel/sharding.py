@@ -6,29 +6,50 @@ config, maps each logical name to mesh axes (``data``, ``fsdp``, ``tensor``, ``s
 ``context``, ``expert``) or to None (replicated). Model code calls ``constrain(x, names)``
 at layer boundaries; it is a no-op unless a mesh and rules are active.
 
-From the same table this module derives the shardings of the train state (parameters,
-optimizer moments like their parameters, scalars replicated) and of batches ([batch, seq]
+From the same table this module derives the shardings of any tree of logical axes (the
+train state: parameters, optimizer state, scalars ``()``) and of batches ([batch, seq]
 split over the axes ``batch`` and ``seq`` map to), assembles per-process data into global
-arrays, and checks rules and model sizes against the mesh before anything is compiled.
+arrays, and checks rules and array sizes against the mesh before anything is compiled. It
+knows no model, optimizer or trainer: callers pass shapes, axes and the names to report.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, "str | Sequence[str] | None"]]
 
 # Logical axis names that models use; ``validate_rules`` refuses others on the left of a rule.
-LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "norm",
-                "experts", "state", "inner")
+# ``layers`` counts the repeating units of a layer stack, ``sublayers`` the layers inside one unit,
+# ``lora`` the rank of a low-rank adapter or moment.
+LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "sublayers",
+                "norm", "experts", "state", "inner", "lora")
+
+# Logical axis -> mesh axes. Batch splits over data and fsdp; FSDP shards the embedding
+# dimension of every weight; tensor parallelism shards heads, MLP width and vocabulary.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("seq", "context"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", "stage"),
+    ("sublayers", None),
+    ("norm", None),
+    ("experts", "expert"),
+    ("inner", "tensor"),  # Mamba's expanded channels
+    ("state", None),  # Mamba's state dimension
+    ("lora", None),  # low ranks: replicated
+)
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("loom_sharding", default=None)
 
@@ -121,79 +142,79 @@ def validate_rules(rules: Rules, mesh: Mesh, known: Sequence[str] = LOGICAL_AXES
                                  f"use axes from {list(mesh.axis_names)} or None.")
 
 
-# Logical axis -> the model config field that counts it (for ``heads`` the merged heads*head_dim
-# dimension of wq/wo is split, so whole heads must divide evenly).
-_COUNTED_BY = (("heads", "n_heads"), ("kv_heads", "n_kv_heads"), ("head_dim", "head_dim"), ("mlp", "d_ff"),
-               ("vocab", "vocab_size"), ("embed", "d_model"), ("layers", "n_layers"), ("experts", "num_experts"), ("inner", "d_inner"))
+def is_axes(x) -> bool:
+    """A leaf of an axes tree: a tuple of logical names (or None), one per dimension; ``()`` for a scalar."""
+    return type(x) is tuple and all(n is None or isinstance(n, str) for n in x)
 
 
-def check_divisibility(mcfg: Any, mesh: Mesh, rules: Rules, global_batch_size: int, *, seq_len: int | None = None,
-                       accum_steps: int = 1) -> None:
-    """Raise ValueError (one sentence naming the config fields) for a size the mesh cannot split evenly.
+def path_name(path) -> str:
+    """'layers/wq' for a key path of ``jax.tree_util`` (dict keys, attributes and indices joined by '/')."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(parts)
 
-    Model sizes (n_heads, n_kv_heads, head_dim, d_ff, vocab_size, d_model, n_layers, num_experts, d_inner
-    where ``mcfg`` has them) against the mesh axes their logical axis maps to; the (micro)batch
-    ``global_batch_size / accum_steps`` against the axes of ``batch``; ``seq_len`` against ``seq``.
+
+def check_axes(shapes: Any, axes: Any, what: str = "param_axes") -> None:
+    """ValueError unless ``axes`` has the structure of ``shapes`` (arrays or ShapeDtypeStructs) and one
+    logical name per dimension of each leaf."""
+    if jax.tree.structure(shapes) != jax.tree.structure(axes, is_leaf=is_axes):
+        raise ValueError(f"{what} does not have the structure of the arrays it describes; give one name tuple "
+                         f"per array.")
+
+    def check_rank(path, leaf, names):
+        if len(names) != len(leaf.shape):
+            raise ValueError(f"{what}{jax.tree_util.keystr(path)} is {names} but the array has shape "
+                             f"{tuple(leaf.shape)}; give one logical name per dimension.")
+
+    jax.tree_util.tree_map_with_path(check_rank, shapes, axes)
+
+
+def check_divisibility(shapes: Any, axes: Any, mesh: Mesh, rules: Rules,
+                       sizes: Mapping[str, tuple[int, str]] = ()) -> None:
+    """Raise ValueError (one sentence naming what to change) for a size the mesh cannot split evenly.
+
+    ``sizes``: logical axis -> (size, name) checked first, e.g. {'heads': (6, 'model.n_heads'),
+    'batch': (8, 'train.batch_size')}: the name is what the message tells the user to change
+    (activation axes, whose sizes no array here shows). Then every dimension of every array of
+    ``shapes`` (e.g. ``jax.eval_shape`` of an init: parameters, optimizer state, adapters) against
+    the mesh axes its logical name in ``axes`` maps to, the message naming the array's path.
     """
     table = dict(rules)
-    for name, field in _COUNTED_BY:
-        value, axes = getattr(mcfg, field, None), _targets(table.get(name))
-        if value is not None and axes and value % _axes_size(mesh, axes):
-            raise ValueError(f"model.{field} ({value}) is not divisible by {_describe(mesh, axes)} that {name!r} "
-                             f"maps to; change model.{field}, the mesh sizes, or the {name!r} sharding rule.")
-    axes = _targets(table.get("batch"))
-    micro = global_batch_size // accum_steps
-    if axes and (global_batch_size % accum_steps or micro % _axes_size(mesh, axes)):
-        what = (f"train.batch_size ({global_batch_size})" if accum_steps == 1 else
-                f"train.batch_size / optim.accum_steps ({global_batch_size} / {accum_steps})")
-        raise ValueError(f"{what} is not divisible by {_describe(mesh, axes)} that 'batch' maps to; make "
-                         f"the batch a multiple of {_axes_size(mesh, axes)} or change the mesh.")
-    axes = _targets(table.get("seq"))
-    if seq_len is not None and axes and seq_len % _axes_size(mesh, axes):
-        raise ValueError(f"train.seq_len ({seq_len}) is not divisible by {_describe(mesh, axes)} that 'seq' "
-                         f"maps to; change train.seq_len or the mesh.")
+    for name, (size, label) in dict(sizes).items():
+        targets = _targets(table.get(name))
+        if targets and size % _axes_size(mesh, targets):
+            raise ValueError(f"{label} ({size}) is not divisible by {_describe(mesh, targets)} that {name!r} maps "
+                             f"to; change {label}, the mesh sizes, or the {name!r} sharding rule.")
+    check_axes(shapes, axes, "axes")
+
+    def check(path, leaf, names):
+        for dim, (size, name, spec) in enumerate(zip(leaf.shape, names, logical_to_spec(names, rules))):
+            targets = _targets(spec)
+            if targets and size % _axes_size(mesh, targets):
+                raise ValueError(f"{path_name(path)} has {name!r} dimension {dim} of size {size}, which "
+                                 f"{_describe(mesh, targets)} that {name!r} maps to cannot split evenly; change "
+                                 f"its size, the mesh sizes, or the {name!r} sharding rule.")
+
+    jax.tree_util.tree_map_with_path(check, shapes, axes)
 
 
 # ----------------------------------------------------------------------------- shardings
 
-def _is_names(x) -> bool:
-    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
-
-
 def tree_shardings(axes_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """A NamedSharding per leaf of ``axes_tree``, whose leaves are tuples of logical names (one per dim)."""
     return jax.tree.map(lambda names: NamedSharding(mesh, logical_to_spec(names, rules)), axes_tree,
-                        is_leaf=_is_names)
+                        is_leaf=is_axes)
 
 
-def state_shardings(state_shape: Any, param_axes: Any, mesh: Mesh, rules: Rules,
-                    tx: optax.GradientTransformation) -> Any:
-    """Shardings for a train state (a dataclass with ``params`` and ``opt_state``; e.g. from ``jax.eval_shape``).
-
-    ``params`` follow ``param_axes``; every optimizer-state tree that mirrors the parameters
-    (Adam's mu and nu) follows the same shardings leaf by leaf (where shapes agree); every
-    other leaf (counts, ``step``, anything else) is replicated. Returns the same dataclass
-    type with NamedSharding leaves, ready for ``jit``'s in/out_shardings.
-    """
-    params = state_shape.params
-    if jax.tree.structure(params) != jax.tree.structure(param_axes, is_leaf=_is_names):
-        raise ValueError("param_axes does not have the structure of the parameters; make the model's "
-                         "param_axes return one name tuple per parameter.")
-
-    def check_rank(path, leaf, names):
-        if len(names) != leaf.ndim:
-            raise ValueError(f"param_axes{jax.tree_util.keystr(path)} is {names} but the parameter has shape "
-                             f"{tuple(leaf.shape)}; give one logical name per dimension.")
-
-    jax.tree_util.tree_map_with_path(check_rank, params, param_axes)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    param_sh = tree_shardings(param_axes, mesh, rules)
-    opt_sh = optax.tree_map_params(
-        tx, lambda leaf, sh, p: sh if tuple(leaf.shape) == tuple(p.shape) else replicated,
-        state_shape.opt_state, param_sh, params, transform_non_params=lambda _: replicated)
-    fields = {f.name: jax.tree.map(lambda _: replicated, getattr(state_shape, f.name))
-              for f in dataclasses.fields(state_shape)}
-    return dataclasses.replace(state_shape, **{**fields, "params": param_sh, "opt_state": opt_sh})
+def state_shardings(state_axes: Any, mesh: Mesh, rules: Rules, state_shape: Any = None) -> Any:
+    """Shardings of a train state from its tree of logical axes (parameters' axes, the optimizer
+    state's axes, ``()`` for scalars): the same tree with NamedSharding leaves, ready for ``jit``.
+    With ``state_shape`` (e.g. from ``jax.eval_shape``) the axes are first checked against it
+    (structure, one name per dimension)."""
+    if state_shape is not None:
+        check_axes(state_shape, state_axes, "state axes")
+    return tree_shardings(state_axes, mesh, rules)
 
 
 def _batch_spec(ndim: int, rules: Rules) -> PartitionSpec:

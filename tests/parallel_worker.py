@@ -27,8 +27,10 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from models import transformer as T  # noqa: E402
 from parallel import mesh as pmesh  # noqa: E402
 from parallel import sharding  # noqa: E402
+from parallel.sharding import DEFAULT_RULES  # noqa: E402
+from tests.helpers import FAST_COMPILE  # noqa: E402
+from train import objective, optim  # noqa: E402
 from train import step as tstep  # noqa: E402
-from train.config import DEFAULT_RULES  # noqa: E402
 
 GLOBAL_BATCH, SEQ, STEPS = 8, 16, 3
 
@@ -38,10 +40,17 @@ def tiny_config(n_kv_heads: int = 2) -> T.Config:
                     dtype="float32", attention="xla")
 
 
-def optimizer(mcfg: T.Config):
-    optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9,
-                                           b2=0.95, eps=1e-8, clip_norm=1.0))
-    return tstep.make_optimizer(optim, STEPS, T.param_axes(mcfg))
+def optimizer(mcfg: T.Config, name: str = "adamw"):
+    cfg = ml_collections.ConfigDict(dict(name=name, lr=1e-2, warmup_steps=0, end_lr_ratio=0.1, weight_decay=0.1,
+                                         b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, momentum=0.9, decay_rate=0.8))
+    return optim.make_optimizer(cfg, STEPS, T.param_axes(mcfg))
+
+
+def state_axes(mcfg: T.Config, tx, state_shape):
+    """The TrainState of logical axes: parameters', the optimizer state's (``optim.state_axes``), ``()``."""
+    axes = T.param_axes(mcfg)
+    return tstep.TrainState(step=(), params=axes, opt_state=optim.state_axes(state_shape.opt_state,
+                                                                             state_shape.params, axes))
 
 
 def make_batches(vocab: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -64,35 +73,38 @@ def make_batches(vocab: int = 64, seed: int = 0) -> list[dict[str, np.ndarray]]:
     return batches
 
 
-def train_losses(mesh, mcfg: T.Config, rules=DEFAULT_RULES, seed: int = 0):
+def train_losses(mesh, mcfg: T.Config, rules=DEFAULT_RULES, seed: int = 0, optimizer_name: str = "adamw"):
     """Initialise sharded, run STEPS train steps on ``make_batches`` (this process's rows only).
 
-    Returns (losses: list of STEPS floats, final TrainState, its shardings).
+    Returns (losses: list of STEPS floats, final TrainState, its shardings, its logical axes).
     """
-    tx = optimizer(mcfg)
+    tx = optimizer(mcfg, optimizer_name)
     sharding.validate_rules(rules, mesh)
-    sharding.check_divisibility(mcfg, mesh, rules, GLOBAL_BATCH, seq_len=SEQ)
     init = lambda: tstep.init_state(T, mcfg, tx, jax.random.PRNGKey(seed))  # noqa: E731
-    state_sh = sharding.state_shardings(jax.eval_shape(init), T.param_axes(mcfg), mesh, rules, tx)
+    shape = jax.eval_shape(init)
+    axes = state_axes(mcfg, tx, shape)
+    sharding.check_divisibility(shape, axes, mesh, rules, {"batch": (GLOBAL_BATCH, "batch"), "seq": (SEQ, "seq")})
+    state_sh = sharding.state_shardings(axes, mesh, rules, shape)
     batch_sh = {k: sharding.batch_sharding(mesh, rules) for k in make_batches()[0]}
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = sharding.process_batch_rows(mesh, rules, GLOBAL_BATCH)
     with sharding.activate(mesh, rules):
-        state = jax.jit(init, out_shardings=state_sh)()
-        step = jax.jit(tstep.make_train_step(T, mcfg, tx), in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, replicated), donate_argnums=0)
+        state = jax.jit(init, out_shardings=state_sh, compiler_options=FAST_COMPILE)()
+        step = jax.jit(tstep.make_train_step(T, mcfg, tx, objective.lm_objective()),
+                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=0,
+                       compiler_options=FAST_COMPILE)
         losses = []
         for batch in make_batches(mcfg.vocab_size):
             state, metrics = step(state, sharding.global_batch({k: v[rows] for k, v in batch.items()}, mesh, rules))
             losses.append(float(np.asarray(metrics["loss"].addressable_data(0))))
-    return losses, state, state_sh
+    return losses, state, state_sh, axes
 
 
 def main(dist_json: str, mesh_json: str, out_json: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the default; cross-process CPU collectives
     assert pmesh.initialize_distributed(json.loads(dist_json)), "no coordinator in the config or environment"
     mesh = pmesh.make_mesh(json.loads(mesh_json))
-    losses, _, _ = train_losses(mesh, tiny_config())
+    losses = train_losses(mesh, tiny_config())[0]
     rows = sharding.process_batch_rows(mesh, DEFAULT_RULES, GLOBAL_BATCH)
     with open(out_json, "w") as f:
         json.dump({"losses": losses, "n_devices": jax.device_count(), "n_local": jax.local_device_count(),

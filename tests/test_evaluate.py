@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import models
-from tests.test_trainer import ROOT, tiny_config
+from tests.helpers import tiny_train_config as tiny_config
+from tests.test_trainer import ROOT
 from train import data, evaluate, trainer
 
 pytestmark = pytest.mark.timeout(240)
@@ -119,3 +120,15 @@ def test_cot_section_is_validated(field, value, words):
     config.cot[field] = value
     with pytest.raises(ValueError, match=words.replace(".", r"\.")):
         validate(config)
+
+
+def test_registry_cadence_decides_what_the_trainer_runs():
+    """The trainer runs every registered evaluation whose ``train.<name>_every`` divides the step, and each
+    with a cadence at the last step; the command line's tasks are the registry's names."""
+    config = tiny_config(steps=12, eval_every=4, exact_match_every=6, cot_every=0, length_generalization_every=0)
+    ev = evaluate.Evaluator.__new__(evaluate.Evaluator)
+    ev.config = config
+    assert ev.due(4) == ["loss"] and ev.due(6) == ["exact_match"] and ev.due(5) == []
+    assert ev.due(12) == ["loss", "exact_match"]
+    assert set(evaluate.TASKS) == {"loss", "perplexity", "exact_match", "cot", "length_generalization"}
+    assert {e.every for e in evaluate.EVALS.values()} - {""} <= set(config.train)

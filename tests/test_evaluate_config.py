@@ -1,5 +1,5 @@
 """The tiny config of the trainer tests, as a config file for command-line tests."""
-from tests.test_trainer import tiny_config
+from tests.helpers import tiny_train_config as tiny_config
 
 
 def get_config():

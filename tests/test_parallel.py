@@ -2,7 +2,8 @@
 
 Sharded runs use the real train step (``train.step.make_train_step``) on a tiny Transformer
 over 8 host CPU devices and must give the single-device losses (rtol 1e-5); the parameter
-and Adam-moment PartitionSpecs on the mixed mesh are checked against a hand-written table.
+and Adam-moment PartitionSpecs on the mixed mesh are checked against a hand-written table,
+and every optimizer's state shardings against the logical axes it declares.
 """
 import json
 import os
@@ -19,9 +20,9 @@ from jax.sharding import AxisType, PartitionSpec as P
 from models import transformer as T
 from parallel import mesh as pmesh
 from parallel import sharding
+from parallel.sharding import DEFAULT_RULES
 from tests import parallel_worker as W
 from train import step as tstep
-from train.config import DEFAULT_RULES
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -30,12 +31,13 @@ MIXED = {"data": 2, "fsdp": 2, "tensor": 2}
 _RUNS: dict = {}
 
 
-def run(mesh_cfg: dict, n_kv_heads: int = 2):
-    """(losses, state, shardings) of W.train_losses, cached; ``{}`` runs on one device."""
-    key = (json.dumps(mesh_cfg, sort_keys=True), n_kv_heads)
+def run(mesh_cfg: dict, n_kv_heads: int = 2, optimizer: str = "adamw", mcfg=None):
+    """(losses, state, shardings, axes) of W.train_losses, cached; ``{}`` runs on one device."""
+    mcfg = mcfg or W.tiny_config(n_kv_heads)
+    key = (json.dumps(mesh_cfg, sort_keys=True), mcfg, optimizer)
     if key not in _RUNS:
         devices = jax.devices()[:1] if not mesh_cfg else None
-        _RUNS[key] = W.train_losses(pmesh.make_mesh(mesh_cfg, devices), W.tiny_config(n_kv_heads))
+        _RUNS[key] = W.train_losses(pmesh.make_mesh(mesh_cfg, devices), mcfg, optimizer_name=optimizer)
     return _RUNS[key]
 
 
@@ -107,12 +109,32 @@ def tiny(**kw):
     return T.Config(**{**dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64), **kw})
 
 
+def sizes(mcfg, batch=8, seq=16, accum=1):
+    """What a Transformer's ``axis_sizes`` reports (the model protocol), with the batch and sequence, as train.setup
+    builds them."""
+    fields = dict(heads="n_heads", kv_heads="n_kv_heads", head_dim="head_dim", mlp="d_ff", vocab="vocab_size",
+                  embed="d_model")
+    out = {axis: (getattr(mcfg, field), f"model.{field}") for axis, field in fields.items()}
+    out["batch"] = (batch // accum, "train.batch_size" if accum == 1 else "train.batch_size / optim.accum_steps")
+    out["seq"] = (seq, "train.seq_len")
+    return out
+
+
+def check(mcfg, mesh, batch=8, seq=16, accum=1, extra=None):
+    shapes = jax.eval_shape(lambda: T.init(mcfg, jax.random.PRNGKey(0)))
+    axes = T.param_axes(mcfg)
+    if extra:  # another array with its own axes (an adapter, an optimizer moment)
+        shapes, axes = {"params": shapes, **extra[0]}, {"params": axes, **extra[1]}
+    sharding.check_divisibility(shapes, axes, mesh, DEFAULT_RULES, sizes(mcfg, batch, seq, accum))
+
+
 def test_check_divisibility():
     mesh = pmesh.make_mesh({"tensor": 4, "data": 2})
-    sharding.check_divisibility(tiny(n_kv_heads=4), mesh, DEFAULT_RULES, 8, seq_len=16)
+    check(tiny(n_kv_heads=4), mesh)
     cases = [
         (tiny(d_model=48, n_heads=6), 8, 1, r"model.n_heads \(6\) is not divisible by the tensor axis \(4\) that "
-                                            r"'heads' maps to"),
+                                            r"'heads' maps to; change model.n_heads, the mesh sizes, or the 'heads' "
+                                            r"sharding rule"),
         # wq's merged heads*head_dim (2 * 16 = 32) divides by 4, but whole heads do not.
         (tiny(n_heads=2, n_kv_heads=2), 8, 1, r"model.n_heads \(2\) is not divisible"),
         (tiny(n_kv_heads=2), 8, 1, r"model.n_kv_heads \(2\) is not divisible by the tensor axis \(4\)"),
@@ -120,30 +142,45 @@ def test_check_divisibility():
         (tiny(n_kv_heads=4, vocab_size=66), 8, 1, r"model.vocab_size \(66\) is not divisible"),
         (tiny(n_kv_heads=4), 5, 1, r"train.batch_size \(5\) is not divisible by the data axis \(2\) that "
                                    r"'batch' maps to"),
-        (tiny(n_kv_heads=4), 8, 8, r"train.batch_size / optim.accum_steps \(8 / 8\) is not divisible"),
+        (tiny(n_kv_heads=4), 8, 8, r"train.batch_size / optim.accum_steps \(1\) is not divisible"),
     ]
     for mcfg, batch, accum, match in cases:
         with pytest.raises(ValueError, match=match):
-            sharding.check_divisibility(mcfg, mesh, DEFAULT_RULES, batch, accum_steps=accum)
+            check(mcfg, mesh, batch, accum=accum)
     with pytest.raises(ValueError, match=r"train.batch_size \(6\) is not divisible by the data x fsdp axes "
-                                         r"\(2 x 2 = 4\) that 'batch' maps to; make the batch a multiple of 4"):
-        sharding.check_divisibility(tiny(), pmesh.make_mesh(MIXED), DEFAULT_RULES, 6)
+                                         r"\(2 x 2 = 4\) that 'batch' maps to"):
+        check(tiny(), pmesh.make_mesh(MIXED), 6)
     with pytest.raises(ValueError, match=r"model.d_model \(36\) is not divisible by the fsdp axis \(8\)"):
-        sharding.check_divisibility(tiny(d_model=36, n_heads=2, n_kv_heads=2), pmesh.make_mesh({"fsdp": 8}),
-                                    DEFAULT_RULES, 8)
+        check(tiny(d_model=36, n_heads=2, n_kv_heads=2), pmesh.make_mesh({"fsdp": 8}))
     with pytest.raises(ValueError, match=r"train.seq_len \(12\) is not divisible by the context axis \(8\)"):
-        sharding.check_divisibility(tiny(), pmesh.make_mesh({"context": 8}), DEFAULT_RULES, 8, seq_len=12)
+        check(tiny(), pmesh.make_mesh({"context": 8}), seq=12)
+
+
+def test_check_divisibility_from_shapes_names_the_array():
+    """Without sizes, every array's dimensions are checked against the axes they map to: a LoRA factor of
+    rank 6 over a tensor axis of 4, a low-rank moment, a parameter whose family reports no size."""
+    mesh = pmesh.make_mesh({"tensor": 4, "data": 2})
+    mcfg = tiny(n_kv_heads=4)
+    lora = ({"lora_a": jax.ShapeDtypeStruct((2, 32, 6), np.float32)}, {"lora_a": ("layers", "embed", "mlp")})
+    with pytest.raises(ValueError, match=r"lora_a has 'mlp' dimension 2 of size 6, which the tensor axis \(4\) that "
+                                         r"'mlp' maps to cannot split evenly"):
+        check(mcfg, mesh, extra=lora)
+    shapes = jax.eval_shape(lambda: T.init(tiny(d_ff=66, n_kv_heads=4), jax.random.PRNGKey(0)))
+    with pytest.raises(ValueError, match=r"layers/w_down has 'mlp' dimension 1 of size 66"):
+        sharding.check_divisibility(shapes, T.param_axes(tiny(d_ff=66)), mesh, DEFAULT_RULES)
+    fine = ({"lora_a": jax.ShapeDtypeStruct((2, 32, 8), np.float32)}, {"lora_a": ("layers", "embed", "mlp")})
+    check(mcfg, mesh, extra=fine)
 
 
 def test_state_shardings_rejects_wrong_rank():
     mcfg = W.tiny_config()
     tx = W.optimizer(mcfg)
     shape = jax.eval_shape(lambda: tstep.init_state(T, mcfg, tx, jax.random.PRNGKey(0)))
-    axes = T.param_axes(mcfg)
-    axes["layers"]["wq"] = ("embed", "heads")
-    with pytest.raises(ValueError, match=r"param_axes\['layers'\]\['wq'\] is \('embed', 'heads'\) but the "
-                                         r"parameter has shape \(2, 32, 32\)"):
-        sharding.state_shardings(shape, axes, pmesh.make_mesh(MIXED), DEFAULT_RULES, tx)
+    axes = W.state_axes(mcfg, tx, shape)
+    axes.params["layers"]["wq"] = ("embed", "heads")
+    with pytest.raises(ValueError, match=r"state axes.params\['layers'\]\['wq'\] is \('embed', 'heads'\) but the "
+                                         r"array has shape \(2, 32, 32\)"):
+        sharding.state_shardings(axes, pmesh.make_mesh(MIXED), DEFAULT_RULES, shape)
 
 
 def test_global_batch_single_process():
@@ -184,7 +221,7 @@ GOLDEN = {
 
 
 def test_golden_partition_specs_mixed_mesh():
-    _, state, state_sh = run(MIXED)
+    _, state, state_sh, _ = run(MIXED)
     specs = lambda tree: jax.tree.map(lambda x: x.sharding.spec, tree)  # noqa: E731
     assert specs(state.params) == GOLDEN
     adam = state.opt_state[1][0]  # chain(clip, adamw(scale_by_adam, masked decay, schedule))
@@ -194,6 +231,41 @@ def test_golden_partition_specs_mixed_mesh():
     # [layers=2, d_model=32 / fsdp 2, 4 heads * 8 / tensor 2] per device
     assert state.params["layers"]["wq"].addressable_shards[0].data.shape == (2, 16, 16)
     assert int(state.step) == W.STEPS
+
+
+# Dimensions of 128 so that Adafactor factors its second moments (it factors dims >= 128).
+WIDE = W.T.Config(vocab_size=128, d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128, dtype="float32",
+                  attention="xla")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion", "sgd"])
+def test_optimizer_state_sharded_by_its_axes_and_step_matches_one_device(name):
+    """On fsdp=4 x tensor=2, every optimizer-state leaf is sharded as its declared logical axes map
+    (Adafactor's row and column moments: the matrix's axes without the reduced one) and the
+    sharded steps give the single-device losses and parameters."""
+    mesh_cfg = {"fsdp": 4, "tensor": 2}
+    losses, state, state_sh, axes = run(mesh_cfg, optimizer=name, mcfg=WIDE)
+    ref_losses, ref_state, _, _ = run({}, optimizer=name, mcfg=WIDE)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    # SGD's update is linear in the gradients; sign-like updates (Adam, Lion, Adafactor) turn rounding in
+    # near-zero gradients into up to a few percent of one step of lr 1e-2 for single elements
+    atol = 1e-7 if name == "sgd" else 2e-3
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
+    leaves = jax.tree.leaves(state.opt_state)
+    names = jax.tree.leaves(axes.opt_state, is_leaf=sharding.is_axes)
+    assert len(leaves) == len(names)
+    specs = [sharding.logical_to_spec(n, DEFAULT_RULES) for n in names]
+    for leaf, spec in zip(leaves, specs):
+        assert leaf.sharding.spec == spec
+    assert sum(any(spec) for spec in specs) >= 9  # the moments are sharded, not replicated
+    if name == "adafactor":
+        factored = state.opt_state[1][0]
+        # embed [vocab 128 -> tensor, d_model 128 -> fsdp]: rows drop the first of the two largest (equal) dims
+        assert {factored.v_row["embed"].sharding.spec, factored.v_col["embed"].sharding.spec} == {P("fsdp"),
+                                                                                                   P("tensor")}
+        assert factored.v_row["layers"]["wq"].sharding.spec in (P("stage", "fsdp"), P("stage", "tensor"))
 
 
 # ----------------------------------------------------------------------------- two processes

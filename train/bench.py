@@ -10,7 +10,7 @@ and peak device memory. Batches are random tokens, one causal sequence per row (
 
 With ``--split`` (the default) two more programs are compiled and timed the same way on the same
 batch and state, to split the step: ``fwd_bwd_s``, the objective the train step differentiates
-(``step.make_objective``) and its gradients, returned so that the backward pass is kept; and
+(``step.make_grad_fn``) and its gradients, returned so that the backward pass is kept; and
 ``optimizer_s``, the update of the state from gradients (``step.apply_gradients``), the state
 donated as in the step. Their sum differs from ``step_s`` by
 what fuses across the boundary and by the step's own small work (scaling by the token count,
@@ -35,7 +35,7 @@ from parallel import mesh as mesh_lib
 from parallel import sharding
 from train import config as config_lib
 from train import metrics
-from train import step as step_lib
+from train import optim, step as step_lib
 from train.setup import setup_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -91,24 +91,25 @@ def split_programs(setup):
     """The two halves of the train step, jitted with the state's shardings: (fwd_bwd, optimizer).
 
     fwd_bwd(params, batch, rng) -> (objective, grads): the value the train step differentiates
-    (``step.make_objective``, train mode) and its gradients, sharded like the parameters; the
-    whole batch in one piece (the step's case when optim.accum_steps is 1). optimizer(state,
-    grads) -> state: ``step.apply_gradients``, as the step does after its gradients; the state
-    donated.
+    (the objective's summed loss, train mode; ``step.make_grad_fn``) and its gradients over the
+    trainable parameters, sharded like them; the whole batch in one piece (the step's case when
+    optim.accum_steps is 1). optimizer(state, grads) -> state: ``step.apply_gradients``, as the step
+    does after its gradients; the state donated.
     """
-    t, tx, params_sh = setup.config.train, setup.tx, setup.state_shardings.params
-    objective_fn = step_lib.make_objective(setup.model, setup.mcfg, objective=t.objective, loss_chunk=t.loss_chunk)
+    tx, frozen, params_sh = setup.tx, setup.frozen, setup.state_shardings.params
+    grad_fn = step_lib.make_grad_fn(setup.model, setup.mcfg, setup.objective, frozen)
+    grads_sh = params_sh if frozen is None else optim.trainable(params_sh, frozen)
 
     def fwd_bwd(params, batch, rng):
-        (value, _), grads = jax.value_and_grad(objective_fn, has_aux=True)(params, batch, rng)
-        return value, grads
+        out, grads = grad_fn(params, batch, rng)
+        return out.total, grads
 
     def optimizer(state, grads):
-        return step_lib.apply_gradients(tx, state, grads)
+        return step_lib.apply_gradients(tx, state, grads, frozen)
 
     return (jax.jit(fwd_bwd, in_shardings=(params_sh, setup.batch_sharding, None),
-                    out_shardings=(None, params_sh)),
-            jax.jit(optimizer, in_shardings=(setup.state_shardings, params_sh),
+                    out_shardings=(None, grads_sh)),
+            jax.jit(optimizer, in_shardings=(setup.state_shardings, grads_sh),
                     out_shardings=setup.state_shardings, donate_argnums=(0,)))
 
 
@@ -120,17 +121,30 @@ def _bench_split(setup, state, batch, steps: int, warmup: int) -> dict:
     key = step_lib.step_rng(config.seed, 0)  # the first step's key
     t0 = time.perf_counter()
     fwd_bwd = fwd_bwd.lower(state.params, batch, key).compile() if whole else None
-    optimizer = optimizer.lower(state, state.params).compile()
+    view = state.params if setup.frozen is None else optim.trainable(state.params, setup.frozen)
+    optimizer = optimizer.lower(state, view).compile()
     row = {"split_compile_s": time.perf_counter() - t0, "fwd_bwd_s": None, "fwd_bwd_s_spread": None}
     if whole:
         _, (_, grads), times = _timed(lambda c: (c, fwd_bwd(state.params, batch, key)), None, steps, warmup)
         row.update(fwd_bwd_s=statistics.median(times), fwd_bwd_s_spread=[min(times), max(times)])
         grads = jax.tree.map(lambda g: g / (t.batch_size * t.seq_len), grads)  # the step's mean over tokens
     else:
-        grads = jax.tree.map(lambda p: p * 1e-3, state.params)  # any gradients of the right shapes
+        grads = jax.tree.map(lambda p: p * 1e-3, view)  # any gradients of the right shapes
     _, _, times = _timed(lambda s: (optimizer(s, grads),) * 2, state, steps, warmup)
     row.update(optimizer_s=statistics.median(times), optimizer_s_spread=[min(times), max(times)])
     return row
+
+
+def random_batch(setup, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens for each row set the objective reads (``inputs``, ``targets`` = inputs shifted by one,
+    ``loss_mask`` all ones; one causal sequence per row, no segment ids or positions), [batch, seq]."""
+    t, rng = setup.config.train, np.random.default_rng(seed)
+    batch = {}
+    for prefix in sorted({k[:-len("inputs")] for k in setup.objective.batch_keys if k.endswith("inputs")}):
+        tokens = rng.integers(0, setup.mcfg.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+        batch.update({prefix + "inputs": tokens[:, :-1], prefix + "targets": tokens[:, 1:],
+                      prefix + "loss_mask": np.ones((t.batch_size, t.seq_len), np.int32)})
+    return batch
 
 
 def bench(config, steps: int, warmup: int, split: bool = True, mesh=None) -> dict:
@@ -143,10 +157,7 @@ def bench(config, steps: int, warmup: int, split: bool = True, mesh=None) -> dic
     """
     setup = setup_training(config, mesh or mesh_lib.make_mesh(config.mesh))
     t, mcfg, mesh, rules = config.train, setup.mcfg, setup.mesh, setup.rules
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, mcfg.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
-    batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                                   "loss_mask": np.ones((t.batch_size, t.seq_len), np.int32)}, mesh, rules)
+    batch = sharding.global_batch(random_batch(setup), mesh, rules)
     split_row = {}
     with sharding.activate(mesh, rules):
         state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(0))

@@ -61,8 +61,9 @@ class Checkpointer:
         except Exception as e:  # Orbax raises several types for missing, corrupt or mismatched files.
             raise CheckpointError(
                 f"checkpoint {path} cannot be restored into this run's state ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else e!r}); it was left untouched. Use another "
-                f"--workdir, or move the checkpoint away if it is not needed.") from e
+                f"{str(e).splitlines()[0] if str(e) else e!r}): it is damaged or was written with another model "
+                f"structure, optim.name or optim.frozen, and was left untouched. Use another --workdir, or move "
+                f"the checkpoint away if it is not needed.") from e
         _check_shapes(restored.state, abstract_state, path)
         return restored.state, restored.data, step
 

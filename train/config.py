@@ -7,31 +7,14 @@ raises ValueError with one sentence naming the field and the fix.
 from __future__ import annotations
 
 import ast
+import re
 
 import ml_collections
 
 import models
-from train import data
+from parallel.sharding import DEFAULT_RULES
+from train import data, objective, optim
 
-# Logical axis -> mesh axes. Batch splits over data and fsdp; FSDP shards the embedding
-# dimension of every weight; tensor parallelism shards heads, MLP width and vocabulary.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("seq", "context"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("head_dim", None),
-    ("layers", "stage"),
-    ("norm", None),
-    ("experts", "expert"),
-    ("inner", "tensor"),  # Mamba's expanded channels
-    ("state", None),  # Mamba's state dimension
-)
-
-OBJECTIVES = ("lm",)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,15 +28,21 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = data.default_config()
 
+    # name: a key of train.optim.OPTIMIZERS; frozen: regex over parameter paths (re.fullmatch, e.g.
+    # "layers/.*norm|embed"), '' freezes nothing; momentum: sgd's (0: none); decay_rate: adafactor's.
     c.optim = ml_collections.ConfigDict(dict(
-        lr=3e-3, warmup_steps=40, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        clip_norm=1.0, accum_steps=1))
+        name="adamw", lr=3e-3, warmup_steps=40, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+        clip_norm=1.0, accum_steps=1, frozen="", momentum=0.9, decay_rate=0.8))
 
+    # objective: a key of train.objective.OBJECTIVES (pair_beta, pair_nll_weight: pair_margin's).
+    # Evaluations (train.evaluate.EVALS) run every ``<name>_every`` steps (0: never): eval_every for
+    # the eval split's loss, exact_match_every, cot_every, length_generalization_every.
     c.train = ml_collections.ConfigDict(dict(
-        objective="lm", steps=400, batch_size=64, seq_len=128, loss_chunk=0,
+        objective="lm", steps=400, batch_size=64, seq_len=128, loss_chunk=0, pair_beta=1.0, pair_nll_weight=0.0,
         log_every=10, eval_every=200, eval_batches=4,
         ckpt_every=100, ckpt_keep=3, async_checkpoint=True,
         exact_match_every=0, exact_match_n=64, exact_match_steps=(1, 2, 3, 4, 5, 6, 7, 8),
+        cot_every=0, length_generalization_every=0,
         max_new_tokens=96, progress=True, profile_steps=(0, 0)))
 
     # Few-shot chain-of-thought evaluation on held-out arithmetic (``train.evaluate --task cot``).
@@ -104,11 +93,22 @@ def validate(config):
     mcfg = model.from_config(config.model)
     data.validate(config.data)
     t, o = config.train, config.optim
-    if t.objective not in OBJECTIVES:
-        raise ValueError(f"train.objective is {t.objective!r}; use one of {list(OBJECTIVES)}.")
+    if t.objective not in objective.OBJECTIVES:
+        raise ValueError(f"train.objective is {t.objective!r}; use one of {list(objective.OBJECTIVES)}.")
+    wanted, given = objective.get(t).batch_keys, tuple(_batch_keys(config.data))
+    if set(wanted) != set(given):
+        raise ValueError(f"train.objective={t.objective!r} reads the batch keys {list(wanted)} but data.source="
+                         f"{config.data.source!r} yields {list(given)}; pick an objective and a source that agree.")
+    if o.name not in optim.OPTIMIZERS:
+        raise ValueError(f"optim.name is {o.name!r}; use one of {list(optim.OPTIMIZERS)}.")
+    try:
+        re.compile(o.frozen)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"optim.frozen ({o.frozen!r}) is not a regular expression ({e}); write one over "
+                         f"parameter paths such as 'layers/.*norm|embed', or '' to freeze nothing.") from None
     _positive((t, "train"), ("steps", "batch_size", "seq_len", "log_every", "ckpt_keep", "eval_batches"))
     _positive((o, "optim"), ("accum_steps",))
-    for name in ("eval_every", "ckpt_every", "exact_match_every"):
+    for name in sorted(k for k in t if k.endswith("_every") and k != "log_every"):  # checkpoints, evaluations
         value = getattr(t, name)
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"train.{name} is {value!r}; use 0 to disable or a positive step count.")
@@ -118,13 +118,6 @@ def validate(config):
     if t.batch_size % o.accum_steps:
         raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by optim.accum_steps "
                          f"({o.accum_steps}).")
-    # MoE: the groups of a (micro)batch here; experts and groups against the mesh in train.setup.
-    moe_cfg = getattr(mcfg, "moe", None)
-    micro_tokens = t.batch_size // o.accum_steps * t.seq_len
-    if moe_cfg is not None and moe_cfg.dispatch == "capacity" and micro_tokens % moe_cfg.group_size:
-        raise ValueError(f"model.moe_group_size ({moe_cfg.group_size}) does not divide the tokens of a "
-                         f"(micro)batch, train.batch_size / optim.accum_steps x train.seq_len = {micro_tokens}; "
-                         f"choose a divisor of it (e.g. train.seq_len) or model.moe_dispatch='dropless'.")
     start, end = t.profile_steps
     if (start, end) != (0, 0) and not 0 < start < end <= t.steps:
         raise ValueError(f"train.profile_steps is {tuple(t.profile_steps)}; use (first, last + 1) with "
@@ -144,6 +137,12 @@ def validate(config):
         raise ValueError(f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary "
                          f"({tokenizer_vocab}); set model.vocab_size >= {tokenizer_vocab}.")
     return mcfg
+
+
+def _batch_keys(data_cfg) -> tuple[str, ...]:
+    """The batch keys the data config yields (``train.data.batch_keys``)."""
+    keys = getattr(data, "batch_keys", None)  # the data package's; before it, every source yields LM batches
+    return keys(data_cfg) if keys is not None else data.BATCH_KEYS
 
 
 def override(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:

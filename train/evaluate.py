@@ -1,13 +1,16 @@
-"""Evaluation: held-out loss and perplexity, exact match of greedy answers on the arithmetic corpus,
-and few-shot chain-of-thought prompting with self-consistency on it.
+"""Evaluations by name: held-out loss and perplexity, exact match of greedy answers on the arithmetic
+corpus, few-shot chain-of-thought prompting with self-consistency on it, length generalization.
 
-Used by the trainer, and standalone on a trained workdir's latest checkpoint:
+One registry, ``EVALS``, serves the trainer (each entry whose cadence field ``train.<name>_every``
+is positive runs every that many steps and at the last step; ``Evaluator``) and the command line,
+on a trained workdir's latest checkpoint:
 
     python -m train.evaluate --config experiments/arith_cot.py --workdir runs/arith_cot --task exact_match
     python -m train.evaluate --config experiments/arith_cot.py --workdir runs/arith_cot --task perplexity \
         --data held_out.txt          # .txt (every token) or .jsonl (text, or prompt + completion)
 
-Tasks: ``loss`` (the config's eval split), ``perplexity`` (a file), ``exact_match`` (held-out
+Tasks: ``loss`` (the objective's loss and logged sums on the config's eval split: for the paired
+objective also the pairs' accuracy and margin), ``perplexity`` (a file), ``exact_match`` (held-out
 arithmetic, per step count), ``cot`` (the config's ``cot`` section: few-shot standard and/or
 chain-of-thought prompts, greedy and self-consistency, per step count), ``length_generalization``
 (a synthetic task of the Mamba paper at each of ``data.eval_lengths``, see `length_generalization`).
@@ -18,10 +21,12 @@ Results are printed as JSON and written to ``--out`` if given.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,26 +38,26 @@ from models import generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
 from train import checkpoint, cot, data
-from train import step as step_lib
 from train.setup import setup_training
 
 
 def eval_metrics(eval_step, params, config, mesh, rules, *, tokenizer, seq_len, batch_size, process_index=0,
                  process_count=1, max_batches: int | None) -> dict[str, float]:
-    """Over the first ``max_batches`` eval batches (None: all of them): {'eval_loss': mean next-token
-    cross-entropy per token, and the eval step's other metrics (MoE: ``eval_moe/...``) averaged
-    over batches}."""
+    """Over the first ``max_batches`` eval batches (None: all of them) of ``eval_step`` (``step.make_eval_step``):
+    {'eval_<name>': the objective's sum / its total weight, for each of its sums ('eval_loss': e.g. the
+    mean next-token cross-entropy per token), and 'eval_<name>' of the model's metrics averaged over
+    batches}."""
     ds = data.make_dataset(config.data, split="eval", seed=config.seed, tokenizer=tokenizer, seq_len=seq_len,
                            batch_size=batch_size, process_index=process_index, process_count=process_count)
-    nll = tokens = 0.0
-    sums, n = {}, 0
+    weight, sums, means, n = 0.0, {}, {}, 0
     for local in itertools.islice(iter(ds), max_batches):  # the last batch comes padded
         out = jax.device_get(eval_step(params, sharding.global_batch(local, mesh, rules)))
-        nll += float(out.pop("nll"))
-        tokens += float(out.pop("tokens"))
-        sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+        weight += float(out["weight"])
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in out["sums"].items()}
+        means = {k: means.get(k, 0.0) + float(v) for k, v in out["means"].items()}
         n += 1
-    return {"eval_loss": nll / max(tokens, 1.0), **{k: v / n for k, v in sums.items()}}
+    return {**{f"eval_{k}": v / max(weight, 1.0) for k, v in sums.items()},
+            **{f"eval_{k}": v / max(n, 1) for k, v in means.items()}}
 
 
 def arithmetic_exact_match(model, mcfg, params, tokenizer, config) -> dict[str, float]:
@@ -198,10 +203,67 @@ def length_generalization(model, mcfg, params, tokenizer, config, *, chunk: int 
     return results
 
 
+# ----------------------------------------------------------------------------- the registry
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    """run(evaluator, params) -> {name: value}; ``every``: the ``train`` field of its cadence in the
+    trainer ('' for the command line only)."""
+    run: Callable[["Evaluator", Any], dict]
+    every: str = ""
+
+
+def _loss(max_batches):
+    def run(ev, params):
+        t = ev.config.train
+        return eval_metrics(ev.eval_step(), params, ev.config, ev.setup.mesh, ev.setup.rules, tokenizer=ev.tokenizer,
+                            seq_len=t.seq_len, batch_size=t.batch_size, process_index=jax.process_index(),
+                            process_count=jax.process_count(),
+                            max_batches=max_batches(t) if max_batches else None)
+    return run
+
+
+def _model_eval(fn, **kwargs):
+    return lambda ev, params: fn(ev.setup.model, ev.setup.mcfg, params, ev.tokenizer, ev.config,
+                                 **{k: v(ev) for k, v in kwargs.items()})
+
+
+EVALS: dict[str, Eval] = {
+    "loss": Eval(_loss(lambda t: t.eval_batches), every="eval_every"),
+    "perplexity": Eval(_loss(None)),  # every batch of the eval split (set to a file by --data)
+    "exact_match": Eval(_model_eval(arithmetic_exact_match), every="exact_match_every"),
+    "cot": Eval(_model_eval(arithmetic_cot), every="cot_every"),
+    "length_generalization": Eval(_model_eval(length_generalization, chunk=lambda ev: ev.chunk),
+                                  every="length_generalization_every"),
+}
+TASKS = tuple(EVALS)
+
+
+class Evaluator:
+    """Runs ``EVALS`` entries on parameters laid out as ``setup`` says (under its mesh and rules, which
+    the caller activates); the objective's eval step is compiled once, on first use."""
+
+    def __init__(self, setup, tokenizer, *, chunk: int = 0):
+        self.setup, self.config, self.tokenizer, self.chunk = setup, setup.config, tokenizer, chunk
+        self._eval_step = None
+
+    def eval_step(self):
+        if self._eval_step is None:
+            self._eval_step = self.setup.jit_eval_step()
+        return self._eval_step
+
+    def due(self, step: int) -> list[str]:
+        """The evaluations the trainer runs after ``step``: those whose cadence divides it, and every one
+        with a cadence at the last step."""
+        t = self.config.train
+        return [name for name, e in EVALS.items()
+                if e.every and t[e.every] and (step % t[e.every] == 0 or step == t.steps)]
+
+    def run(self, name: str, params) -> dict:
+        return EVALS[name].run(self, params)
+
+
 # ----------------------------------------------------------------------------- standalone entry
-
-TASKS = ("loss", "perplexity", "exact_match", "cot", "length_generalization")
-
 
 def load_state(config, workdir: str):
     """(setup, train state, step) from the latest checkpoint in ``workdir``, restored read-only
@@ -231,27 +293,15 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "", chunk
         config.data.update(source="jsonl" if data_path.endswith(".jsonl") else "text", paths=[data_path],
                            eval_paths=[data_path], loss_on_prompt=True)
     setup, state, step = load_state(config, workdir)
-    tokenizer = data.make_tokenizer(config.data)
-    t = config.train
+    evaluator = Evaluator(setup, data.make_tokenizer(config.data), chunk=chunk)
     results = {"step": step, "task": task}
     with sharding.activate(setup.mesh, setup.rules):
-        if task == "exact_match":
-            results.update(arithmetic_exact_match(setup.model, setup.mcfg, state.params, tokenizer, config))
-        elif task == "cot":
-            results.update(arithmetic_cot(setup.model, setup.mcfg, state.params, tokenizer, config))
-        elif task == "length_generalization":
-            results.update(length_generalization(setup.model, setup.mcfg, state.params, tokenizer, config,
-                                                 chunk=chunk))
-        else:
-            eval_step = jax.jit(step_lib.make_eval_step(setup.model, setup.mcfg, objective=t.objective),
-                                in_shardings=(setup.state_shardings.params, setup.batch_sharding))
-            record = eval_metrics(eval_step, state.params, config, setup.mesh, setup.rules, tokenizer=tokenizer,
-                                  seq_len=t.seq_len, batch_size=t.batch_size, process_index=jax.process_index(),
-                                  process_count=jax.process_count(),
-                                  max_batches=None if task == "perplexity" else t.eval_batches)
-            loss = record.pop("eval_loss")
-            results.update(loss=loss, perplexity=math.exp(loss), **record)
-    return results
+        record = evaluator.run(task, state.params)
+    if task in ("loss", "perplexity"):
+        loss = record.pop("eval_loss")
+        per_token = {"perplexity": math.exp(loss)} if setup.objective.weight_name == "tokens" else {}
+        record = dict(loss=loss, **per_token, **record)
+    return {**results, **record}
 
 
 def main(argv):

@@ -1,4 +1,4 @@
-"""Training metrics: a JSONL log, TensorBoard event files, a progress bar, loss and MoE plots, and MFU.
+"""Training metrics: a JSONL log, TensorBoard event files, a progress bar, loss and per-layer plots, and MFU.
 
 Throughput and MFU have one definition here: MFU = model FLOPs per token (the model
 family's ``flops_per_token``: 6 x matmul parameters + causal attention) x tokens/s
@@ -94,7 +94,7 @@ class MetricsLogger:
         self._tb.close()
         self._jsonl.close()
         plot_losses(self.workdir)
-        plot_moe(self.workdir)
+        plot_layer_metrics(self.workdir)
 
 
 def curve(records: list[dict], key: str) -> list[tuple[int, float]]:
@@ -137,33 +137,32 @@ def plot_losses(workdir: str, filename: str = "loss.png") -> str | None:
     return path
 
 
-MOE_PANELS = (("dropped_fraction", "dropped token fraction"), ("load_max", "max expert load"),
-              ("load_min", "min expert load"), ("load_entropy", "load entropy / log N"))
-
-
-def plot_moe(workdir: str, filename: str = "moe.png") -> str | None:
-    """Per-layer MoE curves against step (``moe/<metric>/layer<i>`` records of ``metrics.jsonl``): dropped
-    fraction, max and min expert load, load entropy; saved as a PNG in ``workdir``. None without MoE."""
+def plot_layer_metrics(workdir: str) -> list[str]:
+    """Per-layer curves against step: for each prefix P of the ``P/<metric>/layer<i>`` records of
+    ``metrics.jsonl`` (e.g. the model's "moe/..." metrics), ``P.png`` in ``workdir`` with one panel per
+    metric and one line per layer. Returns the paths written (none without such records)."""
     records = read_jsonl(workdir)
-    keys = sorted({k for r in records for k in r if k.startswith("moe/") and "/layer" in k})
+    keys = sorted({k for r in records for k in r if k.count("/") == 2 and k.rsplit("/", 1)[1].startswith("layer")})
     if not keys:
-        return None
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MOE_PANELS), figsize=(4 * len(MOE_PANELS), 3.5))
-    for ax, (metric, title) in zip(axes, MOE_PANELS):
-        for key in (k for k in keys if k.split("/")[1] == metric):
-            points = curve(records, key)
-            ax.plot(*zip(*points), label=key.rsplit("/", 1)[1])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
-    fig.tight_layout()
-    path = os.path.join(workdir, filename)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    paths = []
+    for prefix in sorted({k.split("/")[0] for k in keys}):
+        panels = sorted({k.split("/")[1] for k in keys if k.split("/")[0] == prefix})
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+        for ax, metric in zip(axes[0], panels):
+            for key in (k for k in keys if k.startswith(f"{prefix}/{metric}/")):
+                ax.plot(*zip(*curve(records, key)), label=key.rsplit("/", 1)[1])
+            ax.set_title(f"{prefix}/{metric}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize="small")
+        fig.tight_layout()
+        paths.append(os.path.join(workdir, f"{prefix}.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,7 +1,7 @@
 """What the train step is compiled from, derived from a config and a mesh without touching a device.
 
-The trainer, the benchmark and the TPU ahead-of-time check all build their state and step here,
-so the three compile the same program.
+The trainer, the benchmark, the TPU ahead-of-time check and ``train.evaluate`` all build their
+state and step here, so they compile the same program.
 """
 from __future__ import annotations
 
@@ -16,24 +16,26 @@ from jax.sharding import Mesh, NamedSharding
 
 import models
 from parallel import sharding
-from train import data, step as step_lib
+from train import objective as objective_lib, optim, step as step_lib
 from train.config import validate
+from train.objective import Objective
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-    """Everything the train step is compiled from: model, shardings, the abstract state, the step.
-
-    Built by ``setup_training`` from a config and a mesh; the trainer and this tool use the same one.
-    """
+    """Everything the train step is compiled from: model, objective, optimizer, frozen mask, shardings,
+    the abstract state, the step. Built by ``setup_training`` from a config and a mesh."""
     config: Any
     model: Any                       # the model family's module (``models.get``)
     mcfg: Any                        # its config dataclass
     mesh: Mesh
     rules: tuple
+    objective: Objective
     tx: optax.GradientTransformation
+    frozen: Any                      # tree of bools like the parameters, or None (nothing frozen)
     init_fn: Callable                # rng -> TrainState
     state_shape: Any                 # TrainState of ShapeDtypeStruct (no shardings)
+    state_axes: Any                  # TrainState of logical-axis tuples
     state_shardings: Any             # TrainState of NamedSharding
     batch_sharding: NamedSharding    # of every [batch, seq] batch array
     train_step: Callable             # (state, batch) -> (state, metrics), not jitted
@@ -44,20 +46,37 @@ class TrainSetup:
                             self.state_shape, self.state_shardings)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """A global batch as sharded ShapeDtypeStructs: int32 [batch_size, seq_len] per key of ``data.BATCH_KEYS``."""
+        """A global batch as sharded ShapeDtypeStructs: int32 [batch_size, seq_len] per key the objective reads."""
         t = self.config.train
         return {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=self.batch_sharding)
-                for k in data.BATCH_KEYS}
+                for k in self.objective.batch_keys}
 
     def jit_train_step(self):
         """The train step jitted with the state's and batch's shardings, the state donated."""
         return jax.jit(self.train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                        out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
+    def jit_eval_step(self):
+        """The objective's eval step (``step.make_eval_step``) jitted with the parameters' shardings."""
+        return jax.jit(step_lib.make_eval_step(self.model, self.mcfg, self.objective),
+                       in_shardings=(self.state_shardings.params, self.batch_sharding))
+
+
+def _axis_sizes(model, mcfg, config, mesh) -> dict:
+    """Logical axis -> (size, field to change) of the activation axes a mesh must divide: the model
+    family's (``axis_sizes``), the (micro)batch and the sequence."""
+    t, accum = config.train, config.optim.accum_steps
+    family = getattr(model, "axis_sizes", None)  # every family after the model protocol; none before
+    sizes = {name: (size, f"model.{field}") for name, (size, field) in (family(mcfg) if family else {}).items()}
+    batch_name = "train.batch_size" if accum == 1 else "train.batch_size / optim.accum_steps"
+    sizes.update(batch=(t.batch_size // accum, batch_name), seq=(t.seq_len, "train.seq_len"))
+    return sizes
+
 
 def setup_training(config, mesh: Mesh) -> TrainSetup:
-    """Validate ``config`` against ``mesh`` (fields, rules, divisibility) and derive the train state's
-    shapes and shardings and the train step, without touching a device.
+    """Validate ``config`` against ``mesh`` (fields, rules, divisibility of every array of the state and
+    of the activation axes) and derive the train state's shapes, axes and shardings and the train
+    step, without touching a device.
 
     Raises ValueError with one sentence naming the field and the fix.
     """
@@ -65,18 +84,32 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     t = config.train
     rules = tuple(tuple(r) for r in config.sharding.rules)
     sharding.validate_rules(rules, mesh)
-    sharding.check_divisibility(mcfg, mesh, rules, t.batch_size, seq_len=t.seq_len,
-                                accum_steps=config.optim.accum_steps)
     model = models.get(config.model.family)
-    if hasattr(model, "validate_mesh"):  # MoE: routing groups over the devices, experts over their axis
-        model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps * t.seq_len)
-    tx = step_lib.make_optimizer(config.optim, t.steps, model.param_axes(mcfg))
-    init_fn = functools.partial(step_lib.init_state, model, mcfg, tx)
+    objective = objective_lib.get(t)
+    param_axes = model.param_axes(mcfg)
+    params_shape = jax.eval_shape(functools.partial(model.init, mcfg), jax.random.PRNGKey(config.seed))
+    sharding.check_axes(params_shape, param_axes)
+    frozen = optim.frozen_mask(params_shape, config.optim.frozen) if config.optim.frozen else None
+    if frozen is not None and not any(jax.tree.leaves(frozen)):
+        raise ValueError(f"optim.frozen ({config.optim.frozen!r}) matches no parameter path; paths look like "
+                         f"{sharding.path_name(jax.tree_util.tree_flatten_with_path(params_shape)[0][-1][0])!r}.")
+    if frozen is not None and all(jax.tree.leaves(frozen)):
+        raise ValueError(f"optim.frozen ({config.optim.frozen!r}) freezes every parameter; leave some to train.")
+    trainable_axes = param_axes if frozen is None else jax.tree.map(
+        lambda a, f: None if f else a, param_axes, frozen, is_leaf=sharding.is_axes)
+    tx = optim.make_optimizer(config.optim, t.steps, trainable_axes)
+    init_fn = functools.partial(step_lib.init_state, model, mcfg, tx, frozen=frozen)
     state_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
-    state_sh = sharding.state_shardings(state_shape, model.param_axes(mcfg), mesh, rules, tx)
-    train_step = step_lib.make_train_step(model, mcfg, tx, objective=t.objective,
-                                          accum_steps=config.optim.accum_steps, loss_chunk=t.loss_chunk,
-                                          seed=config.seed)
-    return TrainSetup(config=config, model=model, mcfg=mcfg, mesh=mesh, rules=rules, tx=tx, init_fn=init_fn,
-                      state_shape=state_shape, state_shardings=state_sh,
-                      batch_sharding=sharding.batch_sharding(mesh, rules), train_step=train_step)
+    view = state_shape.params if frozen is None else optim.trainable(state_shape.params, frozen)
+    state_axes = step_lib.TrainState(step=(), params=param_axes,
+                                     opt_state=optim.state_axes(state_shape.opt_state, view, trainable_axes))
+    sharding.check_divisibility(state_shape, state_axes, mesh, rules, _axis_sizes(model, mcfg, config, mesh))
+    if hasattr(model, "validate_mesh"):  # every family after the model protocol; the family's own mesh checks
+        model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps * t.seq_len)
+    state_sh = sharding.state_shardings(state_axes, mesh, rules, state_shape)
+    train_step = step_lib.make_train_step(model, mcfg, tx, objective, frozen=frozen,
+                                          accum_steps=config.optim.accum_steps, seed=config.seed)
+    return TrainSetup(config=config, model=model, mcfg=mcfg, mesh=mesh, rules=rules, objective=objective, tx=tx,
+                      frozen=frozen, init_fn=init_fn, state_shape=state_shape, state_axes=state_axes,
+                      state_shardings=state_sh, batch_sharding=sharding.batch_sharding(mesh, rules),
+                      train_step=train_step)
