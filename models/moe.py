@@ -145,8 +145,9 @@ def validate_mesh(cfg: MoEConfig, mesh: jax.sharding.Mesh, rules: sharding.Rules
 
 def _check_groups(cfg: MoEConfig, tokens: int) -> None:
     if tokens % cfg.group_size:
-        raise ValueError(f"batch*seq ({tokens}) is not a multiple of moe.group_size ({cfg.group_size}); choose a "
-                         f"group_size that divides the tokens of a batch (e.g. the tokens per data shard).")
+        raise ValueError(f"moe.group_size ({cfg.group_size}) does not divide the tokens of a (micro)batch, batch x "
+                         f"seq = {tokens}; choose a divisor of it (e.g. the sequence length) or "
+                         f"moe.dispatch='dropless'.")
 
 
 def moe_layers(cfg: MoEConfig, n_layers: int) -> tuple[int, ...]:

@@ -24,11 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-
-def is_axes(t) -> bool:
-    """A leaf of a param_axes tree: a tuple of logical names (str or None)."""
-    return isinstance(t, tuple) and all(n is None or isinstance(n, str) for n in t)
-
+from parallel.sharding import is_axes  # noqa: F401  (a leaf of a param_axes tree, re-exported)
 
 _SAME = object()
 

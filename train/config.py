@@ -95,7 +95,7 @@ def validate(config):
     t, o = config.train, config.optim
     if t.objective not in objective.OBJECTIVES:
         raise ValueError(f"train.objective is {t.objective!r}; use one of {list(objective.OBJECTIVES)}.")
-    wanted, given = objective.get(t).batch_keys, tuple(_batch_keys(config.data))
+    wanted, given = objective.get(t).batch_keys, tuple(data.batch_keys(config.data))
     if set(wanted) != set(given):
         raise ValueError(f"train.objective={t.objective!r} reads the batch keys {list(wanted)} but data.source="
                          f"{config.data.source!r} yields {list(given)}; pick an objective and a source that agree.")
@@ -137,12 +137,6 @@ def validate(config):
         raise ValueError(f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary "
                          f"({tokenizer_vocab}); set model.vocab_size >= {tokenizer_vocab}.")
     return mcfg
-
-
-def _batch_keys(data_cfg) -> tuple[str, ...]:
-    """The batch keys the data config yields (``train.data.batch_keys``)."""
-    keys = getattr(data, "batch_keys", None)  # the data package's; before it, every source yields LM batches
-    return keys(data_cfg) if keys is not None else data.BATCH_KEYS
 
 
 def override(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from train.data import BATCH_KEYS as LM_KEYS
-
-PAIR_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in LM_KEYS)  # as train.data's pairs
+from train.data import PAIR_KEYS
 
 
 class Loss(NamedTuple):

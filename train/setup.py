@@ -62,12 +62,11 @@ class TrainSetup:
                        in_shardings=(self.state_shardings.params, self.batch_sharding))
 
 
-def _axis_sizes(model, mcfg, config, mesh) -> dict:
+def _axis_sizes(model, mcfg, config) -> dict:
     """Logical axis -> (size, field to change) of the activation axes a mesh must divide: the model
     family's (``axis_sizes``), the (micro)batch and the sequence."""
     t, accum = config.train, config.optim.accum_steps
-    family = getattr(model, "axis_sizes", None)  # every family after the model protocol; none before
-    sizes = {name: (size, f"model.{field}") for name, (size, field) in (family(mcfg) if family else {}).items()}
+    sizes = {name: (size, f"model.{field}") for name, (size, field) in model.axis_sizes(mcfg).items()}
     batch_name = "train.batch_size" if accum == 1 else "train.batch_size / optim.accum_steps"
     sizes.update(batch=(t.batch_size // accum, batch_name), seq=(t.seq_len, "train.seq_len"))
     return sizes
@@ -103,9 +102,8 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     view = state_shape.params if frozen is None else optim.trainable(state_shape.params, frozen)
     state_axes = step_lib.TrainState(step=(), params=param_axes,
                                      opt_state=optim.state_axes(state_shape.opt_state, view, trainable_axes))
-    sharding.check_divisibility(state_shape, state_axes, mesh, rules, _axis_sizes(model, mcfg, config, mesh))
-    if hasattr(model, "validate_mesh"):  # every family after the model protocol; the family's own mesh checks
-        model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps * t.seq_len)
+    sharding.check_divisibility(state_shape, state_axes, mesh, rules, _axis_sizes(model, mcfg, config))
+    model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps * t.seq_len)
     state_sh = sharding.state_shardings(state_axes, mesh, rules, state_shape)
     train_step = step_lib.make_train_step(model, mcfg, tx, objective, frozen=frozen,
                                           accum_steps=config.optim.accum_steps, seed=config.seed)
