@@ -20,6 +20,7 @@ from models import hf
 from models import mamba as M
 from parallel import mesh as pmesh
 from parallel import sharding
+from tests.helpers import jit, rel_err
 from train.config import DEFAULT_RULES
 
 pytestmark = pytest.mark.timeout(120)
@@ -36,10 +37,6 @@ def tiny(**kw):
     return M.Config(**{**TINY, **kw})
 
 
-# Tests compile dozens of small programs; a low backend optimization level cuts their compile time
-# several-fold (PRNG code in ``init`` most), and run time does not matter at these sizes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 init = jit(M.init, static_argnums=0)
 
 
@@ -77,11 +74,6 @@ def cached(params, tokens, cfg, cache, segment_ids):
 def step(params, cache, tokens, cfg=CFG):
     """One decoding step for [B] tokens."""
     return cached(params, np.asarray(tokens, np.int32)[:, None], cfg, cache, np.ones((B, 1), np.int32))
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def toks(b=B, s=S, seed=1, vocab=CFG.vocab_size):

@@ -12,6 +12,7 @@ import pytest
 
 from models import mamba as M
 from models import scan_kernel as K
+from tests.helpers import rel_err
 
 pytestmark = pytest.mark.timeout(120)
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})  # compile time dominates
@@ -28,11 +29,6 @@ def inputs(b, s, E, N, seed, dtype=np.float32):
     cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
     return dict(x=cast(f(b, s, E)), dt=cast(dt), A=jnp.asarray(-np.exp(0.5 * f(E, N)) - 0.1), B=cast(f(b, s, N)),
                 C=cast(f(b, s, N)), h0=jnp.asarray(f(b, E, N))), jnp.asarray(rng.random((b, s)) < 0.15)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("resets,prefetch", [(False, True), (True, False)])

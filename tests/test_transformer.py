@@ -7,6 +7,7 @@ import pytest
 
 from models import capture, layers
 from models import transformer as T
+from tests.helpers import random_params, rel_err
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -17,23 +18,8 @@ def tiny(**kw):
     return T.Config(**{**TINY, **kw})
 
 
-def random_params(cfg, seed=0):
-    """Init params with random (non-unit) norm scales so every weight matters."""
-    params = T.init(cfg, jax.random.PRNGKey(seed))
-    rng = np.random.default_rng(seed)
-    for name in ("attn_norm", "mlp_norm"):
-        params["layers"][name] = jnp.asarray(rng.uniform(0.5, 1.5, params["layers"][name].shape), jnp.float32)
-    params["final_norm"] = jnp.asarray(rng.uniform(0.5, 1.5, params["final_norm"].shape), jnp.float32)
-    return params
-
-
 def tokens(cfg, b=2, s=12, seed=1):
     return jax.random.randint(jax.random.PRNGKey(seed), (b, s), 0, cfg.vocab_size)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def apply_with_hidden(params, toks, cfg):
