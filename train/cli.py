@@ -7,8 +7,10 @@ one line per user error, quiet logs, no TPU probe on a machine without a TPU.
     OSError (a missing file, a full disk: the file is named) prints one line ``error: <sentence>``
     on stderr and exits with status 1; so do errors in parsing the flags and the config file (an
     unknown ``--config.`` field, a value of the wrong type, a config file that does not exist).
-    ``--debug`` shows the traceback instead. Other exceptions (bugs) keep their traceback.
-  * Python logging (Orbax, JAX) shows warnings and errors only; ``--verbosity=0`` shows INFO again.
+    ``--debug`` shows the traceback instead. Other exceptions (bugs) keep their traceback. Nothing
+    follows the line on stderr (see `fail`).
+  * Python logging shows warnings and errors only, Orbax's errors only; ``--verbosity=0`` shows
+    everything at INFO again.
   * When ``JAX_PLATFORMS`` is not set and the machine has no accelerator (no TPU chip on the PCI bus,
     no NVIDIA or AMD GPU device), JAX is told to use the CPU: otherwise an installed libtpu (the
     test extra brings it) probes for TPUs at start-up and prints ``E0000 ... INVALID_ARGUMENT``
@@ -17,6 +19,7 @@ one line per user error, quiet logs, no TPU probe on a machine without a TPU.
 from __future__ import annotations
 
 import glob
+import logging as std_logging
 import os
 import re
 import sys
@@ -94,10 +97,26 @@ def _unknown_field(error: BaseException, argv) -> str | None:
     return f"{flag} names no field of the config{f' (did you mean {hint.group(1)!r}?)' if hint else ''}."
 
 
+class _QuietOrbax(std_logging.Filter):
+    """Drops Orbax's records below ERROR (its notes on every save and on read-only managers) unless
+    --verbosity asks for INFO."""
+
+    def filter(self, record):
+        return (record.levelno >= std_logging.ERROR or "orbax" not in record.pathname
+                or flags.FLAGS["verbosity"].value >= logging.INFO)
+
+
 def fail(text: str) -> None:
-    """Print 'error: text' on stderr and exit with status 1."""
-    sys.stderr.flush()
+    """Print 'error: text' on stderr and exit with status 1. The line is the last thing on stderr: what
+    threads of asynchronous readers print at interpreter shutdown (TensorStore reads that a failed Orbax
+    restore left in flight post to a closed asyncio loop: "RuntimeError: Event loop is closed") is
+    discarded; --debug keeps it."""
+    sys.stdout.flush()
     print(f"error: {text}", file=sys.stderr, flush=True)
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    except OSError:
+        pass
     sys.exit(1)
 
 
@@ -130,6 +149,7 @@ def run(main: Callable, *, errors: tuple = ()) -> None:
         flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
     user_errors = USER_ERRORS + tuple(errors)
     quiet_platforms()
+    logging.get_absl_handler().addFilter(_QuietOrbax())
 
     def wrapped(argv):
         try:

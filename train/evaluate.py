@@ -280,6 +280,9 @@ def load_state(config, workdir: str, *, recorded: bool = False):
         raise FileNotFoundError(f"{workdir} has no checkpoints/ directory; train there first or pass another --workdir.")
     ckpt = checkpoint.Checkpointer(ckpt_dir, every=0, keep=1, async_save=False, read_only=True)
     try:
+        step = ckpt.latest_step()
+        if step is not None:
+            _check_stored_shapes(os.path.join(ckpt.directory, str(step)), setup.abstract_state().params)
         restored = ckpt.restore(setup.abstract_state())
     except checkpoint.CheckpointError as e:
         raise checkpoint.CheckpointError(_restore_failure(e, workdir, recorded)) from e
@@ -289,6 +292,25 @@ def load_state(config, workdir: str, *, recorded: bool = False):
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint.")
     state, _, step = restored
     return setup, state, step
+
+
+def _check_stored_shapes(path: str, abstract_params) -> None:
+    """CheckpointError naming the first parameter whose stored shape differs from ``abstract_params``' (read
+    from the checkpoint's metadata, before any array: a restore that fails part-way leaves reads in flight).
+    Metadata that cannot be read is left to the restore to report."""
+    import orbax.checkpoint as ocp
+
+    try:
+        stored = ocp.StandardCheckpointer().metadata(os.path.join(path, "state")).item_metadata.tree["params"]
+        shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    except Exception:  # noqa: BLE001 - any failure here is the restore's to report
+        return
+    for key, want in jax.tree_util.tree_leaves_with_path(abstract_params):
+        name = jax.tree_util.keystr(key)
+        if name in shapes and shapes[name] != tuple(want.shape):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} holds parameter {name} of shape {shapes[name]}, but this config's model has "
+                f"{tuple(want.shape)}: it was trained with another config.")
 
 
 def _restore_failure(error: Exception, workdir: str, recorded: bool) -> str:
