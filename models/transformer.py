@@ -90,8 +90,8 @@ class Config:
             if isinstance(self.d_model, int) and self.d_model > 0 and (derived < 2 or derived % 2):
                 multiple = 2 * self.n_heads
                 # head_dim was not set: name the fields that were (d_model, n_heads), not head_dim.
-                raise ValueError(f"model.d_model ({self.d_model}) / model.n_heads ({self.n_heads}) gives heads of "
-                                 f"{derived} dimensions, but rotary embeddings need an even number >= 2; make "
+                raise ValueError(f"model.d_model ({self.d_model}) / model.n_heads ({self.n_heads}) gives a head "
+                                 f"dimension of {derived}, but rotary embeddings need an even one >= 2; make "
                                  f"d_model a multiple of 2 * n_heads (e.g. {-(-self.d_model // multiple) * multiple}), "
                                  f"lower n_heads, or set model.head_dim.")
             object.__setattr__(self, "head_dim", derived)

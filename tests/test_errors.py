@@ -170,7 +170,7 @@ def test_small_d_model_names_the_fields_set():
     config.model.update(d_model=6, n_heads=4, n_kv_heads=4)
     with pytest.raises(ValueError) as e:
         config_lib.validate(config)
-    assert str(e.value).startswith("model.d_model (6) / model.n_heads (4) gives heads of 1 dimensions")
+    assert str(e.value).startswith("model.d_model (6) / model.n_heads (4) gives a head dimension of 1, but")
     assert "make d_model a multiple of 2 * n_heads (e.g. 8)" in str(e.value)
     config.model.head_dim = 4  # set explicitly, it is the field named when wrong
     config_lib.validate(config)

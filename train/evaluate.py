@@ -3,10 +3,12 @@ corpus, few-shot chain-of-thought prompting with self-consistency on it, length 
 
 One registry, ``EVALS``, serves the trainer (each entry whose cadence field ``train.<name>_every``
 is positive runs every that many steps and at the last step; ``Evaluator``) and the command line,
-on a trained workdir's latest checkpoint:
+on a trained workdir's latest checkpoint, with the config the run recorded there (``config.json``:
+the experiment file and every override it was trained with); ``--config experiments/NAME.py`` uses
+another, and ``--config.section.field=value`` overrides either:
 
-    python -m train.evaluate --config experiments/arith_cot.py --workdir runs/arith_cot --task exact_match
-    python -m train.evaluate --config experiments/arith_cot.py --workdir runs/arith_cot --task perplexity \
+    python -m train.evaluate --workdir runs/arith_cot --task exact_match
+    python -m train.evaluate --workdir runs/arith_cot --task perplexity \
         --data held_out.txt          # .txt (every token) or .jsonl (text, or prompt + completion)
 
 Tasks: ``loss`` (the objective's loss and logged sums on the config's eval split: for the paired
@@ -16,8 +18,7 @@ chain-of-thought prompts, greedy and self-consistency, per step count), ``length
 (a synthetic task of the Mamba paper at each of ``data.eval_lengths``, see `length_generalization`).
 Results are printed as JSON and written to ``--out`` if given.
 
-    python -m train.evaluate --config experiments/mamba_induction.py --workdir runs/mamba_induction \
-        --task length_generalization
+    python -m train.evaluate --workdir runs/mamba_induction --task length_generalization
 """
 from __future__ import annotations
 
