@@ -107,6 +107,9 @@ def test_one_line_messages():
     assert cli.message(FileNotFoundError(errno.ENOENT, "No such file or directory", "a.txt")) == \
         "No such file or directory: a.txt"
     assert cli.message(ValueError("two\nlines")) == "two lines"
+    raised = ValueError("flag --config=x.py: Error whilst parsing config file:\n\nTraceback (most recent call last):\n"
+                        "  File \"x.py\", line 2, in get_config\nValueError: no such variant")
+    assert cli.message(raised) == "the --config file's get_config() raised ValueError: no such variant (--debug shows where)"
 
 
 def test_the_cpu_is_chosen_only_where_nothing_else_is(monkeypatch):

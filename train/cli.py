@@ -74,9 +74,11 @@ def message(error: BaseException) -> str:
         text = f"{error.strerror}: {' -> '.join(names)}"
     else:
         text = str(error) or type(error).__name__
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if "Failed loading config file" in text:  # ml_collections' report lists each path it tried
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
             text = f"cannot load the --config file: {lines[-1]}"
+        elif "Error whilst parsing config file" in text:  # its get_config raised; the text holds the trace
+            text = f"the --config file's get_config() raised {lines[-1]} (--debug shows where)"
     return " ".join(text.split())
 
 
