@@ -11,6 +11,7 @@ the tokenizers `models.tokenizers`; their public names are re-exported here.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -58,16 +59,28 @@ def load_tokenizer(directory: str | os.PathLike, model_config: dict | None = Non
     return None
 
 
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+    """``safe_open`` on ``path`` (NumPy); a truncated or damaged file raises ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(str(path), framework="np")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is truncated or damaged: copy or "
+                         f"download it again.") from None
+    with f:
+        yield f
+
+
 _SINGLE, _INDEX = "model.safetensors", "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def _shard_files(d: Path) -> dict[str, list[str]]:
     """File name -> tensor names to read from it (single file, or the index's weight_map)."""
-    from safetensors import safe_open
-
     if (d / _SINGLE).is_file():
-        with safe_open(str(d / _SINGLE), framework="np") as f:
+        with _open_safetensors(d / _SINGLE) as f:
             return {_SINGLE: list(f.keys())}
     if not (d / _INDEX).is_file():
         raise FileNotFoundError(f"{d} holds neither {_SINGLE} nor {_INDEX}.")
@@ -93,15 +106,19 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **c
     or of ``mamba.init`` with a ``mamba.Config`` for model_type 'mamba';
     bfloat16/float16 tensors in the files are widened exactly. ``dtype`` is the Config's
     compute dtype; ``config_overrides`` set other Config fields (``remat``, ``attention``, ...).
-    Raises ValueError or FileNotFoundError naming the missing shard, tensor or bad field.
+    Raises ValueError or FileNotFoundError naming the file and the missing shard, the tensor (with
+    the expected and found shapes), a damaged file or the bad config.json field.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError
 
     d = Path(directory)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} has no config.json; is it a Hugging Face checkpoint directory?")
     hf_config = _read_json(d / "config.json")
-    cfg = config_from_hf(hf_config, dtype=dtype, **config_overrides)
+    try:
+        cfg = config_from_hf(hf_config, dtype=dtype, **config_overrides)
+    except ValueError as e:  # messages say "config.json <key> ...": name the file
+        raise ValueError(str(e).replace("config.json", str(d / "config.json"), 1)) from None
     family, module = hf_families.family(cfg).name, hf_families.family(cfg).module
     names = hf_families.hf_names(cfg)
     needed = set(names)
@@ -117,16 +134,26 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str = "float32", **c
     if extra:
         raise ValueError(f"checkpoint {d} holds tensor {extra[0]!r} that a {family} layer does not use "
                          f"({len(extra)} such); refusing to drop weights silently.")
+    shapes = hf_families.hf_shapes(cfg)
     state = {}
     for file, file_names in files.items():
-        with safe_open(str(d / file), framework="np") as f:
+        with _open_safetensors(d / file) as f:
             keys = set(f.keys())
             for name in file_names:
                 if name in needed:
                     if name not in keys:
                         raise ValueError(f"shard {file} has no tensor {name!r} that {_INDEX} places there.")
-                    state[name] = f.get_slice(name)[:]  # get_slice reads bfloat16 too, as ml_dtypes arrays
-    params = from_hf_state_dict(state, cfg)
+                    try:
+                        tensor = f.get_slice(name)  # get_slice reads bfloat16 too, as ml_dtypes arrays
+                        found = tuple(tensor.get_shape())
+                        if found != shapes[name]:
+                            raise ValueError(f"tensor {name!r} in {d / file} has shape {found}, but "
+                                             f"{d / 'config.json'} implies {shapes[name]}.")
+                        state[name] = tensor[:]
+                    except SafetensorError as e:
+                        raise ValueError(f"tensor {name!r} in {d / file} cannot be read ({e}); the file is damaged: "
+                                         f"copy or download it again.") from None
+    params = from_hf_state_dict(state, cfg)  # every tensor has the shape its name implies
     expected = jax.eval_shape(lambda: module.init(cfg, jax.random.PRNGKey(0)))
     for path, want in jax.tree_util.tree_leaves_with_path(expected):
         got = params

@@ -100,7 +100,28 @@ def _llama_names(cfg: transformer.Config) -> list[str]:
     return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
 
 
+def _llama_shapes(cfg: transformer.Config) -> dict[str, tuple[int, ...]]:
+    D, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    layer = {"wq": (q, D), "wk": (kv, D), "wv": (kv, D), "wo": (D, q), "w_gate": (F, D), "w_up": (F, D),
+             "w_down": (D, F), "attn_norm": (D,), "mlp_norm": (D,)}
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
+    shapes.update({f"model.layers.{i}.{suffix}": layer[name] for name, suffix in _LAYER_NAMES.items()
+                   for i in range(cfg.n_layers)})
+    return {name: shapes[name] for name in _llama_names(cfg)}
+
+
 # ----------------------------------------------------------------------------- config
+
+def _check_types(c: dict, integers=(), numbers=(), booleans=()) -> None:
+    """ValueError naming the config.json key whose value is not of its JSON type (absent or null is fine)."""
+    for keys, ok, kind in ((integers, lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+                           (numbers, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+                           (booleans, lambda v: isinstance(v, bool), "true or false")):
+        for key in keys:
+            if c.get(key) is not None and not ok(c[key]):
+                raise ValueError(f"config.json {key} is {c[key]!r}; it must be {kind}.")
+
 
 # Families whose checkpoints have exactly the Llama layout and math (no biases, SwiGLU, RMSNorm).
 _MODEL_TYPES = {"llama", "mistral"}
@@ -145,6 +166,10 @@ def config_from_hf(hf_config: dict, **overrides) -> transformer.Config | mamba.C
                            "num_attention_heads") if c.get(k) is None]
     if missing:
         raise ValueError(f"config.json has no {missing[0]}; it is required for a Llama model.")
+    _check_types(c, integers=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "num_key_value_heads", "head_dim"),
+                 numbers=("rope_theta", "rms_norm_eps"), booleans=("tie_word_embeddings",))
+    _check_types({f"rope_parameters.{k}": v for k, v in rope.items()}, numbers=("rope_parameters.rope_theta",))
     heads = c["num_attention_heads"]
     values = dict(
         vocab_size=c["vocab_size"], d_model=c["hidden_size"], d_ff=c["intermediate_size"],
@@ -201,6 +226,12 @@ def mamba_config_from_hf(hf_config: dict, **overrides) -> mamba.Config:
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers") if c.get(k) is None]
     if missing:
         raise ValueError(f"config.json has no {missing[0]}; it is required for a Mamba model.")
+    _check_types(c, integers=("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "conv_kernel",
+                              "intermediate_size"),
+                 numbers=("time_step_min", "time_step_max", "time_step_floor", "layer_norm_epsilon"),
+                 booleans=("tie_word_embeddings", "use_bias", "use_conv_bias"))
+    if c.get("time_step_rank", "auto") != "auto":
+        _check_types(c, integers=("time_step_rank",))
     expand = c.get("expand", 2)
     if isinstance(expand, bool) or not isinstance(expand, (int, float)) or expand != int(expand):
         raise ValueError(f"config.json expand is {expand!r}; loom's Mamba needs an integer expansion factor.")
@@ -297,6 +328,17 @@ def _mamba_names(cfg: mamba.Config) -> list[str]:
     return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
 
 
+def _mamba_shapes(cfg: mamba.Config) -> dict[str, tuple[int, ...]]:
+    D, E, N, R, K, V = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv, cfg.vocab_size
+    layer = {"norm.weight": (D,), "mixer.in_proj.weight": (2 * E, D), "mixer.conv1d.weight": (E, 1, K),
+             "mixer.x_proj.weight": (R + 2 * N, E), "mixer.dt_proj.weight": (E, R), "mixer.dt_proj.bias": (E,),
+             "mixer.A_log": (E, N), "mixer.D": (E,), "mixer.out_proj.weight": (D, E), "mixer.conv1d.bias": (E,),
+             "mixer.in_proj.bias": (2 * E,), "mixer.out_proj.bias": (D,)}
+    shapes = {"backbone.embeddings.weight": (V, D), "backbone.norm_f.weight": (D,), "lm_head.weight": (V, D)}
+    shapes.update({f"backbone.layers.{i}.{s}": layer[s] for s in _mamba_layer_names(cfg) for i in range(cfg.n_layers)})
+    return {name: shapes[name] for name in _mamba_names(cfg)}
+
+
 # ----------------------------------------------------------------------------- families
 
 class Family(NamedTuple):
@@ -305,6 +347,7 @@ class Family(NamedTuple):
     module: Any  # the loom model family (its ``init`` gives the expected shapes)
     hf_config: Callable  # Config -> config.json fields
     names: Callable  # Config -> every tensor name a checkpoint holds, in order
+    shapes: Callable  # Config -> {tensor name: its shape in a checkpoint}
     to_hf: Callable  # (params, Config) -> state dict
     from_hf: Callable  # (state dict, Config) -> params
 
@@ -328,14 +371,19 @@ def from_hf_state_dict(state: dict, cfg: transformer.Config | mamba.Config) -> d
     return family(cfg).from_hf(state, cfg)
 
 
+def hf_shapes(cfg: transformer.Config | mamba.Config) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a Llama (or Mamba) checkpoint of ``cfg`` holds, by name."""
+    return family(cfg).shapes(cfg)
+
+
 def hf_names(cfg: transformer.Config | mamba.Config) -> list[str]:
     """Every tensor name a Llama (or Mamba) checkpoint of ``cfg`` must hold, in order."""
     return family(cfg).names(cfg)
 
 
 FAMILIES = {
-    transformer.Config: Family("Llama", transformer, llama_config, _llama_names, _llama_to_hf_state_dict,
-                               _llama_from_hf_state_dict),
-    mamba.Config: Family("Mamba", mamba, mamba_config, _mamba_names, _mamba_to_hf_state_dict,
+    transformer.Config: Family("Llama", transformer, llama_config, _llama_names, _llama_shapes,
+                               _llama_to_hf_state_dict, _llama_from_hf_state_dict),
+    mamba.Config: Family("Mamba", mamba, mamba_config, _mamba_names, _mamba_shapes, _mamba_to_hf_state_dict,
                          _mamba_from_hf_state_dict),
 }

@@ -85,8 +85,16 @@ class Config:
     moe_normalize_gates: bool = False  # renormalise top-k gates to sum 1 (top_k > 1 only)
 
     def __post_init__(self):
-        if self.head_dim == 0 and self.n_heads > 0:
-            object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
+        if self.head_dim == 0 and isinstance(self.n_heads, int) and self.n_heads > 0:
+            derived = self.d_model // self.n_heads if isinstance(self.d_model, int) else 0
+            if isinstance(self.d_model, int) and self.d_model > 0 and (derived < 2 or derived % 2):
+                multiple = 2 * self.n_heads
+                # head_dim was not set: name the fields that were (d_model, n_heads), not head_dim.
+                raise ValueError(f"model.d_model ({self.d_model}) / model.n_heads ({self.n_heads}) gives a head "
+                                 f"dimension of {derived}, but rotary embeddings need an even one >= 2; make "
+                                 f"d_model a multiple of 2 * n_heads (e.g. {-(-self.d_model // multiple) * multiple}), "
+                                 f"lower n_heads, or set model.head_dim.")
+            object.__setattr__(self, "head_dim", derived)
         validate(self)
 
     @property

@@ -347,6 +347,10 @@ def test_loss_on_prompt_and_truncation(tmp_path):
         tmp_path / "d.jsonl", [{"prompt": "Q:1+1\nA:", "completion": "2"}, {"prompt": "Q:", "completion": "x" * 50}]
     )
     cfg = config(source="jsonl", paths=[path], loss_on_prompt=True, packing=False)
+    with pytest.raises(ValueError, match=r"1 of the 2 train examples .* longer than train.seq_len=20 tokens \(the "
+                                         r"longest needs 53\); raise train.seq_len to 53 or set data.truncate=True"):
+        data.make_dataset(cfg, tokenizer=BYTE, seq_len=20, batch_size=2)
+    cfg.truncate = True  # cut to fit, as asked
     batch = take(data.make_dataset(cfg, tokenizer=BYTE, seq_len=20, batch_size=2), 1)[0]
     np.testing.assert_array_equal(batch["loss_mask"], batch["segment_ids"] > 0)
     examples = sorted(data.batch_examples(batch), key=len)
@@ -359,13 +363,13 @@ def test_loss_on_prompt_and_truncation(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_determinism_and_seeds():
-    make = lambda seed: data.make_dataset(config(), tokenizer=BYTE, seq_len=64, batch_size=8, seed=seed)
+    make = lambda seed: data.make_dataset(config(), tokenizer=BYTE, seq_len=96, batch_size=8, seed=seed)
     first, again, other = take(make(5), 3), take(make(5), 3), take(make(6), 3)
     for a, b in zip(first, again):
         for k in data.BATCH_KEYS:
             np.testing.assert_array_equal(a[k], b[k])
     assert not all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(first, other))
-    from_cfg = take(data.make_dataset(config(seed=5), tokenizer=BYTE, seq_len=64, batch_size=8), 1)[0]
+    from_cfg = take(data.make_dataset(config(seed=5), tokenizer=BYTE, seq_len=96, batch_size=8), 1)[0]
     np.testing.assert_array_equal(from_cfg["inputs"], first[0]["inputs"])
 
 
@@ -403,7 +407,7 @@ def test_process_shards_partition_the_stream(tmp_path):
     assert not set(examples("train", 0, 2)) & set(examples("train", 1, 2))
 
     arith = lambda index, count: data.example_dataset(
-        config(), tokenizer=BYTE, seq_len=64, seed=2, process_index=index, process_count=count
+        config(), tokenizer=BYTE, seq_len=96, seed=2, process_index=index, process_count=count
     )
     one, two = arith(0, 1), [arith(p, 2) for p in range(2)]
     for i in range(40):
@@ -415,13 +419,13 @@ def test_process_shards_partition_the_stream(tmp_path):
 @pytest.mark.parametrize("packing, prefetch", [(True, 2), (False, 0)])
 def test_iterator_state_round_trip(packing, prefetch):
     cfg = config(packing=packing, prefetch=prefetch)
-    ds = data.make_dataset(cfg, tokenizer=BYTE, seq_len=64, batch_size=8, seed=3)
+    ds = data.make_dataset(cfg, tokenizer=BYTE, seq_len=96, batch_size=8, seed=3)
     iterator = iter(ds)
     for _ in range(5):
         next(iterator)
     state = json.loads(json.dumps(iterator.get_state()))  # checkpointable as JSON
     expected = [next(iterator) for _ in range(4)]
-    resumed = iter(data.make_dataset(cfg, tokenizer=BYTE, seq_len=64, batch_size=8, seed=3))
+    resumed = iter(data.make_dataset(cfg, tokenizer=BYTE, seq_len=96, batch_size=8, seed=3))
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(4)]):
         for k in data.BATCH_KEYS:
@@ -566,5 +570,7 @@ def test_pair_iterator_resumes_exactly_and_refusals():
             np.testing.assert_array_equal(a[k], b[k])
     with pytest.raises(ValueError, match="data.variant='mixture' has no preference pairs"):
         data.validate(pair_config(variant="mixture"))
-    with pytest.raises(ValueError, match="a preference pair needs"):
-        next(iter(data.make_dataset(pair_config(min_steps=4, prefetch=0), tokenizer=BYTE, seq_len=24, batch_size=2)))
+    with pytest.raises(ValueError, match=r"examples of data.source='arithmetic_pairs' are longer than train.seq_len=24 "
+                                         r"tokens .*or lower data.max_steps"):  # a pair is never cut
+        next(iter(data.make_dataset(pair_config(min_steps=4, prefetch=0, truncate=True), tokenizer=BYTE, seq_len=24,
+                                    batch_size=2)))

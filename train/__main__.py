@@ -1,8 +1,8 @@
-"""python -m train --config experiments/NAME.py --workdir DIR [--config.key=value ...]"""
-from absl import app, flags
+"""python -m train --config experiments/NAME.py --workdir DIR [--config.key=value ...] [--debug]"""
+from absl import flags
 from ml_collections import config_flags
 
-from train import trainer
+from train import cli, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/NAME.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
@@ -16,4 +16,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -31,18 +31,17 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import time
 from typing import Callable
 
 import jax
-from absl import app, flags
+from absl import flags
 from jax.experimental import topologies
 from ml_collections import config_flags
 
 from parallel import mesh as mesh_lib
 from parallel import sharding
-from train import config as train_config, metrics
+from train import cli, config as train_config, metrics
 from train.setup import setup_training
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -299,11 +298,10 @@ def main(argv) -> int:
     try:
         report = compile_for_topology(flags.FLAGS.config, flags.FLAGS.topology,
                                       hbm_bytes=int(hbm_gib * GiB) if hbm_gib else None)
-    except (ValueError, ImportError) as e:  # config, mesh, divisibility, topology, DoesNotFit, no libtpu
-        if getattr(e, "report", None) is not None:
-            print(e.report.format())
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except DoesNotFit as e:  # the measurement first, then the one line (train.cli)
+        if e.report is not None:
+            print(e.report.format(), flush=True)
+        raise
     print(report.format())
     return 0
 
@@ -318,7 +316,8 @@ def _cli() -> None:
     # Only the CPU is needed besides the TPU compiler; do not let JAX probe for (or claim) TPU chips.
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")
-    app.run(lambda argv: sys.exit(main(argv)))
+    # config, mesh, divisibility, topology and DoesNotFit are ValueErrors; ImportError: no libtpu.
+    cli.run(main, errors=(ImportError,))
 
 
 if __name__ == "__main__":

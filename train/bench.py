@@ -27,12 +27,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from models import generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
+from train import cli
 from train import config as config_lib
 from train import metrics
 from train import optim, step as step_lib
@@ -346,4 +347,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

@@ -7,6 +7,7 @@ raises ValueError with one sentence naming the field and the fix.
 from __future__ import annotations
 
 import ast
+import copy
 import re
 
 import ml_collections
@@ -28,22 +29,29 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = data.default_config()
 
-    # name: a key of train.optim.OPTIMIZERS; frozen: regex over parameter paths (re.fullmatch, e.g.
-    # "layers/.*norm|embed"), '' freezes nothing; momentum: sgd's (0: none); decay_rate: adafactor's.
-    c.optim = ml_collections.ConfigDict(dict(
-        name="adamw", lr=3e-3, warmup_steps=40, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-        clip_norm=1.0, accum_steps=1, frozen="", momentum=0.9, decay_rate=0.8))
-
     # objective: a key of train.objective.OBJECTIVES (pair_beta, pair_nll_weight: pair_margin's).
-    # Evaluations (train.evaluate.EVALS) run every ``<name>_every`` steps (0: never): eval_every for
-    # the eval split's loss, exact_match_every, cot_every, length_generalization_every.
+    # Evaluations (train.evaluate.EVALS) run every ``<name>_every`` steps (0: never) and at the last step:
+    # eval_every for the eval split's loss, exact_match_every, cot_every, length_generalization_every.
+    # Cadences left unset follow train.steps (ml-collections references, resolved when the config is):
+    # eval_every = ceil(steps / 2), ckpt_every = ceil(steps / 4), and optim.warmup_steps = steps // 10,
+    # so a short run (--config.train.steps=100) needs no other override; a value set explicitly is
+    # kept, and refused when it exceeds train.steps.
     c.train = ml_collections.ConfigDict(dict(
         objective="lm", steps=400, batch_size=64, seq_len=128, loss_chunk=0, pair_beta=1.0, pair_nll_weight=0.0,
-        log_every=10, eval_every=200, eval_batches=4,
-        ckpt_every=100, ckpt_keep=3, async_checkpoint=True,
+        log_every=10, eval_batches=4, ckpt_keep=3, async_checkpoint=True,
         exact_match_every=0, exact_match_n=64, exact_match_steps=(1, 2, 3, 4, 5, 6, 7, 8),
         cot_every=0, length_generalization_every=0,
         max_new_tokens=96, progress=True, profile_steps=(0, 0)))
+    steps = c.train.get_ref("steps")
+    c.train.eval_every = (steps + 1) // 2
+    c.train.ckpt_every = (steps + 3) // 4
+
+    # name: a key of train.optim.OPTIMIZERS; frozen: regex over parameter paths (re.fullmatch, e.g.
+    # "layers/.*norm|embed"), '' freezes nothing; momentum: sgd's (0: none); decay_rate: adafactor's.
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adamw", lr=3e-3, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+        clip_norm=1.0, accum_steps=1, frozen="", momentum=0.9, decay_rate=0.8))
+    c.optim.warmup_steps = steps // 10  # follows train.steps unless set
 
     # Few-shot chain-of-thought evaluation on held-out arithmetic (``train.evaluate --task cot``).
     c.cot = ml_collections.ConfigDict(dict(
@@ -85,12 +93,29 @@ def validate_cot(c) -> None:
         raise ValueError(f"cot.top_k ({c.top_k}) must be >= 0 and cot.top_p ({c.top_p}) in (0, 1].")
 
 
-def validate(config):
-    """Check the whole config before compiling; ValueError names the field and the fix.
+# Compute dtypes a backend cannot compile: XLA's CPU matmuls have no float16 x float16 -> float32 form
+# ("The precision 'F16_F16_F32' is not supported by dot_general on CPU"). Parameters may be stored in
+# float16 anywhere (they are cast to the compute dtype).
+UNSUPPORTED_COMPUTE_DTYPES = {"cpu": ("float16",)}
+
+
+def validate_platform(config, platform: str) -> None:
+    """Refuse a ``model.dtype`` that ``platform`` ('cpu', 'gpu', 'tpu') cannot compute, before compiling."""
+    dtype = config.model.get("dtype")
+    if dtype in UNSUPPORTED_COMPUTE_DTYPES.get(platform, ()):
+        raise ValueError(f"model.dtype is {dtype!r}, which the {platform.upper()} backend cannot compute (its "
+                         f"matrix products have no {dtype} form); use 'bfloat16' or 'float32' on {platform.upper()}.")
+
+
+def validate(config, platform: str | None = None):
+    """Check the whole config before compiling; ValueError names the field and the fix. With
+    ``platform`` (the devices' platform, e.g. 'cpu'), also what that backend cannot compile.
 
     Returns the model family's Config built from ``config.model``."""
     model = models.get(config.model.family)
     mcfg = model.from_config(config.model)
+    if platform is not None:
+        validate_platform(config, platform)
     data.validate(config.data)
     t, o = config.train, config.optim
     if t.objective not in objective.OBJECTIVES:
@@ -141,8 +166,9 @@ def validate(config):
 
 def override(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
     """A copy of ``config`` with each ``section.key=value`` of ``items`` set; values are Python
-    literals (``3``, ``1e-3``, ``True``, ``(1, 2)``) or else strings (``bfloat16``)."""
-    config = config.copy_and_resolve_references()
+    literals (``3``, ``1e-3``, ``True``, ``(1, 2)``) or else strings (``bfloat16``). Fields that follow
+    others (the cadences follow train.steps) still do, unless set here."""
+    config = copy.deepcopy(config)
     for item in items:
         key, value = item.split("=", 1)
         section, field = key.split(".", 1)

@@ -3,10 +3,12 @@ corpus, few-shot chain-of-thought prompting with self-consistency on it, length 
 
 One registry, ``EVALS``, serves the trainer (each entry whose cadence field ``train.<name>_every``
 is positive runs every that many steps and at the last step; ``Evaluator``) and the command line,
-on a trained workdir's latest checkpoint:
+on a trained workdir's latest checkpoint, with the config the run recorded there (``config.json``:
+the experiment file and every override it was trained with); ``--config experiments/NAME.py`` uses
+another, and ``--config.section.field=value`` overrides either:
 
-    python -m train.evaluate --config experiments/arith_cot.py --workdir runs/arith_cot --task exact_match
-    python -m train.evaluate --config experiments/arith_cot.py --workdir runs/arith_cot --task perplexity \
+    python -m train.evaluate --workdir runs/arith_cot --task exact_match
+    python -m train.evaluate --workdir runs/arith_cot --task perplexity \
         --data held_out.txt          # .txt (every token) or .jsonl (text, or prompt + completion)
 
 Tasks: ``loss`` (the objective's loss and logged sums on the config's eval split: for the paired
@@ -16,28 +18,30 @@ chain-of-thought prompts, greedy and self-consistency, per step count), ``length
 (a synthetic task of the Mamba paper at each of ``data.eval_lengths``, see `length_generalization`).
 Results are printed as JSON and written to ``--out`` if given.
 
-    python -m train.evaluate --config experiments/mamba_induction.py --workdir runs/mamba_induction \
-        --task length_generalization
+    python -m train.evaluate --workdir runs/mamba_induction --task length_generalization
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
+import re
+import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from models import generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
-from train import checkpoint, cot, data
+from train import checkpoint, cli, cot, data, workdir_config
 from train.setup import setup_training
 
 
@@ -265,25 +269,67 @@ class Evaluator:
 
 # ----------------------------------------------------------------------------- standalone entry
 
-def load_state(config, workdir: str):
+def load_state(config, workdir: str, *, recorded: bool = False):
     """(setup, train state, step) from the latest checkpoint in ``workdir``, restored read-only
-    with the shardings ``config``'s mesh and rules give (``train.setup.setup_training``)."""
+    with the shardings ``config``'s mesh and rules give (``train.setup.setup_training``).
+
+    A checkpoint that cannot be restored raises CheckpointError saying which config was used
+    (``recorded``: the workdir's config.json) and how to pass the one it was trained with."""
     setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{workdir} has no checkpoints/ directory; train there first or pass another --workdir.")
     ckpt = checkpoint.Checkpointer(ckpt_dir, every=0, keep=1, async_save=False, read_only=True)
-    restored = ckpt.restore(setup.abstract_state())
-    ckpt.close()
+    try:
+        step = ckpt.latest_step()
+        if step is not None:
+            _check_stored_shapes(os.path.join(ckpt.directory, str(step)), setup.abstract_state().params)
+        restored = ckpt.restore(setup.abstract_state())
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(_restore_failure(e, workdir, recorded)) from e
+    finally:
+        ckpt.close()
     if restored is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint.")
     state, _, step = restored
     return setup, state, step
 
 
-def evaluate_workdir(config, workdir: str, task: str, data_path: str = "", chunk: int = 0) -> dict:
+def _check_stored_shapes(path: str, abstract_params) -> None:
+    """CheckpointError naming the first parameter whose stored shape differs from ``abstract_params``' (read
+    from the checkpoint's metadata, before any array: a restore that fails part-way leaves reads in flight).
+    Metadata that cannot be read is left to the restore to report."""
+    import orbax.checkpoint as ocp
+
+    try:
+        stored = ocp.StandardCheckpointer().metadata(os.path.join(path, "state")).item_metadata.tree["params"]
+        shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    except Exception:  # noqa: BLE001 - any failure here is the restore's to report
+        return
+    for key, want in jax.tree_util.tree_leaves_with_path(abstract_params):
+        name = jax.tree_util.keystr(key)
+        if name in shapes and shapes[name] != tuple(want.shape):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} holds parameter {name} of shape {shapes[name]}, but this config's model has "
+                f"{tuple(want.shape)}: it was trained with another config.")
+
+
+def _restore_failure(error: Exception, workdir: str, recorded: bool) -> str:
+    """The checkpoint's own report without advice to move it (evaluation only reads it), and which config
+    to evaluate with."""
+    text = re.sub(r"\s*[^.;]*\bmove\b[^.]*\.", "", str(error)).strip()
+    text = text if text.endswith(".") else text + "."
+    if recorded:
+        return f"{text} (evaluated with {os.path.join(workdir, workdir_config.FILE)}, the config it was trained with)"
+    return (f"{text} To evaluate with the config the run was trained with, leave out --config: "
+            f"{os.path.join(workdir, workdir_config.FILE)} is used.")
+
+
+def evaluate_workdir(config, workdir: str, task: str, data_path: str = "", chunk: int = 0, *,
+                     recorded: bool = False) -> dict:
     """Restore the latest checkpoint's parameters from ``workdir`` and run ``task`` on them
-    (``chunk``: see `length_generalization`)."""
+    (``chunk``: see `length_generalization`; ``recorded``: ``config`` is the workdir's config.json,
+    which error messages say)."""
     if task not in TASKS:
         raise ValueError(f"--task is {task!r}; use one of {list(TASKS)}.")
     if task == "perplexity":
@@ -292,7 +338,7 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "", chunk
         config = config.copy_and_resolve_references()
         config.data.update(source="jsonl" if data_path.endswith(".jsonl") else "text", paths=[data_path],
                            eval_paths=[data_path], loss_on_prompt=True)
-    setup, state, step = load_state(config, workdir)
+    setup, state, step = load_state(config, workdir, recorded=recorded)
     evaluator = Evaluator(setup, data.make_tokenizer(config.data), chunk=chunk)
     results = {"step": step, "task": task}
     with sharding.activate(setup.mesh, setup.rules):
@@ -304,9 +350,35 @@ def evaluate_workdir(config, workdir: str, task: str, data_path: str = "", chunk
     return {**results, **record}
 
 
-def main(argv):
+def _recorded_config(argv: list[str]) -> tuple[list[str], Exception | None, bool]:
+    """argv with ``--config=train/workdir_config.py:WORKDIR`` added when it names no --config: the workdir's
+    recorded config, which ``--config.section.field=value`` flags then override. Returns (argv, the error
+    reading that config, if any: main reports it; whether the recorded config is used)."""
+    names = ("--config", "-config")
+    if any(a in names or a.startswith(tuple(n + "=" for n in names)) for a in argv[1:]):
+        return argv, None, False
+    workdir = None
+    for i, a in enumerate(argv[1:], 1):
+        if a in ("--workdir", "-workdir") and i + 1 < len(argv):
+            workdir = argv[i + 1]
+        elif a.startswith(("--workdir=", "-workdir=")):
+            workdir = a.split("=", 1)[1]
+    if workdir is None:
+        return argv, None, False  # the flag parser reports the missing --workdir
+    try:
+        workdir_config.load(workdir)
+    except (OSError, ValueError) as e:
+        return argv, e, False
+    return argv[:1] + [f"--config={workdir_config.__file__}:{workdir}"] + argv[1:], None, True
+
+
+def main(argv, recorded_error=None, recorded=False):
     del argv
-    results = evaluate_workdir(_CONFIG.value, _WORKDIR.value, _TASK.value, _DATA.value, _CHUNK.value)
+    if _CONFIG.value is None:
+        raise recorded_error or ValueError("--config is not set; pass an experiment file or leave it out to use "
+                                           "the workdir's config.json.")
+    results = evaluate_workdir(_CONFIG.value, _WORKDIR.value, _TASK.value, _DATA.value, _CHUNK.value,
+                               recorded=recorded)
     print(json.dumps(results, indent=2))
     if _OUT.value:
         with open(_OUT.value, "w") as f:
@@ -314,12 +386,15 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "The experiment config the workdir was trained with.")
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "The experiment config to evaluate with (default: the workdir's config.json, the config "
+        "it was trained with, overrides included); --config.section.field=value overrides either.")
     _WORKDIR = flags.DEFINE_string("workdir", None, "A trained workdir (its latest checkpoint is evaluated).")
     _TASK = flags.DEFINE_enum("task", "loss", TASKS, "What to evaluate.")
     _DATA = flags.DEFINE_string("data", "", "For --task perplexity: a .txt or .jsonl file.")
     _CHUNK = flags.DEFINE_integer("chunk", 0, "For --task length_generalization: feed sequences this many tokens "
                                   "at a time through the model's cache (0: whole); bounds attention memory on CPU.")
     _OUT = flags.DEFINE_string("out", "", "Also write the results as JSON here.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    flags.mark_flags_as_required(["workdir"])
+    sys.argv, _error, _recorded = _recorded_config(sys.argv)
+    cli.run(functools.partial(main, recorded_error=_error, recorded=_recorded))

@@ -79,7 +79,7 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
 
     Raises ValueError with one sentence naming the field and the fix.
     """
-    mcfg = validate(config)
+    mcfg = validate(config, platform=mesh.devices.flat[0].platform)
     t = config.train
     rules = tuple(tuple(r) for r in config.sharding.rules)
     sharding.validate_rules(rules, mesh)

@@ -22,7 +22,7 @@ Sources (``data_cfg.source``):
     (``data_cfg.chunk_chars`` overrides). Every token is trained on.
   * ``'jsonl'``: one JSON object per line with a string field ``text`` (trained on every token) or
     string fields ``prompt`` and ``completion`` (trained on the completion). One line is one
-    example; an example longer than the context is truncated.
+    example.
   * ``'stdlib'``: the Python standard library's ``.py`` files on this machine, each file one
     document chunked like ``'text'``; a stable hash of the relative path puts ~5% in ``'eval'``.
   * ``'selective_copying'`` and ``'induction_heads'``: the synthetic tasks of the Mamba paper
@@ -38,8 +38,10 @@ Sources (``data_cfg.source``):
     These sources need the byte tokenizer (one token per symbol) and ``seq_len`` >= the example
     (`synthetic_example_tokens`).
 
-Every example becomes ``e = [bos] + prompt_ids + completion_ids + [eos]`` (cut to ``seq_len + 1``
-tokens), with ``inputs = e[:-1]`` and ``targets = e[1:]``. Examples are packed several to a row
+Every example becomes ``e = [bos] + prompt_ids + completion_ids + [eos]``, with ``inputs = e[:-1]``
+and ``targets = e[1:]``. Examples longer than ``seq_len + 1`` tokens are counted before training and
+refused (how many, the longest, the fix), or with ``data_cfg.truncate`` cut to fit with the count
+logged; the automatic chunks of ``'text'`` and ``'stdlib'`` are cut to fit either way. Examples are packed several to a row
 (first fit, never split across rows) or, without packing, one to a row. A batch is a dict of
 int32 arrays, all shaped ``[batch_size // process_count, seq_len]`` (BATCH_KEYS):
 

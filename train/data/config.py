@@ -35,6 +35,10 @@ def default_config() -> ml_collections.ConfigDict:
             packing=True,  # several examples per row (otherwise one, padded)
             pack_bins=0,  # rows packed at once; 0 means 4 x the per-process batch
             loss_on_prompt=False,  # also train on prompt tokens
+            # An example longer than train.seq_len (+1 for the shifted targets) is refused with a count and the
+            # longest length (False), or cut to fit, the count logged (True). Chunks of 'text' / 'stdlib' at
+            # chunk_chars=0 are cut to fit either way (a chunk of seq_len - 1 characters can exceed seq_len tokens).
+            truncate=False,
             chunk_chars=0,  # 'text' / 'stdlib': chunk size in characters; 0 means seq_len - 1
             max_files=0,  # 'stdlib': use at most this many files per split; 0 means all
             num_problems=1 << 20,  # arithmetic / synthetic: problem indices per training epoch

@@ -15,6 +15,7 @@ import weakref
 from typing import Sequence
 
 import grain
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -29,18 +30,34 @@ def _prefixes(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     return tuple(f"{side}_" for side in PAIR_SIDES) if data_cfg.source in PAIR_SOURCES else ("",)
 
 
-def encode_example(record: Record, tokenizer: Tokenizer, seq_len: int, loss_on_prompt: bool) -> dict[str, np.ndarray]:
+def _too_long(count: int, total: str, longest: int, seq_len: int, source: str) -> str:
+    return (f"{count} of {total} examples of data.source={source!r} are longer than train.seq_len={seq_len} tokens "
+            f"(the longest needs {longest}); raise train.seq_len to {longest} or set data.truncate=True to cut them.")
+
+
+def example_length(record, tokenizer: Tokenizer) -> int:
+    """The train.seq_len an example (or a pair: its longer side) needs: bos + prompt + completion + eos, minus 1."""
+    prompt, *completions = record
+    prompt_len = len(tokenizer.encode(prompt)) if prompt else 0
+    return 1 + prompt_len + max(len(tokenizer.encode(c)) for c in completions)
+
+
+def encode_example(record: Record, tokenizer: Tokenizer, seq_len: int, loss_on_prompt: bool, *,
+                   truncate: bool = True, source: str = "") -> dict[str, np.ndarray]:
     """One example as int32 arrays of length n <= seq_len: inputs, targets, loss_mask.
 
-    e = [bos] + prompt_ids + completion_ids + [eos], cut to seq_len + 1 tokens;
+    e = [bos] + prompt_ids + completion_ids + [eos], cut to seq_len + 1 tokens (with ``truncate``;
+    otherwise a longer example raises ValueError naming train.seq_len and data.truncate);
     inputs = e[:-1], targets = e[1:], loss_mask is 1 where the target is a completion token or eos
     (every target when loss_on_prompt).
     """
     prompt, completion = record
     prompt_ids = tokenizer.encode(prompt) if prompt else []
-    tokens = np.array([tokenizer.bos_id, *prompt_ids, *tokenizer.encode(completion), tokenizer.eos_id], np.int32)[
-        : seq_len + 1
-    ]
+    tokens = np.array([tokenizer.bos_id, *prompt_ids, *tokenizer.encode(completion), tokenizer.eos_id], np.int32)
+    if len(tokens) > seq_len + 1 and not truncate:
+        raise ValueError(f"an example of data.source={source!r} is longer than train.seq_len={seq_len} tokens (it needs "
+                         f"{len(tokens) - 1}); raise train.seq_len or set data.truncate=True to cut such examples.")
+    tokens = tokens[: seq_len + 1]
     loss_mask = np.ones(len(tokens) - 1, np.int32)
     if not loss_on_prompt:
         loss_mask[: len(prompt_ids)] = 0
@@ -186,6 +203,7 @@ def example_dataset(
         raise ValueError(f"seq_len={seq_len} must be at least 2.")
     seed = data_cfg.seed if seed is None else seed
     ds = _records(data_cfg, split, seed, seq_len)
+    truncate = check_lengths(ds, data_cfg, tokenizer, seq_len, split)
     if split == "train":
         ds = ds.shuffle(seed)
     if len(ds) < process_count:
@@ -193,9 +211,50 @@ def example_dataset(
     ds = ds[process_index::process_count]
     if split == "train":
         ds = ds.repeat()
-    encode = encode_pair if data_cfg.source in PAIR_SOURCES else encode_example
+    if data_cfg.source in PAIR_SOURCES:
+        encode = encode_pair
+    else:
+        encode = functools.partial(encode_example, truncate=truncate, source=data_cfg.source)
     return ds.map(functools.partial(encode, tokenizer=tokenizer, seq_len=seq_len,
                                     loss_on_prompt=data_cfg.loss_on_prompt))
+
+
+SCAN_GENERATED = 4096  # examples of a generated training stream (2^20 per epoch) checked up front
+
+
+def check_lengths(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, seq_len: int,
+                  split: str) -> bool:
+    """Count the examples of ``ds`` (Records, None for skipped) longer than ``seq_len``: every one of a
+    file or held-out split, the first SCAN_GENERATED of a generated training stream. Raises ValueError
+    (how many, the longest, the fix) unless they may be cut (data.truncate, or the automatic chunks of
+    'text' / 'stdlib'), which is logged with the count. Returns whether encoding may cut examples."""
+    c = data_cfg
+    if c.source in synthetic.SYNTHETIC_SOURCES:  # checked exactly in _records
+        return False
+    generated = split == "train" and c.source in ("arithmetic", "arithmetic_pairs")
+    n = min(len(ds), SCAN_GENERATED) if generated else len(ds)
+    count, longest, seen = 0, 0, 0
+    for i in range(n):
+        record = ds[i]
+        if record is None:
+            continue
+        seen += 1
+        need = example_length(record, tokenizer)
+        if need > seq_len:
+            count, longest = count + 1, max(longest, need)
+    chunked = c.source in ("text", "stdlib") and not c.chunk_chars
+    total = f"the first {seen}" if generated and len(ds) > n else f"the {seen} {split}"
+    if count and c.source not in PAIR_SOURCES and (c.truncate or chunked):
+        logging.warning("%d of %s examples of data.source=%r are longer than train.seq_len=%d tokens (the longest "
+                        "needs %d); they are cut to fit (%s).", count, total, c.source, seq_len, longest,
+                        "data.truncate=True" if c.truncate else "chunks of data.chunk_chars=0")
+        return True
+    if count:
+        message = _too_long(count, total, longest, seq_len, c.source)
+        if c.source in PAIR_SOURCES:  # a pair is never cut: its two sides could become equal
+            message = message.replace("or set data.truncate=True to cut them", "or lower data.max_steps")
+        raise ValueError(message)
+    return bool(c.truncate or chunked)
 
 
 def make_dataset(
