@@ -27,7 +27,7 @@ setup(
         # The TPU compiler, for `python -m train.aot` (jax's extra pins the matching libtpu).
         "aot": ["jax[tpu]>=0.10.2"],
         # To open experiments/notebooks/quickstart.ipynb: `jupyter lab experiments/notebooks/quickstart.ipynb`.
-        "notebook": ["jupyterlab>=4", "ipykernel>=6.29", "matplotlib>=3.8"],
+        "notebook": ["jupyterlab>=4", "ipykernel>=6.29"],
         "test": [
             "jax[tpu]>=0.10.2",
             "pytest>=8",
