@@ -26,6 +26,8 @@ setup(
     extras_require={
         # The TPU compiler, for `python -m train.aot` (jax's extra pins the matching libtpu).
         "aot": ["jax[tpu]>=0.10.2"],
+        # To open experiments/notebooks/quickstart.ipynb: `jupyter lab experiments/notebooks/quickstart.ipynb`.
+        "notebook": ["jupyterlab>=4", "ipykernel>=6.29"],
         "test": [
             "jax[tpu]>=0.10.2",
             "pytest>=8",
