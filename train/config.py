@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
         exact_match_every=0, exact_match_n=64, exact_match_steps=(1, 2, 3, 4, 5, 6, 7, 8),
         cot_every=0, length_generalization_every=0,
         max_new_tokens=96, progress=True, profile_steps=(0, 0)))
+    # Integrity and records (train/trainer.py): nonfinite: "stop" ends the run at a non-finite loss or
+    # gradient norm, "skip" leaves that step's update out and counts it (nonfinite_skipped); a resume
+    # that changes data.*, model.*, seed, train.objective or optim.name is refused unless allow_config_change.
+    c.train.nonfinite = "stop"
+    c.train.allow_config_change = False
 
     # Few-shot chain-of-thought evaluation on held-out arithmetic (``train.evaluate --task cot``).
     c.cot = ml_collections.ConfigDict(dict(
