@@ -21,7 +21,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging as std_logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -44,17 +46,39 @@ class NonFiniteError(ValueError):
     """A non-finite loss, gradient norm or state: the run stops without saving it."""
 
 
-def quiet_orbax_logging(level: int = logging.WARNING) -> None:
-    """Drop Orbax's log records below ``level`` (it logs through absl: about 40 INFO lines per checkpoint)."""
-    import logging as std_logging
+class _OrbaxFilter(std_logging.Filter):
+    """Drops Orbax's records below WARNING (it logs through absl's logger: about 40 INFO lines per checkpoint)."""
 
-    class _OrbaxFilter(std_logging.Filter):
-        def filter(self, record):
-            return record.levelno >= level or "orbax" not in record.pathname
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
+
+def quiet_orbax_logging() -> None:
+    """Orbax's INFO logging off (its warnings and errors still show); other absl logging unchanged."""
     logger = std_logging.getLogger("absl")
-    if not any(isinstance(f, _OrbaxFilter) or type(f).__name__ == "_OrbaxFilter" for f in logger.filters):
+    if not any(isinstance(f, _OrbaxFilter) for f in logger.filters):
         logger.addFilter(_OrbaxFilter())
+
+
+_NOISE = (("RuntimeError", "Event loop is closed"), ("ImportError", "sys.meta_path is None"))
+
+
+def _drop_async_noise(previous):
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if any(type(e).__name__ == name and str(e).startswith(text) for name, text in _NOISE):
+            return  # a TensorStore or Orbax callback reaching an event loop closed by a failed restore or at exit
+        previous(unraisable)
+    hook.drops_async_noise = True
+    return hook
+
+
+def quiet_async_noise() -> None:
+    """Drop the "Event loop is closed" / "sys.meta_path is None" errors that TensorStore callbacks report (as
+    unraisable exceptions, dozens of tracebacks) when a failed Orbax restore has closed its event loop while
+    reads were in flight; every other unraisable exception is reported as before."""
+    if not getattr(sys.unraisablehook, "drops_async_noise", False):
+        sys.unraisablehook = _drop_async_noise(sys.unraisablehook)
 
 
 _C1, _C2, _C3 = np.uint32(0x9E3779B1), np.uint32(0x85EBCA77), np.uint32(0x27D4EB2F)
@@ -114,6 +138,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self.every = every
+        self.record = {}  # written into each checkpoint's meta item
         self.meta = None  # the latest restored checkpoint's meta item (None: none, or written before checksums)
         self._closed = False
         self._async = async_save
@@ -132,19 +157,18 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def save(self, step: int, state, data_state: dict, *, wait: bool = False, config: dict | None = None,
-             extra: dict | None = None) -> None:
+    def save(self, step: int, state, data_state: dict, *, wait: bool = False) -> None:
         """Start saving ``state`` and the data iterator's ``data_state`` (JSON-able) at ``step`` with their
-        checksums, ``config`` and ``extra`` in the meta item. NonFiniteError (nothing written) when the
-        state holds a non-finite value."""
+        checksums and ``self.record`` (JSON-able: the trainer's config, the skipped-step count) in the meta
+        item. NonFiniteError (nothing written) when the state holds a non-finite value."""
         if step in self._manager.all_steps():
             return
         sums, bad = array_checksums(state)
         if bad:
             raise NonFiniteError(f"the train state at step {step} holds non-finite values ({', '.join(bad[:3])}"
                                  f"{', ...' if len(bad) > 3 else ''}); it was not saved.")
-        meta = {"format": FORMAT, "step": int(step), "arrays": sums, "data": data_checksum(data_state),
-                "config": config, **(extra or {})}
+        meta = {**self.record, "format": FORMAT, "step": int(step), "arrays": sums,
+                "data": data_checksum(data_state)}
         self._manager.wait_until_finished()  # the previous save's callback has run (Orbax waits here anyway)
         self._saving = step
         self._manager.save(step, args=ocp.args.Composite(
@@ -180,6 +204,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax raises several types for missing, corrupt or mismatched files.
+            quiet_async_noise()
             raise CheckpointError(
                 f"checkpoint {path} (step {step}) cannot be restored into this run's state ({type(e).__name__}: "
                 f"{_first_line(e)}): it is damaged or was written with another model "

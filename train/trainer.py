@@ -315,8 +315,8 @@ def train_loop(setup, state, start: int, next_batch, train_iter, *, workdir: str
                                   tokens_per_step=tokens_per_step, flops_per_token=flops_per_token, extra=extra))
         last.update(run_evals(evaluator, state.params, step, logger, interval))
         if saving:
-            ckpt.save(step, state, data_state, wait=stopping, config=recorded,
-                      extra={"nonfinite_skipped": watch.skipped})
+            ckpt.record.update(config=recorded, nonfinite_skipped=watch.skipped)
+            ckpt.save(step, state, data_state, wait=stopping)
         if stopping:
             break
     if tracing:
@@ -385,6 +385,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 recorded = json.load(f)
         finished = _finished(workdir, start, t.steps)
         if finished is not None:
+            ckpt.close()
             return finished
         changes = check_config_change(config, workdir, start, recorded if start else None)
         _write_run_info(workdir, config, start, changes, recorded)
@@ -415,6 +416,7 @@ def _close_quietly(ckpt, logger) -> None:
     """After a failure: close the checkpoint manager (pending saves, threads, event loop) and the logger
     (its plot marks the non-finite points), so nothing asynchronous fails after the error; their own errors
     are logged, not raised over the first one."""
+    checkpoint.quiet_async_noise()
     for close in (ckpt and ckpt.close, logger and logger.close):
         if close:
             try:
