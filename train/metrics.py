@@ -162,12 +162,11 @@ def split_finite(points: list[tuple[int, float]]) -> tuple[list[tuple[int, float
     return finite, [s for s, v in points if not (isinstance(v, (int, float)) and math.isfinite(v))]
 
 
-def _plot_curve(ax, points, style: str, label: str, color=None) -> None:
+def _plot_curve(ax, points, style: str, label: str) -> None:
     """``points`` as a line; each non-finite point as a red x at the top of the axes, labelled."""
     finite, bad = split_finite(points)
-    line = None
     if finite:
-        (line,) = ax.plot(*zip(*finite), style, label=label, markersize=3, color=color)
+        ax.plot(*zip(*finite), style, label=label, markersize=3)
     if bad:
         ax.plot(bad, [0.97] * len(bad), "x", color="red", transform=ax.get_xaxis_transform(), clip_on=False,
                 label=f"{label}: non-finite ({len(bad)})", markersize=6)
@@ -178,6 +177,9 @@ def plot_losses(workdir: str, filename: str = "loss.png") -> str | None:
     records = read_jsonl(workdir)
     if not records:
         return None
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig = loss_figure(records)

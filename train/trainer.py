@@ -401,14 +401,14 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
                                     preemption=preemption, skipped=int(meta.get("nonfinite_skipped", 0)))
         ckpt.close()
         logger.close()
+        last.update(step=step, preempted=preemption.requested)
+        if jax.process_index() == 0 and step == t.steps:
+            _write_json(os.path.join(workdir, "results.json"), last)
     except BaseException:
         _close_quietly(ckpt, logger)
         raise
     finally:
         lock.release()
-    last.update(step=step, preempted=preemption.requested)
-    if jax.process_index() == 0 and step == t.steps:
-        _write_json(os.path.join(workdir, "results.json"), last)
     return last
 
 
