@@ -18,12 +18,14 @@ never saved (NonFiniteError).
 """
 from __future__ import annotations
 
+import gc
 import glob
 import hashlib
 import json
 import logging as std_logging
 import os
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -73,12 +75,24 @@ def _drop_async_noise(previous):
     return hook
 
 
+class _NeverRetrieved(std_logging.Filter):
+    def filter(self, record):
+        return "exception was never retrieved" not in str(record.msg).split("\n", 1)[0]
+
+
 def quiet_async_noise() -> None:
-    """Drop the "Event loop is closed" / "sys.meta_path is None" errors that TensorStore callbacks report (as
-    unraisable exceptions, dozens of tracebacks) when a failed Orbax restore has closed its event loop while
-    reads were in flight; every other unraisable exception is reported as before."""
+    """After a failure: drop the asynchronous aftermath of Orbax's event loop, closed by a failed restore while
+    TensorStore reads were in flight, or left with pending writes: "Event loop is closed" / "sys.meta_path is
+    None" (unraisable exceptions from TensorStore callbacks, dozens of tracebacks), asyncio's "Task/Future
+    exception was never retrieved" and "coroutine ... was never awaited". Collects the loop's garbage now.
+    Every other unraisable exception, log record and warning is reported as before."""
     if not getattr(sys.unraisablehook, "drops_async_noise", False):
         sys.unraisablehook = _drop_async_noise(sys.unraisablehook)
+    logger = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _NeverRetrieved) for f in logger.filters):
+        logger.addFilter(_NeverRetrieved())
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    gc.collect()
 
 
 _C1, _C2, _C3 = np.uint32(0x9E3779B1), np.uint32(0x85EBCA77), np.uint32(0x27D4EB2F)
