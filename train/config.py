@@ -53,6 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
         clip_norm=1.0, accum_steps=1, frozen="", momentum=0.9, decay_rate=0.8))
     c.optim.warmup_steps = steps // 10  # follows train.steps unless set
 
+    # Integrity and records (train/trainer.py): nonfinite: "stop" ends the run at a non-finite loss or
+    # gradient norm, "skip" leaves that step's update out and counts it (nonfinite_skipped); a resume
+    # that changes data.*, model.*, seed, train.objective or optim.name is refused unless allow_config_change.
+    c.train.nonfinite = "stop"
+    c.train.allow_config_change = False
+
     # Few-shot chain-of-thought evaluation on held-out arithmetic (``train.evaluate --task cot``).
     c.cot = ml_collections.ConfigDict(dict(
         shots=0, prompting=("cot",), n=500, steps=(1, 2, 3, 4, 5, 6, 7, 8), k=1, temperature=0.7, top_k=0,

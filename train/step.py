@@ -73,7 +73,8 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads, 
                       opt_state=opt_state)
 
 
-def make_train_step(model, mcfg, tx, objective: Objective, *, frozen=None, accum_steps: int = 1, seed: int = 0):
+def make_train_step(model, mcfg, tx, objective: Objective, *, frozen=None, accum_steps: int = 1, seed: int = 0,
+                    nonfinite: str = "stop"):
     """train_step(state, batch) -> (state, metrics); gradients summed over ``accum_steps`` microbatches.
 
     The loss is the objective's summed loss over the whole batch divided by its summed weight
@@ -82,6 +83,10 @@ def make_train_step(model, mcfg, tx, objective: Objective, *, frozen=None, accum
     ... and the key ``step_rng(seed, step, i)``. Metrics: each of the objective's sums divided by
     the weight ("loss": the task loss alone), the weight (``objective.weight_name``), grad_norm,
     and the model's aux losses and metrics (``Loss.means``) averaged over microbatches.
+
+    ``nonfinite="skip"``: a step whose loss or gradient norm is not finite leaves the parameters and
+    optimizer state as they were (the step counter still advances) and reports ``skipped`` = 1. Under
+    "stop" (the default) the program has no such select; the trainer stops on the metrics instead.
     """
     grad_fn = make_grad_fn(model, mcfg, objective, frozen)
 
@@ -109,7 +114,14 @@ def make_train_step(model, mcfg, tx, objective: Objective, *, frozen=None, accum
         grads = jax.tree.map(lambda g: g / denom, grads)
         metrics = {**{k: v / denom for k, v in sums.items()}, "grad_norm": optax.tree.norm(grads),
                    objective.weight_name: weight, **means}
-        return apply_gradients(tx, state, grads, frozen), metrics
+        new = apply_gradients(tx, state, grads, frozen)
+        if nonfinite == "skip":
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            new = new.replace(params=jax.tree.map(lambda n, o: jnp.where(ok, n, o), new.params, state.params),
+                              opt_state=jax.tree.map(lambda n, o: jnp.where(ok, n, o), new.opt_state,
+                                                     state.opt_state))
+            metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+        return new, metrics
 
     return train_step
 
