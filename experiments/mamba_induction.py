@@ -2,7 +2,7 @@
 
 A 2-layer Mamba (d_model 64, d_state 16, expand 2; 82k parameters) learns to recall the symbol
 that followed the trigger '#' when '#' comes again at the end of 256 random symbols of a
-16-symbol alphabet (``data.source='induction_heads'``, see ``train/data.py``). It is then
+16-symbol alphabet (``data.source='induction_heads'``, see ``train/data/synthetic.py``). It is then
 evaluated, teacher-forced, on fixed held-out sets at lengths 2^6..2^14 (the paper goes to 2^20:
 override ``data.eval_lengths``). Its peer at about the same size is ``transformer_induction``.
 The other synthetic configs (``mamba_selective_copying``, ``transformer_*``) build on ``synthetic``.
