@@ -87,17 +87,25 @@ def _llama_from_hf_state_dict(state: dict, cfg: transformer.Config) -> dict:
     for name, suffix in _LAYER_NAMES.items():
         per_layer = [get(f"model.layers.{i}.{suffix}") for i in range(cfg.n_layers)]
         block[name] = np.stack([w.T if w.ndim == 2 else w for w in per_layer])
-    params = {"embed": get("model.embed_tokens.weight"), "layers": block,
-              "final_norm": get("model.norm.weight")}
+    return _lm_params(get, cfg, block, "model.embed_tokens.weight", "model.norm.weight")
+
+
+def _lm_params(get, cfg, layers: dict, embed: str, norm: str) -> dict:
+    """loom's params around the stacked ``layers``: the embedding, final norm and (untied) head by HF name."""
+    params = {"embed": get(embed), "layers": layers, "final_norm": get(norm)}
     if not cfg.tie_embeddings:
         params["head"] = get("lm_head.weight").T
     return params
 
 
-def _llama_names(cfg: transformer.Config) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    names += [f"model.layers.{i}.{s}" for s in _LAYER_NAMES.values() for i in range(cfg.n_layers)]
+def _lm_names(cfg, embed: str, norm: str, layer_prefix: str, layer_names) -> list[str]:
+    """Every HF tensor name of a checkpoint: embedding, final norm, each layer's, and the untied head."""
+    names = [embed, norm] + [f"{layer_prefix}.{i}.{s}" for s in layer_names for i in range(cfg.n_layers)]
     return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+
+
+def _llama_names(cfg: transformer.Config) -> list[str]:
+    return _lm_names(cfg, "model.embed_tokens.weight", "model.norm.weight", "model.layers", _LAYER_NAMES.values())
 
 
 def _llama_shapes(cfg: transformer.Config) -> dict[str, tuple[int, ...]]:
@@ -315,17 +323,13 @@ def _mamba_from_hf_state_dict(state: dict, cfg: mamba.Config) -> dict:
             layer.update(in_x_bias=in_bias[:E], in_z_bias=in_bias[E:], out_bias=g("mixer.out_proj.bias"))
         for k, v in layer.items():
             per_layer.setdefault(k, []).append(v)
-    params = {"embed": get("backbone.embeddings.weight"), "layers": {k: np.stack(v) for k, v in per_layer.items()},
-              "final_norm": get("backbone.norm_f.weight")}
-    if not cfg.tie_embeddings:
-        params["head"] = get("lm_head.weight").T
-    return params
+    return _lm_params(get, cfg, {k: np.stack(v) for k, v in per_layer.items()}, "backbone.embeddings.weight",
+                      "backbone.norm_f.weight")
 
 
 def _mamba_names(cfg: mamba.Config) -> list[str]:
-    names = ["backbone.embeddings.weight", "backbone.norm_f.weight"]
-    names += [f"backbone.layers.{i}.{s}" for s in _mamba_layer_names(cfg) for i in range(cfg.n_layers)]
-    return names + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+    return _lm_names(cfg, "backbone.embeddings.weight", "backbone.norm_f.weight", "backbone.layers",
+                     _mamba_layer_names(cfg))
 
 
 def _mamba_shapes(cfg: mamba.Config) -> dict[str, tuple[int, ...]]:

@@ -442,3 +442,11 @@ def test_no_asynchronous_noise_after_a_save_error_or_a_checkpoint_error(tmp_path
         assert noise not in out.stderr, out.stderr
     # one traceback: the CheckpointError's own chain (its causes), nothing else
     assert out.stderr.count("Traceback (most recent call last)") == out.stderr.count("direct cause") + 1, out.stderr
+
+
+def test_nonfinite_mode_is_validated_before_anything_runs():
+    from train.config import validate
+
+    with pytest.raises(ValueError, match=r"train.nonfinite is 'maybe'; use 'stop' .* or 'skip'"):
+        validate(tiny_train_config(nonfinite="maybe"))
+    validate(tiny_train_config(nonfinite="skip"))

@@ -49,17 +49,22 @@ class NonFiniteError(ValueError):
 
 
 class _OrbaxFilter(std_logging.Filter):
-    """Drops Orbax's records below WARNING (it logs through absl's logger: about 40 INFO lines per checkpoint)."""
+    """Drops Orbax's records below ``level`` (it logs through absl's logger: about 40 INFO lines per checkpoint)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
 
     def filter(self, record):
-        return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+        return record.levelno >= self.level or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-def quiet_orbax_logging() -> None:
-    """Orbax's INFO logging off (its warnings and errors still show); other absl logging unchanged."""
+def quiet_orbax_logging(level: int = std_logging.WARNING) -> None:
+    """Orbax's records below ``level`` dropped (default: its INFO lines; warnings and errors still show);
+    other absl logging unchanged. The first call sets the level: later calls leave it."""
     logger = std_logging.getLogger("absl")
     if not any(isinstance(f, _OrbaxFilter) for f in logger.filters):
-        logger.addFilter(_OrbaxFilter())
+        logger.addFilter(_OrbaxFilter(level))
 
 
 _NOISE = (("RuntimeError", "Event loop is closed"), ("ImportError", "sys.meta_path is None"))

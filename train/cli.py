@@ -27,6 +27,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from train import checkpoint
 from train.checkpoint import CheckpointError
 
 USER_ERRORS = (ValueError, CheckpointError, OSError)
@@ -99,15 +100,6 @@ def _unknown_field(error: BaseException, argv) -> str | None:
     return f"{flag} names no field of the config{f' (did you mean {hint.group(1)!r}?)' if hint else ''}."
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Drops Orbax's records below ERROR (its notes on every save and on read-only managers) unless
-    --verbosity asks for INFO."""
-
-    def filter(self, record):
-        return (record.levelno >= std_logging.ERROR or "orbax" not in record.pathname
-                or flags.FLAGS["verbosity"].value >= logging.INFO)
-
-
 def fail(text: str) -> None:
     """Print 'error: text' on stderr and exit with status 1. The line is the last thing on stderr: what
     threads of asynchronous readers print at interpreter shutdown (TensorStore reads that a failed Orbax
@@ -151,9 +143,12 @@ def run(main: Callable, *, errors: tuple = ()) -> None:
         flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
     user_errors = USER_ERRORS + tuple(errors)
     quiet_platforms()
-    logging.get_absl_handler().addFilter(_QuietOrbax())
 
     def wrapped(argv):
+        # Orbax's notes on every save and on read-only managers hidden, its errors shown; --verbosity=0 (INFO)
+        # shows everything.
+        verbose = flags.FLAGS["verbosity"].value >= logging.INFO
+        checkpoint.quiet_orbax_logging(std_logging.NOTSET if verbose else std_logging.ERROR)
         try:
             return main(argv)
         except user_errors as e:

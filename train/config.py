@@ -156,6 +156,9 @@ def validate(config, platform: str | None = None):
     if t.loss_chunk < 0 or (t.loss_chunk and t.seq_len % t.loss_chunk):
         raise ValueError(f"train.loss_chunk ({t.loss_chunk}) must divide train.seq_len ({t.seq_len}); "
                          "use 0 for the whole sequence at once.")
+    if t.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"train.nonfinite is {t.nonfinite!r}; use 'stop' (end the run at a non-finite loss or "
+                         f"gradient norm) or 'skip' (skip such steps and count them).")
     if not 0 < o.lr < 1:
         raise ValueError(f"optim.lr is {o.lr}; use a learning rate in (0, 1).")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:

@@ -106,7 +106,7 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps * t.seq_len)
     state_sh = sharding.state_shardings(state_axes, mesh, rules, state_shape)
     train_step = step_lib.make_train_step(model, mcfg, tx, objective, frozen=frozen,
-                                          accum_steps=config.optim.accum_steps, seed=config.seed, nonfinite=t.get("nonfinite", "stop"))
+                                          accum_steps=config.optim.accum_steps, seed=config.seed, nonfinite=t.nonfinite)
     return TrainSetup(config=config, model=model, mcfg=mcfg, mesh=mesh, rules=rules, objective=objective, tx=tx,
                       frozen=frozen, init_fn=init_fn, state_shape=state_shape, state_axes=state_axes,
                       state_shardings=state_sh, batch_sharding=sharding.batch_sharding(mesh, rules),

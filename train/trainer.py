@@ -147,7 +147,7 @@ def check_config_change(config, workdir: str, step: int, recorded: dict | None) 
         return {}
     changes = config_changes(recorded, _config_dict(config))
     protected = [k for k in changes if k.startswith(PROTECTED[:2]) or k in PROTECTED[2:]]
-    if protected and not config.train.get("allow_config_change", False):
+    if protected and not config.train.allow_config_change:
         shown = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in protected[:4])
         shown = ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in protected[:4])
         raise ValueError(f"resuming {workdir} at step {step} would change {shown}{', ...' if len(protected) > 4 else ''}, "
@@ -279,7 +279,7 @@ def train_loop(setup, state, start: int, next_batch, train_iter, *, workdir: str
     tokens_per_step = row_sets * t.batch_size * t.seq_len
     flops_per_token = setup.model.flops_per_token(setup.mcfg, t.seq_len)
     recorded = json.loads(config.to_json_best_effort())
-    nonfinite = t.get("nonfinite", "stop")
+    nonfinite = t.nonfinite
     watch = _Watch(logger, nonfinite, skipped)
     last, step = {}, start
     if start >= t.steps:
@@ -360,9 +360,6 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> dict:
     """
     validate(config)  # before anything touches a device
     t = config.train
-    if t.get("nonfinite", "stop") not in ("stop", "skip"):
-        raise ValueError(f"train.nonfinite is {t.nonfinite!r}; use 'stop' (end the run at a non-finite loss or "
-                         f"gradient norm) or 'skip' (skip such steps and count them).")
     checkpoint.quiet_orbax_logging()
     mesh_lib.initialize_distributed(config.distributed)
     setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
