@@ -31,10 +31,11 @@ Rules = Sequence[tuple[str, "str | Sequence[str] | None"]]
 LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "sublayers",
                 "norm", "experts", "state", "inner", "lora")
 
-# Logical axis -> mesh axes. Batch splits over data and fsdp; FSDP shards the embedding
+# Logical axis -> mesh axes. Batch splits over data, fsdp and expert (expert-parallel devices are
+# data-parallel outside the expert layers, as in GShard and Switch); FSDP shards the embedding
 # dimension of every weight; tensor parallelism shards heads, MLP width and vocabulary.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("seq", "context"),
     ("embed", "fsdp"),
     ("heads", "tensor"),

@@ -189,7 +189,7 @@ def test_global_batch_single_process():
     batch = sharding.global_batch(W.make_batches()[0], mesh, DEFAULT_RULES)
     assert batch["inputs"].shape == (8, 16)
     assert batch["inputs"].sharding == sharding.batch_sharding(mesh, DEFAULT_RULES)
-    assert sharding.batch_sharding(mesh, DEFAULT_RULES).spec == P(("data", "fsdp"), "context")
+    assert sharding.batch_sharding(mesh, DEFAULT_RULES).spec == P(("data", "fsdp", "expert"), "context")
     assert batch["inputs"].addressable_shards[0].data.shape == (2, 16)
     np.testing.assert_array_equal(np.asarray(batch["targets"]), W.make_batches()[0]["targets"])
 

@@ -322,7 +322,7 @@ def test_train_config_errors_before_compiling():
         setup_training(c, pmesh.make_mesh(c.mesh))
     c = tiny_run_config(switch_stdlib)
     c.mesh.update(data=2, expert=4)
-    c.train.batch_size = 4  # 4 x 64 tokens = 4 groups of 64 for 8 devices
+    c.train.batch_size, c.model.moe_group_size = 8, 128  # 8 x 64 tokens = 4 groups of 128 for 8 devices
     config_lib.validate(c)
     with pytest.raises(ValueError,
                        match=r"holds 4 MoE routing groups, which the data x expert axes \(2 x 4 = 8\) cannot split"):

@@ -48,6 +48,8 @@ _SPLIT = flags.DEFINE_bool("split", True, "Also time the gradients alone and the
 _DECODE = flags.DEFINE_list("decode_batches", [], "Benchmark greedy decoding at these batch sizes instead.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 512, "Decoding: prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Decoding: new tokens per row.")
+_TRACE = flags.DEFINE_string("trace", "", "Training: also trace 3 steps of each variant into this directory and "
+                             "report GPU 0's collective kernels' time per step and share of the step.")
 _PROFILE = flags.DEFINE_string("decode_profile", "", "Decoding: also trace 32 steps at the first batch size "
                                "into this directory and print the device kernels per step.")
 
@@ -148,13 +150,28 @@ def random_batch(setup, seed: int = 0) -> dict[str, np.ndarray]:
     return batch
 
 
-def bench(config, steps: int, warmup: int, split: bool = True, mesh=None) -> dict:
+def collective_share(compiled, state, batch, logdir: str, steps: int = 3) -> dict:
+    """Trace ``steps`` calls of the compiled train step; GPU 0's collective kernels (NCCL's: all-to-all,
+    all-reduce, all-gather, reduce-scatter, send/receive) per step, in seconds and as a share of its wall time."""
+    os.makedirs(logdir, exist_ok=True)
+    with jax.profiler.trace(logdir):
+        for _ in range(steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+    by_name, wall = device_kernels(logdir, gpu=0)
+    comm = sum(t for name, (t, _) in by_name.items() if "nccl" in name.lower())
+    return {"collective_s": comm / steps / 1e9, "collective_share": comm / wall if wall else None,
+            "collective_kernels": sorted({name.split("(")[0][:60] for name in by_name if "nccl" in name.lower()})}
+
+
+def bench(config, steps: int, warmup: int, split: bool = True, mesh=None, profile_dir: str = "") -> dict:
     """Time ``steps`` train steps of ``config``; returns the row of the table.
 
     With ``split`` the row also has ``fwd_bwd_s`` and ``optimizer_s`` (``split_programs``, timed
     the same way after the step, from its state): the median seconds of the gradients alone and of
     the optimizer update alone; ``fwd_bwd_s`` is None with optim.accum_steps > 1 (the step then
-    scans microbatches). ``mesh``: default, every device under ``config.mesh``.
+    scans microbatches). ``mesh``: default, every device under ``config.mesh``. With ``profile_dir``,
+    also the collectives' time per step (``collective_share``).
     """
     setup = setup_training(config, mesh or mesh_lib.make_mesh(config.mesh))
     t, mcfg, mesh, rules = config.train, setup.mcfg, setup.mesh, setup.rules
@@ -167,6 +184,8 @@ def bench(config, steps: int, warmup: int, split: bool = True, mesh=None) -> dic
         compile_s = time.perf_counter() - t0
         state, m, times = _timed(lambda s: compiled(s, batch), state, steps, warmup)
         stats = jax.devices()[0].memory_stats() or {}  # the train step's peak, before the split programs
+        if profile_dir:
+            split_row.update(collective_share(compiled, state, batch, profile_dir))
         if split:
             split_row = _bench_split(setup, state, batch, steps, warmup)  # donates the state
             del state
@@ -243,14 +262,15 @@ def cache_nbytes(model, mcfg, batch: int, max_len: int) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
-def kernel_table(logdir: str, steps: int, top: int = 25) -> str:
-    """Device kernels of the trace in ``logdir`` per decode step: busy time, launches, the costliest names."""
+def device_kernels(logdir: str, gpu: int | None = None) -> tuple[dict[str, tuple[int, int]], int]:
+    """The GPU kernels of the newest trace in ``logdir`` (every GPU's, or GPU ``gpu``'s): ({name: (total ns,
+    launches)}, wall ns from the first kernel's start to the last one's end)."""
     from jax._src.profiler import ProfileData  # the trace reader jax ships
 
     path = max(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    by_name, spans, busy, launches = {}, [], 0, 0
+    by_name, start, end = {}, None, None
     for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU"):
+        if not plane.name.startswith("/device:GPU" if gpu is None else f"/device:GPU:{gpu}"):
             continue
         for line in plane.lines:
             if not line.name.startswith("Stream"):
@@ -258,12 +278,17 @@ def kernel_table(logdir: str, steps: int, top: int = 25) -> str:
             for ev in line.events:
                 total, count = by_name.get(ev.name, (0, 0))
                 by_name[ev.name] = (total + ev.duration_ns, count + 1)
-                spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
-                busy += ev.duration_ns
-                launches += 1
-    if not spans:
+                start = ev.start_ns if start is None else min(start, ev.start_ns)
+                end = max(end or 0, ev.start_ns + ev.duration_ns)
+    return by_name, (end - start) if by_name else 0
+
+
+def kernel_table(logdir: str, steps: int, top: int = 25) -> str:
+    """Device kernels of the trace in ``logdir`` per step: busy time, launches, the costliest names."""
+    by_name, wall = device_kernels(logdir)
+    if not by_name:
         return "no device kernels in the trace"
-    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    busy, launches = sum(t for t, _ in by_name.values()), sum(n for _, n in by_name.values())
     rows = [f"per step: {busy / steps / 1e3:.0f} us busy of {wall / steps / 1e3:.0f} us wall, "
             f"{launches / steps:.0f} launches", f"{'us/step':>9}{'n/step':>8}  kernel"]
     for name, (total, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
@@ -321,7 +346,13 @@ def main(argv):
     peak = metrics.peak_flops(jax.devices()[0])
     rows = {}
     for name, spec in variants:
-        row = bench(apply_overrides(base, spec), _STEPS.value, _WARMUP.value, split=_SPLIT.value)
+        try:
+            row = bench(apply_overrides(base, spec), _STEPS.value, _WARMUP.value, split=_SPLIT.value,
+                        profile_dir=_TRACE.value and os.path.join(_TRACE.value, name))
+        except Exception as e:  # one failing variant (out of memory, a refused config) leaves the others' rows
+            rows[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
+            print(f"{name}: failed: {rows[name]['error']}", flush=True)
+            continue
         n = jax.device_count()
         row["mfu_datasheet"] = row["flops_per_token"] * row["tokens_per_s"] / (peak * n) if peak else None
         row["mfu_measured_ceiling"] = row["flops_per_token"] * row["tokens_per_s"] / (ceiling * n)
@@ -336,6 +367,9 @@ def main(argv):
         return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
 
     for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<24}failed: {r['error'][:100]}")
+            continue
         sheet = f"{r['mfu_datasheet']:.3f}" if r["mfu_datasheet"] is not None else "-"
         print(f"{name:<24}{r['step_s']:>9.4f}{seconds(r.get('fwd_bwd_s'), 11)}{seconds(r.get('optimizer_s'), 9)}"
               f"{r['tokens_per_s']:>11.0f}{sheet:>12}{r['mfu_measured_ceiling']:>11.3f}"

@@ -1,0 +1,148 @@
+"""The scale-out tables from ``experiments/bench_multi_gpu.sh``'s output directory (README markdown).
+
+    python -m experiments.multi_gpu_tables OUT
+
+Each ``OUT/NAME.json`` is one ``train.bench`` process (NAME = section_GPUS[_...]); ``OUT/mp_*`` are
+trainer work directories. A missing file or a failed variant becomes a row saying so.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+
+
+def _rows(out: str, name: str) -> dict:
+    path = os.path.join(out, f"{name}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def _gpus(out: str, prefix: str) -> int | None:
+    counts = [int(m.group(1)) for p in glob.glob(os.path.join(out, f"{prefix}_*.json"))
+              if (m := re.fullmatch(rf"{prefix}_(\d+)", os.path.basename(p)[:-5])) and int(m.group(1)) > 1]
+    return max(counts) if counts else None
+
+
+def _ok(row) -> bool:
+    return bool(row) and "error" not in row
+
+
+def scaling(out: str) -> str:
+    n = _gpus(out, "scaling")
+    one = _rows(out, "scaling_1").get("gpu1")
+    lines = ["| 1.26B, 8 x 2048 tokens per GPU | GPUs | tokens/s | tokens/s per GPU | efficiency | peak GB/GPU |",
+             "|---|---|---|---|---|---|"]
+    if _ok(one):
+        lines.append(f"| 1 GPU | 1 | {one['tokens_per_s']:,.0f} | {one['tokens_per_s']:,.0f} | 1.00 | "
+                     f"{one['peak_mem_gb']:.1f} |")
+    for name, row in (_rows(out, f"scaling_{n}") if n else {}).items():
+        if not _ok(row):
+            lines.append(f"| {name} | {n} | failed: {row.get('error', 'missing')[:80]} | | | |")
+            continue
+        per = row["tokens_per_s"] / n
+        eff = f"{per / one['tokens_per_s']:.2f}" if _ok(one) else "-"
+        lines.append(f"| {name} | {n} | {row['tokens_per_s']:,.0f} | {per:,.0f} | {eff} | {row['peak_mem_gb']:.1f} |")
+    return "\n".join(lines)
+
+
+def pipeline(out: str) -> str:
+    n = _gpus(out, "pipeline_llama_350m") or _gpus(out, "pipeline_mamba_370m")
+    lines = ["| model | schedule | tokens/s | speedup over K=1 | measured bubble 1 - speedup/K | (K-1)/(VM+K-1) |",
+             "|---|---|---|---|---|---|"]
+    for model in ("llama_350m", "mamba_370m"):
+        base = _rows(out, f"pipeline_{model}_1").get("K1")
+        if _ok(base):
+            lines.append(f"| {model} | K=1 (1 GPU) | {base['tokens_per_s']:,.0f} | 1.00 | - | 0 |")
+        for name, row in (_rows(out, f"pipeline_{model}_{n}") if n else {}).items():
+            m = re.fullmatch(r"K(\d+)_M(\d+)(?:_V(\d+))?", name)
+            k, mb, v = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+            ideal = (k - 1) / (v * mb + k - 1)
+            if not _ok(row) or not _ok(base):
+                lines.append(f"| {model} | K={k}, M={mb}, V={v} | failed: {row.get('error', 'no K=1 row')[:60]} | "
+                             f"| | {ideal:.3f} |")
+                continue
+            speedup = row["tokens_per_s"] / base["tokens_per_s"]
+            lines.append(f"| {model} | K={k}, M={mb}, V={v} | {row['tokens_per_s']:,.0f} | {speedup:.2f} | "
+                         f"{1 - speedup / k:.3f} | {ideal:.3f} |")
+    return "\n".join(lines)
+
+
+def ring(out: str) -> str:
+    lines = ["| sequence (GPUs) | per-GPU block | 1 GPU, block alone: step s | ring step s | measured ratio | "
+             "FLOPs ratio | overhead | unbalanced step s | balanced speedup |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(out, "ring_*_*.json"))):
+        m = re.fullmatch(r"ring_(\d+)_(\d+)", os.path.basename(path)[:-5])
+        n, seq = int(m.group(1)), int(m.group(2))
+        if n == 1:
+            continue
+        block = seq // n
+        full = _rows(out, f"ring_1_{block}").get(f"full{block}")
+        rows = _rows(out, f"ring_{n}_{seq}")
+        bal, unbal = rows.get(f"ring{seq}"), rows.get(f"ring{seq}_unbalanced")
+        if not (_ok(full) and _ok(bal)):
+            err = (bal or {}).get("error") or (full or {}).get("error") or "missing"
+            lines.append(f"| {seq} ({n}) | {block} | failed: {err[:80]} | | | | | | |")
+            continue
+        measured = bal["step_s"] / full["step_s"]
+        flops = bal["flops_per_token"] / full["flops_per_token"]  # per-device FLOPs ratio: seq/n tokens each
+        unb = f"{unbal['step_s']:.4f} | {unbal['step_s'] / bal['step_s']:.2f}" if _ok(unbal) else "failed | -"
+        lines.append(f"| {seq} ({n}) | {block} | {full['step_s']:.4f} | {bal['step_s']:.4f} | {measured:.2f} | "
+                     f"{flops:.2f} | {measured / flops - 1:+.1%} | {unb} |")
+    return "\n".join(lines)
+
+
+def expert(out: str) -> str:
+    n = _gpus(out, "expert")
+    one = _rows(out, "expert_1").get("gpu1")
+    lines = ["| Switch 350M (8 experts) | GPUs | tokens/s | tokens/s per GPU | efficiency | collectives per step "
+             "(GPU 0) | share of step |", "|---|---|---|---|---|---|---|"]
+    if _ok(one):
+        lines.append(f"| 1 GPU | 1 | {one['tokens_per_s']:,.0f} | {one['tokens_per_s']:,.0f} | 1.00 | - | - |")
+    for name, row in (_rows(out, f"expert_{n}") if n else {}).items():
+        if not _ok(row):
+            lines.append(f"| {name} | {n} | failed: {row.get('error', '')[:80]} | | | | |")
+            continue
+        per = row["tokens_per_s"] / n
+        eff = f"{per / one['tokens_per_s']:.2f}" if _ok(one) else "-"
+        share = row.get("collective_share")
+        lines.append(f"| {name} | {n} | {row['tokens_per_s']:,.0f} | {per:,.0f} | {eff} | "
+                     f"{1e3 * row.get('collective_s', 0):.1f} ms | {share:.1%} |" if share is not None else
+                     f"| {name} | {n} | {row['tokens_per_s']:,.0f} | {per:,.0f} | {eff} | - | - |")
+    return "\n".join(lines)
+
+
+def multiprocess(out: str) -> str:
+    def losses(workdir):
+        path = os.path.join(workdir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r and "step" in r}
+
+    dirs = sorted(d for d in glob.glob(os.path.join(out, "mp_*")) if os.path.isdir(d))
+    if len(dirs) < 2:
+        return "multi-process: not run"
+    one, many = losses(dirs[0]), losses(dirs[1])
+    common = sorted(set(one) & set(many))
+    if not common:
+        return f"multi-process: no common logged steps ({os.path.basename(dirs[0])}: {len(one)}, " \
+               f"{os.path.basename(dirs[1])}: {len(many)})"
+    diff = max(abs(one[s] - many[s]) for s in common)
+    return (f"multi-process: {len(common)} logged steps, loss at step {common[-1]}: {one[common[-1]]:.5f} (1 process) "
+            f"vs {many[common[-1]]:.5f} ({os.path.basename(dirs[1])[3:]} processes); max |difference| {diff:.2e}")
+
+
+def main(out: str) -> None:
+    for title, table in (("Data / FSDP scaling", scaling), ("GPipe", pipeline), ("Ring attention", ring),
+                         ("Expert parallelism", expert), ("Multi-process", multiprocess)):
+        print(f"\n### {title}\n\n{table(out)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/bench_multi")
