@@ -56,7 +56,7 @@ for section in "${sections[@]}"; do
       bench expert_$N "$N" experiments/bench_switch_350m.py \
         "expert$N:mesh.data=1,mesh.expert=$N,train.batch_size=$((8 * N))" --trace "$out/trace_expert" ;;
     multiprocess)
-      common=(--config experiments/arith_direct.py --config.train.steps=30 --config.train.progress=False
+      common=(--config experiments/arith_direct.py --config.train.steps=30 --config.train.progress=False --config.train.log_every=1
               --config.train.eval_every=30 --config.train.ckpt_every=30 --config.mesh.data=$N)
       rm -rf "$out/mp_1" "$out/mp_$N"
       CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((N - 1))) timeout 300 python3 -m train "${common[@]}" --workdir "$out/mp_1" \

@@ -134,8 +134,10 @@ def multiprocess(out: str) -> str:
         return f"multi-process: no common logged steps ({os.path.basename(dirs[0])}: {len(one)}, " \
                f"{os.path.basename(dirs[1])}: {len(many)})"
     diff = max(abs(one[s] - many[s]) for s in common)
-    return (f"multi-process: {len(common)} logged steps, loss at step {common[-1]}: {one[common[-1]]:.5f} (1 process) "
-            f"vs {many[common[-1]]:.5f} ({os.path.basename(dirs[1])[3:]} processes); max |difference| {diff:.2e}")
+    first, last = common[0], common[-1]
+    return (f"multi-process: {len(common)} logged steps; loss at step {first}: {one[first]:.6f} (1 process) vs "
+            f"{many[first]:.6f} ({os.path.basename(dirs[1])[3:]} processes), at step {last}: {one[last]:.5f} vs "
+            f"{many[last]:.5f}; max |difference| {diff:.2e}")
 
 
 def main(out: str) -> None:

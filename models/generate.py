@@ -72,6 +72,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from parallel import sharding
@@ -288,6 +289,8 @@ def sample(model, params, cfg, prompts: Sequence[Sequence[int]], *, max_new_toke
         model, params, cfg, tokens, positions, segment_ids, None, max_new_tokens,
         _NO_STOP if stop_token is None else stop_token, pad_id, width=max_len - length, rng=rng,
         temperature=temperature, top_k=top_k, top_p=top_p, rows=np.r_[np.arange(n), np.zeros(extra, int)])
+    if not generated.is_fully_addressable:  # several processes: each holds its rows' shards
+        generated = multihost_utils.process_allgather(generated, tiled=True)
     generated = np.asarray(generated)[:n, :max_new_tokens]
     out = []
     for row in generated.tolist():

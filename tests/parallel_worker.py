@@ -8,7 +8,8 @@ and JAX_PROCESS_ID)::
 
 It joins the run through ``initialize_distributed`` (config section DISTRIBUTED_JSON, possibly
 empty), builds the mesh, feeds only its own rows of the global batch and writes
-{"losses": [...], "n_devices", "n_local", "rows"} to OUT_JSON.
+{"losses": [...], "generated", "n_devices", "n_local", "rows"} to OUT_JSON ("generated": greedy
+continuations of ``PROMPTS`` by the trained model, decoded on the same mesh).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from train import objective, optim  # noqa: E402
 from train import step as tstep  # noqa: E402
 
 GLOBAL_BATCH, SEQ, STEPS = 8, 16, 3
+PROMPTS = [[5, 9, 2], [7, 1], [3, 3, 3, 4], [11]]
 
 
 def tiny_config(n_kv_heads: int = 2) -> T.Config:
@@ -100,14 +102,23 @@ def train_losses(mesh, mcfg: T.Config, rules=DEFAULT_RULES, seed: int = 0, optim
     return losses, state, state_sh, axes
 
 
+def generate_greedy(mesh, params, mcfg: T.Config, rules=DEFAULT_RULES) -> list[list[int]]:
+    """Greedy continuations (4 tokens) of ``PROMPTS`` with the mesh active (rows sharded over its batch axes)."""
+    from models import generate
+
+    with sharding.activate(mesh, rules):
+        return generate.greedy(T, params, mcfg, PROMPTS, max_new_tokens=4)
+
+
 def main(dist_json: str, mesh_json: str, out_json: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the default; cross-process CPU collectives
     assert pmesh.initialize_distributed(json.loads(dist_json)), "no coordinator in the config or environment"
     mesh = pmesh.make_mesh(json.loads(mesh_json))
-    losses = train_losses(mesh, tiny_config())[0]
+    losses, state, _, _ = train_losses(mesh, tiny_config())
+    generated = generate_greedy(mesh, state.params, tiny_config())
     rows = sharding.process_batch_rows(mesh, DEFAULT_RULES, GLOBAL_BATCH)
     with open(out_json, "w") as f:
-        json.dump({"losses": losses, "n_devices": jax.device_count(), "n_local": jax.local_device_count(),
+        json.dump({"losses": losses, "generated": generated, "n_devices": jax.device_count(), "n_local": jax.local_device_count(),
                    "rows": [rows.start, rows.stop]}, f)
     jax.distributed.shutdown()
 
