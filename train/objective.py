@@ -155,6 +155,18 @@ def pair_margin_objective(train_cfg=None, *, beta: float | None = None, nll_weig
 OBJECTIVES: dict[str, Callable[..., Objective]] = {"lm": lm_objective, "pair_margin": pair_margin_objective}
 
 
+def _preference(factory: str) -> Callable[..., Objective]:
+    """An objective of ``train.orpo`` (imported when asked for: it builds on this module)."""
+    def make(train_cfg=None, **kwargs) -> Objective:
+        from train import orpo
+        return getattr(orpo, factory)(train_cfg, **kwargs)
+    return make
+
+
+OBJECTIVES.update(orpo=_preference("orpo_objective"), dpo=_preference("dpo_objective"),
+                  preference_model=_preference("preference_model_objective"))
+
+
 def get(train_cfg) -> Objective:
     """The objective ``train_cfg.objective`` names, configured from ``train_cfg``."""
     return OBJECTIVES[train_cfg.objective](train_cfg)
