@@ -225,3 +225,24 @@ class _Mod61(data.ByteTokenizer):
 
     def decode(self, ids):
         return "".join(chr(97 + (i - 3) % 26) for i in ids if i >= 3)
+
+
+@pytest.mark.timeout(120)
+def test_orpo_runs_through_the_trainer(tmp_path):
+    """experiments/orpo_arith.py at the tiny size through the one trainer: finite, falling loss and ORPO's logs."""
+    from experiments import orpo_arith
+    from train import metrics, trainer
+
+    c = orpo_arith.get_config()
+    c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, dtype="float32")
+    c.data.max_steps = 2
+    c.train.update(steps=6, batch_size=8, seq_len=48, log_every=1, eval_every=6, eval_batches=1, exact_match_every=0,
+                   ckpt_every=0, progress=False, orpo_lambda=1.0)
+    c.optim.update(warmup_steps=1, lr=1e-2)
+    result = trainer.run(c, str(tmp_path))
+    records = [r for r in metrics.read_jsonl(str(tmp_path)) if "loss" in r]
+    assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    assert result["pairs"] == 8 and 0 <= result["eval_accuracy"] <= 1
+    for key in orpo.ORPO_LOGS:
+        assert np.isfinite(result[key]) and np.isfinite(result["eval_" + key])
+    np.testing.assert_allclose(result["loss"], result["nll"] + result["or_loss"], rtol=1e-5)
