@@ -214,6 +214,10 @@ def test_dpo_at_the_reference_is_log2_through_the_pipeline(model_setup, tmp_path
     out = jit(lambda p, b: orpo.dpo_loss(model, cfg, p, b, beta=0.1))(params, b)
     np.testing.assert_allclose(float(out.sums["loss"]) / float(out.weight), math.log(2), rtol=1e-5)
     np.testing.assert_allclose(float(out.sums["margin"]), 0.0, atol=1e-4)
+    records = data.read_preference_jsonl([str(out_path)], reference=True)
+    ev = orpo.evaluate_pairs(model, cfg, params, records, tok, 24, batch_size=4)
+    want = np.mean([r.ref_chosen_logp / (len(tok.encode(r.chosen)) + 1) for r in records])  # + eos
+    np.testing.assert_allclose(ev["chosen_logp"], want, rtol=1e-5)
 
 
 class _Mod61(data.ByteTokenizer):

@@ -212,12 +212,13 @@ class ModelGenerator:
 # ----------------------------------------------------------------------------- SL-CAI
 
 def critique_revise(prompts: Sequence[str], constitution: Constitution, generator: Generator, *, rounds: int = 1,
-                    seed: int = 0, use_few_shot: bool = True) -> list[dict]:
-    """SL-CAI records for ``prompts`` (see the module docstring); responses are greedy, batched over prompts."""
+                    seed: int = 0, use_few_shot: bool = True, sample_initial: bool = False) -> list[dict]:
+    """SL-CAI records for ``prompts`` (see the module docstring), batched over prompts; the initial response is
+    sampled with ``sample_initial`` (seed ``seed``), every other output greedy."""
     if rounds < 1:
         raise ValueError(f"rounds={rounds}; use at least one critique-revision round.")
     shots = few_shot(constitution) if use_few_shot else ""
-    initial = generator.generate([conversation(p, "") for p in prompts], sample=False, seed=seed)
+    initial = generator.generate([conversation(p, "") for p in prompts], sample=sample_initial, seed=seed)
     current = list(initial)
     records = [{"human": p, "prompt": conversation(p, ""), "initial": r, "rounds": []} for p, r in zip(prompts, initial)]
     for k in range(rounds):
@@ -329,3 +330,136 @@ def prompt_text(record: dict) -> str:
     if not isinstance(record.get("prompt"), str) or not record["prompt"]:
         raise ValueError(f"prompt record {record!r} has no non-empty string 'prompt'.")
     return record["prompt"]
+
+
+# ----------------------------------------------------------------------------- stages
+
+def start_from(config, workdir: str, params) -> bool:
+    """Make ``params`` (a parameter tree of ``config``'s model, e.g. the previous stage's) the starting point of
+    the trainer's run of ``config`` in ``workdir``: a step-0 checkpoint holding them, a fresh optimizer state
+    and the data iterator at its start, which ``trainer.run`` then resumes from like any checkpoint. A workdir
+    that already has a checkpoint is left alone (a rerun resumes); returns whether one was written."""
+    import jax
+
+    from parallel import mesh as mesh_lib
+    from train import checkpoint, data
+    from train.setup import setup_training
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=config.train.ckpt_keep,
+                                   async_save=False)
+    try:
+        if ckpt.latest_step() is not None:
+            return False
+        setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+        state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(config.seed))
+        shapes = jax.tree.map(lambda a: (a.shape, a.dtype), state.params)
+        given = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+        if shapes != given:
+            raise ValueError(f"the starting parameters do not match {workdir}'s model (model.* must be the same as "
+                             f"the run they come from).")
+        state = state.replace(params=jax.device_put(params, setup.state_shardings.params))
+        t = config.train
+        train_iter = iter(data.make_dataset(config.data, split="train", seed=config.seed,
+                                            tokenizer=data.make_tokenizer(config.data), seq_len=t.seq_len,
+                                            batch_size=t.batch_size, process_index=jax.process_index(),
+                                            process_count=jax.process_count()))
+        ckpt.save(0, state, train_iter.get_state(), wait=True)
+        return True
+    finally:
+        ckpt.close()
+
+
+def load_params(config, workdir: str):
+    """The latest checkpoint's parameters of the run of ``config`` in ``workdir`` (``train.evaluate.load_state``)."""
+    from train.evaluate import load_state
+
+    return load_state(config, workdir)[1].params
+
+
+# ----------------------------------------------------------------------------- a constitution a program can check
+
+# The arithmetic experiment (experiments/cai_run.py): two principles over the embedded arithmetic corpus's
+# chains of thought, each checked by `check_response`: every step's arithmetic is right ("correct"), and
+# the response ends with "The answer is N." ("format"). A small model cannot follow free-form requests it has
+# never seen, so `format_corpus` writes templated examples of each format (responses, critiques, revisions,
+# comparisons) for the base model to learn.
+
+STEP = r"([+\-*/%])(\d+)=(\d+)"
+
+
+def human_text(problem) -> str:
+    """The question of an arithmetic problem without the corpus's 'Q:' and '\\nA:' ('7+3*2')."""
+    return problem.prompt.removeprefix("Q:").removesuffix("\nA:")
+
+
+def check_response(problem, response: str) -> dict[str, bool]:
+    """The program's verdict on a response to ``problem``: 'correct' (the steps are the problem's steps,
+    each result right, and the last number stated is the answer) and 'format' (it ends with 'The answer is N.'
+    for an integer N)."""
+    import re
+
+    from train.data.arithmetic import apply_op
+
+    steps = re.findall(STEP, response)
+    question = re.findall(r"([+\-*/%])(\d+)", human_text(problem))
+    value, ok = int(re.match(r"\d+", human_text(problem)).group()), len(steps) == len(question)
+    for (op, n, v), (qop, qn) in zip(steps, question):
+        value = apply_op(value, qop, int(qn))
+        ok = ok and (op, n) == (qop, qn) and int(v) == value
+    numbers = re.findall(r"\d+", response)
+    ok = ok and bool(numbers) and int(numbers[-1]) == problem.answer
+    return {"correct": ok, "format": re.search(r"The answer is \d+\.$", response.strip()) is not None}
+
+
+def flawed_responses(problem, seed: int) -> dict[str, str]:
+    """A problem's responses: 'good' (its chain of thought), 'wrong' (the last step and answer wrong, as the
+    rejected side of ``arithmetic_pairs``), 'unformatted' (right, but ending 'Answer: N.') and 'both'."""
+    from train.data.arithmetic import preference_pair
+
+    wrong = preference_pair(problem, seed)[2]
+    unformat = lambda r: r[: r.rindex("The answer is")] + "Answer: " + r[r.rindex("is ") + 3:]  # noqa: E731
+    return {"good": problem.cot, "wrong": wrong, "unformatted": unformat(problem.cot), "both": unformat(wrong)}
+
+
+def critique_text(principle: str, verdict: dict[str, bool]) -> str:
+    """The templated critique the corpus teaches for a principle ('correct' or 'format') and a verdict."""
+    if principle == "correct":
+        return "The arithmetic is right." if verdict["correct"] else "A step or the answer is wrong."
+    return "The format is right." if verdict["format"] else "It does not end with 'The answer is N.'"
+
+
+def format_corpus(constitution: Constitution, seed: int, indices: Sequence[int],
+                  mix: dict[str, float] | None = None) -> list[dict]:
+    """Templated (prompt, completion) examples over training problems ``indices`` (held-out questions skipped)
+    in all the formats CAI uses: per problem, a response (drawn from ``mix``: good / wrong / unformatted / both),
+    a critique of it under a drawn principle, a revision (always the good response), and a comparison of two of
+    its responses under a drawn principle's feedback question, answered with the letter the program prefers
+    (a tie under that principle is left out). Principles must be named 'correct' and 'format'."""
+    from train.data.arithmetic import training_problem
+
+    names = {p.name for p in constitution.principles}
+    if names != {"correct", "format"}:
+        raise ValueError(f"the arithmetic corpus needs principles named 'correct' and 'format', not {sorted(names)}.")
+    mix = mix or {"good": 0.5, "wrong": 0.2, "unformatted": 0.2, "both": 0.1}
+    kinds, weights = list(mix), np.asarray(list(mix.values()), float)
+    out = []
+    for index in indices:
+        problem = training_problem(seed, index)
+        if problem is None:
+            continue
+        rng = random.Random(stable_hash(f"cai-corpus/{seed}/{index}"))
+        responses = flawed_responses(problem, seed)
+        kind = rng.choices(kinds, weights)[0]
+        q, response = human_text(problem), responses[kind]
+        out.append({"prompt": conversation(q, ""), "completion": response})
+        p = constitution.principles[rng.randrange(len(constitution.principles))]
+        verdict = check_response(problem, response)
+        out.append({"prompt": critique_prompt(q, response, p.critique), "completion": " " + critique_text(p.name, verdict)})
+        out.append({"prompt": revision_prompt(q, response, p.critique, critique_text(p.name, verdict), p.revision),
+                    "completion": " " + responses["good"]})
+        a, b = rng.sample(list(responses.values()), 2)
+        p = constitution.principles[rng.randrange(len(constitution.principles))]
+        va, vb = check_response(problem, a)[p.name], check_response(problem, b)[p.name]
+        if va != vb:
+            out.append({"prompt": feedback_prompt(q, p.feedback, a, b) + ANSWER, "completion": "A)" if va else "B)"})
+    return out

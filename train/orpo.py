@@ -222,11 +222,24 @@ def dpo_objective(train_cfg=None, *, beta: float | None = None) -> Objective:
 
 # ----------------------------------------------------------------------------- reference log-probs
 
+def _padded_batches(records: Sequence[PreferenceRecord], tokenizer, seq_len: int, batch_size: int):
+    """(batch of PAIR_KEYS, number of real rows) for each ``batch_size`` records, one pair per row, the last
+    batch filled up with copies of its first pair."""
+    from train.data.pipeline import _pad_example  # one padding layout for the pipeline and these passes
+
+    rows = [_pad_example(encode_preference(r, tokenizer, seq_len, False), seq_len, tokenizer.pad_id,
+                         ("chosen_", "rejected_")) for r in records]
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        n = len(chunk)
+        chunk = chunk + [chunk[0]] * (batch_size - n)
+        yield {k: np.stack([row[k] for row in chunk]) for k in PAIR_KEYS}, n
+
+
 def reference_logps(model, mcfg, ref_params, records: Sequence[PreferenceRecord], tokenizer, seq_len: int,
                     batch_size: int = 16) -> np.ndarray:
     """float32 [len(records), 2]: the summed response log-probs (chosen, rejected) of each pair under
-    ``ref_params``, one pair per row, in ``batch_size`` rows at a time (the last batch padded)."""
-    from train.data.pipeline import _pad_example  # one padding layout for the pipeline and this pass
+    ``ref_params``, one pair per row, ``batch_size`` rows at a time."""
 
     @jax.jit
     def sums(params, batch):
@@ -235,15 +248,28 @@ def reference_logps(model, mcfg, ref_params, records: Sequence[PreferenceRecord]
         per_row = lambda a: a.reshape(batch["chosen_inputs"].shape)[:, 1]  # noqa: E731  (segment 1 of each row)
         return jnp.stack([per_row(st["chosen"]["logp"]), per_row(st["rejected"]["logp"])], axis=-1)
 
-    rows = [_pad_example(encode_preference(r, tokenizer, seq_len, False), seq_len, tokenizer.pad_id,
-                         ("chosen_", "rejected_")) for r in records]
-    out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
-        batch = {k: np.stack([row[k] for row in chunk]) for k in PAIR_KEYS}
-        out.append(np.asarray(sums(ref_params, batch))[: len(rows) - i])
+    out = [np.asarray(sums(ref_params, b))[:n] for b, n in _padded_batches(records, tokenizer, seq_len, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+
+def evaluate_pairs(model, mcfg, params, records: Sequence[PreferenceRecord], tokenizer, seq_len: int,
+                   batch_size: int = 16) -> dict[str, float]:
+    """ORPO's per-pair metrics (log_odds_ratio, accuracy, chosen_logp, rejected_logp, ...) averaged over
+    ``records``: how a model separates held-out pairs, whatever objective trained it."""
+
+    @jax.jit
+    def metrics(params, batch):
+        logp, _, _ = pair_logps(model, mcfg, params, batch)
+        _, valid, sums = orpo_terms(logp, batch, lam=0.0)
+        per_row = lambda a: (a * valid).reshape(batch["chosen_inputs"].shape)[:, 1]  # noqa: E731
+        return {k: per_row(v) for k, v in sums.items()}
+
+    totals, count = {}, 0
+    for b, n in _padded_batches(records, tokenizer, seq_len, batch_size):
+        for k, v in metrics(params, b).items():
+            totals[k] = totals.get(k, 0.0) + float(np.sum(np.asarray(v)[:n]))
+        count += n
+    return {k: v / max(count, 1) for k, v in totals.items()}
 
 
 def add_reference_logps(model, mcfg, ref_params, in_path: str, out_path: str, tokenizer, seq_len: int,
