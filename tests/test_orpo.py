@@ -243,8 +243,17 @@ def test_orpo_runs_through_the_trainer(tmp_path):
     c.train.update(steps=6, batch_size=8, seq_len=48, log_every=1, eval_every=6, eval_batches=1, exact_match_every=0,
                    ckpt_every=0, progress=False, orpo_lambda=1.0)
     c.optim.update(warmup_steps=1, lr=1e-2)
+    # Started from given parameters (train.cai.start_from: a step-0 checkpoint), e.g. a previous stage's.
+    from train import cai
+    model, mcfg = models.get("transformer"), models.get("transformer").from_config(c.model)
+    start = jit(model.init, static_argnums=0)(mcfg, jax.random.PRNGKey(123))
+    assert cai.start_from(c, str(tmp_path), start) and not cai.start_from(c, str(tmp_path), start)
+    first = next(iter(data.make_dataset(c.data, tokenizer=data.make_tokenizer(c.data), seq_len=48, batch_size=8,
+                                        seed=c.seed)))
+    want = jit(lambda p, b: orpo.orpo_loss(model, mcfg, p, b, lam=1.0))(start, first)
     result = trainer.run(c, str(tmp_path))
     records = [r for r in metrics.read_jsonl(str(tmp_path)) if "loss" in r]
+    np.testing.assert_allclose(records[0]["loss"], float(want.sums["loss"] / want.weight), rtol=1e-5)
     assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
     assert result["pairs"] == 8 and 0 <= result["eval_accuracy"] <= 1
     for key in orpo.ORPO_LOGS:

@@ -159,12 +159,14 @@ class Generator(Protocol):
 
 
 class ModelGenerator:
-    """A model as a Generator: ``models.generate.complete`` for text (stops at eos), one forward pass for
-    option log-probs. ``max_new_tokens``, ``temperature`` as in ``complete``."""
+    """A model as a Generator: ``models.generate.complete`` for text (stops at eos; the text is cut at the first
+    of ``stop_strings``, by default the templates' blank line), one forward pass for option log-probs.
+    ``max_new_tokens``, ``temperature`` as in ``complete``."""
 
     def __init__(self, model, mcfg, params, tokenizer, *, max_new_tokens: int = 64, temperature: float = 1.0,
-                 batch_size: int = 64):
+                 batch_size: int = 64, stop_strings: Sequence[str] = ("\n\n",)):
         self.model, self.mcfg, self.params, self.tokenizer = model, mcfg, params, tokenizer
+        self.stop_strings = tuple(stop_strings)
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
         self._logits = None
 
@@ -177,7 +179,7 @@ class ModelGenerator:
             chunk = list(prompts[i:i + self.batch_size])
             rng = jax.random.fold_in(jax.random.PRNGKey(seed), i) if sample else None
             out += gen.complete(self.model, self.params, self.mcfg, self.tokenizer, chunk,
-                                max_new_tokens=self.max_new_tokens, rng=rng,
+                                max_new_tokens=self.max_new_tokens, rng=rng, stop_strings=self.stop_strings,
                                 **({"temperature": self.temperature} if sample else {}))
         return out
 
