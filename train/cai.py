@@ -342,9 +342,10 @@ def start_from(config, workdir: str, params) -> bool:
     and the data iterator at its start, which ``trainer.run`` then resumes from like any checkpoint. A workdir
     that already has a checkpoint is left alone (a rerun resumes); returns whether one was written."""
     import jax
+    import jax.numpy as jnp
 
     from parallel import mesh as mesh_lib
-    from train import checkpoint, data
+    from train import checkpoint, data, optim, step as step_lib
     from train.setup import setup_training
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=config.train.ckpt_keep,
@@ -353,13 +354,16 @@ def start_from(config, workdir: str, params) -> bool:
         if ckpt.latest_step() is not None:
             return False
         setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
-        state = jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(config.seed))
-        shapes = jax.tree.map(lambda a: (a.shape, a.dtype), state.params)
-        given = jax.tree.map(lambda a: (a.shape, a.dtype), params)
-        if shapes != given:
+        shapes = jax.tree.map(lambda a: (a.shape, a.dtype), setup.state_shape.params)
+        if jax.tree.map(lambda a: (a.shape, a.dtype), params) != shapes:
             raise ValueError(f"the starting parameters do not match {workdir}'s model (model.* must be the same as "
                              f"the run they come from).")
-        state = state.replace(params=jax.device_put(params, setup.state_shardings.params))
+
+        def init(p):  # step_lib.init_state with the given parameters in place of model.init's
+            view = p if setup.frozen is None else optim.trainable(p, setup.frozen)
+            return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(view))
+
+        state = jax.jit(init, out_shardings=setup.state_shardings)(params)
         t = config.train
         train_iter = iter(data.make_dataset(config.data, split="train", seed=config.seed,
                                             tokenizer=data.make_tokenizer(config.data), seq_len=t.seq_len,
