@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from train.objective import forward
 from train.orpo import reward, token_logps
@@ -99,3 +100,135 @@ def ppo_loss(model, mcfg, params, rollout: dict, *, value_token: int, clip: floa
     pl, stats = policy_loss(logp, rollout["logp_old"], rollout["advantages"], mask, clip)
     vl = value_loss(values, rollout["values_old"], rollout["returns"], mask, value_clip)
     return pl + value_coef * vl, {"policy_loss": pl, "value_loss": vl, **stats}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def default_config():
+    """The ``ppo`` section of a PPO experiment config (``experiments/cai_ppo.py``)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        prompts="",          # JSONL of {"prompt": str}: the text the policy continues (e.g. "Human: ...\n\nAssistant: ")
+        policy_workdir="",   # the run whose latest parameters start the policy and are the frozen reference
+        pm_workdir="",       # the preference model's run (objective 'preference_model', same model.*)
+        reward_token=3,      # the preference model's scalar head (its train.reward_token)
+        value_token=4,       # the value head: the head's column of another unused token
+        kl_coef=0.05, clip=0.2, value_clip=0.2, value_coef=0.5, gamma=1.0, lam=0.95,
+        epochs=2,            # updates per rollout batch (full batch each)
+        max_new_tokens=64, temperature=1.0))
+
+
+def rollout_rows(prompt_ids: list[list[int]], responses: list[list[int]], eos_id: int, pad_id: int, seq_len: int):
+    """Right-padded rows of prompt + response, int32 [n, seq_len]: inputs, targets, mask (1 where the target is
+    a response token or its eos), last (index of the last response token in inputs, where the preference model
+    reads its score; the eos excluded)."""
+    n = len(prompt_ids)
+    inputs = np.full((n, seq_len), pad_id, np.int32)
+    targets = np.full((n, seq_len), pad_id, np.int32)
+    mask = np.zeros((n, seq_len), np.float32)
+    last = np.zeros(n, np.int32)
+    for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+        e = (list(p) + list(r))[: seq_len + 1]
+        inputs[i, :len(e) - 1], targets[i, :len(e) - 1] = e[:-1], e[1:]
+        mask[i, len(p) - 1:len(e) - 1] = 1.0
+        text_end = len(e) - 1 if e[-1] == eos_id else len(e)  # tokens before any eos
+        last[i] = max(min(text_end - 1, len(e) - 2), len(p) - 1)  # inputs hold e[:-1]
+    return inputs, targets, mask, last
+
+
+def run(config, workdir: str) -> dict:
+    """PPO of the policy in ``config.ppo.policy_workdir`` against the preference model in ``config.ppo.pm_workdir``
+    for ``train.steps`` iterations of ``train.batch_size`` rollouts each, in ``workdir``: the trainer's state,
+    optimizer, shardings (``train.setup``), checkpoints (resumed) and metrics logger. Returns the last metrics."""
+    import json
+    import os
+
+    from models import generate
+    from parallel import mesh as mesh_lib, sharding
+    from train import cai, checkpoint, data, metrics, step as step_lib
+    from train.setup import setup_training
+
+    p, t = config.ppo, config.train
+    if config.optim.frozen:
+        raise ValueError("optim.frozen is set; PPO here trains every parameter (the reference is kept apart), so "
+                         "set optim.frozen=''.")
+    setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
+    model, mcfg, tx = setup.model, setup.mcfg, setup.tx
+    tok = data.make_tokenizer(config.data)
+    prompts = [cai.prompt_text(r) for r in cai.read_jsonl(p.prompts)]
+    reference = cai.load_params(config, p.policy_workdir)
+    pm = cai.load_params(config, p.pm_workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=t.ckpt_every, keep=t.ckpt_keep,
+                                   async_save=False)
+    restored = ckpt.restore(setup.abstract_state())
+    if restored is None:
+        state, start = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=reference,
+                                           opt_state=tx.init(reference)), 0
+    else:
+        state, _, start = restored
+
+    @jax.jit
+    def prepare(params, reference, pm, inputs, targets, mask, last):
+        logp_old, values_old = policy_and_values(model, mcfg, params, inputs, targets, p.value_token)
+        x, _ = forward(model, mcfg, reference, {"inputs": inputs})
+        logp_ref = token_logps(model, mcfg, reference, x, targets)
+        from train.orpo import sequence_rewards
+        score = sequence_rewards(model, mcfg, pm, inputs, last, p.reward_token)
+        rewards, kl = kl_rewards(logp_old, logp_ref, score, mask, p.kl_coef)
+        adv, ret = gae(rewards, values_old, mask, p.gamma, p.lam)
+        return dict(inputs=inputs, targets=targets, mask=mask, logp_old=logp_old, values_old=values_old,
+                    advantages=whiten(adv, mask), returns=ret), {"score": jnp.mean(score), "kl": jnp.mean(kl)}
+
+    @jax.jit
+    def update(state, rollout):
+        (loss, stats), grads = jax.value_and_grad(
+            lambda q: ppo_loss(model, mcfg, q, rollout, value_token=p.value_token, clip=p.clip,
+                               value_clip=p.value_clip, value_coef=p.value_coef), has_aux=True)(state.params)
+        return step_lib.apply_gradients(tx, state, grads), {"loss": loss, **stats}
+
+    logger = metrics.MetricsLogger(workdir, total_steps=t.steps, initial_step=start, progress=t.progress)
+    last_metrics = {}
+    try:
+        with sharding.activate(setup.mesh, setup.rules):
+            for it in range(start, t.steps):
+                chosen = [prompts[(it * t.batch_size + j) % len(prompts)] for j in range(t.batch_size)]
+                prompt_ids = [[tok.bos_id] + tok.encode(c) for c in chosen]
+                responses = generate.sample(model, state.params, mcfg, prompt_ids, max_new_tokens=p.max_new_tokens,
+                                            rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), it),
+                                            temperature=p.temperature, stop_token=tok.eos_id, pad_id=tok.pad_id,
+                                            include_stop=True)
+                rows = rollout_rows(prompt_ids, responses, tok.eos_id, tok.pad_id, t.seq_len)
+                rollout, stats = prepare(state.params, reference, pm, *rows)
+                for _ in range(p.epochs):
+                    state, out = update(state, rollout)
+                record = {k: float(v) for k, v in {**stats, **out}.items()}
+                record["response_tokens"] = float(np.mean([len(r) for r in responses]))
+                logger.log(it + 1, record)
+                last_metrics = record
+                if ckpt.should_save(it + 1) or it + 1 == t.steps:
+                    ckpt.save(it + 1, state, {"iteration": it + 1}, wait=True)
+    finally:
+        ckpt.close()
+        logger.close()
+    last_metrics["step"] = t.steps
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(last_metrics, f)
+    return last_metrics
+
+
+def main(argv):
+    """``python -m train.ppo --config experiments/cai_ppo.py --workdir DIR [--config.section.key=value ...]``."""
+    from absl import flags
+
+    del argv
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=False)
+    flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
+    app.run(main)
