@@ -4,7 +4,7 @@ seeds; a table of the checked metric per stage and of the AI feedback's and pref
 with the program.
 
     python -m experiments.cai_run --root runs/cai [--seeds 0,1] [--base_steps 1500] [--prompts 2048]
-                                  [--set section.key=value ...]
+                                  [--ppo_steps 100] [--set section.key=value ...]
 
 Per seed, in ``ROOT/seedS`` (each stage reads and writes files; a rerun resumes or skips finished stages):
   data/corpus.jsonl  the templated formats (``train.cai.format_corpus``) over training problems
@@ -16,8 +16,9 @@ Per seed, in ``ROOT/seedS`` (each stage reads and writes files; a rerun resumes 
   data/rl.jsonl      RL-CAI labels (``train.cai.feedback_labels``): two samples of the SL model per question,
                      labeled by the base model as feedback model (soft labels, 2 principles per pair)
   pm/                ``cai_pm``: the preference model (soft-label Bradley-Terry), from the SL model
-  rl/                ``cai_rl``: ORPO on the AI-labeled pairs from the SL model (PPO against the preference model
-                     is ``train.ppo``'s pieces; its loop is not part of this run)
+  rl/                ``cai_rl``: ORPO on the AI-labeled pairs from the SL model (the open recipes' cheaper route)
+  ppo/               ``cai_ppo``: PPO of the SL model against the preference model (``train.ppo``), ``--ppo_steps``
+                     iterations of 64 rollouts (0 skips it)
 Reported: on 256 held-out questions, the share of responses the program accepts ("correct" and "format", and
 both), greedy and sampled at temperature 1, for base, SL-CAI and RL-CAI; the AI labels' agreement with the
 program on the RL pairs the program separates (label > 0.5 where the program prefers A); and the preference
@@ -45,7 +46,7 @@ def config(name: str, seed: int, overrides: list[str], **train):
     c.seed = seed
     c.data.seed = seed
     c.train.update(progress=False, **train)
-    return override(c, overrides)
+    return override(c, [o for o in overrides if o.split(".", 1)[0] in c])  # e.g. ppo.* only where there is one
 
 
 def stage(c, workdir: str, start=None):
@@ -120,7 +121,8 @@ def pm_agreement(model, mcfg, params, tokenizer, reward_token: int, heldout, see
     return float(np.mean(rewards[0::2] > rewards[1::2]))
 
 
-def run_seed(root: str, seed: int, base_steps: int, n_prompts: int, n_heldout: int, overrides: list[str]) -> dict:
+def run_seed(root: str, seed: int, base_steps: int, n_prompts: int, n_heldout: int, overrides: list[str],
+             ppo_steps: int = 0) -> dict:
     import models
     from train import cai, data
 
@@ -186,6 +188,15 @@ def run_seed(root: str, seed: int, base_steps: int, n_prompts: int, n_heldout: i
     rl_c.data.update(paths=[f("rl.jsonl")], eval_paths=[f("rl_eval.jsonl")])
     rl = stage(rl_c, os.path.join(out, "rl"), sl)
     results["RL-CAI (ORPO on AI labels)"] = checked(gen(rl), heldout, seed)
+    if ppo_steps:
+        from train import ppo
+        cai.write_jsonl(f("prompts.jsonl"), [{"prompt": cai.conversation(q, "")} for q in prompts])
+        ppo_c = config("cai_ppo", seed, overrides)
+        ppo_c.train.update(steps=ppo_steps, ckpt_every=ppo_steps, eval_every=0)
+        ppo_c.ppo.update(prompts=f("prompts.jsonl"), policy_workdir=os.path.join(out, "sl"),
+                         pm_workdir=os.path.join(out, "pm"), reward_token=pm_c.train.reward_token)
+        ppo.run(ppo_c, os.path.join(out, "ppo"))
+        results["RL-CAI (PPO)"] = checked(gen(cai.load_params(ppo_c, os.path.join(out, "ppo"))), heldout, seed)
     with open(summary_path, "w") as fh:
         json.dump(results, fh, indent=1)
     return results
@@ -194,7 +205,9 @@ def run_seed(root: str, seed: int, base_steps: int, n_prompts: int, n_heldout: i
 def table(per_seed: list[dict], seeds: list[int]) -> str:
     cols = [f"{m}/{k}" for m in ("greedy", "sampled") for k in ("correct", "format", "both")]
     lines = ["| stage | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for label, _ in STAGES:
+    for label in [s for s, _ in STAGES] + ["RL-CAI (PPO)"]:
+        if label not in per_seed[0]:
+            continue
         lines.append(f"| {label} | " + " | ".join(cell([r[label][c] for r in per_seed]) for c in cols) + " |")
     lines += ["", "| measure | value (%) |", "|---|---|",
               f"| SL-CAI data: initial responses accepted | {cell([r['sl_data']['initial_both'] for r in per_seed])} |",
@@ -209,7 +222,7 @@ def main(argv):
     del argv
     F = flags.FLAGS
     root, seeds = os.path.abspath(F.root), [int(s) for s in F.seeds]
-    per_seed = [run_seed(root, s, F.base_steps, F.prompts, F.heldout, F.set) for s in seeds]
+    per_seed = [run_seed(root, s, F.base_steps, F.prompts, F.heldout, F.set, F.ppo_steps) for s in seeds]
     text = table(per_seed, seeds)
     with open(os.path.join(root, "cai_table.md"), "w") as fh:
         fh.write(text + "\n")
@@ -222,5 +235,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("base_steps", 1500, "Steps of base pretraining on the templated corpus.")
     flags.DEFINE_integer("prompts", 2048, "Questions for SL-CAI and for RL-CAI labels.")
     flags.DEFINE_integer("heldout", 256, "Held-out questions for the checked metric (a multiple of 8).")
+    flags.DEFINE_integer("ppo_steps", 100, "PPO iterations against the preference model (0: no PPO stage).")
     flags.DEFINE_multi_string("set", [], "Config overrides for every stage, as section.key=value.")
     app.run(main)

@@ -186,3 +186,50 @@ def test_ppo_pieces_match_numpy():
     clipped = values_old + np.clip(np.float64(values) - values_old, -0.2, 0.2)
     want_vl = 0.5 * np.sum(np.maximum((values - want_ret) ** 2, (clipped - want_ret) ** 2) * mask) / n
     np.testing.assert_allclose(vl, want_vl, rtol=1e-5)
+
+
+def test_arithmetic_constitution_checker_corpus_and_rollout_rows():
+    from experiments.cai_run import CONSTITUTION
+
+    c = cai.load_constitution(CONSTITUTION)
+    problem = next(p for p in (data.training_problem(0, i) for i in range(10)) if p is not None and p.num_steps >= 2)
+    responses = cai.flawed_responses(problem, 0)
+    verdicts = {k: cai.check_response(problem, r) for k, r in responses.items()}
+    assert verdicts == {"good": {"correct": True, "format": True}, "wrong": {"correct": False, "format": True},
+                        "unformatted": {"correct": True, "format": False},
+                        "both": {"correct": False, "format": False}}
+    assert not cai.check_response(problem, responses["good"].replace("=", "=1", 1))["correct"]  # a wrong middle step
+    rows = cai.format_corpus(c, 0, range(40))
+    problems = {cai.human_text(p): p for p in (data.training_problem(0, i) for i in range(40)) if p is not None}
+    kinds = {"response": 0, "critique": 0, "revision": 0, "comparison": 0}
+    for r in rows:
+        human = r["prompt"][r["prompt"].index("Human: ") + 7:].split("\n", 1)[0]
+        p = problems[human]
+        if r["prompt"].endswith(("Critique:", "Revision:")):
+            response = r["prompt"].split("Assistant: ", 1)[1].split("\n\n", 1)[0]
+            request = r["prompt"].split("CritiqueRequest: ", 1)[1].split("\n\n", 1)[0]
+            name = next(q.name for q in c.principles if q.critique == request)
+            critique = " " + cai.critique_text(name, cai.check_response(p, response))
+        if r["prompt"].endswith("Critique:"):
+            kinds["critique"] += 1
+            assert r["completion"] == critique  # the program's verdict under the drawn principle
+        elif r["prompt"].endswith("Revision:"):
+            kinds["revision"] += 1
+            assert r["prompt"].split("Critique:", 1)[1].startswith(critique + "\n\nRevisionRequest: ")
+            assert r["completion"] == " " + p.cot and all(cai.check_response(p, p.cot).values())
+        elif r["prompt"].endswith(cai.ANSWER):
+            kinds["comparison"] += 1
+            question = r["prompt"].split("\n")[2]
+            name = next(q.name for q in c.principles if q.feedback == question)
+            a, b = (r["prompt"].split(f"({x}) ", 1)[1].split("\n", 1)[0] for x in "AB")
+            ok = cai.check_response(p, a)[name], cai.check_response(p, b)[name]
+            assert ok[0] != ok[1] and r["completion"] == ("A)" if ok[0] else "B)")
+        else:
+            kinds["response"] += 1
+            assert r["completion"] in cai.flawed_responses(p, 0).values()
+    assert min(kinds.values()) > 0 and kinds["response"] == kinds["critique"] == kinds["revision"]
+    # PPO rollout rows: the mask covers the response's targets (and its eos); the score is read at its last token
+    inputs, targets, mask, last = ppo.rollout_rows([[1, 5, 6], [1, 7]], [[8, 9, 2], [4, 4, 4, 4]], 2, 0, 6)
+    assert inputs[0].tolist() == [1, 5, 6, 8, 9, 0] and targets[0].tolist() == [5, 6, 8, 9, 2, 0]
+    assert mask[0].tolist() == [0, 0, 1, 1, 1, 0] and last[0] == 4  # token 9
+    assert inputs[1].tolist() == [1, 7, 4, 4, 4, 0] and mask[1].tolist() == [0, 1, 1, 1, 1, 0] and last[1] == 4
