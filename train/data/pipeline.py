@@ -253,7 +253,9 @@ def check_lengths(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict, tok
     (how many, the longest, the fix) unless they may be cut (data.truncate, or the automatic chunks of
     'text' / 'stdlib'), which is logged with the count. Returns whether encoding may cut examples."""
     c = data_cfg
-    if c.source in synthetic.SYNTHETIC_SOURCES + ("preference",):  # checked exactly in _records
+    if c.source in synthetic.SYNTHETIC_SOURCES:  # checked exactly in _records
+        return False
+    if c.source == "preference":  # checked (and cut with data.truncate) in _records, naming each record
         return bool(c.truncate)
     generated = split == "train" and c.source in ("arithmetic", "arithmetic_pairs")
     n = min(len(ds), SCAN_GENERATED) if generated else len(ds)
