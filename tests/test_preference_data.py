@@ -96,3 +96,22 @@ def test_lengths_prompts_too_long_truncation_and_reference_fields(tmp_path, capl
     batch = next(iter(data.make_dataset(config([ref], reference_logps=True, packing=False), tokenizer=BYTE,
                                         seq_len=16, batch_size=2)))
     assert batch["chosen_ref_logp"][0, 0] == -1.5 and batch["rejected_ref_logp"][0, 0] == -2.5
+
+
+def test_config_validation_of_the_preference_objectives():
+    from experiments import orpo_arith, orpo_dpo
+    from train.config import validate
+
+    c = orpo_arith.get_config()
+    c.train.objective = "dpo"
+    with pytest.raises(ValueError, match="set data.source='preference' and data.reference_logps=True"):
+        validate(c)
+    validate(orpo_dpo.get_config())
+    c = orpo_dpo.get_config()
+    c.train.update(objective="preference_model", reward_token=259)
+    with pytest.raises(ValueError, match=r"train.reward_token \(259\) is outside the vocabulary"):
+        validate(c)
+    c = orpo_arith.get_config()
+    c.data.source = "arithmetic"
+    with pytest.raises(ValueError, match="train.objective='orpo' reads the batch keys"):
+        validate(c)

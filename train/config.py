@@ -130,6 +130,10 @@ def validate(config, platform: str | None = None):
     if t.objective not in objective.OBJECTIVES:
         raise ValueError(f"train.objective is {t.objective!r}; use one of {list(objective.OBJECTIVES)}.")
     wanted, given = objective.get(t).batch_keys, tuple(data.batch_keys(config.data))
+    if t.objective == "dpo" and not (config.data.source == "preference" and config.data.reference_logps):
+        raise ValueError("train.objective='dpo' reads the reference model's log-probs from the data; set "
+                         "data.source='preference' and data.reference_logps=True, on pairs files that "
+                         "train.orpo.add_reference_logps wrote.")
     if not set(wanted) <= set(given):  # a source may yield more (e.g. soft labels) than an objective reads
         raise ValueError(f"train.objective={t.objective!r} reads the batch keys {list(wanted)} but data.source="
                          f"{config.data.source!r} yields {list(given)}; pick an objective and a source that agree.")

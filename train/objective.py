@@ -1,7 +1,8 @@
 """Objectives: what the train step differentiates, by name (``config.train.objective``).
 
 An objective declares the batch it reads (``batch_keys``: int32 [batch, seq] arrays, the LM's five
-or the paired ``chosen_*``/``rejected_*``), what it logs, and computes, from the parameters and
+or the paired ``chosen_*``/``rejected_*``, and for the preference objectives of ``train.orpo`` float32
+per-pair features such as the reference log-probs), what it logs, and computes, from the parameters and
 one (micro)batch, a ``Loss``:
 
     total    summed loss to differentiate: the task loss plus weight x sum(aux["losses"])
