@@ -233,3 +233,15 @@ def test_arithmetic_constitution_checker_corpus_and_rollout_rows():
     assert inputs[0].tolist() == [1, 5, 6, 8, 9, 0] and targets[0].tolist() == [5, 6, 8, 9, 2, 0]
     assert mask[0].tolist() == [0, 0, 1, 1, 1, 0] and last[0] == 4  # token 9
     assert inputs[1].tolist() == [1, 7, 4, 4, 4, 0] and mask[1].tolist() == [0, 1, 1, 1, 1, 0] and last[1] == 4
+
+
+def test_pairs_left_out_are_counted_in_the_log(caplog):
+    import logging
+
+    records = [{"prompt": "p", "initial": "a", "completion": "a"}, {"prompt": "p", "initial": "a", "completion": "b"},
+               {"prompt": "p", "initial": " ", "completion": "b"}]
+    with caplog.at_level(logging.WARNING):
+        assert [r["chosen"] for r in cai.revision_pairs(records)] == ["b"]
+        labeled = [{"chosen": "x", "rejected": "x"}, {"chosen": "x", "rejected": "y"}, {"chosen": "", "rejected": "y"}]
+        assert cai.labeled_pairs(labeled) == [labeled[1]]
+    assert "2 of 3 SL-CAI records left out" in caplog.text and "AI-feedback pairs: 2 of 3 left out" in caplog.text

@@ -42,6 +42,7 @@ import random
 from typing import Protocol, Sequence
 
 import numpy as np
+from absl import logging
 
 from train.data.records import stable_hash
 from train.data.text import read_text
@@ -243,10 +244,15 @@ def critique_revise(prompts: Sequence[str], constitution: Constitution, generato
 
 def revision_pairs(records: Sequence[dict]) -> list[dict]:
     """(prompt, chosen = final revision, rejected = initial response) pairs, label 1, marked as the
-    extension they are; pairs whose two responses are equal (nothing revised) are left out."""
-    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["initial"], "label": 1.0,
-             "origin": "revision_vs_initial"} for r in records if r["completion"].strip() != r["initial"].strip()
-            and r["completion"].strip() and r["initial"].strip()]
+    extension they are; records whose two responses are equal (nothing revised) or empty are left out, the
+    count logged."""
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["initial"], "label": 1.0,
+              "origin": "revision_vs_initial"} for r in records if r["completion"].strip() != r["initial"].strip()
+             and r["completion"].strip() and r["initial"].strip()]
+    if len(pairs) < len(records):
+        logging.warning("revision pairs: %d of %d SL-CAI records left out (revision equal to the initial response, "
+                        "or an empty response).", len(records) - len(pairs), len(records))
+    return pairs
 
 
 # ----------------------------------------------------------------------------- RL-CAI
@@ -298,9 +304,13 @@ def feedback_labels(prompts: Sequence[str], constitution: Constitution, policy: 
 
 
 def labeled_pairs(records: Sequence[dict]) -> list[dict]:
-    """The feedback records that make preference pairs (non-empty, different responses); the rest are
-    counted by the caller (``write_jsonl`` returns how many were written)."""
-    return [r for r in records if r["chosen"] and r["rejected"] and r["chosen"] != r["rejected"]]
+    """The feedback records that make preference pairs (non-empty, different responses); the others are left
+    out, the count logged."""
+    pairs = [r for r in records if r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"]]
+    if len(pairs) < len(records):
+        logging.warning("AI-feedback pairs: %d of %d left out (an empty response, or two equal samples).",
+                        len(records) - len(pairs), len(records))
+    return pairs
 
 
 # ----------------------------------------------------------------------------- files

@@ -4,7 +4,7 @@ preference model (Bai et al. 2022), all as objectives of the one trainer (``trai
 
 For a pair (x, y_w, y_l) of a paired batch (PAIR_KEYS; one pair is segment s of row r on both sides):
 
-ORPO (eq. 6-8):   L = L_SFT + lambda * L_OR,   L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)),
+ORPO (sec. 4, eqs. 4-7):   L = L_SFT + lambda * L_OR,   L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)),
     log odds(y) = l - log(1 - e^l),  l = (1/|y|) sum_t log p(y_t | x, y_<t)   (mean per-token log-prob)
     L_SFT = -(1/|y_w|) sum_t log p(y_w,t | ...): the chosen response's mean NLL (with
     ``train.orpo_nll_on_prompt``, over the prompt's tokens too).
