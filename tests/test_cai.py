@@ -173,8 +173,8 @@ def test_ppo_pieces_match_numpy():
     np.testing.assert_allclose(ret, want_ret, rtol=1e-5, atol=1e-6)
     # clipped surrogate and clipped value loss, values and gradients
     a = np.float64(want_adv)
-    (loss, stats), grad = jax.value_and_grad(ppo.policy_loss, has_aux=True)(logp, logp_old, jnp.asarray(adv), mask,
-                                                                            0.2)
+    (loss, stats), grad = jax.jit(jax.value_and_grad(ppo.policy_loss, has_aux=True), static_argnums=4)(
+        logp, logp_old, adv, mask, 0.2)
     ratio = np.exp(np.float64(logp) - logp_old)
     surr = np.minimum(ratio * a, np.clip(ratio, 0.8, 1.2) * a)
     n = mask.sum()
@@ -182,7 +182,7 @@ def test_ppo_pieces_match_numpy():
     active = np.where(ratio * a <= np.clip(ratio, 0.8, 1.2) * a, 1.0, 0.0)  # the unclipped term is the min
     np.testing.assert_allclose(grad, -active * ratio * a * mask / n, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(stats["clip_fraction"], np.sum((np.abs(ratio - 1) > 0.2) * mask) / n, rtol=1e-6)
-    vl = ppo.value_loss(values, values_old, jnp.asarray(ret), mask, 0.2)
+    vl = jax.jit(ppo.value_loss, static_argnums=4)(values, values_old, ret, mask, 0.2)
     clipped = values_old + np.clip(np.float64(values) - values_old, -0.2, 0.2)
     want_vl = 0.5 * np.sum(np.maximum((values - want_ret) ** 2, (clipped - want_ret) ** 2) * mask) / n
     np.testing.assert_allclose(vl, want_vl, rtol=1e-5)
@@ -245,3 +245,33 @@ def test_pairs_left_out_are_counted_in_the_log(caplog):
         labeled = [{"chosen": "x", "rejected": "x"}, {"chosen": "x", "rejected": "y"}, {"chosen": "", "rejected": "y"}]
         assert cai.labeled_pairs(labeled) == [labeled[1]]
     assert "2 of 3 SL-CAI records left out" in caplog.text and "AI-feedback pairs: 2 of 3 left out" in caplog.text
+
+
+def test_ppo_step_on_a_tiny_model():
+    """The loop's rollout preparation and update (train/ppo.py make_ppo_step): at the reference the KL penalty is
+    0, the rewards are the preference model's score on the last response token, the ratio is 1 (no clipping),
+    and an update moves the policy."""
+    import optax
+
+    import models
+    from tests.helpers import jit, random_params, tiny
+    from train import orpo, step as step_lib
+
+    model, cfg = models.get("transformer"), tiny("transformer")
+    params, pm = random_params(cfg, 0), random_params(cfg, 1)
+    p = ppo.default_config()
+    tx = optax.sgd(0.1)
+    prepare, update = ppo.make_ppo_step(model, cfg, tx, p, jit=jit)
+    rows = ppo.rollout_rows([[1, 5, 6], [1, 7]], [[8, 9, 2], [4, 4, 4, 4]], 2, 0, 8)
+    rollout, stats = prepare(params, params, pm, *rows)
+    score = jit(lambda q, t, l: orpo.sequence_rewards(model, cfg, q, t, l, p.reward_token))(pm, rows[0], rows[3])
+    assert float(stats["kl"]) == 0.0
+    np.testing.assert_allclose(float(stats["score"]), np.mean(np.asarray(score)), rtol=1e-5)
+    mask = rows[2]
+    np.testing.assert_allclose(np.sum(np.asarray(rollout["advantages"]) * mask) / mask.sum(), 0.0, atol=1e-5)
+    state = step_lib.TrainState(step=np.zeros((), np.int32), params=params, opt_state=tx.init(params))
+    new, out = update(state, rollout)
+    assert float(out["clip_fraction"]) == 0.0 and float(out["approx_kl"]) < 1e-10 and np.isfinite(float(out["loss"]))
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(new.params),
+                                                                        jax.tree.leaves(params))]
+    assert int(new.step) == 1 and max(moved) > 0

@@ -137,6 +137,36 @@ def rollout_rows(prompt_ids: list[list[int]], responses: list[list[int]], eos_id
     return inputs, targets, mask, last
 
 
+def make_ppo_step(model, mcfg, tx, p, jit=jax.jit):
+    """(prepare, update), jitted, for the ``ppo`` config section ``p``:
+    prepare(params, reference, pm, inputs, targets, mask, last) -> (rollout, {score, kl}): the policy's
+    log-probs and values, the reference's log-probs, the preference model's score, KL-penalized rewards, GAE
+    (advantages whitened); update(state, rollout) -> (state, metrics): one optimizer step on `ppo_loss`.
+    ``jit``: how they are compiled (tests pass a faster-compiling one)."""
+    from train import step as step_lib
+    from train.orpo import sequence_rewards
+
+    @jit
+    def prepare(params, reference, pm, inputs, targets, mask, last):
+        logp_old, values_old = policy_and_values(model, mcfg, params, inputs, targets, p.value_token)
+        x, _ = forward(model, mcfg, reference, {"inputs": inputs})
+        logp_ref = token_logps(model, mcfg, reference, x, targets)
+        score = sequence_rewards(model, mcfg, pm, inputs, last, p.reward_token)
+        rewards, kl = kl_rewards(logp_old, logp_ref, score, mask, p.kl_coef)
+        adv, ret = gae(rewards, values_old, mask, p.gamma, p.lam)
+        return dict(inputs=inputs, targets=targets, mask=mask, logp_old=logp_old, values_old=values_old,
+                    advantages=whiten(adv, mask), returns=ret), {"score": jnp.mean(score), "kl": jnp.mean(kl)}
+
+    @jit
+    def update(state, rollout):
+        (loss, stats), grads = jax.value_and_grad(
+            lambda q: ppo_loss(model, mcfg, q, rollout, value_token=p.value_token, clip=p.clip,
+                               value_clip=p.value_clip, value_coef=p.value_coef), has_aux=True)(state.params)
+        return step_lib.apply_gradients(tx, state, grads), {"loss": loss, **stats}
+
+    return prepare, update
+
+
 def run(config, workdir: str) -> dict:
     """PPO of the policy in ``config.ppo.policy_workdir`` against the preference model in ``config.ppo.pm_workdir``
     for ``train.steps`` iterations of ``train.batch_size`` rollouts each, in ``workdir``: the trainer's state,
@@ -168,24 +198,7 @@ def run(config, workdir: str) -> dict:
     else:
         state, _, start = restored
 
-    @jax.jit
-    def prepare(params, reference, pm, inputs, targets, mask, last):
-        logp_old, values_old = policy_and_values(model, mcfg, params, inputs, targets, p.value_token)
-        x, _ = forward(model, mcfg, reference, {"inputs": inputs})
-        logp_ref = token_logps(model, mcfg, reference, x, targets)
-        from train.orpo import sequence_rewards
-        score = sequence_rewards(model, mcfg, pm, inputs, last, p.reward_token)
-        rewards, kl = kl_rewards(logp_old, logp_ref, score, mask, p.kl_coef)
-        adv, ret = gae(rewards, values_old, mask, p.gamma, p.lam)
-        return dict(inputs=inputs, targets=targets, mask=mask, logp_old=logp_old, values_old=values_old,
-                    advantages=whiten(adv, mask), returns=ret), {"score": jnp.mean(score), "kl": jnp.mean(kl)}
-
-    @jax.jit
-    def update(state, rollout):
-        (loss, stats), grads = jax.value_and_grad(
-            lambda q: ppo_loss(model, mcfg, q, rollout, value_token=p.value_token, clip=p.clip,
-                               value_clip=p.value_clip, value_coef=p.value_coef), has_aux=True)(state.params)
-        return step_lib.apply_gradients(tx, state, grads), {"loss": loss, **stats}
+    prepare, update = make_ppo_step(model, mcfg, tx, p)
 
     logger = metrics.MetricsLogger(workdir, total_steps=t.steps, initial_step=start, progress=t.progress)
     last_metrics = {}
