@@ -213,7 +213,8 @@ def table(per_seed: list[dict], seeds: list[int]) -> str:
               f"| SL-CAI data: initial responses accepted | {cell([r['sl_data']['initial_both'] for r in per_seed])} |",
               f"| SL-CAI data: revisions accepted | {cell([r['sl_data']['revision_both'] for r in per_seed])} |",
               f"| AI feedback labels agreeing with the program | {cell([r['ai_label_agreement'] for r in per_seed])} |",
-              f"| preference model agreeing with the program (held out) | {cell([r['pm_agreement'] for r in per_seed])} |"]
+              "| preference model agreeing with the program (held out) | "
+              f"{cell([r['pm_agreement'] for r in per_seed])} |"]
     return (f"Share of held-out responses the program accepts (%), mean [min, max] over seeds {seeds}\n\n"
             + "\n".join(lines))
 

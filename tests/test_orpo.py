@@ -198,7 +198,8 @@ def test_model_log_probs_agree_with_token_nll_and_objectives_are_registered(mode
     np.testing.assert_allclose(np.asarray(row_logp), -np.asarray(nll), rtol=1e-5, atol=1e-5)
     assert float(out.weight) == 3 and np.isfinite(float(out.total))
     for name, cls in (("orpo", orpo.ORPO_LOGS), ("dpo", orpo.DPO_LOGS)):
-        assert objective.OBJECTIVES[name](None, **({"lam": 0.1, "nll_on_prompt": False} if name == "orpo" else {"beta": 0.1})).logs == cls
+        kwargs = {"lam": 0.1, "nll_on_prompt": False} if name == "orpo" else {"beta": 0.1}
+        assert objective.OBJECTIVES[name](None, **kwargs).logs == cls
     assert objective.OBJECTIVES["dpo"](None, beta=0.1).batch_keys == data.PAIR_KEYS + data.preference.REFERENCE_FEATURES
 
 

@@ -40,8 +40,8 @@ def test_string_and_chat_records_batch_with_prompt_masked_and_soft_labels(tmp_pa
     kept, counts = data.fit_records(records, BYTE, 64)
     assert len(kept) == 3 and counts == {"cut": 0, "dropped": 1}
     for packing in (False, True):
-        batch = next(iter(data.make_dataset(config([path], eval_paths=[path], packing=packing), tokenizer=BYTE, seq_len=64,
-                                            batch_size=4, split="eval")))
+        batch = next(iter(data.make_dataset(config([path], eval_paths=[path], packing=packing), tokenizer=BYTE,
+                                            seq_len=64, batch_size=4, split="eval")))
         assert set(batch) == set(data.batch_keys(config([path]))) and batch["label"].dtype == np.float32
         texts = {}
         for side in ("chosen", "rejected"):

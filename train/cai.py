@@ -129,7 +129,8 @@ def critique_prompt(prompt: str, response: str, request: str) -> str:
 
 def revision_prompt(prompt: str, response: str, critique_request: str, critique: str, request: str) -> str:
     """The text after which the model writes a revision."""
-    return f"{critique_prompt(prompt, response, critique_request)} {critique}\n\nRevisionRequest: {request}\n\nRevision:"
+    return (f"{critique_prompt(prompt, response, critique_request)} {critique}\n\nRevisionRequest: {request}"
+            f"\n\nRevision:")
 
 
 def few_shot(constitution: Constitution) -> str:
@@ -223,7 +224,8 @@ def critique_revise(prompts: Sequence[str], constitution: Constitution, generato
     shots = few_shot(constitution) if use_few_shot else ""
     initial = generator.generate([conversation(p, "") for p in prompts], sample=sample_initial, seed=seed)
     current = list(initial)
-    records = [{"human": p, "prompt": conversation(p, ""), "initial": r, "rounds": []} for p, r in zip(prompts, initial)]
+    records = [{"human": p, "prompt": conversation(p, ""), "initial": r, "rounds": []}
+               for p, r in zip(prompts, initial)]
     for k in range(rounds):
         drawn = [draw_principle(constitution, seed, "sl", i, k) for i in range(len(prompts))]
         critiques = generator.generate([shots + critique_prompt(p, r, d.critique)
@@ -470,7 +472,8 @@ def format_corpus(constitution: Constitution, seed: int, indices: Sequence[int],
         out.append({"prompt": conversation(q, ""), "completion": response})
         p = constitution.principles[rng.randrange(len(constitution.principles))]
         verdict = check_response(problem, response)
-        out.append({"prompt": critique_prompt(q, response, p.critique), "completion": " " + critique_text(p.name, verdict)})
+        out.append({"prompt": critique_prompt(q, response, p.critique),
+                    "completion": " " + critique_text(p.name, verdict)})
         out.append({"prompt": revision_prompt(q, response, p.critique, critique_text(p.name, verdict), p.revision),
                     "completion": " " + responses["good"]})
         a, b = rng.sample(list(responses.values()), 2)

@@ -109,7 +109,7 @@ def default_config():
     import ml_collections
 
     return ml_collections.ConfigDict(dict(
-        prompts="",          # JSONL of {"prompt": str}: the text the policy continues (e.g. "Human: ...\n\nAssistant: ")
+        prompts="",          # JSONL of {"prompt": str}: the text the policy continues ("Human: ...\n\nAssistant: ")
         policy_workdir="",   # the run whose latest parameters start the policy and are the frozen reference
         pm_workdir="",       # the preference model's run (objective 'preference_model', same model.*)
         reward_token=3,      # the preference model's scalar head (its train.reward_token)
