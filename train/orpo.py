@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -285,9 +286,10 @@ def add_reference_logps(model, mcfg, ref_params, in_path: str, out_path: str, to
             objs.append(json.loads(line))
             records.append(parse_record(objs[-1], f"{in_path}, line {lineno}"))
     logps = reference_logps(model, mcfg, ref_params, records, tokenizer, seq_len, batch_size)
-    with open(out_path, "w", encoding="utf-8") as f:
+    with open(f"{out_path}.tmp", "w", encoding="utf-8") as f:  # renamed when complete: a rerun never sees half
         for obj, (c, r) in zip(objs, logps):
             f.write(json.dumps({**obj, "ref_chosen_logp": float(c), "ref_rejected_logp": float(r)}) + "\n")
+    os.replace(f"{out_path}.tmp", out_path)
     return len(objs)
 
 
