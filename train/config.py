@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Integrity and records (train/trainer.py): nonfinite: "stop" ends the run at a non-finite loss or
     # gradient norm, "skip" leaves that step's update out and counts it (nonfinite_skipped); a resume
     # that changes data.*, model.*, seed, train.objective or optim.name is refused unless allow_config_change.
+    # Preference objectives (train/orpo.py): ORPO's lambda and whether its NLL covers the prompt, DPO's beta, and
+    # the token whose head column is the preference model's scalar head (3: the byte tokenizer's NUL byte).
+    c.train.update(orpo_lambda=0.1, orpo_nll_on_prompt=False, dpo_beta=0.1, reward_token=3)
     c.train.nonfinite = "stop"
     c.train.allow_config_change = False
 
@@ -127,7 +130,11 @@ def validate(config, platform: str | None = None):
     if t.objective not in objective.OBJECTIVES:
         raise ValueError(f"train.objective is {t.objective!r}; use one of {list(objective.OBJECTIVES)}.")
     wanted, given = objective.get(t).batch_keys, tuple(data.batch_keys(config.data))
-    if set(wanted) != set(given):
+    if t.objective == "dpo" and not (config.data.source == "preference" and config.data.reference_logps):
+        raise ValueError("train.objective='dpo' reads the reference model's log-probs from the data; set "
+                         "data.source='preference' and data.reference_logps=True, on pairs files that "
+                         "train.orpo.add_reference_logps wrote.")
+    if not set(wanted) <= set(given):  # a source may yield more (e.g. soft labels) than an objective reads
         raise ValueError(f"train.objective={t.objective!r} reads the batch keys {list(wanted)} but data.source="
                          f"{config.data.source!r} yields {list(given)}; pick an objective and a source that agree.")
     if o.name not in optim.OPTIMIZERS:
@@ -159,6 +166,11 @@ def validate(config, platform: str | None = None):
     if t.nonfinite not in ("stop", "skip"):
         raise ValueError(f"train.nonfinite is {t.nonfinite!r}; use 'stop' (end the run at a non-finite loss or "
                          f"gradient norm) or 'skip' (skip such steps and count them).")
+    if t.orpo_lambda < 0 or t.dpo_beta <= 0:
+        raise ValueError(f"train.orpo_lambda ({t.orpo_lambda}) must be >= 0 and train.dpo_beta ({t.dpo_beta}) > 0.")
+    if not 0 <= t.reward_token < mcfg.vocab_size:
+        raise ValueError(f"train.reward_token ({t.reward_token}) is outside the vocabulary 0..{mcfg.vocab_size - 1}; "
+                         f"pick a token the data never uses.")
     if not 0 < o.lr < 1:
         raise ValueError(f"optim.lr is {o.lr}; use a learning rate in (0, 1).")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:

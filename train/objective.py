@@ -1,7 +1,8 @@
 """Objectives: what the train step differentiates, by name (``config.train.objective``).
 
 An objective declares the batch it reads (``batch_keys``: int32 [batch, seq] arrays, the LM's five
-or the paired ``chosen_*``/``rejected_*``), what it logs, and computes, from the parameters and
+or the paired ``chosen_*``/``rejected_*``, and for the preference objectives of ``train.orpo`` float32
+per-pair features such as the reference log-probs), what it logs, and computes, from the parameters and
 one (micro)batch, a ``Loss``:
 
     total    summed loss to differentiate: the task loss plus weight x sum(aux["losses"])
@@ -153,6 +154,18 @@ def pair_margin_objective(train_cfg=None, *, beta: float | None = None, nll_weig
 
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {"lm": lm_objective, "pair_margin": pair_margin_objective}
+
+
+def _preference(factory: str) -> Callable[..., Objective]:
+    """An objective of ``train.orpo`` (imported when asked for: it builds on this module)."""
+    def make(train_cfg=None, **kwargs) -> Objective:
+        from train import orpo
+        return getattr(orpo, factory)(train_cfg, **kwargs)
+    return make
+
+
+OBJECTIVES.update(orpo=_preference("orpo_objective"), dpo=_preference("dpo_objective"),
+                  preference_model=_preference("preference_model_objective"))
 
 
 def get(train_cfg) -> Objective:

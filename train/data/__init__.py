@@ -17,6 +17,10 @@ Sources (``data_cfg.source``):
     a wrong final answer (`wrong_answer`: the correct one +-1..3, from a stable hash of seed and
     question). Training skips held-out questions as ``'arithmetic'`` does; the eval split is its
     held-out problems as pairs. Batches carry PAIR_KEYS (below).
+  * ``'preference'``: preference pairs from JSONL files (`train.data.preference`): prompt, chosen and
+    rejected as strings or chat messages, an optional soft ``label``, optional reference log-probs
+    (``data.reference_logps``). Batches carry PAIR_KEYS and float32 per-pair features ("label", ...)
+    spread over each pair's tokens on the chosen side.
   * ``'text'``: UTF-8 text files. Each file is split on blank lines into documents; a document
     longer than the context is cut at line ends into chunks of at most ``seq_len - 1`` characters
     (``data_cfg.chunk_chars`` overrides). Every token is trained on.
@@ -67,6 +71,8 @@ from train.data.config import (BATCH_KEYS, DATA_VARIANTS, PAIR_KEYS, PAIR_SIDES,
                                batch_keys, default_config, make_tokenizer, validate)
 from train.data.pipeline import batch_examples, encode_example, encode_pair, example_dataset, make_dataset
 from train.data.records import PairRecord, Record, stable_hash
+from train.data.preference import (PreferenceRecord, apply_chat_template, encode_preference, fit_records,
+                                   pair_features, read_preference_jsonl)
 from train.data.synthetic import (COPY_MARKER, NOISE, SYNTHETIC_SOURCES, TASK_SPLITS, TASK_SYMBOLS, TRIGGER,
                                   induction_heads, min_task_length, selective_copying, synthetic_completion_length,
                                   synthetic_example_tokens, synthetic_heldout, synthetic_record)

@@ -8,7 +8,7 @@ from models.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 from train.data.arithmetic import CONTEXT_STRIDE, MAX_STEPS, VARIANTS
 from train.data.synthetic import SYNTHETIC_SOURCES, TASK_SYMBOLS, min_task_length
 
-PAIR_SOURCES = ("arithmetic_pairs",)
+PAIR_SOURCES = ("arithmetic_pairs", "preference")
 SOURCES = ("arithmetic", "text", "jsonl", "stdlib") + SYNTHETIC_SOURCES + PAIR_SOURCES
 DATA_VARIANTS = VARIANTS + ("mixture",)
 TOKENIZERS = ("byte", "sentencepiece")
@@ -21,7 +21,8 @@ def default_config() -> ml_collections.ConfigDict:
     """The data section of an experiment config."""
     return ml_collections.ConfigDict(
         dict(
-            # 'arithmetic' | 'arithmetic_pairs' | 'text' | 'jsonl' | 'stdlib' | 'selective_copying' | 'induction_heads'
+            # 'arithmetic' | 'arithmetic_pairs' | 'preference' | 'text' | 'jsonl' | 'stdlib' | 'selective_copying' |
+            # 'induction_heads'
             source="arithmetic",
             variant="cot",  # arithmetic completions: 'cot' (every step), 'direct' or 'mixture' (contexts of both)
             context_problems=4,  # 'mixture': at most this many problems per context
@@ -35,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
             packing=True,  # several examples per row (otherwise one, padded)
             pack_bins=0,  # rows packed at once; 0 means 4 x the per-process batch
             loss_on_prompt=False,  # also train on prompt tokens
+            reference_logps=False,  # 'preference': records carry ref_chosen_logp / ref_rejected_logp (for DPO)
             # An example longer than train.seq_len (+1 for the shifted targets) is refused with a count and the
             # longest length (False), or cut to fit, the count logged (True). Chunks of 'text' / 'stdlib' at
             # chunk_chars=0 are cut to fit either way (a chunk of seq_len - 1 characters can exceed seq_len tokens).
@@ -54,7 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def batch_keys(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The keys of the batches ``data_cfg`` yields: PAIR_KEYS for a paired source, else BATCH_KEYS."""
+    """The keys of the batches ``data_cfg`` yields: PAIR_KEYS for a paired source (with 'preference', also its
+    float per-pair features: `train.data.preference.pair_features`), else BATCH_KEYS."""
+    if data_cfg.source == "preference":
+        from train.data.preference import pair_features
+        return PAIR_KEYS + pair_features(data_cfg)
     return PAIR_KEYS if data_cfg.source in PAIR_SOURCES else BATCH_KEYS
 
 
@@ -71,7 +77,7 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
         c.variant in DATA_VARIANTS,
         f"data.variant={c.variant!r} is unknown; set it to one of {', '.join(map(repr, DATA_VARIANTS))}.",
     )
-    need(c.source not in PAIR_SOURCES or c.variant in VARIANTS,
+    need(c.source != "arithmetic_pairs" or c.variant in VARIANTS,
          f"data.variant={c.variant!r} has no preference pairs; set it to one of {', '.join(map(repr, VARIANTS))} "
          f"for data.source={c.source!r}.")
     need(1 <= c.context_problems <= CONTEXT_STRIDE // 2,
@@ -91,7 +97,7 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
         c.min_steps <= c.max_steps,
         f"data.min_steps={c.min_steps} exceeds data.max_steps={c.max_steps}; make min_steps <= max_steps.",
     )
-    if c.source in ("text", "jsonl"):
+    if c.source in ("text", "jsonl", "preference"):
         need(
             len(c.paths) > 0,
             f"data.paths is empty; list the {c.source} files to train on when data.source={c.source!r}.",

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from models.tokenizers import Tokenizer
-from train.data import arithmetic, synthetic, text
+from train.data import arithmetic, preference, synthetic, text
 from train.data.config import BATCH_KEYS, PAIR_SIDES, PAIR_SOURCES, validate
 from train.data.records import PairRecord, Record
 
@@ -28,6 +28,11 @@ from train.data.records import PairRecord, Record
 def _prefixes(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Key prefixes of one example's arrays: '' for LM sources, 'chosen_' and 'rejected_' for pairs."""
     return tuple(f"{side}_" for side in PAIR_SIDES) if data_cfg.source in PAIR_SOURCES else ("",)
+
+
+def _features(data_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Float per-pair feature keys (`train.data.preference`) of a source's batches."""
+    return preference.pair_features(data_cfg) if data_cfg.source == "preference" else ()
 
 
 def _too_long(count: int, total: str, longest: int, seq_len: int, source: str) -> str:
@@ -92,6 +97,10 @@ def _pad_example(example: dict[str, np.ndarray], seq_len: int, pad_id: int,
         row[p + "positions"] = np.where(row[p + "segment_ids"] == 1, np.arange(seq_len), 0).astype(np.int32)
         row[p + "loss_mask"] = np.zeros(seq_len, np.int32)
         row[p + "loss_mask"][:n] = example[p + "loss_mask"]
+    for key in preference.PAIR_FEATURES + preference.REFERENCE_FEATURES:  # float per-pair features, if any
+        if key in example:
+            row[key] = np.zeros(seq_len, np.float32)
+            row[key][: len(example[key])] = example[key]
     return row
 
 
@@ -101,6 +110,7 @@ def _rename_packed(row: dict[str, np.ndarray], prefixes: Sequence[str] = ("",)) 
         out.update({p + "inputs": row[p + "inputs"], p + "targets": row[p + "targets"],
                     p + "segment_ids": row[p + "inputs_segment_ids"], p + "positions": row[p + "inputs_positions"],
                     p + "loss_mask": row[p + "loss_mask"]})
+    out.update({k: row[k] for k in preference.PAIR_FEATURES + preference.REFERENCE_FEATURES if k in row})
     return out
 
 
@@ -109,16 +119,18 @@ def _stack_rows(rows: Sequence[dict[str, np.ndarray]], num_rows: int, pad_id: in
     """Stacks rows into [num_rows, seq_len] arrays, adding empty (all-padding) rows when short."""
     batch = {}
     for key in keys:
-        stacked = np.stack([r[key] for r in rows]).astype(np.int32, copy=False)
+        stacked = np.stack([r[key] for r in rows])
+        stacked = stacked.astype(np.float32 if stacked.dtype.kind == "f" else np.int32, copy=False)
         missing = num_rows - len(rows)
         if missing:
             fill = pad_id if key.endswith(("inputs", "targets")) else 0
-            stacked = np.concatenate([stacked, np.full((missing, stacked.shape[1]), fill, np.int32)])
+            stacked = np.concatenate([stacked, np.full((missing, stacked.shape[1]), fill, stacked.dtype)])
         batch[key] = stacked
     return batch
 
 
-def _records(data_cfg: ml_collections.ConfigDict, split: str, seed: int, seq_len: int) -> grain.MapDataset:
+def _records(data_cfg: ml_collections.ConfigDict, split: str, seed: int, seq_len: int,
+             tokenizer: Tokenizer | None = None) -> grain.MapDataset:
     """A MapDataset of Records (PairRecords for a paired source) for `split`; for arithmetic training,
     None marks a held-out index."""
     c = data_cfg
@@ -148,6 +160,16 @@ def _records(data_cfg: ml_collections.ConfigDict, split: str, seed: int, seq_len
                 lambda index: arithmetic.training_pair(seed, index, c.min_steps, c.max_steps, c.variant))
         problems = arithmetic.eval_problems(seed, c.eval_examples, c.min_steps, c.max_steps)
         return grain.MapDataset.source([arithmetic.preference_pair(p, seed, c.variant) for p in problems])
+
+    if c.source == "preference":
+        paths = list(c.paths if split == "train" else c.eval_paths)
+        if not paths:
+            raise ValueError("data.eval_paths is empty; list held-out preference files to evaluate on.")
+        records, _ = preference.fit_records(preference.read_preference_jsonl(paths, c.reference_logps), tokenizer,
+                                            seq_len, c.truncate)
+        if not records:
+            raise ValueError(f"data.source='preference' gave no pairs for split {split!r}; check the files it reads.")
+        return grain.MapDataset.source(records)
 
     if c.source in synthetic.SYNTHETIC_SOURCES:
         need_len = synthetic.synthetic_example_tokens(c)
@@ -202,7 +224,7 @@ def example_dataset(
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be at least 2.")
     seed = data_cfg.seed if seed is None else seed
-    ds = _records(data_cfg, split, seed, seq_len)
+    ds = _records(data_cfg, split, seed, seq_len, tokenizer)
     truncate = check_lengths(ds, data_cfg, tokenizer, seq_len, split)
     if split == "train":
         ds = ds.shuffle(seed)
@@ -211,7 +233,9 @@ def example_dataset(
     ds = ds[process_index::process_count]
     if split == "train":
         ds = ds.repeat()
-    if data_cfg.source in PAIR_SOURCES:
+    if data_cfg.source == "preference":
+        encode = functools.partial(preference.encode_preference, reference=data_cfg.reference_logps)
+    elif data_cfg.source in PAIR_SOURCES:
         encode = encode_pair
     else:
         encode = functools.partial(encode_example, truncate=truncate, source=data_cfg.source)
@@ -231,6 +255,8 @@ def check_lengths(ds: grain.MapDataset, data_cfg: ml_collections.ConfigDict, tok
     c = data_cfg
     if c.source in synthetic.SYNTHETIC_SOURCES:  # checked exactly in _records
         return False
+    if c.source == "preference":  # checked (and cut with data.truncate) in _records, naming each record
+        return bool(c.truncate)
     generated = split == "train" and c.source in ("arithmetic", "arithmetic_pairs")
     n = min(len(ds), SCAN_GENERATED) if generated else len(ds)
     count, longest, seen = 0, 0, 0
@@ -293,6 +319,7 @@ def make_dataset(
     prefixes = _prefixes(data_cfg)
     if data_cfg.packing:
         lengths = {p + key: seq_len for p in prefixes for key in ("inputs", "targets", "loss_mask")}
+        lengths.update({key: seq_len for key in _features(data_cfg)})
         # Only each side's `inputs` gets segment ids and positions; its other features follow that layout.
         ds = grain.experimental.FirstFitPackIterDataset(
             ds,
@@ -301,12 +328,12 @@ def make_dataset(
             seed=seed,
             shuffle_bins=split == "train",
             meta_features=tuple(k for k in lengths if not k.endswith("inputs")),
-            padding_struct={k: 0 if k.endswith("loss_mask") else pad_id for k in lengths},
+            padding_struct={k: pad_id if k.endswith(("inputs", "targets")) else 0 for k in lengths},
         )
         ds = ds.map(functools.partial(_rename_packed, prefixes=prefixes))
     else:
         ds = ds.map(functools.partial(_pad_example, seq_len=seq_len, pad_id=pad_id, prefixes=prefixes))
-    keys = tuple(p + key for p in prefixes for key in BATCH_KEYS)
+    keys = tuple(p + key for p in prefixes for key in BATCH_KEYS) + _features(data_cfg)
     ds = ds.batch(rows, drop_remainder=split == "train",
                   batch_fn=functools.partial(_stack_rows, num_rows=rows, pad_id=pad_id, keys=keys))
     if data_cfg.prefetch:
