@@ -31,13 +31,15 @@ NEG_INF = -jnp.inf
 
 
 def chunk_size(n: int, block: int) -> int:
-    """The chunk used for a length-``n`` axis with block size ``block``: ``n`` itself when n <= block."""
+    """The tile length for a length-``n`` axis: the largest divisor of ``n`` up to ``block`` (``n`` itself
+    when n <= block); ValueError when that is below block / 8 (tiles too small to be efficient)."""
     if n <= block:
         return n
-    if n % block:
-        raise ValueError(f"a block of {n} positions is not a multiple of the attention block size {block}; "
-                         f"choose a block size that divides it.")
-    return block
+    size = max(t for t in range(1, block + 1) if n % t == 0)
+    if size < block // 8:
+        raise ValueError(f"a block of {n} positions splits into tiles of at most {size} (of the attention block "
+                         f"size {block}); use a sequence length with a divisor near {block}, e.g. a multiple of it.")
+    return size
 
 
 def _split(x, n_chunks: int, axis: int = 1):

@@ -317,10 +317,9 @@ def check_length(seq_len: int, n: int, layout: str = "zigzag", what: str = "trai
     """ValueError unless a ring of ``n`` devices can split ``seq_len`` in ``layout``."""
     parts = 2 * n if layout == "zigzag" else n
     if n > 1 and seq_len % parts:
-        raise ValueError(f"{what} ({seq_len}) is not divisible by {parts} (2 x the {n} devices of the context "
-                         f"ring, for the balanced zigzag layout)" if layout == "zigzag" else
-                         f"{what} ({seq_len}) is not divisible by the {n} devices of the context ring"
-                         f"; make it a multiple of {parts}.")
+        why = (f"2 x the {n} devices of the context ring: the balanced zigzag layout gives each device two chunks"
+               if layout == "zigzag" else f"the {n} devices of the context ring")
+        raise ValueError(f"{what} ({seq_len}) is not divisible by {parts} ({why}); make it a multiple of {parts}.")
 
 
 def _map(fn, x_specs, out_specs, mesh):
@@ -330,6 +329,12 @@ def _map(fn, x_specs, out_specs, mesh):
 def _seq_spec(ndim: int, rules) -> PartitionSpec:
     """The spec of a [batch, seq, ...] activation: batch and seq by the rules, the rest replicated."""
     return sharding.logical_to_spec(("batch", "seq") + (None,) * (ndim - 2), rules)
+
+
+def needs_zigzag() -> bool:
+    """Whether ``models.transformer.blocks`` should move the sequence into the zigzag layout: a ring
+    of more than one device is active and the sequence is not in that layout already."""
+    return ring_axis()[3] > 1 and _LAYOUT.get() != "zigzag"
 
 
 def zigzag(x):
@@ -355,10 +360,13 @@ def unzigzag(x):
 def attend(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, q_start=0):
     """``models.attention`` entry for ``attention="ring"``: causal ring attention over the active
     mesh's ring axis, the sequence in the layout ``sequence_layout`` says; the blockwise kernel on
-    one device when there is no ring."""
+    one device when there is no ring. Cached decoding (queries at a cache offset, or fewer queries
+    than cache slots; the cache is not split along the ring) takes ``attention="auto"``."""
     if not (isinstance(q_start, int) and q_start == 0) or q.shape[1] != k.shape[1]:
-        raise ValueError("attention='ring' has no cached decoding (its mask is causal over one sequence); "
-                         "decode with model.attention='auto'.")
+        # Cached decoding and prefill: queries against a cache that is not split along the ring.
+        from models.attention import IMPLEMENTATIONS
+        return IMPLEMENTATIONS["auto"](q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                       q_start=q_start)
     mesh, rules, axis, n = ring_axis()
     layout = _LAYOUT.get()
     kw = dict(causal=True, layout=layout)
