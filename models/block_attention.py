@@ -30,6 +30,24 @@ import jax.numpy as jnp
 NEG_INF = -jnp.inf
 
 
+def fill(shape, value, like) -> jax.Array:
+    """float32 ``value`` of ``shape``, broadcast from a scalar that an ``optimization_barrier`` ties to
+    ``like`` (an input): computed where it is used, not hoisted as a constant residual (see ``loop``)."""
+    return jnp.broadcast_to(jax.lax.optimization_barrier((jnp.float32(value), like))[0], shape)
+
+
+def loop(n: int, body, init):
+    """``body(i, carry) -> carry`` for i = 0..n-1 as a ``while_loop`` (the body alone when n == 1).
+
+    Not a ``scan``: inside a differentiated ``lax.scan`` (the layer stack) JAX partially evaluates
+    the scans it finds, even inside a ``custom_vjp``'s forward, and stacks whatever their bodies
+    compute from constants alone (masks, fills) over the iterations, as residuals: [steps, tiles...]
+    arrays whose size grows with the whole sequence. A ``while_loop`` keeps no per-iteration values."""
+    if n == 1:
+        return body(jnp.int32(0), init)
+    return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])), (jnp.int32(0), init))[1]
+
+
 def chunk_size(n: int, block: int) -> int:
     """The tile length for a length-``n`` axis: the largest divisor of ``n`` up to ``block`` (``n`` itself
     when n <= block); ValueError when that is below block / 8 (tiles too small to be efficient)."""
@@ -92,13 +110,14 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
     qg = _split(q.reshape(b, sq, kvh, g, d), nq)
     q_idx_c = q_idx.reshape(nq, tq)
     q_seg_c = None if q_seg is None else _split(q_seg, nq)
-    kv_c = (_split(k, nk), _split(v, nk), k_idx.reshape(nk, tk), None if k_seg is None else _split(k_seg, nk))
+    k_c, v_c, k_idx_c = _split(k, nk), _split(v, nk), k_idx.reshape(nk, tk)
+    k_seg_c = None if k_seg is None else _split(k_seg, nk)
 
-    def one_query_chunk(args):
-        qc, qi, qs = args
+    def one_query_chunk(i, out):
+        qc, qi, qs = qg[i], q_idx_c[i], None if q_seg_c is None else q_seg_c[i]
 
-        def step(carry, kv):
-            kc, vc, ki, ks = kv
+        def step(j, carry):
+            kc, vc, ki, ks = k_c[j], v_c[j], k_idx_c[j], None if k_seg_c is None else k_seg_c[j]
 
             def attend(carry):
                 m, l, acc = carry
@@ -114,17 +133,18 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
                 pv = jnp.einsum("bkgqt,btkd->bkgqd", p.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
                 return m_new, l, acc * alpha[..., None] + pv
 
-            return jax.lax.cond(_visible(qi, ki, causal), attend, lambda c: c, carry), None
+            return jax.lax.cond(_visible(qi, ki, causal), attend, lambda c: c, carry)
 
-        init = (jnp.full((b, kvh, g, tq), NEG_INF, jnp.float32), jnp.zeros((b, kvh, g, tq), jnp.float32),
-                jnp.zeros((b, kvh, g, tq, d), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(step, init, kv_c)
+        init = (fill((b, kvh, g, tq), NEG_INF, qc), fill((b, kvh, g, tq), 0.0, qc), fill((b, kvh, g, tq, d), 0.0, qc))
+        m, l, acc = loop(nk, step, init)
         o = acc / jnp.where(l == 0, 1.0, l)[..., None]
         lse = jnp.where(l == 0, NEG_INF, jnp.where(m == NEG_INF, 0.0, m) + jnp.log(jnp.where(l == 0, 1.0, l)))
         # [b, kvh, g, tq, d] -> [b, tq, h, d]; [b, kvh, g, tq] -> [b, tq, h]
-        return (jnp.moveaxis(o, 3, 1).reshape(b, tq, h, d), jnp.moveaxis(lse, 3, 1).reshape(b, tq, h))
+        o_buf, lse_buf = out
+        return (o_buf.at[i].set(jnp.moveaxis(o, 3, 1).reshape(b, tq, h, d)),
+                lse_buf.at[i].set(jnp.moveaxis(lse, 3, 1).reshape(b, tq, h)))
 
-    o, lse = jax.lax.map(one_query_chunk, (qg, q_idx_c, q_seg_c))
+    o, lse = loop(nq, one_query_chunk, (fill((nq, b, tq, h, d), 0.0, q), fill((nq, b, tq, h), NEG_INF, q)))
     return _merge(o), _merge(lse)
 
 
@@ -143,16 +163,17 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
     q_c = (_split(q.reshape(b, sq, kvh, g, d), nq), _split(do.reshape(b, sq, kvh, g, d), nq),
            _split(to_heads(lse), nq, axis=3), _split(to_heads(delta), nq, axis=3), q_idx.reshape(nq, tq),
            None if q_seg is None else _split(q_seg, nq))
+    kv_c = (_split(k, nk), _split(v, nk), k_idx.reshape(nk, tk), None if k_seg is None else _split(k_seg, nk))
 
-    def one_key_chunk(dq, kv):
-        kc, vc, ki, ks = kv
+    def one_key_chunk(j, carry):
+        dq_buf, dk_buf, dv_buf = carry
+        kc, vc, ki, ks = (None if a is None else a[j] for a in kv_c)
 
-        def step(carry, qs_):
-            dk, dv = carry
-            qc, doc, lc, dc, qi, qs = qs_
+        def step(i, carry):
+            qc, doc, lc, dc, qi, qs = (None if a is None else a[i] for a in q_c)
 
             def grads(carry):
-                dk, dv = carry
+                dk, dv, dq_buf = carry
                 s = _scores(qc, kc, scale)
                 p = jnp.exp(s - jnp.where(lc == NEG_INF, 0.0, lc)[..., None])
                 mask = _tile_mask(qi, ki, qs, ks, causal)
@@ -163,19 +184,16 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
                 ds = p * (dp - dc[..., None])
                 dq = jnp.einsum("bkgqt,btkd->bqkgd", ds.astype(kc.dtype), kc, preferred_element_type=jnp.float32)
                 dk = dk + jnp.einsum("bkgqt,bqkgd->btkd", ds.astype(qc.dtype), qc, preferred_element_type=jnp.float32)
-                return (dk, dv), dq * scale
+                return dk, dv, dq_buf.at[i].add(dq * scale)
 
-            def skip(carry):
-                return carry, jnp.zeros((b, tq, kvh, g, d), jnp.float32)
+            return jax.lax.cond(_visible(qi, ki, causal), grads, lambda c: c, carry)
 
-            return jax.lax.cond(_visible(qi, ki, causal), grads, skip, carry)
+        zeros = fill((b, tk, kvh, d), 0.0, kc)
+        dk, dv, dq_buf = loop(nq, step, (zeros, zeros, dq_buf))
+        return dq_buf, dk_buf.at[j].set(dk * scale), dv_buf.at[j].set(dv)
 
-        zeros = jnp.zeros((b, tk, kvh, d), jnp.float32)
-        (dk, dv), dq_c = jax.lax.scan(step, (zeros, zeros), q_c)
-        return dq + dq_c, (dk * scale, dv)
-
-    kv_c = (_split(k, nk), _split(v, nk), k_idx.reshape(nk, tk), None if k_seg is None else _split(k_seg, nk))
-    dq, (dk, dv) = jax.lax.scan(one_key_chunk, jnp.zeros((nq, b, tq, kvh, g, d), jnp.float32), kv_c)
+    init = (fill((nq, b, tq, kvh, g, d), 0.0, q), fill((nk, b, tk, kvh, d), 0.0, k), fill((nk, b, tk, kvh, d), 0.0, k))
+    dq, dk, dv = loop(nk, one_key_chunk, init)
     return _merge(dq).reshape(b, sq, h, d), _merge(dk), _merge(dv)
 
 
@@ -190,10 +208,9 @@ def combine(state, o_blk, lse_blk):
     return m_new, l * alpha + beta, acc * alpha[..., None] + o_blk * beta[..., None]
 
 
-def init_state(b: int, s: int, h: int, d: int):
-    """The empty running state of ``combine``: m = -inf, l = 0, acc = 0."""
-    return (jnp.full((b, s, h), NEG_INF, jnp.float32), jnp.zeros((b, s, h), jnp.float32),
-            jnp.zeros((b, s, h, d), jnp.float32))
+def init_state(b: int, s: int, h: int, d: int, like):
+    """The empty running state of ``combine``: m = -inf, l = 0, acc = 0 (``fill``ed after ``like``)."""
+    return fill((b, s, h), NEG_INF, like), fill((b, s, h), 0.0, like), fill((b, s, h, d), 0.0, like)
 
 
 def finish(state):

@@ -127,7 +127,7 @@ def _half(x, which: int):
 
 def _pad_half(x, which: int, fill=0.0):
     """A full-length array holding ``x`` as its first (0) or second (1) half along axis 1, ``fill`` elsewhere."""
-    other = jnp.full_like(x, fill)
+    other = blk.fill(x.shape, fill, x).astype(x.dtype)
     return jnp.concatenate([x, other] if which == 0 else [other, x], axis=1)
 
 
@@ -148,7 +148,7 @@ def _forward_step(spec: RingSpec, q, kv, q_idx, q_seg, branch):
             return full(causal=False)
 
         def later(_):  # entirely in the future: nothing to attend
-            return jnp.zeros((b, s, h, d), jnp.float32), jnp.full((b, s, h), blk.NEG_INF, jnp.float32)
+            return blk.fill((b, s, h, d), 0.0, q), blk.fill((b, s, h), blk.NEG_INF, q)
     else:
         def earlier(_):  # all queries, the first half of the keys
             return blk.forward(q, _half(k, 0), _half(v, 0), q_idx, _half(k_idx[None], 0)[0], q_seg,
@@ -178,8 +178,7 @@ def _backward_step(spec: RingSpec, q, kv, do, lse, delta, q_idx, q_seg, branch):
             return full(causal=False)
 
         def later(_):
-            return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
-                    jnp.zeros(v.shape, jnp.float32))
+            return blk.fill(q.shape, 0.0, q), blk.fill(k.shape, 0.0, k), blk.fill(v.shape, 0.0, v)
     else:
         def earlier(_):
             dq, dk, dv = blk.backward(q, _half(k, 0), _half(v, 0), do, lse, delta, q_idx, _half(k_idx[None], 0)[0],
@@ -195,22 +194,30 @@ def _backward_step(spec: RingSpec, q, kv, do, lse, delta, q_idx, q_seg, branch):
     return jax.lax.switch(branch, (own, earlier, later), None)
 
 
+def _tie(*arrays):
+    """The arrays through one ``optimization_barrier``, so that positions and segment ids depend on
+    q, k, v: masks built from them are then computed where they are used, never hoisted as constant
+    residuals out of a differentiated layer scan (see ``block_attention.loop``)."""
+    return jax.lax.optimization_barrier(arrays)
+
+
 def _ring_forward(spec: RingSpec, q, k, v, q_seg, k_seg):
     n = axis_size(spec.axis_name)
     index = jnp.int32(0) if n == 1 else jax.lax.axis_index(spec.axis_name)
     b, s, h, d = q.shape
     q_idx = positions(index, s, n, spec.layout)
+    q, k, v, q_idx, q_seg, k_seg = _tie(q, k, v, q_idx, q_seg, k_seg)
     kv = (k, v, q_idx, k_seg)  # every device starts with its own block: the same positions as its queries
 
-    def step(carry, t):
+    def step(t, carry):
         state, kv = carry
         nxt = _rotate(kv, spec.axis_name, n)  # issued first: the transfer overlaps the compute below
         o, lse = _forward_step(spec, q, kv, q_idx, q_seg, _branch(spec, index, t, n))
-        return (blk.combine(state, o, lse), nxt), None
+        return blk.combine(state, o, lse), nxt
 
-    state = blk.init_state(b, s, h, d)
+    state = blk.init_state(b, s, h, d, q)
     if n > 1:
-        (state, kv), _ = jax.lax.scan(step, (state, kv), jnp.arange(n - 1))
+        state, kv = blk.loop(n - 1, step, (state, kv))
     o, lse = _forward_step(spec, q, kv, q_idx, q_seg, _branch(spec, index, n - 1, n))
     return blk.finish(blk.combine(state, o, lse))
 
@@ -220,24 +227,25 @@ def _ring_backward(spec: RingSpec, q, k, v, q_seg, k_seg, o, lse, do):
     index = jnp.int32(0) if n == 1 else jax.lax.axis_index(spec.axis_name)
     s = q.shape[1]
     q_idx = positions(index, s, n, spec.layout)
+    q, k, v, q_idx, q_seg, k_seg = _tie(q, k, v, q_idx, q_seg, k_seg)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [b, s, h]
     kv = (k, v, q_idx, k_seg)
-    zeros = jnp.zeros(k.shape, jnp.float32)
+    zeros = blk.fill(k.shape, 0.0, k)
 
     def grads(dq, kv, dkv, t):
         dq_b, dk_b, dv_b = _backward_step(spec, q, kv, do, lse, delta, q_idx, q_seg, _branch(spec, index, t, n))
         dkv = (dkv[0] + dk_b, dkv[1] + dv_b)
         return dq + dq_b, _rotate(dkv, spec.axis_name, n) if n > 1 else dkv
 
-    def step(carry, t):
+    def step(t, carry):
         dq, kv, dkv = carry
         nxt = _rotate(kv, spec.axis_name, n)
         dq, dkv = grads(dq, kv, dkv, t)
-        return (dq, nxt, dkv), None
+        return dq, nxt, dkv
 
-    carry = (jnp.zeros(q.shape, jnp.float32), kv, (zeros, zeros))
+    carry = (blk.fill(q.shape, 0.0, q), kv, (zeros, zeros))
     if n > 1:
-        carry, _ = jax.lax.scan(step, carry, jnp.arange(n - 1))
+        carry = blk.loop(n - 1, step, carry)
     dq, kv, dkv = carry
     dq, (dk, dv) = grads(dq, kv, dkv, n - 1)  # the last rotation brings dK, dV home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)

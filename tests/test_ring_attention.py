@@ -193,3 +193,4 @@ def test_bad_input(make, match):
 
 def test_valid_ring_config_passes():
     assert tconfig.validate(ring_config()).attention == "ring"
+
