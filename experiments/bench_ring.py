@@ -16,9 +16,10 @@ seqlen: the train step of ``experiments/bench_llama_1b.py`` (1.26B: hidden 2048,
 32000) with attention='ring', remat='full', one row per step, compiled ahead of time on the first
 N GPUs with mesh.context = N (nothing is run). XLA's memory analysis gives the bytes live per
 device (arguments + outputs - aliased + temporaries + code), which is affine in the sequence
-length up to the tile scores; two compiles fit the line, the predicted longest length (a multiple
-of 2 x N x --multiple) is then compiled and stepped down until it fits in --hbm_gib (default: the
-device's memory limit). Prints per N: the longest length, its bytes per device, tokens per device.
+length up to the tile scores; two compiles fit the line, its predicted longest length (a multiple
+of 2 x N x --multiple) is compiled, and a few more compiles refine it against --hbm_gib (default:
+the device's memory limit) to 1/16. Prints per N: the longest length, its bytes per device, tokens
+per device, and its growth over context = 1 (the goal: linear).
 """
 from __future__ import annotations
 
@@ -136,25 +137,39 @@ def step_bytes(seq_len: int, context: int, devices, model_overrides=None) -> int
                m.generated_code_size_in_bytes)
 
 
-def longest(context: int, budget: int, multiple: int, first: int, devices, model_overrides=None,
+def longest(context: int, budget: int, multiple: int, first: int, devices, model_overrides=None, refine: int = 4,
             log=print) -> dict:
-    """The longest multiple of 2 x context x ``multiple`` whose step fits ``budget`` bytes per device."""
+    """The longest multiple of 2 x context x ``multiple`` whose step fits ``budget`` bytes per device: two
+    compiles fit a line, its prediction is compiled, then up to ``refine`` more compiles extrapolate past
+    the longest fitting length or bisect towards the shortest failing one (to 1/16 of it)."""
     unit = 2 * context * multiple
-    a_len = max(unit, first * context // unit * unit)
-    b_len = 2 * a_len
-    a, b = (step_bytes(n, context, devices, model_overrides) for n in (a_len, b_len))
-    log(f"  context={context}: {a_len} tokens -> {a / GiB:.2f} GiB, {b_len} -> {b / GiB:.2f} GiB")
-    slope = max((b - a) / (b_len - a_len), 1.0)
-    n = max(unit, int((budget - a) / slope + a_len) // unit * unit)
-    seen = {a_len: a, b_len: b}
-    while True:
-        used = seen.get(n) or step_bytes(n, context, devices, model_overrides)
-        seen[n] = used
-        log(f"  context={context}: {n} tokens -> {used / GiB:.2f} GiB")
-        if used <= budget or n <= unit:
+    down = lambda n: max(unit, int(n) // unit * unit)  # noqa: E731
+    seen: dict[int, int] = {}
+
+    def measure(n):
+        if n not in seen:
+            seen[n] = step_bytes(n, context, devices, model_overrides)
+            log(f"  context={context}: {n} tokens -> {seen[n] / GiB:.2f} GiB", flush=True)
+        return seen[n]
+
+    a_len = down(first * context)
+    a, b = measure(a_len), measure(2 * a_len)
+    slope = max((b - a) / a_len, 1.0)
+    measure(down(a_len + (budget - a) / slope))
+    for _ in range(refine):
+        fits = sorted(n for n, used in seen.items() if used <= budget)
+        lo = fits[-1] if fits else 0
+        hi = min((n for n, used in seen.items() if used > budget and n > lo), default=None)
+        if hi is None:
+            nxt = down(lo + (budget - seen[lo]) / slope)
+        elif hi - lo <= max(unit, lo // 16):
             break
-        n = max(unit, int(n * budget / used) // unit * unit)
-    fits = [m for m, used in seen.items() if used <= budget]
+        else:
+            nxt = down((lo + hi) // 2)
+        if nxt in seen:
+            break
+        measure(nxt)
+    fits = [n for n, used in seen.items() if used <= budget]
     best = max(fits) if fits else None
     return dict(context=context, seq_len=best, tokens_per_device=None if best is None else best // context,
                 gib_per_device=None if best is None else seen[best] / GiB, budget_gib=budget / GiB,

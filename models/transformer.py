@@ -422,7 +422,9 @@ def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=No
     global index of the unit's MoE layer)``. With ``cache`` (``init_cache`` for these layers) the
     layers run one after another in a Python loop (see ``_cached_blocks``); while a
     ``models.capture`` is open too (taps cannot leave a scan). Returns (x, new cache or None, aux):
-    aux['losses'] {"moe/loss"} and aux['metrics'] {"moe/<metric>/layer<i>"} with Switch layers.
+    aux['losses'] {"moe/loss"} and aux['metrics'] {"moe/<metric>/layer<i>"} with Switch layers. With
+    ``attention='ring'`` and an active ring of more than one device (``mesh.context``) the layers run on
+    the sequence in Ring Attention's balanced zigzag layout (``_zigzag_blocks``); x returns in order.
     """
     if cfg.attention == "ring" and cache is None and ring_attention.needs_zigzag():
         return _zigzag_blocks(layer_params, x, cfg, positions=positions, segment_ids=segment_ids, train=train,

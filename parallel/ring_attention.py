@@ -115,7 +115,7 @@ def _rotate(tree, axis_name, n: int):
     return jax.tree.map(lambda a: jax.lax.ppermute(a, axis_name, perm), tree)
 
 
-def _branch(spec: RingSpec, index, step, n: int):
+def _branch(index, step):
     """Which kind of step (0: own block, 1: block of an earlier device, 2: of a later one) device
     ``index`` takes at ring step ``step`` (it then holds the block of device (index - step) mod n)."""
     return jnp.where(step == 0, 0, jnp.where(step <= index, 1, 2))
@@ -212,13 +212,13 @@ def _ring_forward(spec: RingSpec, q, k, v, q_seg, k_seg):
     def step(t, carry):
         state, kv = carry
         nxt = _rotate(kv, spec.axis_name, n)  # issued first: the transfer overlaps the compute below
-        o, lse = _forward_step(spec, q, kv, q_idx, q_seg, _branch(spec, index, t, n))
+        o, lse = _forward_step(spec, q, kv, q_idx, q_seg, _branch(index, t))
         return blk.combine(state, o, lse), nxt
 
     state = blk.init_state(b, s, h, d, q)
     if n > 1:
         state, kv = blk.loop(n - 1, step, (state, kv))
-    o, lse = _forward_step(spec, q, kv, q_idx, q_seg, _branch(spec, index, n - 1, n))
+    o, lse = _forward_step(spec, q, kv, q_idx, q_seg, _branch(index, n - 1))
     return blk.finish(blk.combine(state, o, lse))
 
 
@@ -233,7 +233,7 @@ def _ring_backward(spec: RingSpec, q, k, v, q_seg, k_seg, o, lse, do):
     zeros = blk.fill(k.shape, 0.0, k)
 
     def grads(dq, kv, dkv, t):
-        dq_b, dk_b, dv_b = _backward_step(spec, q, kv, do, lse, delta, q_idx, q_seg, _branch(spec, index, t, n))
+        dq_b, dk_b, dv_b = _backward_step(spec, q, kv, do, lse, delta, q_idx, q_seg, _branch(index, t))
         dkv = (dkv[0] + dk_b, dkv[1] + dv_b)
         return dq + dq_b, _rotate(dkv, spec.axis_name, n) if n > 1 else dkv
 
