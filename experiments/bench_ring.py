@@ -9,7 +9,7 @@ kernel: causal attention, bf16, 16 heads of 128, at B4 S8192 and B1 S32768. For 
 (block_q = block_k) of ``models/block_attention.py`` (through ``ring_attention`` without a ring
 axis: the custom_vjp forward and backward with the float32 log-sum-exp) and for
 ``jax.nn.dot_product_attention(implementation='cudnn')``: median forward and forward+backward time
-over --reps calls and TFLOP/s (4 B S^2 H D / 2 forward FLOPs for the causal half; 3.5 x that
+over --reps calls and TFLOP/s (and the same for implementation='xla') (4 B S^2 H D / 2 forward FLOPs for the causal half; 3.5 x that
 forward+backward), plus the max abs difference of the outputs against cuDNN.
 
 seqlen: the train step of ``experiments/bench_llama_1b.py`` (1.26B: hidden 2048, 22 layers, vocab
@@ -64,6 +64,7 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
         impls = {f"blockwise {bq}x{bk}": (lambda q, k, v, bq=bq, bk=bk: R.ring_attention(q, k, v, block_q=bq,
                                                                                           block_k=bk))
                  for bq, bk in blocks}
+        impls["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
         if with_cudnn:
             impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                           implementation="cudnn")
