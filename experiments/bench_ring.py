@@ -5,6 +5,10 @@ the 1.26B train step fits per device as the ring grows.
     python experiments/bench_ring.py seqlen            # ahead-of-time: longest sequence for context = 1, 2, 4, 8
     python experiments/bench_ring.py all --out ring.json
 
+On GPUs let the allocator's limit cover the device (it is the default budget of ``seqlen``):
+``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``. Each 1.26B compile takes a while: ``--contexts 1,2`` and
+``--contexts 4,8`` in two commands stay within shorter time limits.
+
 kernel: causal attention, bf16, 16 heads of 128, at B4 S8192 and B1 S32768. For each tile size
 (block_q = block_k) of ``models/block_attention.py`` (through ``ring_attention`` without a ring
 axis: the custom_vjp forward and backward with the float32 log-sum-exp) and for
@@ -206,6 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--hbm_gib", type=float, default=0.0, help="budget per device (default: its memory limit)")
     p.add_argument("--multiple", type=int, default=512, help="lengths are multiples of 2 x context x this")
     p.add_argument("--first", type=int, default=16384, help="tokens per device of the first fitting compile")
+    p.add_argument("--refine", type=int, default=4, help="compiles after the line's prediction, per context")
     p.add_argument("--tiny", action="store_true", help="CPU check of this script: tiny shapes and model")
     p.add_argument("--out", default="", help="write the tables as JSON here")
     args = p.parse_args(argv)
@@ -222,7 +227,7 @@ def main(argv=None) -> int:
         contexts = [int(x) for x in args.contexts.split(",") if int(x) <= jax.device_count()]
         budget = _budget(args.hbm_gib)
         model = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=128, vocab_size=512) if args.tiny else None
-        out["seqlen"] = [longest(n, budget, args.multiple, args.first, jax.devices(), model) for n in contexts]
+        out["seqlen"] = [longest(n, budget, args.multiple, args.first, jax.devices(), model, args.refine) for n in contexts]
         print_seqlen(out["seqlen"])
     if args.out:
         with open(args.out, "w") as f:

@@ -18,9 +18,10 @@ Memory per device stays proportional to its block.
 Layouts (which global positions a device's block holds; the causal mask is by global position):
   contiguous  device i holds chunk i of N. With a causal mask, device i attends to i + 1 of the N
               blocks: the last device works N steps, the first one.
-  zigzag      the sequence is cut into 2N chunks and device i holds chunks i and 2N-1-i (Brandon
-              et al. 2023, "Striped Attention"; the "zigzag" layout of ring-flash-attention). Every
-              step then costs every device the same: at its own block a causal tile; from a device
+  zigzag      the sequence is cut into 2N chunks and device i holds chunks i and 2N-1-i (the
+              "zigzag" layout of ring-flash-attention and of Llama 3's context parallelism; Brandon
+              et al. 2023's striped layout is the other balanced choice). Every step then costs
+              every device the same: at its own block a causal tile; from a device
               j < i all its queries attend to the first half of j's keys (the second half is in
               their future); from j > i only its second half of queries attends, to all of j's
               keys. Blocks the mask hides entirely are skipped (``lax.switch``, not masked).
