@@ -61,7 +61,7 @@ def chunk_size(n: int, block: int) -> int:
 
 
 def _split(x, n_chunks: int, axis: int = 1):
-    """[b, n, ...] -> [n_chunks, b, n / n_chunks, ...] along ``axis`` (chunks first, for scan)."""
+    """[b, n, ...] -> [n_chunks, b, n / n_chunks, ...] along ``axis`` (chunks first, indexed by ``loop``)."""
     shape = x.shape
     x = x.reshape(*shape[:axis], n_chunks, shape[axis] // n_chunks, *shape[axis + 1:])
     return jnp.moveaxis(x, axis, 0)
