@@ -14,7 +14,9 @@ Implementations:
              NVIDIA GPUs, bf16/fp16 only.
   auto       cudnn on GPU for half-precision inputs where cuDNN takes them, xla otherwise
              (``auto_choice``).
-Sequence-parallel (ring) attention registers itself in ``IMPLEMENTATIONS``.
+  ring       Ring Attention (``parallel/ring_attention.py``): the sequence split along the mesh axis
+             the ``seq`` rule maps to (``context``), keys and values passed around the ring; on one
+             device the blockwise kernel of ``models/block_attention.py``.
 """
 from __future__ import annotations
 
@@ -78,11 +80,18 @@ def _auto(q, k, v, **kw):
     return IMPLEMENTATIONS[auto_choice(q, k, on_gpu=jax.default_backend() == "gpu", **kw)](q, k, v, **kw)
 
 
+def _ring(q, k, v, **kw):
+    from parallel import ring_attention  # imported on use: parallel/ builds on models/
+
+    return ring_attention.attend(q, k, v, **kw)
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "reference": reference,
     "xla": _library("xla"),
     "cudnn": _library("cudnn"),
     "auto": _auto,
+    "ring": _ring,
 }
 
 

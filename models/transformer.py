@@ -48,6 +48,7 @@ import models
 from models import capture, layers, moe
 from models.attention import IMPLEMENTATIONS, attention
 from models.layers import REMAT_POLICIES
+from parallel import ring_attention
 from parallel.sharding import constrain
 
 
@@ -421,8 +422,13 @@ def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=No
     global index of the unit's MoE layer)``. With ``cache`` (``init_cache`` for these layers) the
     layers run one after another in a Python loop (see ``_cached_blocks``); while a
     ``models.capture`` is open too (taps cannot leave a scan). Returns (x, new cache or None, aux):
-    aux['losses'] {"moe/loss"} and aux['metrics'] {"moe/<metric>/layer<i>"} with Switch layers.
+    aux['losses'] {"moe/loss"} and aux['metrics'] {"moe/<metric>/layer<i>"} with Switch layers. With
+    ``attention='ring'`` and an active ring of more than one device (``mesh.context``) the layers run on
+    the sequence in Ring Attention's balanced zigzag layout (``_zigzag_blocks``); x returns in order.
     """
+    if cfg.attention == "ring" and cache is None and ring_attention.needs_zigzag():
+        return _zigzag_blocks(layer_params, x, cfg, positions=positions, segment_ids=segment_ids, train=train,
+                              rng=rng, layer_ids=layer_ids)
     per = layers_per_unit(cfg)
     if cache is not None or capture.active():
         return _unrolled_blocks(layer_params, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
@@ -446,6 +452,16 @@ def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=No
 
     x, moe_aux = jax.lax.scan(body, x, (layer_params, jnp.asarray(ids, jnp.int32)))
     return x, None, standard_aux(moe_aux, np.asarray(ids) * per + per - 1 if moe_aux else [])
+
+
+def _zigzag_blocks(layer_params, x, cfg, *, positions, segment_ids, **kw):
+    """``blocks`` with the sequence in Ring Attention's balanced zigzag layout: x, positions and
+    segment ids are moved into it on entry and x back on exit (``parallel.ring_attention.zigzag``), so
+    that under a causal mask every device of the ring does the same work."""
+    with ring_attention.sequence_layout("zigzag"):
+        x, kv, aux = blocks(layer_params, ring_attention.zigzag(x), cfg, positions=ring_attention.zigzag(positions),
+                            segment_ids=ring_attention.zigzag(segment_ids), **kw)
+    return ring_attention.unzigzag(x), kv, aux
 
 
 def _unrolled_blocks(layer_params, x, cfg, *, positions, segment_ids, cache, train, rng, layer_ids):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ast
 import copy
+import math
 import re
 
 import ml_collections
 
 import models
+from parallel import ring_attention
 from parallel.sharding import DEFAULT_RULES
 from train import data, objective, optim
 
@@ -178,11 +180,25 @@ def validate(config, platform: str | None = None):
     if o.clip_norm < 0 or o.weight_decay < 0:
         raise ValueError("optim.clip_norm and optim.weight_decay must be >= 0 (0 disables).")
     validate_cot(config.cot)
+    validate_ring(config)
     tokenizer_vocab = data.make_tokenizer(config.data).vocab_size
     if tokenizer_vocab > mcfg.vocab_size:
         raise ValueError(f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary "
                          f"({tokenizer_vocab}); set model.vocab_size >= {tokenizer_vocab}.")
     return mcfg
+
+
+def validate_ring(config) -> None:
+    """``model.attention='ring'``: the mesh axes the ``seq`` rule maps to form the ring, and the balanced
+    (zigzag) layout cuts train.seq_len into 2 x (ring size) chunks. Axes of size -1 are checked once
+    the devices are known (``ring_attention`` at trace time)."""
+    if config.model.get("attention") != "ring":
+        return
+    axes = dict(tuple(r) for r in config.sharding.rules).get("seq")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    sizes = [config.mesh.get(a, 1) for a in axes]
+    if all(isinstance(n, int) and n > 0 for n in sizes):
+        ring_attention.check_length(config.train.seq_len, math.prod(sizes), what="train.seq_len")
 
 
 def override(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
