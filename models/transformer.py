@@ -70,6 +70,7 @@ class Config:
     param_dtype: str = "float32"
     remat: str = "full"
     attention: str = "auto"
+    ring_layout: str = "zigzag"  # attention='ring': 'zigzag' (causal load balance) or 'contiguous' (in order)
     # Switch mixture of experts (models/moe.py); num_experts 0 = dense. See ``moe.MoEConfig``.
     num_experts: int = 0  # N experts per MoE layer
     moe_every: int = 2  # every moe_every-th layer is MoE (1: all; 2: every other, as in Switch)
@@ -136,6 +137,8 @@ def validate(cfg: Config) -> None:
                           ("remat", REMAT_POLICIES), ("attention", IMPLEMENTATIONS)):
         if getattr(cfg, name) not in choices:
             raise ValueError(f"model.{name} is {getattr(cfg, name)!r}; use one of {sorted(choices)}.")
+    if cfg.ring_layout not in ring_attention.LAYOUTS:
+        raise ValueError(f"model.ring_layout is {cfg.ring_layout!r}; use one of {list(ring_attention.LAYOUTS)}.")
     if cfg.rope_theta <= 0 or cfg.norm_eps <= 0:
         raise ValueError("model.rope_theta and model.norm_eps must be positive.")
     if isinstance(cfg.num_experts, bool) or not isinstance(cfg.num_experts, int) or cfg.num_experts < 0:
@@ -424,9 +427,10 @@ def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=No
     ``models.capture`` is open too (taps cannot leave a scan). Returns (x, new cache or None, aux):
     aux['losses'] {"moe/loss"} and aux['metrics'] {"moe/<metric>/layer<i>"} with Switch layers. With
     ``attention='ring'`` and an active ring of more than one device (``mesh.context``) the layers run on
-    the sequence in Ring Attention's balanced zigzag layout (``_zigzag_blocks``); x returns in order.
+    the sequence in Ring Attention's balanced zigzag layout (``_zigzag_blocks``; x returns in order),
+    unless ``ring_layout='contiguous'`` (the unbalanced baseline).
     """
-    if cfg.attention == "ring" and cache is None and ring_attention.needs_zigzag():
+    if cfg.attention == "ring" and cfg.ring_layout == "zigzag" and cache is None and ring_attention.needs_zigzag():
         return _zigzag_blocks(layer_params, x, cfg, positions=positions, segment_ids=segment_ids, train=train,
                               rng=rng, layer_ids=layer_ids)
     per = layers_per_unit(cfg)

@@ -140,7 +140,8 @@ def test_zigzag_moves_the_sequence_and_back():
 
 def test_transformer_loss_and_gradients_ring_equal_full_attention():
     """The LM objective's loss and gradients of a packed batch (segments, positions, padding): ring on a
-    data=2 x context=4 mesh (zigzag layout inside the layer stack) vs full attention on one device."""
+    data=2 x context=4 mesh (zigzag layout inside the layer stack, and the contiguous one) vs full attention
+    on one device."""
     mcfg = dataclasses.replace(W.tiny_config(), remat="none")
     batch = {k: jnp.asarray(v) for k, v in W.make_batches(mcfg.vocab_size)[0].items()}
     params = jit(T.init, static_argnums=0)(mcfg, jax.random.PRNGKey(0))
@@ -148,14 +149,15 @@ def test_transformer_loss_and_gradients_ring_equal_full_attention():
     want, want_grads = jit(lambda p, b: grad_fn(mcfg)(p, b, None))(params, batch)
     mesh = pmesh.make_mesh({"data": 2, "context": N})
     rules = sharding.DEFAULT_RULES
-    ring_cfg = dataclasses.replace(mcfg, attention="ring")
-    with sharding.activate(mesh, rules):
-        sh = sharding.batch_sharding(mesh, rules)
-        got, grads = jax.jit(lambda p, b: grad_fn(ring_cfg)(p, b, None), compiler_options=FAST_COMPILE,
-                             in_shardings=(None, sh))(params, batch)
-    assert abs(float(got.total) - float(want.total)) < 1e-5 * abs(float(want.total))
-    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads)):
-        assert rel_err(g, r) < 1e-5, jax.tree_util.keystr(path)
+    for layout in R.LAYOUTS:
+        ring_cfg = dataclasses.replace(mcfg, attention="ring", ring_layout=layout)
+        with sharding.activate(mesh, rules):
+            sh = sharding.batch_sharding(mesh, rules)
+            got, grads = jax.jit(lambda p, b: grad_fn(ring_cfg)(p, b, None), compiler_options=FAST_COMPILE,
+                                 in_shardings=(None, sh))(params, batch)
+        assert abs(float(got.total) - float(want.total)) < 1e-5 * abs(float(want.total)), layout
+        for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads)):
+            assert rel_err(g, r) < 1e-5, (layout, jax.tree_util.keystr(path))
 
 
 def test_cached_decoding_takes_full_attention():
@@ -175,6 +177,9 @@ def ring_config(seq_len=48, context=4, **model):
 @pytest.mark.parametrize("make, match", [
     (lambda: tconfig.validate(ring_config(seq_len=36)),
      r"train.seq_len \(36\) is not divisible by 8 \(2 x the 4 devices of the context ring"),
+    (lambda: tconfig.validate(ring_config(ring_layout="striped")), r"model.ring_layout is 'striped'; use one of"),
+    (lambda: tconfig.validate(ring_config(seq_len=38, ring_layout="contiguous")),
+     r"train.seq_len \(38\) is not divisible by 4 \(the 4 devices"),
     (lambda: pmesh.make_mesh({"data": -1, "context": 16}),
      r"context=16 cannot cover 8 devices"),
     (lambda: R.check_length(12, 8, "contiguous"), r"\(12\) is not divisible by 8 \(the 8 devices"),

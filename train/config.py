@@ -190,7 +190,7 @@ def validate(config, platform: str | None = None):
 
 def validate_ring(config) -> None:
     """``model.attention='ring'``: the mesh axes the ``seq`` rule maps to form the ring, and the balanced
-    (zigzag) layout cuts train.seq_len into 2 x (ring size) chunks. Axes of size -1 are checked once
+    (zigzag) layout cuts train.seq_len into 2 x (ring size) chunks (the contiguous one into ring size). Axes of size -1 are checked once
     the devices are known (``ring_attention`` at trace time)."""
     if config.model.get("attention") != "ring":
         return
@@ -198,7 +198,8 @@ def validate_ring(config) -> None:
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     sizes = [config.mesh.get(a, 1) for a in axes]
     if all(isinstance(n, int) and n > 0 for n in sizes):
-        ring_attention.check_length(config.train.seq_len, math.prod(sizes), what="train.seq_len")
+        ring_attention.check_length(config.train.seq_len, math.prod(sizes), config.model.get("ring_layout", "zigzag"),
+                                    what="train.seq_len")
 
 
 def override(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigDict:
