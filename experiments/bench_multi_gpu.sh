@@ -6,8 +6,9 @@
 #                       1 GPU, then data = N and fsdp = N over N GPUs; tokens/s per GPU, efficiency
 #             pipeline  GPipe: K = 1, N stages, M = 1, 4, 16, 32 micro-batches (and circular V = 2), for the
 #                       Transformer (bench_llama_350m) and Mamba (bench_mamba_370m); bubble vs (K-1)/(M+K-1)
-#             ring      ring attention: context = N against the same per-device block on one GPU, for
-#                       several blocks; causal balanced vs unbalanced
+#             ring      ring attention: context = N against the same per-device block on one GPU (the same
+#                       blockwise kernel without a ring; cuDNN's for reference), for several blocks;
+#                       causal balanced (zigzag) vs unbalanced (contiguous)
 #             expert    Switch 350M (experiments/bench_switch_350m.py), 1 GPU vs experts over N GPUs
 #             multiprocess  the trainer as N processes (one GPU each, jax.distributed) against 1 process
 #                       over N GPUs: the same losses
@@ -47,7 +48,7 @@ for section in "${sections[@]}"; do
       for seq in 8192 16384 32768; do  # per-device block = seq / N on N GPUs, against that block alone on 1 GPU
         block=$((seq / N))
         bench "ring_1_$block" 1 experiments/bench_llama_1b.py \
-          "full$block:train.batch_size=1,train.seq_len=$block,model.attention=auto"
+          "full$block:train.batch_size=1,train.seq_len=$block,model.attention=ring;cudnn$block:train.batch_size=1,train.seq_len=$block,model.attention=auto"
         bench "ring_${N}_$seq" "$N" experiments/bench_llama_1b.py \
           "ring$seq:mesh.data=1,mesh.context=$N,train.batch_size=1,train.seq_len=$seq,model.attention=ring;ring${seq}_unbalanced:mesh.data=1,mesh.context=$N,train.batch_size=1,train.seq_len=$seq,model.attention=ring,model.ring_layout=contiguous"
       done ;;

@@ -73,7 +73,7 @@ def pipeline(out: str) -> str:
 
 
 def ring(out: str) -> str:
-    lines = ["| sequence (GPUs) | per-GPU block | 1 GPU, block alone: step s | ring step s | measured ratio | "
+    lines = ["| sequence (GPUs) | per-GPU block | 1 GPU, block alone: step s (cuDNN) | ring step s | measured ratio | "
              "FLOPs ratio | overhead | unbalanced step s | balanced speedup |", "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(glob.glob(os.path.join(out, "ring_*_*.json"))):
         m = re.fullmatch(r"ring_(\d+)_(\d+)", os.path.basename(path)[:-5])
@@ -82,6 +82,7 @@ def ring(out: str) -> str:
             continue
         block = seq // n
         full = _rows(out, f"ring_1_{block}").get(f"full{block}")
+        cudnn = _rows(out, f"ring_1_{block}").get(f"cudnn{block}")
         rows = _rows(out, f"ring_{n}_{seq}")
         bal, unbal = rows.get(f"ring{seq}"), rows.get(f"ring{seq}_unbalanced")
         if not (_ok(full) and _ok(bal)):
@@ -91,7 +92,8 @@ def ring(out: str) -> str:
         measured = bal["step_s"] / full["step_s"]
         flops = bal["flops_per_token"] / full["flops_per_token"]  # per-device FLOPs ratio: seq/n tokens each
         unb = f"{unbal['step_s']:.4f} | {unbal['step_s'] / bal['step_s']:.2f}" if _ok(unbal) else "failed | -"
-        lines.append(f"| {seq} ({n}) | {block} | {full['step_s']:.4f} | {bal['step_s']:.4f} | {measured:.2f} | "
+        ref = f" ({cudnn['step_s']:.4f})" if _ok(cudnn) else ""
+        lines.append(f"| {seq} ({n}) | {block} | {full['step_s']:.4f}{ref} | {bal['step_s']:.4f} | {measured:.2f} | "
                      f"{flops:.2f} | {measured / flops - 1:+.1%} | {unb} |")
     return "\n".join(lines)
 
