@@ -1,0 +1,263 @@
+"""AWQ (Lin et al. 2024): activation-aware, group-wise, weight-only int4 / int3 quantization.
+
+Weights W [in, out] are quantized asymmetrically in groups of ``group`` (default 128) consecutive input
+channels per output column (``quant.asymmetric``): W ~ (q - z) s with q in [0, 2^bits - 1], one scale s and
+zero z per (group, column). Round-to-nearest (RTN) is that alone. AWQ protects the salient input channels
+(large mean |x|) by scaling them up before quantization (sec. 3.2, eq. 4-5):
+
+    Q(W diag(s)) (diag(s)^-1 X),   s = s_X^alpha,   alpha* = argmin_alpha || Q(W diag(s)) (s^-1 X) - W X ||
+
+with s_X the per-channel mean |x| from calibration, s normalised by sqrt(max(s) min(s)) (the reference
+implementation), alpha over a grid of 20 values in [0, 1), the error measured on the calibration inputs
+over every linear that reads the same input. diag(s)^-1 X is folded into the operator before: the RMSNorm
+scale for W_q, W_k, W_v and W_gate, W_up (and the router of a Switch layer, which stays in float), W_up's
+output columns for W_down (h = silu(x W_gate) * (x W_up) is linear in W_up's columns), W_v's output columns
+for W_o when every query head has its own value head (otherwise W_o is not scaled). Then the clipping
+range: per (group, column), the range [min, max] shrunk by the ratio in {1, 0.975, ..., 0.525} that
+minimises that group's share of the output error on the calibration inputs.
+
+Expert weights of Switch layers: W_gate, W_up share one scale over every expert (the norm feeds them all;
+the search runs on the layer's MLP input), W_down one per expert on the tokens routed to it.
+
+``Int4`` stores q packed two per byte along the input axis (int3 too: 3-bit values in 4-bit nibbles), with
+float16 scales and zeros per group, and dequantizes inside ``matmul`` (a ``weights.Weight``): 0.5 + 4 /
+group bytes per parameter, 0.27x of bfloat16 at group 128.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import quant, weights
+from models.smoothquant import _check_family, _host_layers, is_block_linear, layer_slots
+
+GRID = 20  # alpha grid and clipping grid sizes (AWQ's n_grid)
+MAX_SHRINK = 0.5  # smallest clipping ratio 1 - MAX_SHRINK (exclusive)
+
+
+@flax.struct.dataclass
+class Int4(weights.Weight):
+    """Packed b-bit (b <= 4) weight: packed uint8 [..., in/2, out] (two values per byte along ``in``),
+    scale and zero float16 [..., in/group, out]; W = (q - zero) * scale per group of input channels."""
+
+    packed: Any
+    scale: Any
+    zero: Any
+    bits: int = flax.struct.field(pytree_node=False, default=4)
+    group: int = flax.struct.field(pytree_node=False, default=128)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The weight [..., in, out] in ``dtype``."""
+        q = quant.unpack_nibbles(self.packed, self.packed.ndim - 2).astype(jnp.float32)
+        *lead, n_in, out = q.shape
+        qg = q.reshape(*lead, n_in // self.group, self.group, out)
+        w = (qg - self.zero.astype(jnp.float32)[..., None, :]) * self.scale.astype(jnp.float32)[..., None, :]
+        return w.reshape(*lead, n_in, out).astype(dtype)
+
+    def matmul(self, x, dot: weights.Dot):
+        return dot(x, self.dequantize(x.dtype))
+
+    def num_params(self) -> int:
+        return int(np.prod(self.packed.shape)) * 2
+
+
+def check_group(n_in: int, group: int, what: str = "a weight") -> None:
+    if group <= 0 or n_in % group:
+        raise ValueError(f"group size {group} does not divide the input dimension {n_in} of {what}; choose a divisor "
+                         f"of {n_in} (e.g. {max(g for g in (1, 2, 4, 8, 16, 32, 64, 128) if n_in % g == 0)}).")
+
+
+def fake_quantize(w: jax.Array, bits: int, group: int, ratio: Any = 1.0) -> jax.Array:
+    """Quantize and dequantize w [in, out] (float32) group-wise; ``ratio`` scalar or [in/group, out] (clipping)."""
+    n_in, out = w.shape
+    wg = w.astype(jnp.float32).reshape(n_in // group, group, out)
+    r = ratio if np.ndim(ratio) == 0 else jnp.asarray(ratio)[:, None, :]
+    s, z = quant.asymmetric_params(wg, bits, axis=1, ratio=r)
+    return ((quant.asymmetric(wg, s, z, bits).astype(jnp.float32) - z) * s).reshape(n_in, out)
+
+
+def pack(w: jax.Array, bits: int, group: int, ratio: Any = 1.0) -> Int4:
+    """``Int4`` of w [..., in, out] (leading axes: layers, experts); ``ratio`` broadcasts to [..., in/group, out]."""
+    if not 2 <= bits <= 4:
+        raise ValueError(f"bits is {bits}; AWQ here stores 2 to 4 bits per weight (int4, int3).")
+    *lead, n_in, out = w.shape
+    check_group(n_in, group)
+    wg = jnp.asarray(w, jnp.float32).reshape(*lead, n_in // group, group, out)
+    r = ratio if np.ndim(ratio) == 0 else jnp.asarray(ratio)[..., None, :]
+    s, z = quant.asymmetric_params(wg, bits, axis=-2, ratio=r)
+    q = quant.asymmetric(wg, s, z, bits).reshape(*lead, n_in, out)
+    return Int4(quant.pack_nibbles(q, len(lead)), s[..., 0, :].astype(jnp.float16), z[..., 0, :].astype(jnp.float16),
+                bits, group)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "grid"))
+def scale_errors(x: jax.Array, w: jax.Array, mean_abs: jax.Array, *, bits: int, group: int, grid: int = GRID):
+    """Output error mean((x W_alpha - x W)^2) for alpha = 0, 1/grid, ..., (grid-1)/grid, with W_alpha =
+    Q(W diag(s)) diag(s)^-1, s = mean_abs^alpha / sqrt(max min). x [n, in], w [in, out] -> [grid]."""
+    x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+    y = x @ w
+
+    def one(alpha):
+        s = alpha_scales(mean_abs, alpha)
+        wq = fake_quantize(w * s[:, None], bits, group) / s[:, None]
+        return jnp.mean((x @ wq - y) ** 2)
+
+    return jax.lax.map(one, jnp.arange(grid, dtype=jnp.float32) / grid)
+
+
+def alpha_scales(mean_abs, alpha):
+    """s = clamp(mean_abs^alpha, 1e-4) / sqrt(max(s) min(s)) (AWQ's reference normalisation)."""
+    s = jnp.maximum(jnp.asarray(mean_abs, jnp.float32) ** alpha, 1e-4)
+    return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "grid"))
+def clip_ratios(x: jax.Array, w: jax.Array, *, bits: int, group: int, grid: int = GRID) -> jax.Array:
+    """Per (group, column) the clipping ratio of {1 - k MAX_SHRINK / grid} minimising that group's output
+    error sum_n (x_g (W_g - Q_r(W_g)))^2 on x [n, in]; w [in, out] -> [in/group, out]."""
+    n_in, out = w.shape
+    xg = x.astype(jnp.float32).reshape(x.shape[0], n_in // group, group)
+    wg = w.astype(jnp.float32).reshape(n_in // group, group, out)
+    ratios = 1.0 - jnp.arange(grid, dtype=jnp.float32) / grid * MAX_SHRINK
+
+    def one(r):
+        s, z = quant.asymmetric_params(wg, bits, axis=1, ratio=r)
+        d = wg - (quant.asymmetric(wg, s, z, bits).astype(jnp.float32) - z) * s
+        return jnp.sum(jnp.einsum("ngk,gko->ngo", xg, d) ** 2, axis=0)
+
+    return ratios[jnp.argmin(jax.lax.map(one, ratios), axis=0)]
+
+
+def search(x: np.ndarray, ws: list, mean_abs: np.ndarray, *, bits: int, group: int, grid: int = GRID):
+    """(alpha*, s [in]) for the linears ``ws`` ([in, out_k] each) reading inputs x [n, in]."""
+    w = jnp.concatenate([jnp.asarray(a, jnp.float32) for a in ws], axis=1)
+    errs = np.asarray(scale_errors(jnp.asarray(x), w, jnp.asarray(mean_abs), bits=bits, group=group, grid=grid))
+    alpha = float(np.argmin(errs)) / grid
+    return alpha, np.asarray(alpha_scales(mean_abs, alpha), np.float64)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def _inputs(calib: dict, key: str, expert: int | None = None) -> np.ndarray:
+    st = calib.get(key)
+    if st is None or "inputs" not in st:
+        raise ValueError(f"calibration data lack sampled inputs of {key!r}; run quant.calibrate(..., inputs=k).")
+    x = st["inputs"]
+    if expert is not None:
+        x = x[st["segments"] == expert]
+    return x
+
+
+def quantize(params: dict, axes: dict, cfg, calib: dict | None = None, *, bits: int = 4, group: int = 128,
+             method: str = "awq", clip: bool = True, grid: int = GRID) -> tuple[dict, dict, dict]:
+    """Every block projection as an ``Int4`` weight -> (params, axes, report).
+
+    method "rtn": round to nearest. "awq": activation-aware scales folded into the operator before, then
+    (``clip``) the clipping search; needs ``calib`` from ``quant.calibrate(..., inputs=k)`` of this model.
+    report: {"alpha": {"layer<i>/<part>": alpha}}.
+    """
+    _check_family(cfg)
+    if method not in ("awq", "rtn"):
+        raise ValueError(f"method is {method!r}; use 'awq' or 'rtn'.")
+    if method == "awq" and calib is None:
+        raise ValueError("AWQ needs calibration data; pass calib=quant.calibrate(model, cfg, params, tokens, inputs=k).")
+    for name, d_in in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("n_heads * head_dim", cfg.n_heads * cfg.head_dim)):
+        check_group(d_in, group, f"the linears reading {name}")
+    if not 2 <= bits <= 4:
+        raise ValueError(f"bits is {bits}; AWQ here stores 2 to 4 bits per weight (int4, int3).")
+    lay = _host_layers(params)
+    ratios: dict[tuple, np.ndarray] = {}  # (leaf path, stacked index) -> [..., in/group, out]
+    report = {"alpha": {}}
+    if method == "awq":
+        for i, path, idx in layer_slots(cfg):
+            _awq_layer(cfg, calib, lay, path, idx, i, bits, group, grid, clip, ratios, report)
+    new_params = {**params, "layers": jax.tree.map(jnp.asarray, lay)}
+
+    def make(path, w, names):
+        lead = w.shape[:-2]
+        r = np.ones((*lead, w.shape[-2] // group, w.shape[-1]), np.float32)
+        for (leaf, idx), ratio in ratios.items():
+            if leaf == path:
+                r[idx] = ratio
+        packed = pack(w, bits, group, r)
+        node_axes = Int4(tuple(names), tuple(names), tuple(names), bits, group)
+        return packed, node_axes
+
+    qp, qa = weights.wrap(new_params, axes, make, is_block_linear)
+    return qp, qa, report
+
+
+def _awq_layer(cfg, calib, lay, path, idx, i, bits, group, grid, clip, ratios, report) -> None:
+    """AWQ on global layer i, whose weights are ``lay[path...][name][idx]`` (host arrays, changed in place)."""
+    d = lay
+    for k in path:
+        d = d[k]
+    moe = "router" in d
+    inv = {}  # linear name -> the scale its input is divided by (1 where none was folded)
+
+    def scaled(part, key, names, expert=None):
+        """Search s for the linears ``names`` (of ``expert``) reading calib[key]'s inputs; scale their rows."""
+        x = _inputs(calib, key, expert)
+        if x.shape[0] == 0:  # an expert that got no calibration token keeps s = 1
+            return np.ones(d[names[0]].shape[-2])
+        mean_abs = calib[key]["mean_abs"] if expert is None else calib[key]["mean_abs"][expert]
+        where = idx if expert is None else (*idx, expert)
+        alpha, s = search(x, [d[n][where] for n in names], mean_abs, bits=bits, group=group, grid=grid)
+        report["alpha"][f"layer{i}/{part}" + ("" if expert is None else f"/expert{expert}")] = alpha
+        for n in names:
+            d[n][where] = (d[n][where] * s[:, None]).astype(np.float32)
+        return s
+
+    s = scaled("qkv", f"layer{i}/wq", ("wq", "wk", "wv"))
+    d["attn_norm"][idx] = (d["attn_norm"][idx] / s).astype(np.float32)
+    inv.update(wq=s, wk=s, wv=s)
+    if cfg.n_heads == cfg.n_kv_heads:  # o's column j is v's column j
+        s = scaled("o", f"layer{i}/wo", ("wo",))
+        d["wv"][idx] = (d["wv"][idx] / s[None, :]).astype(np.float32)
+        inv["wo"] = s
+    if not moe:
+        s = scaled("gate_up", f"layer{i}/w_gate", ("w_gate", "w_up"))
+        d["mlp_norm"][idx] = (d["mlp_norm"][idx] / s).astype(np.float32)
+        inv.update(w_gate=s, w_up=s)
+        s = scaled("down", f"layer{i}/w_down", ("w_down",))
+        d["w_up"][idx] = (d["w_up"][idx] / s[None, :]).astype(np.float32)
+        inv["w_down"] = s
+    else:  # one scale for every expert's W_gate, W_up (and the router) from the layer's MLP input
+        x = _inputs(calib, f"layer{i}/router")
+        ws = [d[n][idx][e] for n in ("w_gate", "w_up") for e in range(cfg.num_experts)]
+        alpha, s = search(x, ws, calib[f"layer{i}/router"]["mean_abs"], bits=bits, group=group, grid=grid)
+        report["alpha"][f"layer{i}/gate_up"] = alpha
+        for n in ("w_gate", "w_up"):
+            d[n][idx] = (d[n][idx] * s[None, :, None]).astype(np.float32)
+        d["router"][idx] = (d["router"][idx] * s[:, None]).astype(np.float32)
+        d["mlp_norm"][idx] = (d["mlp_norm"][idx] / s).astype(np.float32)
+        inv.update(w_gate=s, w_up=s)
+        downs = []
+        for e in range(cfg.num_experts):
+            s_e = scaled("down", f"layer{i}/w_down", ("w_down",), expert=e)
+            d["w_up"][(*idx, e)] = (d["w_up"][idx][e] / s_e[None, :]).astype(np.float32)
+            downs.append(s_e)
+        inv["w_down"] = np.stack(downs)
+    if not clip:
+        return
+    for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+        key = f"layer{i}/" + {"wk": "wq", "wv": "wq", "w_up": "w_gate"}.get(n, n)
+        w = d[n][idx]
+        s = inv.get(n, 1.0)
+        if moe and n in ("w_gate", "w_up", "w_down"):
+            r = np.ones((cfg.num_experts, w.shape[-2] // group, w.shape[-1]), np.float32)
+            for e in range(cfg.num_experts):
+                x = _inputs(calib, key, e)
+                if x.shape[0]:
+                    x = x / (s[e] if n == "w_down" else s)
+                    r[e] = np.asarray(clip_ratios(jnp.asarray(x, jnp.float32), jnp.asarray(w[e]), bits=bits,
+                                                  group=group, grid=grid))
+        else:
+            x = _inputs(calib, key) / s
+            r = np.asarray(clip_ratios(jnp.asarray(x, jnp.float32), jnp.asarray(w), bits=bits, group=group, grid=grid))
+        ratios[("/".join(("layers", *path, n)), idx)] = r

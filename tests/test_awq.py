@@ -1,0 +1,114 @@
+"""AWQ (models/awq.py): nibble packing round trips, the packed weight against the NumPy quantizer and in
+every matmul form, AWQ against round-to-nearest on held-out activations (synthetic salient channels and a
+tiny model), the memory report, generation, and refused input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import awq, generate, quant, weights
+from models import transformer as T
+from tests import helpers
+
+pytestmark = pytest.mark.timeout(200)
+
+
+def test_packing_round_trips():
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, (3, 10, 7), dtype=np.uint8)
+    for axis in (0, 1):
+        if q.shape[axis] % 2 == 0:
+            p = quant.pack_nibbles(jnp.asarray(q), axis)
+            assert p.dtype == jnp.uint8 and p.shape[axis] == q.shape[axis] // 2
+            np.testing.assert_array_equal(quant.unpack_nibbles(p, axis), q)
+    np.testing.assert_array_equal(quant.pack_nibbles(jnp.asarray([[1], [2]], jnp.uint8), 0), [[0x21]])
+    with pytest.raises(ValueError, match="even"):
+        quant.pack_nibbles(jnp.zeros((3, 2), jnp.uint8), 0)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_packed_weight_matches_the_numpy_quantizer_and_every_form(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(2, 64, 24)).astype(np.float32)  # [experts, in, out], groups of 16
+    packed = awq.pack(jnp.asarray(w), bits, 16)
+    assert packed.packed.shape == (2, 32, 24) and packed.scale.shape == (2, 4, 24)
+    # float64 NumPy: asymmetric levels per (group, column), with the stored float16 scale and zero
+    wg = w.astype(np.float64).reshape(2, 4, 16, 24)
+    lo, hi = np.minimum(wg.min(2, keepdims=True), 0), np.maximum(wg.max(2, keepdims=True), 0)
+    s = (hi - lo) / (2 ** bits - 1)
+    z = np.clip(np.round(-lo / s), 0, 2 ** bits - 1)
+    q = np.clip(np.round(wg / s) + z, 0, 2 ** bits - 1)
+    np.testing.assert_array_equal(packed.zero, z[:, :, 0])
+    np.testing.assert_allclose(packed.scale, s[:, :, 0], rtol=1e-3)
+    want = ((q - z) * np.asarray(packed.scale, np.float64)[:, :, None]).reshape(2, 64, 24)
+    got = packed.dequantize()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(np.asarray(got) - w)) <= 0.51 * np.max(s) * (1 + 1e-3)  # round to nearest
+    x = rng.normal(size=(3, 2, 5, 64)).astype(np.float32)
+    np.testing.assert_allclose(packed.matmul(jnp.asarray(x), weights.Dot("experts")),
+                               np.einsum("gecd,edf->gecf", x, want), rtol=1e-4, atol=1e-4)
+    dense = awq.pack(jnp.asarray(w[0]), bits, 16)
+    np.testing.assert_allclose(dense.matmul(jnp.asarray(x[0, 0]), weights.Dot()), x[0, 0] @ want[0], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_awq_beats_rtn_on_held_out_activations():
+    """Channels of lognormal magnitude (a few salient ones); scales and clipping searched on one sample,
+    errors measured on another: measured AWQ / RTN error ratio about 0.74 (int4) and 0.70 (int3)."""
+    for bits in (4, 3):
+        ratios = []
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            ch = np.exp(rng.normal(size=256))
+            calib, held = ((rng.normal(size=(256, 256)) * ch).astype(np.float32) for _ in range(2))
+            w = (rng.normal(size=(256, 128)) / 16).astype(np.float32)
+            ref = held.astype(np.float64) @ w
+            rtn = np.asarray(awq.fake_quantize(jnp.asarray(w), bits, 64))
+            _, s = awq.search(calib, [w], np.abs(calib).mean(0), bits=bits, group=64)
+            ws = (w * s[:, None]).astype(np.float32)
+            r = awq.clip_ratios(jnp.asarray(calib / s, jnp.float32), jnp.asarray(ws), bits=bits, group=64)
+            aw = np.asarray(awq.fake_quantize(jnp.asarray(ws), bits, 64, r)) / s[:, None]
+            ratios.append(helpers.rel_err(held @ aw, ref) / helpers.rel_err(held @ rtn, ref))
+        assert max(ratios) < 0.9 and np.mean(ratios) < 0.8, (bits, ratios)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = helpers.tiny("transformer", n_layers=2, n_kv_heads=4)  # MHA: W_o's scale folds into W_v
+    params = helpers.random_params(cfg)
+    calib = quant.calibrate(T, cfg, params, np.asarray(helpers.tokens(61, b=4, s=16, seed=3)), inputs=64)
+    return cfg, params, calib
+
+
+def test_awq_model_is_closer_than_rtn_on_held_out_tokens_and_generates(tiny_model):
+    cfg, params, calib = tiny_model
+    held = helpers.tokens(61, b=4, s=16, seed=9)
+    fwd = helpers.jit(lambda p, t: T.apply(p, t, cfg)[0])
+    ref = fwd(params, held)
+    axes = T.param_axes(cfg)
+    rtn, _, _ = awq.quantize(params, axes, cfg, bits=4, group=16, method="rtn")
+    ap, aa, report = awq.quantize(params, axes, cfg, calib, bits=4, group=16)
+    assert set(report["alpha"]) == {f"layer{i}/{p}" for i in range(2) for p in ("qkv", "o", "gate_up", "down")}
+    e_rtn, e_awq = helpers.rel_err(fwd(rtn, held), ref), helpers.rel_err(fwd(ap, held), ref)
+    assert e_awq < 0.95 * e_rtn < 0.2, (e_awq, e_rtn)  # measured 0.130 vs 0.142
+    assert isinstance(ap["layers"]["w_down"], awq.Int4)
+    assert jax.tree.structure(ap) == jax.tree.structure(aa, is_leaf=weights.is_axes)
+    mem, dense = quant.memory_report(ap), quant.memory_report(params)
+    assert mem["linear_params"] == dense["linear_params"]
+    assert mem["bytes_per_linear_param"] == pytest.approx(0.5 + 4 / 16)  # nibble + float16 scale and zero per 16
+    out = generate.greedy(T, ap, cfg, [[1, 2, 3]], max_new_tokens=3)
+    assert len(out[0]) == 3
+
+
+def test_bad_input_is_refused(tiny_model):
+    cfg, params, calib = tiny_model
+    axes = T.param_axes(cfg)
+    with pytest.raises(ValueError, match="does not divide"):
+        awq.quantize(params, axes, cfg, calib, group=24)
+    with pytest.raises(ValueError, match="bits"):
+        awq.quantize(params, axes, cfg, calib, bits=5, group=16)
+    with pytest.raises(ValueError, match="calib"):
+        awq.quantize(params, axes, cfg, group=16)
+    no_inputs = {k: {s: v for s, v in st.items() if s != "inputs"} for k, st in calib.items()}
+    with pytest.raises(ValueError, match="inputs="):
+        awq.quantize(params, axes, cfg, no_inputs, group=16)
