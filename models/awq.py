@@ -85,8 +85,13 @@ def pack(w: jax.Array, bits: int, group: int, ratio: Any = 1.0) -> Int4:
     """``Int4`` of w [..., in, out] (leading axes: layers, experts); ``ratio`` broadcasts to [..., in/group, out]."""
     if not 2 <= bits <= 4:
         raise ValueError(f"bits is {bits}; AWQ here stores 2 to 4 bits per weight (int4, int3).")
+    check_group(w.shape[-2], group)
+    return _pack(jnp.asarray(w), jnp.asarray(ratio, jnp.float32), bits, group)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _pack(w, ratio, bits, group):
     *lead, n_in, out = w.shape
-    check_group(n_in, group)
     wg = jnp.asarray(w, jnp.float32).reshape(*lead, n_in // group, group, out)
     r = ratio if np.ndim(ratio) == 0 else jnp.asarray(ratio)[..., None, :]
     s, z = quant.asymmetric_params(wg, bits, axis=-2, ratio=r)

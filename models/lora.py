@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -70,9 +71,15 @@ class NF4(weights.Weight):
 
 def nf4(w: jax.Array, block: int = 64) -> NF4:
     """NF4 of w [..., in, out] with blocks of ``block`` input channels (must divide ``in``)."""
-    *lead, n_in, out = w.shape
+    n_in = w.shape[-2]
     if block <= 0 or n_in % block:
         raise ValueError(f"NF4 block size {block} does not divide the input dimension {n_in}; choose a divisor.")
+    return _nf4(w, block)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _nf4(w, block):
+    *lead, n_in, out = w.shape
     wg = jnp.asarray(w, jnp.float32).reshape(*lead, n_in // block, block, out)
     absmax = jnp.max(jnp.abs(wg), axis=-2, keepdims=True)
     normed = wg / jnp.where(absmax > 0, absmax, 1.0)

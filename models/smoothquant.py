@@ -20,6 +20,7 @@ stay in float, as in the paper.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -170,8 +171,10 @@ def smoothed_stats(stats: dict, scales: dict) -> dict:
 
 # ----------------------------------------------------------------------------- W8A8
 
+@functools.partial(jax.jit, static_argnames=("per_channel", "experts"))
 def quantize_weight(w: jax.Array, *, per_channel: bool, experts: bool) -> tuple[jax.Array, jax.Array]:
     """(int8 q, scale) of w [..., in, out]: scale per matrix [...] or per output channel [..., 1, out]."""
+    del experts  # the same per-matrix rule over any leading axes
     w = jnp.asarray(w, jnp.float32)
     scale = quant.absmax_scale(w, axis=-2) if per_channel else quant.absmax_scale(w, axis=(-2, -1), keepdims=False)
     return quant.symmetric(w, scale if per_channel else scale[..., None, None]), scale
