@@ -50,6 +50,9 @@ class W8A8(weights.Weight):
         s = self.w_scale if self.w_scale.ndim == self.q.ndim else self.w_scale[..., None, None]
         return self.q.astype(jnp.float32) * s
 
+    def num_params(self) -> int:
+        return int(np.prod(self.q.shape))
+
     def _act_scale(self, x: jax.Array, dot: weights.Dot) -> jax.Array:
         if self.act == "per_token":
             return quant.absmax_scale(x, axis=-1)

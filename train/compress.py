@@ -253,26 +253,55 @@ def load(directory: str | os.PathLike):
 
 # ----------------------------------------------------------------------------- the command
 
-def run(config, source_params, mcfg, model, tokenizer, opts: Options, out: str, *, eval_rows: int = 64,
-        batch_size: int = 8) -> dict:
-    """Compress, save to ``out``, evaluate source and result; returns (and writes as eval.json) the results."""
+@dataclasses.dataclass
+class Data:
+    """Token batches for one compression job: calibration rows [rows, seq], healing and evaluation batches."""
+    calib: np.ndarray
+    heal: list
+    evals: list
+
+
+def prepare_data(config, tokenizer, *, calib_rows: int = 64, heal_rows: int = 0, eval_rows: int = 64,
+                 batch_size: int = 8) -> Data:
+    """Calibration and healing rows from the data's train split, evaluation rows from its eval split."""
     seq_len = config.train.seq_len
-    calib = calibration_tokens(token_batches(config, tokenizer, "train", opts.calib_rows, batch_size, seq_len),
-                               opts.calib_rows)
-    heal_batches = token_batches(config, tokenizer, "train", batch_size * max(1, min(opts.heal_steps, 64)),
-                                 batch_size, seq_len) if opts.method == "prune" and opts.heal_steps else None
-    evals = token_batches(config, tokenizer, "eval", eval_rows, batch_size, seq_len)
+    calib = calibration_tokens(token_batches(config, tokenizer, "train", calib_rows, batch_size, seq_len), calib_rows)
+    heal = token_batches(config, tokenizer, "train", heal_rows, batch_size, seq_len) if heal_rows else []
+    return Data(calib, heal, token_batches(config, tokenizer, "eval", eval_rows, batch_size, seq_len))
+
+
+def load_source(config, *, workdir: str = "", hf_dir: str = ""):
+    """(model family module, cfg, params) of a trained workdir's latest checkpoint or a Hugging Face directory."""
+    if hf_dir:
+        from models import hf
+
+        params, mcfg, _ = hf.load_checkpoint(hf_dir, dtype=config.model.dtype)
+        model = models.get("mamba" if type(mcfg).__module__.endswith("mamba") else "transformer")
+        return model, mcfg, jax.tree.map(jnp.asarray, params)
+    if not workdir:
+        raise ValueError("pass --workdir (a trained run) or --hf (a Hugging Face checkpoint directory).")
+    from train.evaluate import load_state
+
+    setup, state, _ = load_state(config, workdir)
+    return setup.model, setup.mcfg, jax.device_get(state.params)
+
+
+def run(config, model, mcfg, source_params, data: Data, opts: Options, out: str, *, source_eval: dict | None = None
+        ) -> dict:
+    """Compress, save to ``out``, evaluate source and result; returns (and writes as eval.json) the results."""
     t0 = time.time()
-    params, new_cfg, info = compress(model, mcfg, source_params, calib, opts, config=config,
-                                     heal_batches=heal_batches)
+    params, new_cfg, info = compress(model, mcfg, source_params, data.calib, opts, config=config,
+                                     heal_batches=data.heal)
     seconds = time.time() - t0
     save(out, params, new_cfg, info, config.model.family)
-    results = {"method": opts.method, "seconds": seconds,
-               "source": {**evaluate(model, mcfg, source_params, evals), **quant.memory_report(source_params)},
-               "result": {**evaluate(model, new_cfg, params, evals), **quant.memory_report(params)}}
+    source_eval = source_eval or {**evaluate(model, mcfg, source_params, data.evals),
+                                  **quant.memory_report(source_params)}
+    results = {"method": opts.method, "options": dataclasses.asdict(opts), "seconds": seconds, "info": info,
+               "source": source_eval,
+               "result": {**evaluate(model, new_cfg, params, data.evals), **quant.memory_report(params)}}
     if opts.method == "prune" and opts.heal_steps:  # also before healing
         unhealed, _ = prune_lib.drop_layers(source_params, mcfg, info["start"], info["drop"])
-        results["pruned_unhealed"] = evaluate(model, new_cfg, unhealed, evals)
+        results["pruned_unhealed"] = evaluate(model, new_cfg, unhealed, data.evals)
     (Path(out) / "eval.json").write_text(json.dumps(results, indent=1, default=float))
     return results
 
@@ -281,28 +310,20 @@ def main(argv, recorded_error=None, recorded=False):
     del argv, recorded
     from train import config as config_lib
     from train import data
-    from train.evaluate import load_state
 
     config = _CONFIG.value
     if config is None:
         raise recorded_error or ValueError("--config is not set; pass an experiment file or a --workdir with the "
                                            "config.json its trainer wrote.")
     opts = Options(**{f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(Options)})
-    if _HF.value:
-        from models import hf
-
-        source, mcfg, _ = hf.load_checkpoint(_HF.value, dtype=config.model.dtype)
-        model = models.get("mamba" if type(mcfg).__module__.endswith("mamba") else "transformer")
-        source = jax.tree.map(jnp.asarray, source)
-    else:
-        if not _WORKDIR.value:
-            raise ValueError("pass --workdir (a trained run) or --hf (a Hugging Face checkpoint directory).")
-        setup, state, _ = load_state(config, _WORKDIR.value)
-        model, mcfg, source = setup.model, setup.mcfg, jax.device_get(state.params)
+    model, mcfg, source = load_source(config, workdir=_WORKDIR.value, hf_dir=_HF.value)
     config_lib.validate(config)
     tokenizer = data.make_tokenizer(config.data)
-    results = run(config, source, mcfg, model, tokenizer, opts, _OUT.value, eval_rows=_EVAL_ROWS.value)
-    print(json.dumps({k: v for k, v in results.items()}, indent=1, default=float))
+    heal_rows = 8 * min(opts.heal_steps, 64) if opts.method == "prune" else 0
+    batches = prepare_data(config, tokenizer, calib_rows=opts.calib_rows, heal_rows=heal_rows,
+                           eval_rows=_EVAL_ROWS.value)
+    results = run(config, model, mcfg, source, batches, opts, _OUT.value)
+    print(json.dumps({k: v for k, v in results.items() if k != "info"}, indent=1, default=float))
 
 
 if __name__ == "__main__":
