@@ -101,6 +101,10 @@ class Adapter(weights.Weight):
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
+    def num_params(self) -> int:
+        """Entries of the adapted matrix (the adapters' bytes count towards its bytes per parameter)."""
+        return self.base.num_params() if isinstance(self.base, weights.Weight) else int(np.prod(self.base.shape))
+
     def matmul(self, x, dot: weights.Dot):
         if dot.transpose:
             raise ValueError("adapters here sit on [in, out] projections, not on a tied embedding table.")

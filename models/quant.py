@@ -161,7 +161,10 @@ def memory_report(params, linear_paths: Iterable[str] | None = None) -> dict:
             isinstance(leaf, Weight) or (name.startswith("layers/") and name.rsplit("/", 1)[-1].startswith("w")))
         if is_linear:
             lin_bytes += tree_bytes(leaf)
-            lin_params += leaf.num_params() if isinstance(leaf, Weight) and hasattr(leaf, "num_params") else int(
-                np.prod(leaf.shape))
+            if isinstance(leaf, Weight):
+                lin_params += leaf.num_params() if hasattr(leaf, "num_params") else sum(
+                    int(np.prod(x.shape)) for x in jax.tree.leaves(leaf))
+            else:
+                lin_params += int(np.prod(leaf.shape))
     return {"model_bytes": tree_bytes(params), "linear_bytes": lin_bytes, "linear_params": lin_params,
             "bytes_per_linear_param": lin_bytes / max(lin_params, 1)}
