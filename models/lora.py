@@ -151,7 +151,11 @@ def qlora(params: dict, axes: dict, rng: jax.Array, *, rank: int = 8, alpha: flo
                             dropout)
         return Adapter(base, a, b, seed, scale, dropout), node_axes
 
-    return weights.wrap(params, axes, make, where)
+    new_params, new_axes = weights.wrap(params, axes, make, where)
+    if not any(isinstance(w, Adapter) for w in jax.tree.leaves(new_params, is_leaf=lambda x: isinstance(x, Adapter))):
+        raise ValueError("no weight was selected for adapters (the default selects the MLP matrices w_gate, w_up, "
+                         "w_down of a Transformer); pass where= for this model.")
+    return new_params, new_axes
 
 
 FROZEN_ALL_BUT_ADAPTERS = r"(?!.*/(a|b)$).*"  # optim.frozen: every path but the adapters' a and b

@@ -8,7 +8,8 @@ sequence. For a block of n layers starting at l (sec. 3.2, eq. 7):
 and the block to drop is l*(n) = argmin_l d(x_l, x_{l+n}): removing layers l .. l+n-1 joins x_l to
 x_{l+n}. The simpler heuristic drops the n deepest layers before the last one (l = L - 1 - n). Healing
 afterwards: QLoRA on the MLP matrices (``models/lora.py``). Switch models prune whole units of
-``moe_every`` layers (the stack's repeating unit).
+``moe_every`` layers (the stack's repeating unit). Any family whose ``params['layers']`` stacks layers on
+its leading axis and whose blocks record ``capture.hidden`` prunes the same way (Mamba too).
 """
 from __future__ import annotations
 

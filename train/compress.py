@@ -109,6 +109,14 @@ def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, co
     """(params, cfg, info) of the compressed model; info: the method, its settings, and what it chose."""
     if opts.method not in METHODS:
         raise ValueError(f"method is {opts.method!r}; use one of {METHODS}.")
+    if opts.strategy not in ("angular", "deepest"):
+        raise ValueError(f"strategy is {opts.strategy!r}; use 'angular' (argmin of the angular distance) or "
+                         f"'deepest' (the layers before the last).")
+    for name in ("calib_rows", "rank", "nf4_block", "group"):
+        if getattr(opts, name) <= 0:
+            raise ValueError(f"{name} is {getattr(opts, name)}; set it to a positive integer.")
+    if opts.heal_steps < 0:
+        raise ValueError(f"heal_steps is {opts.heal_steps}; use 0 (no healing) or a positive number of steps.")
     axes = model.param_axes(mcfg)
     info = {"method": opts.method}
     if opts.method in ("smoothquant", "w8a8"):
