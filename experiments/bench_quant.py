@@ -11,9 +11,10 @@ Prints four Markdown tables:
      (static scale), int4 weight-only (dequantize, then bf16 matmul);
   4. greedy decoding at batch 1 (prompt 512, --new_tokens): bf16 weights, W8A8 O1 and int4 weights through
      ``models.generate``; decode step time = (time for N new tokens - time for 1) / (N - 1), prefill excluded.
-     Weight bytes per step / step time is the effective bandwidth. XLA dequantizes int4 into a bf16 copy
-     before the matmul (no fused kernel here), so int4 decoding is not expected to beat bf16: the table says
-     how far it is from the byte-ratio bound.
+     Weight bytes per step / step time is the effective bandwidth. "int4 g128" lets XLA dequantize into a
+     bf16 copy before the matmul (not expected to beat bf16); "int4 g128 fused" runs single rows through
+     the Pallas kernel ``awq.int4_gemv`` (reads the packed bytes once); the byte ratio bounds its speedup
+     near 3.3x. Table 3 also has a batch-1 row (tokens = 1) with the fused kernel alone.
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def timed(f, *args, reps: int = 20) -> float:
 
 
 TINY = False  # --tiny: small sizes, a CPU check of the code paths
+
+
+def kernel_name() -> str:
+    return "interpret" if TINY else "pallas"
 
 
 def ceilings() -> dict:
@@ -76,7 +81,8 @@ def model_variants():
         return awq.pack(w, 4, 128), awq.Int4(tuple(names), tuple(names), tuple(names), 4, 128)
 
     w4, _ = weights.wrap(params, axes, int4, smoothquant.is_block_linear)
-    return transformer, mcfg, {"bf16": params, "W8A8": w8, "int4 g128": w4}
+    return transformer, mcfg, {"bf16": params, "W8A8": w8, "int4 g128": w4,
+                               "int4 g128 fused": awq.with_kernel(w4, kernel_name())}
 
 
 def memory(variants: dict) -> list:
@@ -95,7 +101,7 @@ def linears() -> list:
     from models import awq, smoothquant, weights
 
     rows = []
-    for m in ((64,) if TINY else (2048, 8192, 16384)):
+    for m in ((1, 64) if TINY else (1, 2048, 8192, 16384)):
         for k, n in (((256, 512),) if TINY else ((2048, 2048), (2048, 5632), (5632, 2048))):
             kx, kw = jax.random.split(jax.random.PRNGKey(m + k + n))
             x = jax.random.normal(kx, (m, k), jnp.bfloat16)
@@ -113,6 +119,13 @@ def linears() -> list:
                 "W8A8 O3": timed(jax.jit(lambda wt, a: wt.matmul(a, weights.Dot())), o3, x),
                 "int4 (dequantize + bf16)": timed(jax.jit(lambda wt, a: wt.matmul(a, weights.Dot())), i4, x),
             }
+            if m == 1:  # the fused batch-1 kernel (awq.int4_gemv)
+                try:
+                    t["int4 fused"] = timed(jax.jit(lambda wt, a: wt.matmul(a, weights.Dot())),
+                                            awq.with_kernel(i4, kernel_name()), x)
+                except Exception as e:  # a kernel that does not compile here: say so, keep the other numbers
+                    print(f"int4 fused kernel failed at {k}x{n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    t["int4 fused"] = float("nan")
             rows.append({"tokens": m, "in": k, "out": n, **{f"{name} ms": 1e3 * v for name, v in t.items()},
                          **{f"{name} TFLOP/s": 2 * m * k * n / v / 1e12 for name, v in t.items()}})
             print(rows[-1], flush=True)
@@ -126,6 +139,9 @@ def decode(model, mcfg, variants: dict, new_tokens: int, prompt_len: int = 512, 
     prompts = np.random.default_rng(0).integers(3, mcfg.vocab_size, (1, prompt_len)).tolist()
     rows = []
     for name, p in variants.items():
+        if name == "int4 g128 fused" and not ok_kernel(p):
+            continue
+
         def run(n):
             t = time.perf_counter()
             generate.greedy(model, p, mcfg, prompts, max_new_tokens=n, max_len=prompt_len + new_tokens)
@@ -147,10 +163,26 @@ def decode(model, mcfg, variants: dict, new_tokens: int, prompt_len: int = 512, 
     return rows
 
 
+def ok_kernel(params) -> bool:
+    """Whether the fused int4 kernel compiles and runs here (printed reason when not)."""
+    from models import awq
+
+    w = params["layers"]["wq"]
+    try:
+        one = jax.tree.map(lambda a: a[0], w)
+        jax.block_until_ready(awq.int4_gemv(jnp.ones((one.packed.shape[0] * 2,), jnp.bfloat16), one.packed,
+                                            one.scale, one.zero, group=one.group, interpret=TINY))
+        return True
+    except Exception as e:
+        print(f"int4 fused kernel unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return False
+
+
 def md(rows: list, cols: list) -> str:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        out.append("| " + " | ".join(f"{r.get(c):.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                     for c in cols) + " |")
     return "\n".join(out)
 
 

@@ -50,6 +50,7 @@ class Int4(weights.Weight):
     zero: Any
     bits: int = flax.struct.field(pytree_node=False, default=4)
     group: int = flax.struct.field(pytree_node=False, default=128)
+    kernel: str = flax.struct.field(pytree_node=False, default="")  # "", "pallas" or "interpret" (see matmul)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The weight [..., in, out] in ``dtype``."""
@@ -60,10 +61,70 @@ class Int4(weights.Weight):
         return w.reshape(*lead, n_in, out).astype(dtype)
 
     def matmul(self, x, dot: weights.Dot):
+        """x times the dequantized weight; with ``kernel`` "pallas" ("interpret": the same kernel on CPU) a
+        single row (batch-1 decoding, dense form) runs ``int4_gemv``, which never writes the float weight."""
+        if (self.kernel and dot.form == "dense" and not dot.transpose and x.size == x.shape[-1]
+                and self.packed.ndim == 2):
+            y = int4_gemv(x.reshape(-1), self.packed, self.scale, self.zero, group=self.group,
+                          interpret=self.kernel == "interpret")
+            return y.reshape(*x.shape[:-1], -1).astype(dot.out_dtype or x.dtype)
         return dot(x, self.dequantize(x.dtype))
 
     def num_params(self) -> int:
         return int(np.prod(self.packed.shape)) * 2
+
+
+def with_kernel(params, kernel: str = "pallas"):
+    """``params`` with every ``Int4`` set to use ``kernel`` for single rows (decoding)."""
+    return jax.tree.map(lambda w: w.replace(kernel=kernel) if isinstance(w, Int4) else w, params,
+                        is_leaf=lambda w: isinstance(w, Int4))
+
+
+def _gemv_kernel(xe_ref, xo_ref, p_ref, s_ref, z_ref, o_ref, *, groups: int, half: int):
+    """One (K split, column block): sum over its groups of s (x_even . lo + x_odd . hi - z sum x)."""
+    from jax.experimental import pallas as pl
+
+    def body(g, acc):
+        rows = pl.ds(g * half, half)
+        p = p_ref[rows, :]
+        lo, hi = (p & 0xF).astype(jnp.float32), (p >> 4).astype(jnp.float32)
+        xe, xo = xe_ref[rows], xo_ref[rows]
+        dot = jnp.sum(xe[:, None] * lo + xo[:, None] * hi, axis=0)
+        s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)[0]
+        z = z_ref[pl.ds(g, 1), :].astype(jnp.float32)[0]
+        return acc + s * (dot - z * jnp.sum(xe + xo))
+
+    o_ref[0, :] = jax.lax.fori_loop(0, groups, body, jnp.zeros(o_ref.shape[-1:], jnp.float32))
+
+
+def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array, *, group: int,
+              block_n: int = 64, interpret: bool = False) -> jax.Array:
+    """x [K] times the ``Int4`` weight (packed [K/2, N], scale, zero [K/group, N]) -> float32 [N], fused.
+
+    A Pallas (Triton) kernel: program (k split, column block) reads its packed bytes once, unpacks and
+    dequantizes in registers and accumulates s_g (x_g . q_g - z_g sum x_g) per group g; the K splits
+    (so that enough programs run for a memory-bound product) are summed by XLA. ``interpret``: on CPU."""
+    from jax.experimental import pallas as pl
+
+    half_k, n = packed.shape
+    groups = scale.shape[0]
+    half = group // 2
+    splits = next(d for d in (8, 4, 2, 1) if groups % d == 0)
+    block_n = min(block_n, n)
+    if n % block_n or half & (half - 1) or block_n & (block_n - 1):
+        return (x[None, :].astype(jnp.float32) @ Int4(packed, scale, zero, 4, group).dequantize())[0]
+    xf = x.astype(jnp.float32).reshape(half_k, 2)
+    per = groups // splits  # groups per split
+    rows = per * half
+    kernel = functools.partial(_gemv_kernel, groups=per, half=half)
+    vec = pl.BlockSpec((rows,), lambda k, j: (k,))
+    out = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32), grid=(splits, n // block_n),
+        in_specs=[vec, vec, pl.BlockSpec((rows, block_n), lambda k, j: (k, j)),
+                  pl.BlockSpec((per, block_n), lambda k, j: (k, j)), pl.BlockSpec((per, block_n), lambda k, j: (k, j))],
+        out_specs=pl.BlockSpec((1, block_n), lambda k, j: (k, j)), interpret=interpret, name="int4_gemv",
+    )(xf[:, 0], xf[:, 1], packed, scale, zero)
+    return jnp.sum(out, axis=0)
 
 
 def check_group(n_in: int, group: int, what: str = "a weight") -> None:

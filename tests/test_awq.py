@@ -112,3 +112,16 @@ def test_bad_input_is_refused(tiny_model):
     no_inputs = {k: {s: v for s, v in st.items() if s != "inputs"} for k, st in calib.items()}
     with pytest.raises(ValueError, match="inputs="):
         awq.quantize(params, axes, cfg, no_inputs, group=16)
+
+
+def test_fused_int4_gemv_kernel_in_interpret_mode():
+    """The Pallas batch-1 kernel (run by the interpreter on CPU) against float64 NumPy on the dequantized
+    weight, through ``Int4.matmul`` as decoding calls it: x [1, 1, K] with K split into 4 x 2 groups."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(1024, 64)).astype(np.float32)
+    x = rng.normal(size=(1, 1, 1024)).astype(np.float32)
+    q = awq.pack(jnp.asarray(w), 4, 128)
+    want = x[0, 0].astype(np.float64) @ np.asarray(q.dequantize(), np.float64)
+    got = jax.jit(lambda wt, a: wt.matmul(a, weights.Dot()))(awq.with_kernel(q, "interpret"), jnp.asarray(x))
+    assert got.shape == (1, 1, 64)
+    np.testing.assert_allclose(got[0, 0], want, rtol=1e-5, atol=1e-4)
