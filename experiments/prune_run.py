@@ -58,7 +58,8 @@ def main():
     unit = prune._unit(mcfg)
     curve = {"angular": {}, "deepest": {}}
     lines = ["| dropped | strategy | start | eval loss before healing | after | accuracy before | after |",
-             "|---|---|---|---|---|---|---|", f"| 0 | - | - | {base['loss']:.4f} | - | {100 * base['accuracy']:.2f}% | - |"]
+             "|---|---|---|---|---|---|---|",
+             f"| 0 | - | - | {base['loss']:.4f} | - | {100 * base['accuracy']:.2f}% | - |"]
     for n in range(unit, mcfg.n_layers - unit + 1, unit):
         for strategy in ("angular", "deepest"):
             if strategy == "deepest" and unit > 1:

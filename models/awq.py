@@ -231,8 +231,10 @@ def quantize(params: dict, axes: dict, cfg, calib: dict | None = None, *, bits: 
     if method not in ("awq", "rtn"):
         raise ValueError(f"method is {method!r}; use 'awq' or 'rtn'.")
     if method == "awq" and calib is None:
-        raise ValueError("AWQ needs calibration data; pass calib=quant.calibrate(model, cfg, params, tokens, inputs=k).")
-    for name, d_in in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff), ("n_heads * head_dim", cfg.n_heads * cfg.head_dim)):
+        raise ValueError("AWQ needs calibration data; pass calib=quant.calibrate(model, cfg, params, tokens, "
+                         "inputs=k).")
+    for name, d_in in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff),
+                       ("n_heads * head_dim", cfg.n_heads * cfg.head_dim)):
         check_group(d_in, group, f"the linears reading {name}")
     if not 2 <= bits <= 4:
         raise ValueError(f"bits is {bits}; AWQ here stores 2 to 4 bits per weight (int4, int3).")

@@ -62,7 +62,8 @@ def _unit(cfg) -> int:
 def best_start(distances: np.ndarray, n: int, unit: int = 1) -> int:
     """argmin_l D[n - 1, l] over the starts l that are multiples of ``unit``."""
     if not 1 <= n <= distances.shape[0]:
-        raise ValueError(f"cannot drop {n} layers of {distances.shape[0]}; drop between 1 and {distances.shape[0] - 1}.")
+        raise ValueError(f"cannot drop {n} layers of {distances.shape[0]}; drop between 1 and "
+                         f"{distances.shape[0] - 1}.")
     row = distances[n - 1].copy()
     row[np.arange(row.size) % unit != 0] = np.nan
     return int(np.nanargmin(row))

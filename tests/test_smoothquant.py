@@ -158,7 +158,8 @@ def test_quantized_model_runs_through_apply_and_generate(model):
     smoothed, scales = SQ.smooth(params, cfg, stats)
     axes = T.param_axes(cfg)
     for act in (("O2", "O3") if cfg.num_experts else ("O1", "O3")):
-        qp, qa = SQ.quantize(smoothed, axes, cfg, act=act, stats=SQ.smoothed_stats(stats, scales), per_channel=act == "O1")
+        qp, qa = SQ.quantize(smoothed, axes, cfg, act=act, stats=SQ.smoothed_stats(stats, scales),
+                             per_channel=act == "O1")
         assert jax.tree.structure(qp) == jax.tree.structure(qa, is_leaf=weights.is_axes)
         assert helpers.rel_err(fwd(qp, toks), ref) < 0.05, act
     assert isinstance(qp["layers"]["moe"]["w_gate"] if cfg.num_experts else qp["layers"]["wq"], SQ.W8A8)

@@ -142,7 +142,8 @@ def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, co
         info.update(drop=opts.drop, start=start, strategy=opts.strategy, distances=np.nan_to_num(dist, nan=-1).tolist())
         if opts.heal_steps:
             params, losses = heal(model, mcfg, params, heal_batches, opts, config)
-            info.update(heal_steps=opts.heal_steps, rank=opts.rank, heal_loss_first=losses[0], heal_loss_last=losses[-1])
+            info.update(heal_steps=opts.heal_steps, rank=opts.rank, heal_loss_first=losses[0],
+                        heal_loss_last=losses[-1])
     return params, mcfg, info
 
 
