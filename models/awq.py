@@ -210,13 +210,20 @@ def search(x: np.ndarray, ws: list, mean_abs: np.ndarray, *, bits: int, group: i
 # ----------------------------------------------------------------------------- the model
 
 def _inputs(calib: dict, key: str, expert: int | None = None) -> np.ndarray:
+    """The sampled input rows of calib[key]; for one ``expert``, its rows followed by zero rows up to the
+    sample's length (zero rows add nothing to any output error, and one shape serves every expert)."""
     st = calib.get(key)
     if st is None or "inputs" not in st:
         raise ValueError(f"calibration data lack sampled inputs of {key!r}; run quant.calibrate(..., inputs=k).")
     x = st["inputs"]
     if expert is not None:
-        x = x[st["segments"] == expert]
+        mine = st["segments"] == expert
+        x = np.concatenate([x[mine], np.zeros((int((~mine).sum()), x.shape[1]), x.dtype)])
     return x
+
+
+def _has_rows(calib: dict, key: str, expert: int) -> bool:
+    return bool(np.any(calib[key]["segments"] == expert))
 
 
 def quantize(params: dict, axes: dict, cfg, calib: dict | None = None, *, bits: int = 4, group: int = 128,
@@ -238,13 +245,18 @@ def quantize(params: dict, axes: dict, cfg, calib: dict | None = None, *, bits: 
         check_group(d_in, group, f"the linears reading {name}")
     if not 2 <= bits <= 4:
         raise ValueError(f"bits is {bits}; AWQ here stores 2 to 4 bits per weight (int4, int3).")
-    lay = _host_layers(params)
-    ratios: dict[tuple, np.ndarray] = {}  # (leaf path, stacked index) -> [..., in/group, out]
-    report = {"alpha": {}}
     if method == "awq":
-        for i, path, idx in layer_slots(cfg):
-            _awq_layer(cfg, calib, lay, path, idx, i, bits, group, grid, clip, ratios, report)
-    new_params = {**params, "layers": jax.tree.map(jnp.asarray, lay)}
+        new_params, ratios, report = search_and_fold(params, cfg, calib, bits=bits, group=group, clip=clip, grid=grid)
+    else:
+        new_params, ratios, report = params, {}, {"alpha": {}}
+    qp, qa = pack_model(new_params, axes, ratios, bits=bits, group=group)
+    return qp, qa, report
+
+
+def pack_model(params: dict, axes: dict, ratios: dict | None = None, *, bits: int = 4, group: int = 128
+               ) -> tuple[dict, dict]:
+    """Every block projection of ``params`` as an ``Int4`` (clipping ratios from ``search_and_fold``, else 1)."""
+    ratios = ratios or {}
 
     def make(path, w, names):
         lead = w.shape[:-2]
@@ -256,8 +268,19 @@ def quantize(params: dict, axes: dict, cfg, calib: dict | None = None, *, bits: 
         node_axes = Int4(tuple(names), tuple(names), tuple(names), bits, group)
         return packed, node_axes
 
-    qp, qa = weights.wrap(new_params, axes, make, is_block_linear)
-    return qp, qa, report
+    return weights.wrap(params, axes, make, is_block_linear)
+
+
+def search_and_fold(params: dict, cfg, calib: dict, *, bits: int = 4, group: int = 128, clip: bool = True,
+                    grid: int = GRID) -> tuple[dict, dict, dict]:
+    """AWQ's searches: (float params with the scales folded in: the same function as ``params``, the clipping
+    ratios {(leaf path, stacked index): [..., in/group, out]}, report {"alpha": ...}); ``quantize`` packs them."""
+    lay = _host_layers(params)
+    ratios: dict[tuple, np.ndarray] = {}
+    report = {"alpha": {}}
+    for i, path, idx in layer_slots(cfg):
+        _awq_layer(cfg, calib, lay, path, idx, i, bits, group, grid, clip, ratios, report)
+    return {**params, "layers": jax.tree.map(jnp.asarray, lay)}, ratios, report
 
 
 def _awq_layer(cfg, calib, lay, path, idx, i, bits, group, grid, clip, ratios, report) -> None:
@@ -271,7 +294,7 @@ def _awq_layer(cfg, calib, lay, path, idx, i, bits, group, grid, clip, ratios, r
     def scaled(part, key, names, expert=None):
         """Search s for the linears ``names`` (of ``expert``) reading calib[key]'s inputs; scale their rows."""
         x = _inputs(calib, key, expert)
-        if x.shape[0] == 0:  # an expert that got no calibration token keeps s = 1
+        if expert is not None and not _has_rows(calib, key, expert):  # no calibration token: s = 1
             return np.ones(d[names[0]].shape[-2])
         mean_abs = calib[key]["mean_abs"] if expert is None else calib[key]["mean_abs"][expert]
         where = idx if expert is None else (*idx, expert)
@@ -321,7 +344,7 @@ def _awq_layer(cfg, calib, lay, path, idx, i, bits, group, grid, clip, ratios, r
             r = np.ones((cfg.num_experts, w.shape[-2] // group, w.shape[-1]), np.float32)
             for e in range(cfg.num_experts):
                 x = _inputs(calib, key, e)
-                if x.shape[0]:
+                if _has_rows(calib, key, e):
                     x = x / (s[e] if n == "w_down" else s)
                     r[e] = np.asarray(clip_ratios(jnp.asarray(x, jnp.float32), jnp.asarray(w[e]), bits=bits,
                                                   group=group, grid=grid))

@@ -23,13 +23,14 @@ from models import capture
 
 
 def last_token_states(model, cfg, params, tokens: np.ndarray, *, batch_size: int = 8,
-                      last: np.ndarray | None = None) -> np.ndarray:
+                      last: np.ndarray | None = None, jit=jax.jit) -> np.ndarray:
     """The hidden state entering every layer (and leaving the last) at each row's last token: [L + 1, rows, d]
-    float32. ``last`` [rows]: the index of each row's last real token (default: the final position)."""
+    float32. ``last`` [rows]: the index of each row's last real token (default: the final position). ``jit``:
+    how the forward is compiled."""
     tokens = np.asarray(tokens)
     last = np.full(tokens.shape[0], tokens.shape[1] - 1) if last is None else np.asarray(last)
 
-    @jax.jit
+    @jit
     def run(params, toks, idx):
         with capture.taps(hidden=True) as got:
             model.apply(params, toks, cfg)

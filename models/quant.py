@@ -41,18 +41,19 @@ def calibration_rows(tokens: np.ndarray, n: int, seq_len: int) -> np.ndarray:
     return tokens[:n, :seq_len]
 
 
-def calibrate(model, cfg, params, tokens: np.ndarray, *, batch_size: int = 8, inputs: int = 0) -> dict:
+def calibrate(model, cfg, params, tokens: np.ndarray, *, batch_size: int = 8, inputs: int = 0, jit=jax.jit) -> dict:
     """Per-linear input statistics over every row of ``tokens`` [n, seq] (int), in batches of ``batch_size``.
 
     Returns {key: {"absmax": [in] (experts [N, in]), "mean_abs": same, "count": rows covered,
     ["inputs": [k, in], ["segments": [k]]]}} as NumPy float32/int arrays, combined over batches exactly
     (max of maxima, count-weighted means); with ``inputs`` = k, up to k sampled rows per batch, concatenated.
+    ``jit``: how the forward is compiled (tests pass one with fast compile options).
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] < 1:
         raise ValueError(f"calibration tokens have shape {tokens.shape}; give [rows, seq] integers.")
 
-    @jax.jit
+    @jit
     def run(params, toks):
         with capture.taps(linears=True, inputs=inputs) as got:
             model.apply(params, toks, cfg)

@@ -47,6 +47,9 @@ def test_packed_weight_matches_the_numpy_quantizer_and_every_form(bits):
     x = rng.normal(size=(3, 2, 5, 64)).astype(np.float32)
     np.testing.assert_allclose(packed.matmul(jnp.asarray(x), weights.Dot("experts")),
                                np.einsum("gecd,edf->gecf", x, want), rtol=1e-4, atol=1e-4)
+    xr = rng.normal(size=(5, 64)).astype(np.float32)  # ragged: rows 0-2 to expert 0, rows 3-4 to expert 1
+    got = packed.matmul(jnp.asarray(xr), weights.Dot("ragged", group_sizes=jnp.asarray([3, 2])))
+    np.testing.assert_allclose(got, np.concatenate([xr[:3] @ want[0], xr[3:] @ want[1]]), rtol=1e-4, atol=1e-4)
     dense = awq.pack(jnp.asarray(w[0]), bits, 16)
     np.testing.assert_allclose(dense.matmul(jnp.asarray(x[0, 0]), weights.Dot()), x[0, 0] @ want[0], rtol=1e-4,
                                atol=1e-4)
@@ -76,7 +79,8 @@ def test_awq_beats_rtn_on_held_out_activations():
 def tiny_model():
     cfg = helpers.tiny("transformer", n_layers=2, n_kv_heads=4)  # MHA: W_o's scale folds into W_v
     params = helpers.random_params(cfg)
-    calib = quant.calibrate(T, cfg, params, np.asarray(helpers.tokens(61, b=4, s=16, seed=3)), inputs=64)
+    calib = quant.calibrate(T, cfg, params, np.asarray(helpers.tokens(61, b=4, s=16, seed=3)), inputs=64,
+                            jit=helpers.jit)
     return cfg, params, calib
 
 
@@ -98,6 +102,23 @@ def test_awq_model_is_closer_than_rtn_on_held_out_tokens_and_generates(tiny_mode
     assert mem["bytes_per_linear_param"] == pytest.approx(0.5 + 4 / 16)  # nibble + float16 scale and zero per 16
     out = generate.greedy(T, ap, cfg, [[1, 2, 3]], max_new_tokens=3)
     assert len(out[0]) == 3
+
+
+def test_awq_scales_fold_exactly_in_a_switch_model():
+    """Every fold (norms, W_up's columns for W_down, W_v's for W_o, the router, per-expert W_down) leaves the
+    float function unchanged."""
+    cfg = helpers.tiny("switch", n_layers=2, n_kv_heads=4)  # layer 0 dense, layer 1 Switch
+    params = helpers.random_params(cfg)
+    toks = helpers.tokens(61, b=4, s=16, seed=3)
+    calib = quant.calibrate(T, cfg, params, np.asarray(toks), inputs=64, jit=helpers.jit)
+    folded, ratios, report = awq.search_and_fold(params, cfg, calib, bits=4, group=16)
+    assert {f"layer1/down/expert{e}" for e in range(cfg.num_experts)} <= set(report["alpha"])
+    assert any(0 < a for a in report["alpha"].values()) and all(0 <= r.min() and r.max() <= 1 for r in ratios.values())
+    fwd = helpers.jit(lambda p, t: T.apply(p, t, cfg)[0])
+    assert helpers.rel_err(fwd(folded, toks), fwd(params, toks)) < 1e-5
+    packed, _ = awq.pack_model(folded, T.param_axes(cfg), ratios, bits=4, group=16)
+    down = packed["layers"]["moe"]["w_down"]
+    assert isinstance(down, awq.Int4) and down.packed.shape == (1, cfg.num_experts, cfg.d_ff // 2, cfg.d_model)
 
 
 def test_bad_input_is_refused(tiny_model):

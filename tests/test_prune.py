@@ -38,7 +38,7 @@ def dense():
     cfg = helpers.tiny("transformer", n_layers=3)
     params = helpers.random_params(cfg)
     toks = np.asarray(helpers.tokens(61, b=3, s=10, seed=4))
-    states = prune.last_token_states(T, cfg, params, toks, last=np.array([9, 4, 7]))
+    states = prune.last_token_states(T, cfg, params, toks, last=np.array([9, 4, 7]), jit=helpers.jit)
     return cfg, params, toks, states
 
 
