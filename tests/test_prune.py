@@ -137,7 +137,7 @@ def test_healing_trains_only_the_adapters_and_the_result_round_trips(tmp_path):
     with pytest.raises(ValueError, match="requested"):
         C.calibration_tokens(batches, 17)
     opts = C.Options(method="prune", drop=1, heal_steps=3, rank=4, lr=1e-2, nf4_block=16)
-    healed, cfg, info = C.compress(T, mcfg, params, calib, opts, config=config, heal_batches=batches)
+    healed, cfg, info = C.compress(T, mcfg, params, calib, opts, config=config, heal_batches=batches, jit=helpers.jit)
     assert cfg.n_layers == 1 and info["heal_loss_last"] < info["heal_loss_first"]
     assert info["start"] == int(np.argmin(np.asarray(info["distances"])[0, :2]))  # d(x_0, x_1) vs d(x_1, x_2)
     unhealed, _ = prune.drop_layers(params, mcfg, info["start"], 1)

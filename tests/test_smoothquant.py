@@ -1,8 +1,8 @@
-"""SmoothQuant (models/smoothquant.py) and the shared calibration (models/quant.py): calibration against the
-capture statistics, smoothing scales against the NumPy formula and the smoothed model against the float one
-(Llama and Switch), int8 products against int64 NumPy, every W8A8 form against a float64 NumPy reference
-of the same quantizer, the paper's outlier-channel effect, and the quantized model through apply and
-generate."""
+"""SmoothQuant (models/smoothquant.py) and the shared calibration (models/quant.py) on a tiny Switch model
+(a dense and a Switch layer): batches combined exactly, smoothing scales against the NumPy formula and the
+smoothed model against the float one, int8 products against int64 NumPy, every W8A8 form against a float64
+NumPy reference of the same quantizer, the paper's outlier-channel effect, and the quantized model through
+apply and generate."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +16,10 @@ from tests import helpers
 pytestmark = pytest.mark.timeout(200)
 
 
-@pytest.fixture(scope="module", params=["transformer", "switch"])
-def model(request):
-    cfg = helpers.tiny(request.param, n_layers=2)
+@pytest.fixture(scope="module")
+def model():
+    """The tiny Switch model: layer 0 dense (norm -> W_gate, W_up), layer 1 Switch (norm -> router, experts)."""
+    cfg = helpers.tiny("switch", n_layers=2)
     params = helpers.random_params(cfg)
     toks = np.asarray(helpers.tokens(61, b=4, s=16, seed=3))
     stats = quant.calibrate(T, cfg, params, toks, batch_size=4, jit=helpers.jit)
@@ -28,33 +29,35 @@ def model(request):
 
 def test_calibration_combines_batches_exactly(model):
     cfg, params, toks, whole, _, _ = model
-    if not cfg.num_experts:  # two batches of 2 rows against one batch of 4
-        stats = quant.calibrate(T, cfg, params, toks, batch_size=2, jit=helpers.jit)
-        for key in whole:
-            for s in ("absmax", "mean_abs", "count"):
-                np.testing.assert_allclose(stats[key][s], whole[key][s], rtol=1e-5, atol=1e-6, err_msg=f"{key} {s}")
+    stats = quant.calibrate(T, cfg, params, toks, batch_size=2, jit=helpers.jit)  # two batches of 2 rows
+    for key in whole:
+        for s in ("absmax", "mean_abs", "count"):
+            np.testing.assert_allclose(stats[key][s], whole[key][s], rtol=1e-5, atol=1e-6, err_msg=f"{key} {s}")
     assert whole["layer0/wq"]["count"] == toks.size
-    if cfg.num_experts:  # per-expert statistics [N, in], every routed token counted once
-        assert whole["layer1/w_gate"]["absmax"].shape == (cfg.num_experts, cfg.d_model)
-        assert whole["layer1/w_gate"]["count"].sum() <= toks.size
+    # per-expert statistics [N, in], every routed token counted once
+    assert whole["layer1/w_gate"]["absmax"].shape == (cfg.num_experts, cfg.d_model)
+    assert 0 < whole["layer1/w_gate"]["count"].sum() <= toks.size
 
 
 def test_smoothing_is_exact_and_follows_the_formula(model):
     cfg, params, toks, stats, fwd, ref = model
     smoothed, scales = SQ.smooth(params, cfg, stats, alpha=0.5)
     assert helpers.rel_err(fwd(smoothed, toks), ref) < 2e-6
-    # The MLP of layer 1 (a Switch layer in the switch model): s from the NumPy formula.
-    lay = params["layers"]["moe"] if cfg.num_experts else jax.tree.map(lambda a: a[1], params["layers"])
-    x = stats["layer1/router" if cfg.num_experts else "layer1/w_gate"]["absmax"].astype(np.float64)
-    gate, up = (np.abs(np.asarray(lay[n], np.float64)).reshape(-1, cfg.d_model, cfg.d_ff) for n in ("w_gate", "w_up"))
-    w = np.maximum(gate.max(axis=(0, 2)), up.max(axis=(0, 2)))
-    want = np.maximum(x, 1e-5) ** 0.5 / np.maximum(w, 1e-5) ** 0.5
-    np.testing.assert_allclose(scales["layer1/mlp"], want, rtol=1e-6)
-    new = smoothed["layers"]["moe"] if cfg.num_experts else jax.tree.map(lambda a: a[1], smoothed["layers"])
-    np.testing.assert_allclose(new["mlp_norm"], np.asarray(lay["mlp_norm"]) / want, rtol=1e-5)
-    # After smoothing, max|X_j / s_j| and max|s_j W_j| meet at sqrt(max|X_j| max|W_j|) (alpha = 0.5).
-    sm = SQ.smoothed_stats(stats, scales)["layer1/" + ("router" if cfg.num_experts else "w_gate")]["absmax"]
-    np.testing.assert_allclose(sm, np.sqrt(x * w), rtol=1e-5)
+    # The MLP scales of layer 0 (dense) and layer 1 (Switch: every expert) from the NumPy formula.
+    for layer, lay, new, key in ((0, jax.tree.map(lambda a: a[0, 0], params["layers"]["dense"]),
+                                  jax.tree.map(lambda a: a[0, 0], smoothed["layers"]["dense"]), "w_gate"),
+                                 (1, jax.tree.map(lambda a: a[0], params["layers"]["moe"]),
+                                  jax.tree.map(lambda a: a[0], smoothed["layers"]["moe"]), "router")):
+        x = stats[f"layer{layer}/{key}"]["absmax"].astype(np.float64)
+        gate, up = (np.abs(np.asarray(lay[n], np.float64)).reshape(-1, cfg.d_model, cfg.d_ff)
+                    for n in ("w_gate", "w_up"))
+        w = np.maximum(gate.max(axis=(0, 2)), up.max(axis=(0, 2)))
+        want = np.maximum(x, 1e-5) ** 0.5 / np.maximum(w, 1e-5) ** 0.5
+        np.testing.assert_allclose(scales[f"layer{layer}/mlp"], want, rtol=1e-6)
+        np.testing.assert_allclose(new["mlp_norm"], np.asarray(lay["mlp_norm"]) / want, rtol=1e-5)
+        # After smoothing, max|X_j / s_j| and max|s_j W_j| meet at sqrt(max|X_j| max|W_j|) (alpha = 0.5).
+        sm = SQ.smoothed_stats(stats, scales)[f"layer{layer}/{key}"]["absmax"]
+        np.testing.assert_allclose(sm, np.sqrt(x * w), rtol=1e-5)
 
 
 def test_int8_matmul_is_exact_against_int64_numpy():
@@ -78,17 +81,17 @@ def _reference(x, w, act, per_channel, a_scale):
     return (xq @ wq) * sx * sw
 
 
-@jax.jit
+@helpers.jit
 def _dense(w, x):
     return w.matmul(x, weights.Dot())
 
 
-@jax.jit
+@helpers.jit
 def _experts(w, x):
     return w.matmul(x, weights.Dot("experts"))
 
 
-@jax.jit
+@helpers.jit
 def _ragged(w, x, sizes):
     return w.matmul(x, weights.Dot("ragged", group_sizes=sizes))
 
@@ -157,15 +160,15 @@ def test_quantized_model_runs_through_apply_and_generate(model):
     cfg, params, toks, stats, fwd, ref = model
     smoothed, scales = SQ.smooth(params, cfg, stats)
     axes = T.param_axes(cfg)
-    for act in (("O2", "O3") if cfg.num_experts else ("O1", "O3")):
+    for act in ("O1", "O3"):
         qp, qa = SQ.quantize(smoothed, axes, cfg, act=act, stats=SQ.smoothed_stats(stats, scales),
                              per_channel=act == "O1")
         assert jax.tree.structure(qp) == jax.tree.structure(qa, is_leaf=weights.is_axes)
         assert helpers.rel_err(fwd(qp, toks), ref) < 0.05, act
-    assert isinstance(qp["layers"]["moe"]["w_gate"] if cfg.num_experts else qp["layers"]["wq"], SQ.W8A8)
-    if cfg.num_experts:  # decoding runs the dropless (ragged) expert path with static per-expert scales
-        out = generate.greedy(T, qp, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=3)
-        assert [len(o) for o in out] == [3, 3]
+    assert isinstance(qp["layers"]["moe"]["w_gate"], SQ.W8A8) and isinstance(qp["layers"]["dense"]["wq"], SQ.W8A8)
+    # decoding runs the dropless (ragged) expert path with static per-expert scales
+    out = generate.greedy(T, qp, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=3)
+    assert [len(o) for o in out] == [3, 3]
 
 
 def test_bad_input_is_refused():

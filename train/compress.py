@@ -105,8 +105,10 @@ class Options:
     lr: float = 1e-3
 
 
-def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, config=None, heal_batches=None):
-    """(params, cfg, info) of the compressed model; info: the method, its settings, and what it chose."""
+def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, config=None, heal_batches=None,
+             jit=jax.jit):
+    """(params, cfg, info) of the compressed model; info: the method, its settings, and what it chose.
+    ``jit``: how the forward passes and the train step are compiled."""
     if opts.method not in METHODS:
         raise ValueError(f"method is {opts.method!r}; use one of {METHODS}.")
     if opts.strategy not in ("angular", "deepest"):
@@ -120,7 +122,7 @@ def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, co
     axes = model.param_axes(mcfg)
     info = {"method": opts.method}
     if opts.method in ("smoothquant", "w8a8"):
-        stats = quant.calibrate(model, mcfg, params, calib_tokens)
+        stats = quant.calibrate(model, mcfg, params, calib_tokens, jit=jit)
         if opts.method == "smoothquant":
             params, scales = sq_lib.smooth(params, mcfg, stats, opts.alpha)
             stats = sq_lib.smoothed_stats(stats, scales)
@@ -128,26 +130,26 @@ def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, co
         params, _ = sq_lib.quantize(params, axes, mcfg, act=opts.act, per_channel=opts.per_channel, stats=stats)
         info.update(act=opts.act, per_channel=opts.per_channel)
     elif opts.method in ("awq", "rtn"):
-        calib = quant.calibrate(model, mcfg, params, calib_tokens, inputs=opts.calib_inputs) \
+        calib = quant.calibrate(model, mcfg, params, calib_tokens, inputs=opts.calib_inputs, jit=jit) \
             if opts.method == "awq" else None
         params, _, report = awq_lib.quantize(params, axes, mcfg, calib, bits=opts.bits, group=opts.group,
                                              method=opts.method)
         info.update(bits=opts.bits, group=opts.group, alpha=report["alpha"])
     else:
-        states = prune_lib.last_token_states(model, mcfg, params, calib_tokens)
+        states = prune_lib.last_token_states(model, mcfg, params, calib_tokens, jit=jit)
         dist = prune_lib.angular_distances(states)
         start = (prune_lib.deepest_start(mcfg, opts.drop) if opts.strategy == "deepest"
                  else prune_lib.best_start(dist, opts.drop, prune_lib._unit(mcfg)))
         params, mcfg = prune_lib.drop_layers(params, mcfg, start, opts.drop)
         info.update(drop=opts.drop, start=start, strategy=opts.strategy, distances=np.nan_to_num(dist, nan=-1).tolist())
         if opts.heal_steps:
-            params, losses = heal(model, mcfg, params, heal_batches, opts, config)
+            params, losses = heal(model, mcfg, params, heal_batches, opts, config, jit=jit)
             info.update(heal_steps=opts.heal_steps, rank=opts.rank, heal_loss_first=losses[0],
                         heal_loss_last=losses[-1])
     return params, mcfg, info
 
 
-def heal(model, mcfg, params, batches, opts: Options, config=None, rng=None):
+def heal(model, mcfg, params, batches, opts: Options, config=None, rng=None, jit=jax.jit):
     """QLoRA healing: NF4 base + rank-``opts.rank`` adapters (alpha = rank, dropout 0.05) on the MLP matrices,
     trained for ``opts.heal_steps`` with the trainer's train step (``train.step.make_train_step``), its
     optimizer by name (``config.optim``: lr from ``opts.lr``) and the LM objective, everything but the adapters
@@ -171,7 +173,7 @@ def heal(model, mcfg, params, batches, opts: Options, config=None, rng=None):
     trainable_axes = jax.tree.map(lambda a, f: None if f else a, axes, frozen, is_leaf=weights.is_axes)
     tx = optim.make_optimizer(optim_cfg, opts.heal_steps, trainable_axes)
     objective = lora_lib.training_objective(objective_lib.lm_objective())
-    step_fn = jax.jit(step_lib.make_train_step(model, mcfg, tx, objective, frozen=frozen))
+    step_fn = jit(step_lib.make_train_step(model, mcfg, tx, objective, frozen=frozen))
     state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=tx.init(optim.trainable(params, frozen)))
     losses = []
