@@ -3,6 +3,7 @@ the fraction of layers dropped, by angular distance and by the deepest-layers he
 QLoRA healing; and the angular-distance heatmap.
 
     python experiments/prune_run.py --workdir runs/dense_stdlib_s0 --out runs/compress/prune --heal_steps 200
+    python experiments/prune_run.py ... --drops 1,2,4 --strategies angular     (a part of the curve)
 
 Writes prune_curve.png, distances.png, results.json in --out and prints a Markdown table.
 """
@@ -50,7 +51,10 @@ def main():
     from models import prune
     from train import compress
 
-    args, config, model, mcfg, params, tokenizer = source_args(__doc__.splitlines()[0])
+    args, config, model, mcfg, params, tokenizer = source_args(__doc__.splitlines()[0], extra=[
+        ("--drops", dict(default="", help="comma-separated layer counts to drop (default: every count that "
+                                           "leaves a layer)")),
+        ("--strategies", dict(default="angular,deepest"))])
     data = compress.prepare_data(config, tokenizer, calib_rows=args.calib_rows, heal_rows=8 * 64,
                                  eval_rows=args.eval_rows)
     base = compress.evaluate(model, mcfg, params, data.evals)
@@ -60,8 +64,9 @@ def main():
     lines = ["| dropped | strategy | start | eval loss before healing | after | accuracy before | after |",
              "|---|---|---|---|---|---|---|",
              f"| 0 | - | - | {base['loss']:.4f} | - | {100 * base['accuracy']:.2f}% | - |"]
-    for n in range(unit, mcfg.n_layers - unit + 1, unit):
-        for strategy in ("angular", "deepest"):
+    drops = [int(n) for n in args.drops.split(",")] if args.drops else range(unit, mcfg.n_layers - unit + 1, unit)
+    for n in drops:
+        for strategy in args.strategies.split(","):
             if strategy == "deepest" and unit > 1:
                 continue
             opts = compress.Options(method="prune", drop=n, strategy=strategy, heal_steps=args.heal_steps, rank=8,
@@ -74,12 +79,15 @@ def main():
                          f"{r['result']['loss']:.4f} | {100 * before['accuracy']:.2f}% | "
                          f"{100 * r['result']['accuracy']:.2f}% |")
             print(lines[-1], flush=True)
-    plots(args.out, curve, dist, mcfg.n_layers)
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"table": text, "curve": curve, "distances": np.nan_to_num(dist, nan=-1).tolist(), "base": base},
                   f, indent=1, default=float)
+    try:
+        plots(args.out, curve, dist, mcfg.n_layers)
+    except ImportError as e:  # no matplotlib here: the numbers are in results.json
+        print(f"no plots: {e}")
 
 
 if __name__ == "__main__":

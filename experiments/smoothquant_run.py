@@ -25,7 +25,7 @@ VARIANTS = [("naive W8A8 O1", "w8a8", "O1"), ("naive W8A8 O2", "w8a8", "O2"), ("
             ("SmoothQuant O3", "smoothquant", "O3")]
 
 
-def source_args(description: str):
+def source_args(description: str, extra=()):
     """The common flags of the compression experiments, parsed; and (config, model, cfg, params, tokenizer)."""
     from train import compress, data, workdir_config
     from train.cli import quiet_platforms
@@ -39,6 +39,8 @@ def source_args(description: str):
     p.add_argument("--calib_rows", type=int, default=64)
     p.add_argument("--eval_rows", type=int, default=128)
     p.add_argument("--heal_steps", type=int, default=200)
+    for name, kwargs in extra:
+        p.add_argument(name, **kwargs)
     args = p.parse_args()
     if args.config:
         import importlib.util

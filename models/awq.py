@@ -89,12 +89,12 @@ def _gemv_kernel(xe_ref, xo_ref, p_ref, s_ref, z_ref, o_ref, *, groups: int, hal
         p = p_ref[rows, :]
         lo, hi = (p & 0xF).astype(jnp.float32), (p >> 4).astype(jnp.float32)
         xe, xo = xe_ref[rows], xo_ref[rows]
-        dot = jnp.sum(xe[:, None] * lo + xo[:, None] * hi, axis=0)
-        s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)[0]
-        z = z_ref[pl.ds(g, 1), :].astype(jnp.float32)[0]
+        dot = jnp.sum(xe[:, None] * lo + xo[:, None] * hi, axis=0, keepdims=True)  # [1, block_n]
+        s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
+        z = z_ref[pl.ds(g, 1), :].astype(jnp.float32)
         return acc + s * (dot - z * jnp.sum(xe + xo))
 
-    o_ref[0, :] = jax.lax.fori_loop(0, groups, body, jnp.zeros(o_ref.shape[-1:], jnp.float32))
+    o_ref[...] = jax.lax.fori_loop(0, groups, body, jnp.zeros(o_ref.shape, jnp.float32))
 
 
 def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array, *, group: int,
