@@ -1,5 +1,5 @@
 """AWQ vs round-to-nearest weight-only quantization on a trained model: eval loss and next-token accuracy of
-float, RTN int4 / int3 and AWQ int4 / int3 (group 128), with the memory of the linears and of the model.
+float, RTN, GPTQ and AWQ at int4 and int3 (group 128), with the memory of the linears and of the model.
 
     python experiments/awq_run.py --workdir runs/dense_stdlib_s0 --out runs/compress/awq
     python experiments/awq_run.py --hf DIR --config experiments/dense_stdlib.py --out ...
@@ -15,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-VARIANTS = [("RTN int4", "rtn", 4), ("AWQ int4", "awq", 4), ("RTN int3", "rtn", 3), ("AWQ int3", "awq", 3)]
+VARIANTS = [("RTN int4", "rtn", 4), ("GPTQ int4", "gptq", 4), ("AWQ int4", "awq", 4),
+            ("RTN int3", "rtn", 3), ("GPTQ int3", "gptq", 3), ("AWQ int3", "awq", 3)]
 
 
 def main():

@@ -19,6 +19,9 @@ minimises that group's share of the output error on the calibration inputs.
 Expert weights of Switch layers: W_gate, W_up share one scale over every expert (the norm feeds them all;
 the search runs on the layer's MLP input), W_down one per expert on the tokens routed to it.
 
+GPTQ (Frantar et al. 2022, ``gptq_levels``) is a second baseline: the same grid, levels chosen channel by
+channel with each rounding error compensated on the channels not yet quantized (inverse-Hessian updates).
+
 ``Int4`` stores q packed two per byte along the input axis (int3 too: 3-bit values in 4-bit nibbles), with
 float16 scales and zeros per group, and dequantizes inside ``matmul`` (a ``weights.Weight``): 0.5 + 4 /
 group bytes per parameter, 0.27x of bfloat16 at group 128.
@@ -231,20 +234,22 @@ def quantize(params: dict, axes: dict, cfg, calib: dict | None = None, *, bits: 
     """Every block projection as an ``Int4`` weight -> (params, axes, report).
 
     method "rtn": round to nearest. "awq": activation-aware scales folded into the operator before, then
-    (``clip``) the clipping search; needs ``calib`` from ``quant.calibrate(..., inputs=k)`` of this model.
-    report: {"alpha": {"layer<i>/<part>": alpha}}.
+    (``clip``) the clipping search; "gptq": the GPTQ baseline (``gptq_levels``). AWQ and GPTQ need ``calib``
+    from ``quant.calibrate(..., inputs=k)`` of this model. report: {"alpha": {"layer<i>/<part>": alpha}}.
     """
     _check_family(cfg)
-    if method not in ("awq", "rtn"):
-        raise ValueError(f"method is {method!r}; use 'awq' or 'rtn'.")
-    if method == "awq" and calib is None:
-        raise ValueError("AWQ needs calibration data; pass calib=quant.calibrate(model, cfg, params, tokens, "
-                         "inputs=k).")
+    if method not in ("awq", "rtn", "gptq"):
+        raise ValueError(f"method is {method!r}; use 'awq', 'rtn' or 'gptq'.")
+    if method != "rtn" and calib is None:
+        raise ValueError(f"{method.upper()} needs calibration data; pass calib=quant.calibrate(model, cfg, params, "
+                         f"tokens, inputs=k).")
     for name, d_in in (("d_model", cfg.d_model), ("d_ff", cfg.d_ff),
                        ("n_heads * head_dim", cfg.n_heads * cfg.head_dim)):
         check_group(d_in, group, f"the linears reading {name}")
     if not 2 <= bits <= 4:
         raise ValueError(f"bits is {bits}; AWQ here stores 2 to 4 bits per weight (int4, int3).")
+    if method == "gptq":
+        return (*gptq_model(params, axes, cfg, calib, bits=bits, group=group), {"alpha": {}})
     if method == "awq":
         new_params, ratios, report = search_and_fold(params, cfg, calib, bits=bits, group=group, clip=clip, grid=grid)
     else:
@@ -352,3 +357,74 @@ def _awq_layer(cfg, calib, lay, path, idx, i, bits, group, grid, clip, ratios, r
             x = _inputs(calib, key) / s
             r = np.asarray(clip_ratios(jnp.asarray(x, jnp.float32), jnp.asarray(w), bits=bits, group=group, grid=grid))
         ratios[("/".join(("layers", *path, n)), idx)] = r
+
+
+# ----------------------------------------------------------------------------- GPTQ (baseline)
+
+def gptq_levels(w: np.ndarray, x: np.ndarray, *, bits: int, group: int, damp: float = 0.01):
+    """GPTQ (Frantar et al. 2022, alg. 1) for w [in, out] on inputs x [n, in], float64: input channels are
+    quantized in order, each one's error spread over the channels not yet quantized through the upper
+    Cholesky factor U of H^-1, H = 2 x^T x + damp mean(diag) I:
+
+        q_i = Q(w_i),   W_{j>i} -= U_{i,j} (w_i - q_i) / U_{i,i}
+
+    with the group's scale and zero taken from the (updated) weights when its first channel is reached.
+    Returns (levels uint8 [in, out], scale [in/group, out], zero [in/group, out])."""
+    w = np.array(w, np.float64)
+    x = np.asarray(x, np.float64)
+    n_in, out = w.shape
+    h = 2.0 * x.T @ x / max(x.shape[0], 1)
+    dead = np.diag(h) == 0  # channels no calibration input reaches (GPTQ zeroes them)
+    if dead.all():  # no input at all (an expert no calibration token reached): plain RTN
+        h, dead = np.eye(n_in), np.zeros(n_in, bool)
+    h[dead, dead] = 1.0
+    w[dead] = 0.0
+    h += damp * np.mean(np.diag(h)) * np.eye(n_in)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    levels = np.zeros((n_in, out), np.uint8)
+    scales = np.zeros((n_in // group, out))
+    zeros = np.zeros((n_in // group, out))
+    top = 2 ** bits - 1
+    for i in range(n_in):
+        g = i // group
+        if i % group == 0:
+            block = w[i:i + group]
+            hi, lo = np.maximum(block.max(0), 0.0), np.minimum(block.min(0), 0.0)
+            scales[g] = np.maximum(hi - lo, 1e-8) / top
+            zeros[g] = np.clip(np.round(-lo / scales[g]), 0, top)
+        q = np.clip(np.round(w[i] / scales[g]) + zeros[g], 0, top)
+        levels[i] = q
+        err = (w[i] - (q - zeros[g]) * scales[g]) / u[i, i]
+        w[i + 1:] -= np.outer(u[i, i + 1:], err)
+    return levels, scales, zeros
+
+
+def from_levels(levels, scale, zero, bits: int, group: int) -> Int4:
+    """``Int4`` from integer levels [..., in, out] and per-group scale, zero [..., in/group, out]."""
+    return Int4(quant.pack_nibbles(jnp.asarray(levels, jnp.uint8), np.ndim(levels) - 2),
+                jnp.asarray(scale, jnp.float16), jnp.asarray(zero, jnp.float16), bits, group)
+
+
+def gptq_model(params: dict, axes: dict, cfg, calib: dict, *, bits: int = 4, group: int = 128) -> tuple[dict, dict]:
+    """Every block projection by ``gptq_levels`` on its calibration inputs (of the float model: each layer is
+    quantized on its own, not on the outputs of the quantized layers before it) -> (params, axes)."""
+    from models.smoothquant import global_ids
+
+    def make(path, w, names):
+        name = path.rsplit("/", 1)[-1]
+        experts = "experts" in names
+        stack = w.shape[:-2 - experts]
+        w = np.asarray(w, np.float32)
+        levels = np.zeros(w.shape, np.uint8)
+        scale = np.zeros((*w.shape[:-2], w.shape[-2] // group, w.shape[-1]))
+        zero = np.zeros_like(scale)
+        for pos, i in np.ndenumerate(global_ids(path, cfg, stack)):
+            key = f"layer{i}/{name}"
+            for e in range(w.shape[len(stack)] if experts else 1):
+                where = (*pos, e) if experts else pos
+                x = _inputs(calib, key, e if experts else None)
+                levels[where], scale[where], zero[where] = gptq_levels(w[where], x, bits=bits, group=group)
+        return from_levels(levels, scale, zero, bits, group), Int4(tuple(names), tuple(names), tuple(names), bits,
+                                                                   group)
+
+    return weights.wrap(params, axes, make, is_block_linear)

@@ -136,3 +136,24 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
     got = jax.jit(lambda wt, a: wt.matmul(a, weights.Dot()))(awq.with_kernel(q, "interpret"), jnp.asarray(x))
     assert got.shape == (1, 1, 64)
     np.testing.assert_allclose(got[0, 0], want, rtol=1e-5, atol=1e-4)
+
+
+def test_gptq_baseline():
+    """GPTQ with an identity Hessian (x^T x proportional to I) is RTN exactly; on correlated inputs with
+    salient channels it beats RTN on the calibration inputs and on held-out ones (measured 0.073 vs 0.090
+    and 0.081 vs 0.089)."""
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(256, 128)) / 16).astype(np.float32)
+    levels, scale, zero = awq.gptq_levels(w, 3 * np.eye(256), bits=4, group=64)
+    wg = w.astype(np.float64).reshape(4, 64, 128)
+    lo, hi = np.minimum(wg.min(1, keepdims=True), 0), np.maximum(wg.max(1, keepdims=True), 0)
+    s = (hi - lo) / 15
+    z = np.clip(np.round(-lo / s), 0, 15)
+    np.testing.assert_array_equal(levels, np.clip(np.round(wg / s) + z, 0, 15).reshape(256, 128))
+    mix = rng.normal(size=(256, 256)) * 0.3 + np.eye(256)
+    ch = np.exp(rng.normal(size=256))
+    calib, held = ((rng.normal(size=(512, 256)) @ mix * ch).astype(np.float32) for _ in range(2))
+    q = np.asarray(awq.from_levels(*awq.gptq_levels(w, calib, bits=4, group=64), 4, 64).dequantize())
+    rtn = np.asarray(awq.fake_quantize(jnp.asarray(w), 4, 64))
+    for x in (calib, held):
+        assert helpers.rel_err(x @ q, x @ w) < 0.95 * helpers.rel_err(x @ rtn, x @ w)

@@ -10,8 +10,8 @@ The source is a trained workdir (its latest checkpoint; the config it recorded, 
 --config.section.field=value) or a Hugging Face checkpoint directory (--hf; then --config names the data
 used for calibration and evaluation). Calibration rows come from the data's train split, evaluation from
 its eval split. Methods: ``smoothquant`` (smoothing with --alpha, then W8A8 at --act O1/O2/O3, --per_channel
-weights), ``w8a8`` (the same quantization without smoothing: the naive baseline), ``awq`` and ``rtn``
-(--bits, --group), ``prune`` (--drop layers at the angular-distance argmin or, with --strategy deepest,
+weights), ``w8a8`` (the same quantization without smoothing: the naive baseline), ``awq``, ``rtn`` and
+``gptq`` (--bits, --group), ``prune`` (--drop layers at the angular-distance argmin or, with --strategy deepest,
 before the last layer; --heal_steps of QLoRA on the MLP matrices, --rank).
 
 Output directory: ``model.safetensors`` (every array, the parts of weight types under "<path>.<field>"),
@@ -40,7 +40,7 @@ from models import prune as prune_lib
 from models import quant, weights
 from models import smoothquant as sq_lib
 
-METHODS = ("smoothquant", "w8a8", "awq", "rtn", "prune")
+METHODS = ("smoothquant", "w8a8", "awq", "rtn", "gptq", "prune")
 WEIGHT_TYPES = {cls.__name__: cls for cls in (sq_lib.W8A8, awq_lib.Int4, lora_lib.NF4, lora_lib.Adapter,
                                                 weights.LoRA)}
 
@@ -93,7 +93,7 @@ class Options:
     alpha: float = 0.5        # smoothquant migration strength
     act: str = "O1"           # smoothquant / w8a8 activation quantization: O1 per-token, O2 per-tensor, O3 static
     per_channel: bool = False
-    bits: int = 4             # awq / rtn
+    bits: int = 4             # awq / rtn / gptq
     group: int = 128
     calib_rows: int = 64      # calibration rows of seq_len tokens
     calib_inputs: int = 256   # awq: sampled input rows per linear and calibration batch
@@ -129,9 +129,9 @@ def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, co
             info["alpha"] = opts.alpha
         params, _ = sq_lib.quantize(params, axes, mcfg, act=opts.act, per_channel=opts.per_channel, stats=stats)
         info.update(act=opts.act, per_channel=opts.per_channel)
-    elif opts.method in ("awq", "rtn"):
+    elif opts.method in ("awq", "rtn", "gptq"):
         calib = quant.calibrate(model, mcfg, params, calib_tokens, inputs=opts.calib_inputs, jit=jit) \
-            if opts.method == "awq" else None
+            if opts.method != "rtn" else None
         params, _, report = awq_lib.quantize(params, axes, mcfg, calib, bits=opts.bits, group=opts.group,
                                              method=opts.method)
         info.update(bits=opts.bits, group=opts.group, alpha=report["alpha"])
