@@ -153,4 +153,4 @@ def test_healing_trains_only_the_adapters_and_the_result_round_trips(tmp_path):
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(healed)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="method"):
-        C.compress(T, mcfg, params, calib, C.Options(method="gptq"))
+        C.compress(T, mcfg, params, calib, C.Options(method="spqr"))
