@@ -2,7 +2,7 @@
 
     with capture.taps(linears=True, hidden=True) as got:
         logits, aux = model.apply(params, tokens, cfg)
-    got.linears  # {"layer1/wq": {"absmax": [in], "mean_abs": [in]}, ..., "head": {...}}: float32
+    got.linears  # {"layer1/wq": {"absmax": [in], "mean_abs": [in], "count": []}, ..., "head": {...}}: float32
     got.hidden   # {"layer0": x_0, ..., "layer<L>": x_L}: every layer's input, and the last output
 
 ``linears``: per input channel, max |x| and mean |x| over every token of the batch, of the input
@@ -10,7 +10,10 @@ of every projection (``layers.linear(..., name=...)``), keyed "layer<i>/<weight 
 global layer index (the LM head: "head"). Switch experts are tapped per expert: the inputs of
 w_gate / w_up (the normed tokens routed to each expert, after capacity) and of w_down (each
 expert's hidden activations) give [num_experts, in] statistics over the tokens each expert
-processed (an expert that got none: 0); the router's input is "layer<i>/router".
+processed (an expert that got none: 0); the router's input is "layer<i>/router". "count": the rows
+the statistics cover ([] or [num_experts]), so batches combine exactly. ``taps(inputs=k)`` also
+keeps up to k rows of each input, evenly strided, as "inputs" [k', in] float32 (with experts their
+expert ids as "segments" [k'], num_experts for an empty slot): the samples AWQ's search runs on.
 ``hidden``: "layer<i>" is the residual stream entering layer i, [batch, seq, d_model] in the
 compute dtype (``stack_hidden`` stacks them [L + 1, ...]).
 
@@ -40,14 +43,16 @@ class Captured:
 
     want_linears: bool
     want_hidden: bool
+    inputs: int = 0
     linears: dict = dataclasses.field(default_factory=dict)
     hidden: dict = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def taps(*, linears: bool = False, hidden: bool = False) -> Iterator[Captured]:
-    """Collect linear-input statistics and/or per-layer hidden states of the forward passes run inside."""
-    token = _ACTIVE.set(Captured(linears, hidden))
+def taps(*, linears: bool = False, hidden: bool = False, inputs: int = 0) -> Iterator[Captured]:
+    """Collect linear-input statistics (with ``inputs`` > 0 also that many sampled input rows per linear)
+    and/or per-layer hidden states of the forward passes run inside."""
+    token = _ACTIVE.set(Captured(linears or inputs > 0, hidden, int(inputs)))
     try:
         yield _ACTIVE.get()
     finally:
@@ -100,14 +105,22 @@ def linear_input(name: str, x: jax.Array, *, segment_ids: jax.Array | None = Non
     a = jnp.abs(x.astype(jnp.float32))
     if segment_ids is None:
         a = a.reshape(-1, a.shape[-1])
-        stats = {"absmax": jnp.max(a, axis=0), "mean_abs": jnp.mean(a, axis=0)}
+        stats = {"absmax": jnp.max(a, axis=0), "mean_abs": jnp.mean(a, axis=0),
+                 "count": jnp.asarray(a.shape[0], jnp.float32)}
     else:
         a, ids = a.reshape(-1, a.shape[-1]), segment_ids.reshape(-1)
         ids = jnp.where((ids >= 0) & (ids < num_segments), ids, num_segments)
         count = jax.ops.segment_sum(jnp.ones_like(ids, jnp.float32), ids, num_segments + 1)[:num_segments]
         total = jax.ops.segment_sum(a, ids, num_segments + 1)[:num_segments]
         peak = jax.ops.segment_max(a, ids, num_segments + 1)[:num_segments]  # -inf where empty
-        stats = {"absmax": jnp.maximum(peak, 0.0), "mean_abs": total / jnp.maximum(count, 1.0)[:, None]}
+        stats = {"absmax": jnp.maximum(peak, 0.0), "mean_abs": total / jnp.maximum(count, 1.0)[:, None],
+                 "count": count}
+    if c.inputs:
+        rows = x.reshape(-1, x.shape[-1])
+        stride = max(1, rows.shape[0] // c.inputs)
+        stats["inputs"] = rows[::stride][:c.inputs].astype(jnp.float32)
+        if segment_ids is not None:
+            stats["segments"] = ids[::stride][:c.inputs]
     _put(c.linears, _key(name), stats)
 
 

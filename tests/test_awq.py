@@ -1,0 +1,159 @@
+"""AWQ (models/awq.py): nibble packing round trips, the packed weight against the NumPy quantizer and in
+every matmul form, AWQ against round-to-nearest on held-out activations (synthetic salient channels and a
+tiny model), exact folding of the scales in a Switch model, the memory report, the fused batch-1 kernel in
+interpret mode, and refused input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import awq, quant, weights
+from models import transformer as T
+from tests import helpers
+
+pytestmark = pytest.mark.timeout(200)
+
+
+def test_packing_round_trips():
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, (3, 10, 7), dtype=np.uint8)
+    for axis in (0, 1):
+        if q.shape[axis] % 2 == 0:
+            p = quant.pack_nibbles(jnp.asarray(q), axis)
+            assert p.dtype == jnp.uint8 and p.shape[axis] == q.shape[axis] // 2
+            np.testing.assert_array_equal(quant.unpack_nibbles(p, axis), q)
+    np.testing.assert_array_equal(quant.pack_nibbles(jnp.asarray([[1], [2]], jnp.uint8), 0), [[0x21]])
+    with pytest.raises(ValueError, match="even"):
+        quant.pack_nibbles(jnp.zeros((3, 2), jnp.uint8), 0)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_packed_weight_matches_the_numpy_quantizer_and_every_form(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.normal(size=(2, 64, 24)).astype(np.float32)  # [experts, in, out], groups of 16
+    packed = awq.pack(jnp.asarray(w), bits, 16)
+    assert packed.packed.shape == (2, 32, 24) and packed.scale.shape == (2, 4, 24)
+    # float64 NumPy: asymmetric levels per (group, column), with the stored float16 scale and zero
+    wg = w.astype(np.float64).reshape(2, 4, 16, 24)
+    lo, hi = np.minimum(wg.min(2, keepdims=True), 0), np.maximum(wg.max(2, keepdims=True), 0)
+    s = (hi - lo) / (2 ** bits - 1)
+    z = np.clip(np.round(-lo / s), 0, 2 ** bits - 1)
+    q = np.clip(np.round(wg / s) + z, 0, 2 ** bits - 1)
+    np.testing.assert_array_equal(packed.zero, z[:, :, 0])
+    np.testing.assert_allclose(packed.scale, s[:, :, 0], rtol=1e-3)
+    want = ((q - z) * np.asarray(packed.scale, np.float64)[:, :, None]).reshape(2, 64, 24)
+    got = packed.dequantize()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(np.asarray(got) - w)) <= 0.51 * np.max(s) * (1 + 1e-3)  # round to nearest
+    x = rng.normal(size=(3, 2, 5, 64)).astype(np.float32)
+    np.testing.assert_allclose(packed.matmul(jnp.asarray(x), weights.Dot("experts")),
+                               np.einsum("gecd,edf->gecf", x, want), rtol=1e-4, atol=1e-4)
+    xr = rng.normal(size=(5, 64)).astype(np.float32)  # ragged: rows 0-2 to expert 0, rows 3-4 to expert 1
+    got = packed.matmul(jnp.asarray(xr), weights.Dot("ragged", group_sizes=jnp.asarray([3, 2])))
+    np.testing.assert_allclose(got, np.concatenate([xr[:3] @ want[0], xr[3:] @ want[1]]), rtol=1e-4, atol=1e-4)
+    dense = awq.pack(jnp.asarray(w[0]), bits, 16)
+    np.testing.assert_allclose(dense.matmul(jnp.asarray(x[0, 0]), weights.Dot()), x[0, 0] @ want[0], rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_awq_beats_rtn_on_held_out_activations():
+    """Channels of lognormal magnitude (a few salient ones); scales and clipping searched on one sample,
+    errors measured on another: measured AWQ / RTN error ratio about 0.74 (int4) and 0.70 (int3)."""
+    for bits in (4, 3):
+        ratios = []
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            ch = np.exp(rng.normal(size=256))
+            calib, held = ((rng.normal(size=(256, 256)) * ch).astype(np.float32) for _ in range(2))
+            w = (rng.normal(size=(256, 128)) / 16).astype(np.float32)
+            ref = held.astype(np.float64) @ w
+            rtn = np.asarray(awq.fake_quantize(jnp.asarray(w), bits, 64))
+            _, s = awq.search(calib, [w], np.abs(calib).mean(0), bits=bits, group=64)
+            ws = (w * s[:, None]).astype(np.float32)
+            r = awq.clip_ratios(jnp.asarray(calib / s, jnp.float32), jnp.asarray(ws), bits=bits, group=64)
+            aw = np.asarray(awq.fake_quantize(jnp.asarray(ws), bits, 64, r)) / s[:, None]
+            ratios.append(helpers.rel_err(held @ aw, ref) / helpers.rel_err(held @ rtn, ref))
+        assert max(ratios) < 0.9 and np.mean(ratios) < 0.8, (bits, ratios)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = helpers.tiny("switch", n_layers=2, n_kv_heads=4)  # layer 0 dense, layer 1 Switch; MHA: W_o folds into W_v
+    params = helpers.random_params(cfg)
+    calib = quant.calibrate(T, cfg, params, np.asarray(helpers.tokens(61, b=4, s=16, seed=3)), inputs=64,
+                            jit=helpers.jit)
+    return cfg, params, calib
+
+
+def test_awq_folds_exactly_and_beats_rtn_on_held_out_tokens(tiny_model):
+    """Every fold (norms, W_up's columns for W_down, W_v's for W_o, the router, per-expert W_down) leaves the
+    float function unchanged; the packed AWQ model's logits on held-out tokens are closer to the float
+    model's than RTN's (measured 0.109 vs 0.114, group 16, int4)."""
+    cfg, params, calib = tiny_model
+    held = helpers.tokens(61, b=4, s=16, seed=9)
+    fwd = helpers.jit(lambda p, t: T.apply(p, t, cfg)[0])
+    ref = fwd(params, held)
+    folded, ratios, report = awq.search_and_fold(params, cfg, calib, bits=4, group=16)
+    assert helpers.rel_err(fwd(folded, held), ref) < 1e-5
+    parts = {f"layer{i}/{p}" for i in range(2) for p in ("qkv", "o", "gate_up")} | {"layer0/down"}
+    assert set(report["alpha"]) == parts | {f"layer1/down/expert{e}" for e in range(cfg.num_experts)}
+    assert all(0.5 < r.min() and r.max() <= 1 for r in ratios.values())
+    axes = T.param_axes(cfg)
+    ap, aa = awq.pack_model(folded, axes, ratios, bits=4, group=16)
+    rtn, _, _ = awq.quantize(params, axes, cfg, bits=4, group=16, method="rtn")
+    e_rtn, e_awq = helpers.rel_err(fwd(rtn, held), ref), helpers.rel_err(fwd(ap, held), ref)
+    assert e_awq < e_rtn < 0.2, (e_awq, e_rtn)
+    down = ap["layers"]["moe"]["w_down"]
+    assert isinstance(down, awq.Int4) and down.packed.shape == (1, cfg.num_experts, cfg.d_ff // 2, cfg.d_model)
+    assert jax.tree.structure(ap) == jax.tree.structure(aa, is_leaf=weights.is_axes)
+    mem, dense = quant.memory_report(ap), quant.memory_report(params)
+    assert mem["linear_params"] == dense["linear_params"]
+    assert mem["bytes_per_linear_param"] == pytest.approx(0.5 + 4 / 16)  # nibble + float16 scale and zero per 16
+
+
+def test_bad_input_is_refused(tiny_model):
+    cfg, params, calib = tiny_model
+    axes = T.param_axes(cfg)
+    with pytest.raises(ValueError, match="does not divide"):
+        awq.quantize(params, axes, cfg, calib, group=24)
+    with pytest.raises(ValueError, match="bits"):
+        awq.quantize(params, axes, cfg, calib, bits=5, group=16)
+    with pytest.raises(ValueError, match="calib"):
+        awq.quantize(params, axes, cfg, group=16)
+    no_inputs = {k: {s: v for s, v in st.items() if s != "inputs"} for k, st in calib.items()}
+    with pytest.raises(ValueError, match="inputs="):
+        awq.quantize(params, axes, cfg, no_inputs, group=16)
+
+
+def test_fused_int4_gemv_kernel_in_interpret_mode():
+    """The Pallas batch-1 kernel (run by the interpreter on CPU) against float64 NumPy on the dequantized
+    weight, through ``Int4.matmul`` as decoding calls it: x [1, 1, K] with K split into 4 x 2 groups."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(1024, 64)).astype(np.float32)
+    x = rng.normal(size=(1, 1, 1024)).astype(np.float32)
+    q = awq.pack(jnp.asarray(w), 4, 128)
+    want = x[0, 0].astype(np.float64) @ np.asarray(q.dequantize(), np.float64)
+    got = jax.jit(lambda wt, a: wt.matmul(a, weights.Dot()))(awq.with_kernel(q, "interpret"), jnp.asarray(x))
+    assert got.shape == (1, 1, 64)
+    np.testing.assert_allclose(got[0, 0], want, rtol=1e-5, atol=1e-4)
+
+
+def test_gptq_baseline():
+    """GPTQ with an identity Hessian (x^T x proportional to I) is RTN exactly; on correlated inputs with
+    salient channels it beats RTN on the calibration inputs and on held-out ones (measured 0.073 vs 0.090
+    and 0.081 vs 0.089)."""
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(256, 128)) / 16).astype(np.float32)
+    levels, scale, zero = awq.gptq_levels(w, 3 * np.eye(256), bits=4, group=64)
+    wg = w.astype(np.float64).reshape(4, 64, 128)
+    lo, hi = np.minimum(wg.min(1, keepdims=True), 0), np.maximum(wg.max(1, keepdims=True), 0)
+    s = (hi - lo) / 15
+    z = np.clip(np.round(-lo / s), 0, 15)
+    np.testing.assert_array_equal(levels, np.clip(np.round(wg / s) + z, 0, 15).reshape(256, 128))
+    mix = rng.normal(size=(256, 256)) * 0.3 + np.eye(256)
+    ch = np.exp(rng.normal(size=256))
+    calib, held = ((rng.normal(size=(512, 256)) @ mix * ch).astype(np.float32) for _ in range(2))
+    q = np.asarray(awq.from_levels(*awq.gptq_levels(w, calib, bits=4, group=64), 4, 64).dequantize())
+    rtn = np.asarray(awq.fake_quantize(jnp.asarray(w), 4, 64))
+    for x in (calib, held):
+        assert helpers.rel_err(x @ q, x @ w) < 0.95 * helpers.rel_err(x @ rtn, x @ w)
