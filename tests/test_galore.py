@@ -273,7 +273,7 @@ def test_transform_arguments_refused():
 # ----------------------------------------------------------------------------- trainer
 
 @pytest.mark.timeout(120)
-def test_trainer_command_line_with_resume(tmp_path):
+def test_trainer_command_line(tmp_path):
     """`python -m train` with optim.name='galore' (one CPU device: see NEW_JAX) for 4 steps, a refresh at 0
     and 3, checkpoints (GaLore's state included) at 2 and 4."""
     sizes = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, dtype="float32")
