@@ -1,6 +1,8 @@
 """GaLore's speed and memory on the 1.26B config (experiments/bench_llama_1b.py), against AdamW, in one job.
 
     python experiments/bench_galore.py [--ranks 512,256] [--gap 200] [--steps 20] [--warmup 3] [--randomized]
+    python experiments/bench_galore.py --ranks 8 --gap 5 --steps 3 --set model.d_model=64 --set model.n_layers=2 \
+        --set model.d_ff=128 --set model.vocab_size=512 --set train.seq_len=64 --set model.remat=none   # CPU check
 
 Per optimizer: the train step's median time without a projection refresh (``step s``), the step that
 recomputes the projectors (the batched SVD of every selected gradient; timed by setting GaLore's
@@ -29,6 +31,7 @@ from experiments import bench_llama_1b  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from parallel import sharding  # noqa: E402
 from train import bench, galore  # noqa: E402
+from train import config as config_lib  # noqa: E402
 from train.setup import setup_training  # noqa: E402
 
 
@@ -81,6 +84,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--randomized", action="store_true", help="also GaLore with the randomized SVD")
+    parser.add_argument("--set", action="append", default=[],
+                        help="config override section.key=value for every row (e.g. a tiny model for a CPU check)")
     args = parser.parse_args()
     variants = []
     for r in (int(x) for x in args.ranks.split(",") if x):
@@ -89,14 +94,15 @@ def main():
             variants.append((f"galore r={r} rsvd", dict(galore_rank=r, galore_randomized_svd=True)))
     rows = {}
     for name, fields in variants + [("adamw", None)]:
-        c = bench_llama_1b.get_config()
+        c = config_lib.override(bench_llama_1b.get_config(), args.set)
         if fields is not None:
             c.optim.update(name="galore", galore_gap=args.gap, **fields)
         rows[name] = measure(c, args.steps, args.warmup, args.gap)
         print(f"{name}: {rows[name]}", flush=True)
     base = rows["adamw"]["step_s"]
-    print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}; 1.26B config, "
-          f"batch 8 x 2048; gap {args.gap}")
+    m, t = c.model, c.train
+    print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}; d_model {m.d_model}, "
+          f"{m.n_layers} layers, d_ff {m.d_ff}, vocab {m.vocab_size}; batch {t.batch_size} x {t.seq_len}; gap {args.gap}")
     print("| optimizer | step s | refresh step s | SVD s | amortized step s | vs AdamW | opt state GB | "
           "compiled temp GB | compiled args GB | peak GB so far |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
