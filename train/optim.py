@@ -1,6 +1,7 @@
 """Optimizers by name, the trainable/frozen split of the parameters, and the logical axes of optimizer state.
 
-``config.optim.name`` picks an entry of ``OPTIMIZERS`` (adamw, adafactor, lion, sgd; all optax),
+``config.optim.name`` picks an entry of ``OPTIMIZERS`` (adamw, adafactor, lion, sgd; all optax; and
+galore, train/galore.py, around the gradient-scaling part of one of them),
 each on the same schedule (``make_schedule``), global-norm clipping and weight-decay mask
 (``decay_mask``: by logical axes). ``config.optim.frozen`` is a regular expression over parameter
 paths ('layers/wq', 'embed'; ``re.fullmatch``): matching leaves are frozen. The optimizer sees only
