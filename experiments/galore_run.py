@@ -2,6 +2,7 @@
 rank), each at its learning rates and seeds, and reports the best eval loss and per-byte perplexity.
 
     python -m experiments.galore_run --root runs/galore [--seeds 0,1] [--parallel 2] [--set train.steps=3000 ...]
+        [--adamw_lrs 1e-3,3e-3] [--galore_lrs 5e-3,1e-2]
 
 Jobs train in ``ROOT/lrLR/NAME/seedS`` (a finished one is not rerun). Per (optimizer, lr): the best
 eval loss of each seed, mean [min, max]; the lr with the lower mean is that optimizer's tuned one, and
@@ -51,7 +52,7 @@ def plot(root: str, results: dict, seeds) -> str:
             records = metrics.read_jsonl(os.path.join(root, f"lr{lr:g}", name, f"seed{s}"))
             ax.plot(*zip(*metrics.curve(records, "eval_loss")), "-" if name == "galore_stdlib" else "--",
                     label=f"{'GaLore' if name == 'galore_stdlib' else 'AdamW'} lr {lr:g} seed {s}")
-    ax.set(xlabel="step", ylabel="eval loss (nats per byte)", title="GaLore rank 128 vs full-rank AdamW")
+    ax.set(xlabel="step", ylabel="eval loss (nats per byte)", title="GaLore (rank d_model / 4) vs full-rank AdamW")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
     fig.tight_layout()
@@ -65,8 +66,10 @@ def main(argv):
     del argv
     FLAGS = flags.FLAGS
     root, seeds = os.path.abspath(FLAGS.root), [int(s) for s in FLAGS.seeds]
+    lrs_by_name = {"galore_adamw_stdlib": [float(x) for x in FLAGS.adamw_lrs],
+                   "galore_stdlib": [float(x) for x in FLAGS.galore_lrs]}
     results = {}
-    for name, lrs in LRS.items():
+    for name, lrs in lrs_by_name.items():
         for lr in lrs:
             run_all([(name, s) for s in seeds], os.path.join(root, f"lr{lr:g}"), FLAGS.set + [f"optim.lr={lr}"],
                     FLAGS.parallel)
@@ -80,4 +83,6 @@ def main(argv):
 
 if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
     define_flags("runs/galore")
+    flags.DEFINE_list("adamw_lrs", [f"{x:g}" for x in LRS["galore_adamw_stdlib"]], "AdamW's learning rates.")
+    flags.DEFINE_list("galore_lrs", [f"{x:g}" for x in LRS["galore_stdlib"]], "GaLore's learning rates.")
     app.run(main)
