@@ -16,7 +16,7 @@ import ml_collections
 import models
 from parallel import ring_attention
 from parallel.sharding import DEFAULT_RULES
-from train import data, objective, optim
+from train import data, galore, objective, optim
 
 
 
@@ -54,6 +54,12 @@ def base_config() -> ml_collections.ConfigDict:
         name="adamw", lr=3e-3, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
         clip_norm=1.0, accum_steps=1, frozen="", momentum=0.9, decay_rate=0.8))
     c.optim.warmup_steps = steps // 10  # follows train.steps unless set
+    # GaLore (optim.name="galore", train/galore.py): galore_inner names the optimizer run on the projected
+    # gradients (adamw, adafactor, lion, sgd; its weight decay goes on the full weights); rank, refresh gap
+    # (steps between SVDs), scale, proj ('std': the smaller side, 'left', 'right', 'full'), select (a regex
+    # over parameter paths; '' projects the attention and MLP matrices), randomized_svd.
+    c.optim.update(galore_inner="adamw", galore_rank=128, galore_gap=200, galore_scale=0.25, galore_proj="std",
+                   galore_select="", galore_randomized_svd=False)
 
     # Integrity and records (train/trainer.py): nonfinite: "stop" ends the run at a non-finite loss or
     # gradient norm, "skip" leaves that step's update out and counts it (nonfinite_skipped); a resume
@@ -81,6 +87,27 @@ def _positive(section, names):
         value = getattr(section[0], name)
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{section[1]}.{name} is {value!r}; set it to a positive integer.")
+
+
+def validate_galore(o) -> None:
+    """The GaLore fields of ``optim`` (what needs parameter shapes, a rank above a matrix's smaller side
+    or a selection matching nothing, is refused when the optimizer is built: train/galore.py)."""
+    if o.galore_inner not in optim.GALORE_INNER:
+        raise ValueError(f"optim.galore_inner is {o.galore_inner!r}; use one of {list(optim.GALORE_INNER)}.")
+    for name in ("galore_rank", "galore_gap"):
+        value = o[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"optim.{name} is {value!r}; set it to a positive integer.")
+    if o.galore_proj not in galore.PROJ_TYPES:
+        raise ValueError(f"optim.galore_proj is {o.galore_proj!r}; use one of {galore.PROJ_TYPES}.")
+    if not o.galore_scale > 0:
+        raise ValueError(f"optim.galore_scale is {o.galore_scale}; use a positive scale (the paper uses 0.25).")
+    try:
+        re.compile(o.galore_select)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"optim.galore_select ({o.galore_select!r}) is not a regular expression ({e}); write "
+                         f"one over parameter paths such as 'layers/w.*', or '' for the attention and MLP "
+                         f"matrices.") from None
 
 
 PROMPTING = ("standard", "cot")
@@ -146,6 +173,8 @@ def validate(config, platform: str | None = None):
     except (re.error, TypeError) as e:
         raise ValueError(f"optim.frozen ({o.frozen!r}) is not a regular expression ({e}); write one over "
                          f"parameter paths such as 'layers/.*norm|embed', or '' to freeze nothing.") from None
+    if o.name == "galore":
+        validate_galore(o)
     _positive((t, "train"), ("steps", "batch_size", "seq_len", "log_every", "ckpt_keep", "eval_batches"))
     _positive((o, "optim"), ("accum_steps",))
     for name in sorted(k for k in t if k.endswith("_every") and k != "log_every"):  # checkpoints, evaluations

@@ -1,6 +1,7 @@
 """Optimizers by name, the trainable/frozen split of the parameters, and the logical axes of optimizer state.
 
-``config.optim.name`` picks an entry of ``OPTIMIZERS`` (adamw, adafactor, lion, sgd; all optax),
+``config.optim.name`` picks an entry of ``OPTIMIZERS`` (adamw, adafactor, lion, sgd; all optax; and
+galore, train/galore.py, around the gradient-scaling part of one of them),
 each on the same schedule (``make_schedule``), global-norm clipping and weight-decay mask
 (``decay_mask``: by logical axes). ``config.optim.frozen`` is a regular expression over parameter
 paths ('layers/wq', 'embed'; ``re.fullmatch``): matching leaves are frozen. The optimizer sees only
@@ -27,6 +28,7 @@ import optax
 from optax._src.factorized import FactoredState
 
 from parallel.sharding import is_axes, path_name
+from train import galore
 
 MIN_DIM_SIZE_TO_FACTOR = 128  # Adafactor factors the two largest dimensions when both are at least this
 
@@ -76,8 +78,10 @@ def merge(view, params) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """make(optim_cfg, schedule, decay_mask) -> optax transformation (clipping is added around it)."""
-    make: Callable[[Any, optax.Schedule, Any], optax.GradientTransformation]
+    """make(optim_cfg, schedule, decay_mask) -> optax transformation (clipping is added around it);
+    with ``axes``, make(optim_cfg, schedule, decay_mask, param_axes)."""
+    make: Callable[..., optax.GradientTransformation]
+    axes: bool = False
 
 
 def _adamw(o, schedule, mask):
@@ -100,8 +104,29 @@ def _sgd(o, schedule, mask):
                        optax.sgd(schedule, momentum=o.momentum or None))
 
 
+# The gradient-scaling part of each optimizer, for GaLore to run on projected gradients.
+GALORE_INNER: dict[str, Callable[[Any], optax.GradientTransformation]] = {
+    "adamw": lambda o: optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+    "lion": lambda o: optax.scale_by_lion(b1=o.b1, b2=o.b2),
+    "adafactor": lambda o: optax.scale_by_factored_rms(decay_rate=o.decay_rate, epsilon=o.eps,
+                                                       min_dim_size_to_factor=MIN_DIM_SIZE_TO_FACTOR),
+    "sgd": lambda o: optax.trace(decay=o.momentum) if o.momentum else optax.identity(),
+}
+
+
+def _galore(o, schedule, mask, param_axes):
+    """GaLore (train/galore.py) around ``GALORE_INNER[o.galore_inner]``; decoupled weight decay on the full
+    weights (``mask``), then the learning rate: W -= lr * (scale * P N(P^T G) + wd * W)."""
+    inner = GALORE_INNER[o.galore_inner](o)
+    tx = galore.galore(inner, param_axes, rank=o.galore_rank, update_proj_gap=o.galore_gap, scale=o.galore_scale,
+                       proj_type=o.galore_proj, selection=galore.select(param_axes, o.galore_select),
+                       randomized_svd=o.galore_randomized_svd)
+    return optax.chain(tx, optax.add_decayed_weights(o.weight_decay, mask), optax.scale_by_learning_rate(schedule))
+
+
 OPTIMIZERS: dict[str, Optimizer] = {
     "adamw": Optimizer(_adamw), "adafactor": Optimizer(_adafactor), "lion": Optimizer(_lion), "sgd": Optimizer(_sgd),
+    "galore": Optimizer(_galore, axes=True),
 }
 
 
@@ -113,7 +138,8 @@ def make_optimizer(optim_cfg, total_steps: int, param_axes) -> optax.GradientTra
     parts = []
     if optim_cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
-    parts.append(OPTIMIZERS[optim_cfg.name].make(optim_cfg, schedule, decay_mask(param_axes)))
+    opt = OPTIMIZERS[optim_cfg.name]
+    parts.append(opt.make(optim_cfg, schedule, decay_mask(param_axes), *((param_axes,) if opt.axes else ())))
     return optax.chain(*parts)
 
 
@@ -137,15 +163,22 @@ def state_axes(opt_state, params, param_axes) -> Any:
     ``params``/``param_axes``: the trainable view the optimizer was initialised on, and its axes.
     A subtree with the parameters' structure takes their axes; Adafactor's factored moments take
     the parameter's axes without the reduced dimension (``v_row`` drops d0, ``v_col`` d1, and the
-    unused [1] placeholders get ``(None,)``); scalars get ``()``. Any other leaf is an error naming it.
+    unused [1] placeholders get ``(None,)``); scalars get ``()``; GaLore's state (``galore.state_axes``)
+    the projectors' axes and, for its inner state, these rules applied to the projected shapes and axes.
+    Any other leaf is an error naming it.
     """
     structure = jax.tree.structure(params)
-    shapes, axes = jax.tree.leaves(params), jax.tree.leaves(param_axes, is_leaf=is_axes)
+    shapes = [tuple(p.shape) for p in jax.tree.leaves(params)]
+    return _state_axes(opt_state, structure, shapes, jax.tree.leaves(param_axes, is_leaf=is_axes))
+
+
+def _state_axes(opt_state, structure, shapes, axes) -> Any:
+    """``state_axes`` for parameters of treedef ``structure`` with leaves' ``shapes`` and ``axes``."""
 
     def factored(state: FactoredState):
         rows, cols, full = [], [], []
         for p, a in zip(shapes, axes):
-            dims = _factored_dims(tuple(p.shape))
+            dims = _factored_dims(p)
             rows.append(_drop(a, dims[1]) if dims else (None,))
             cols.append(_drop(a, dims[0]) if dims else (None,))
             full.append((None,) if dims else a)
@@ -155,6 +188,10 @@ def state_axes(opt_state, params, param_axes) -> Any:
     def walk(path, node):
         if isinstance(node, FactoredState):
             return factored(node)
+        if isinstance(node, galore.GaLoreState):
+            return galore.state_axes(node, lambda inner, layouts: _state_axes(
+                inner, structure, [lay.low_shape() if lay else s for s, lay in zip(shapes, layouts)],
+                [lay.low_axes() if lay else a for a, lay in zip(axes, layouts)]))
         if jax.tree.structure(node) == structure:
             return structure.unflatten(axes)
         children, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
