@@ -4,7 +4,8 @@
 
 (a) Peak activation memory of one train step with and without stage re-materialisation
     (pipeline.remat 'none' / 'full', model.remat 'none' / 'full'), from the compiled
-    executable's memory analysis (temporaries per device), K = 4 stages, M = 8 micro-batches.
+    executable's memory analysis (temporaries per device), K = 4 stages, M = 8 micro-batches;
+    the activations are the growth of the temporaries from 32 to 64 rows.
 (b) The largest Transformer (width 2048, SwiGLU 5632, 16 heads, vocab 32000, sequence 2048,
     16 rows per step, bf16 compute, float32 AdamW state) whose train step fits ``--hbm_gb`` per
     device for K = 1, 2, 4 stages (M = 4K micro-batches; K = 1 is the plain model), found by
@@ -13,7 +14,8 @@
 (c) The bubble: forward + backward of the layer stack pipelined over K stages with M
     micro-batches, against the same stack unpipelined. On ``--platform cpu`` the stages run on
     one device (``--serial``, the default there), so every tick costs all K stages' work and the
-    measured overhead 1 - t_plain / t_pipe is the schedule's idle share; with one device per
+    measured overhead 1 - t_plain / t_pipe (process CPU time) is the schedule's idle share plus the
+    per-tick costs (loop, slicing the stage weights, the output buffer); with one device per
     stage (GPUs) it is 1 - (t_plain / K) / t_pipe. Both compare with (K - 1) / (V M + K - 1).
 
 On CPU (the default) every part runs on host devices (8 are created); (b) on CPU is an estimate
@@ -75,17 +77,23 @@ def _total(mem) -> int:
 
 
 def part_a(devices):
+    """Temporaries per device at 32 and 64 rows; the activations of 32 rows are their difference
+    (what grows with the batch: weights, gradients and optimizer buffers do not)."""
     rows = []
     for model_remat in ("none", "full"):
         for remat in ("none", "full"):
-            c = _config(d_model=512, n_layers=16, d_ff=1408, n_heads=8, vocab=32000, seq=512, batch=32, stage=4,
-                        micro=8, remat=remat, model_remat=model_remat, loss_chunk=128)
-            _, mem = compile_step(c, devices[:4])
-            rows.append((model_remat, remat, mem.temp_size_in_bytes, _total(mem)))
-    print("\n(a) peak memory per device, K=4 stages, M=8: width 512, 16 layers, seq 512, 32 rows, bf16 compute")
-    print(f"{'model.remat':>12} {'pipeline.remat':>15} {'temporaries MiB':>16} {'total MiB':>10}")
-    for model_remat, remat, temp, total in rows:
-        print(f"{model_remat:>12} {remat:>15} {temp / 2**20:16.1f} {total / 2**20:10.1f}")
+            temps = []
+            for batch in (32, 64):
+                c = _config(d_model=512, n_layers=16, d_ff=1408, n_heads=8, vocab=32000, seq=512, batch=batch,
+                            stage=4, micro=8, remat=remat, model_remat=model_remat, loss_chunk=128)
+                _, mem = compile_step(c, devices[:4])
+                temps.append(mem.temp_size_in_bytes)
+            rows.append((model_remat, remat, temps[0], temps[1] - temps[0]))
+            print(f"(a) model.remat={model_remat} pipeline.remat={remat}: {temps}", flush=True)
+    print("\n(a) memory per device, K=4 stages, M=8: width 512, 16 layers (4 per stage), seq 512, bf16 compute")
+    print(f"{'model.remat':>12} {'pipeline.remat':>15} {'temporaries, 32 rows MiB':>25} {'activations of 32 rows MiB':>27}")
+    for model_remat, remat, temp, act in rows:
+        print(f"{model_remat:>12} {remat:>15} {temp / 2**20:25.1f} {act / 2**20:27.1f}")
     return rows
 
 
@@ -144,10 +152,10 @@ def part_c(devices, serial: bool, repeats_list=(1, 2)):
     from parallel import sharding
 
     model = models.get("transformer")
-    cfg = model.Config(vocab_size=256, d_model=128, n_layers=8, n_heads=4, n_kv_heads=4, d_ff=384, dtype="float32",
+    cfg = model.Config(vocab_size=256, d_model=256, n_layers=8, n_heads=4, n_kv_heads=4, d_ff=768, dtype="float32",
                        remat="none")
     params = model.init(cfg, jax.random.PRNGKey(0))["layers"]
-    b, s = 32, 64
+    b, s = 32, 128
     x = jax.random.normal(jax.random.PRNGKey(1), (b, s, cfg.d_model))
     pos = jnp.broadcast_to(jnp.arange(s), (b, s))
 
@@ -163,16 +171,19 @@ def part_c(devices, serial: bool, repeats_list=(1, 2)):
         run()
         times = []
         for _ in range(5):
-            t0 = time.perf_counter()
+            t0 = clock()
             run()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         return float(np.median(times))
 
+    # Serial: the CPU time of the process (all threads), which counts the work done (bubble ticks
+    # included) and is less disturbed by other processes than wall time. One device per stage: wall time.
+    clock = time.process_time if serial else time.perf_counter
     t_plain = timed(model.blocks, None)
     rows = []
     for k in (2, 4):
         for v in repeats_list:
-            for m in (1, 2, 4, 8, 16):
+            for m in (1, 2, 4, 8):
                 if v > 1 and m < k:
                     continue
                 mesh = None if serial else mesh_lib.make_mesh({"stage": k, "data": 1}, devices=devices[:k])
@@ -182,7 +193,8 @@ def part_c(devices, serial: bool, repeats_list=(1, 2)):
                 rows.append((k, v, m, t, measured, pl.bubble_fraction(k, m, v)))
                 print(f"(c) K={k} V={v} M={m}: {t * 1e3:.1f} ms", flush=True)
     where = "one device (all stages)" if serial else "one device per stage"
-    print(f"\n(c) bubble, {where}: forward+backward of 8 layers (width 128, 32 x 64 tokens, float32); "
+    print(f"\n(c) bubble, {where}: forward+backward of 8 layers (width 256, 32 x 128 tokens, float32), "
+          f"{'CPU' if serial else 'wall'} time; "
           f"unpipelined {t_plain * 1e3:.1f} ms")
     print(f"{'K':>2} {'V':>2} {'M':>3} {'ms':>8} {'measured':>9} {'(K-1)/(VM+K-1)':>15}")
     for k, v, m, t, measured, theory in rows:

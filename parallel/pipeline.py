@@ -128,8 +128,13 @@ def pipeline(stage_fn: Callable, params: Any, x: jax.Array, extras: Any = None, 
     if mesh is not None and mesh.shape[axis] != K:
         raise ValueError(f"pipeline stages ({K}) differ from the {axis!r} mesh axis ({mesh.shape[axis]}).")
     policy = REMAT[remat] if isinstance(remat, str) else remat
-    body = stage_fn if isinstance(remat, str) and remat == "none" else jax.checkpoint(
-        stage_fn, policy=policy, prevent_cse=False)
+
+    def body(p, v, xi, ei, j):  # the round's weights are picked inside, so the saved inputs are the
+        pv = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, v, 0, keepdims=False), p)  # loop-invariant
+        return stage_fn(pv, xi, ei, j)                                                        # [V, n, ...] weights
+
+    if not (isinstance(remat, str) and remat == "none"):
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
 
     # [U, ...] -> [V, K, n, ...]: virtual stage v K + k on device k.
     sp = jax.tree.map(lambda a: _constrain(a.reshape(V, K, n, *a.shape[1:]), mesh, axis, 1), params)
@@ -137,8 +142,7 @@ def pipeline(stage_fn: Callable, params: Any, x: jax.Array, extras: Any = None, 
     ks = jnp.arange(K, dtype=jnp.int32)
 
     def run(p, v, k, xi, ei):  # device k: its weights [V, n, ...], round v
-        pk = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, v, 0, keepdims=False), p)
-        return body(pk, xi, ei, v * K + k)
+        return body(p, v, xi, ei, v * K + k)
 
     spmd = axis if mesh is not None else None
     stage_all = jax.vmap(run, in_axes=(1, 0, 0, 0, 0), spmd_axis_name=spmd)
