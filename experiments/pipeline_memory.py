@@ -84,13 +84,13 @@ def part_a(devices):
         for remat in ("none", "full"):
             temps = []
             for batch in (32, 64):
-                c = _config(d_model=512, n_layers=16, d_ff=1408, n_heads=8, vocab=32000, seq=512, batch=batch,
+                c = _config(d_model=512, n_layers=16, d_ff=1408, n_heads=8, vocab=4096, seq=512, batch=batch,
                             stage=4, micro=8, remat=remat, model_remat=model_remat, loss_chunk=128)
                 _, mem = compile_step(c, devices[:4])
                 temps.append(mem.temp_size_in_bytes)
             rows.append((model_remat, remat, temps[0], temps[1] - temps[0]))
             print(f"(a) model.remat={model_remat} pipeline.remat={remat}: {temps}", flush=True)
-    print("\n(a) memory per device, K=4 stages, M=8: width 512, 16 layers (4 per stage), seq 512, bf16 compute")
+    print("\n(a) memory per device, K=4 stages, M=8: width 512, 16 layers (4 per stage), vocab 4096, seq 512, bf16 compute")
     print(f"{'model.remat':>12} {'pipeline.remat':>15} {'temporaries, 32 rows MiB':>25} {'activations of 32 rows MiB':>27}")
     for model_remat, remat, temp, act in rows:
         print(f"{model_remat:>12} {remat:>15} {temp / 2**20:25.1f} {act / 2**20:27.1f}")
