@@ -163,11 +163,11 @@ def part_c(devices, serial: bool, repeats_list=(1, 2)):
         def loss(p, x):
             return jnp.sum(blocks_fn(p, x, cfg, positions=pos)[0] ** 2)
         f = jax.jit(jax.grad(loss, argnums=(0, 1)))
-        if mesh is None:
-            run = lambda: jax.block_until_ready(f(params, x))
-        else:
-            ctx = sharding.activate(mesh, sharding.DEFAULT_RULES)
-            run = lambda: (ctx.__enter__(), jax.block_until_ready(f(params, x)), ctx.__exit__(None, None, None))
+        def run():
+            if mesh is None:
+                return jax.block_until_ready(f(params, x))
+            with sharding.activate(mesh, sharding.DEFAULT_RULES):
+                return jax.block_until_ready(f(params, x))
         run()
         times = []
         for _ in range(5):
