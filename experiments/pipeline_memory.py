@@ -196,9 +196,9 @@ def part_c(devices, serial: bool, repeats_list=(1, 2)):
     print(f"\n(c) bubble, {where}: forward+backward of 8 layers (width 256, 32 x 128 tokens, float32), "
           f"{'CPU' if serial else 'wall'} time; "
           f"unpipelined {t_plain * 1e3:.1f} ms")
-    print(f"{'K':>2} {'V':>2} {'M':>3} {'ms':>8} {'measured':>9} {'(K-1)/(VM+K-1)':>15}")
-    for k, v, m, t, measured, theory in rows:
-        print(f"{k:>2} {v:>2} {m:>3} {t * 1e3:8.1f} {measured:9.3f} {theory:15.3f}")
+    print(f"{'K':>2} {'V':>2} {'M':>3} {'ms':>8} {'measured':>9} {'(K-1)/(VM+K-1)':>15} {'useful-work speed':>18}")
+    for k, v, m, t, measured, theory in rows:  # last: (1 - measured) / (1 - formula), 1 = no cost but the bubble
+        print(f"{k:>2} {v:>2} {m:>3} {t * 1e3:8.1f} {measured:9.3f} {theory:15.3f} {(1 - measured) / (1 - theory):18.2f}")
     return rows
 
 

@@ -1,7 +1,8 @@
 """GPipe (parallel/pipeline.py): the pipelined loss and every gradient equal the sequential model's.
 
-On the 8 CPU devices of conftest: the stage axis with a data and an FSDP axis in one mesh, K in
-{2, 4}, the circular schedule, and every model family (Transformer, Switch MoE, Mamba), float32.
+On the 8 CPU devices of conftest: the stage axis in one mesh with FSDP, data and tensor axes, and
+Switch with its experts over the expert axis; K in {2, 4}; the circular schedule; every model family
+(Transformer, Switch MoE, Mamba); float32.
 The reference is the same objective on the unpipelined model, unsharded.
 """
 import jax
@@ -42,10 +43,10 @@ def family(request):
     return name, cfg, model, params, batch, _loss_and_grads(model, cfg, params, batch)
 
 
-# family -> [(mesh, microbatches M, circular repeats V)]: K = 2 and 4, data and FSDP axes beside the stage axis.
+# family -> [(mesh, microbatches M, circular repeats V)]: K = 2 and 4, other axes beside the stage axis.
 CASES = {
-    "transformer": [({"stage": 4, "fsdp": 2}, 2, 1), ({"stage": 2, "fsdp": 2, "data": 2}, 4, 2)],
-    "switch": [({"stage": 2, "data": 4}, 2, 1)],
+    "transformer": [({"stage": 4, "fsdp": 2}, 2, 1), ({"stage": 2, "tensor": 2, "data": 2}, 4, 2)],
+    "switch": [({"stage": 2, "expert": 2, "data": 2}, 2, 1)],
     "mamba": [({"stage": 2, "data": 4}, 2, 1)],
 }
 
