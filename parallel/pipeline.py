@@ -164,19 +164,21 @@ def pipeline(stage_fn: Callable, params: Any, x: jax.Array, extras: Any = None, 
         y, aux = stage_all(sp, v, ks, state, ext)
         hot = jax.nn.one_hot(v, V, dtype=jnp.float32) * valid[:, None]
         acc = jax.tree.map(lambda s, a: s + (hot * jnp.where(valid, a, 0)[:, None]).astype(s.dtype), acc, aux)
+        shifted = jnp.roll(y, 1, axis=0)  # to the next stage; shifted[0]: the last device's output, on device 0
         last = t - (K - 1)  # the item the last device finished
         slot = jnp.clip(last, 0, items - 1) % M
-        keep = jax.lax.dynamic_index_in_dim(out, slot, 0, keepdims=False)
-        out = jax.lax.dynamic_update_index_in_dim(out, jnp.where(last >= 0, y[K - 1], keep), slot, 0)
+        keep = jax.lax.dynamic_index_in_dim(out, slot, 1, keepdims=False)
+        out = _constrain(jax.lax.dynamic_update_index_in_dim(out, jnp.where(last >= 0, shifted, keep), slot, 1),
+                         mesh, axis, 0)  # each device writes its own row; row 0 (device 0's) is the output
         nxt = (t + 1) % M  # what device 0 takes next: a fresh micro-batch in round 0, else the buffered one
-        first = jnp.where(t + 1 < M, take(x, nxt), take(out, nxt))
-        state = jnp.roll(y, 1, axis=0).at[0].set(first)
+        first = jnp.where(t + 1 < M, take(x, nxt), take(out[0], nxt))
+        state = shifted.at[0].set(first)
         ext = jax.tree.map(lambda e, a: jnp.roll(e, 1, axis=0).at[0].set(take(a, nxt)), ext, extras)
         return (state, ext, out, acc), None
 
-    (_, _, out, acc), _ = jax.lax.scan(tick, (state0, ext0, jnp.zeros_like(x), acc0),
-                                       jnp.arange(items + K - 1, dtype=jnp.int32))
-    return out, jax.tree.map(lambda a: a.T.reshape(K * V), acc)
+    out0 = _constrain(jnp.zeros((K, *x.shape), x.dtype), mesh, axis, 0)  # [K, M, ...]: a buffer per device
+    (_, _, out, acc), _ = jax.lax.scan(tick, (state0, ext0, out0, acc0), jnp.arange(items + K - 1, dtype=jnp.int32))
+    return out[0], jax.tree.map(lambda a: a.T.reshape(K * V), acc)
 
 
 # ----------------------------------------------------------------------------- the model protocol
