@@ -112,7 +112,7 @@ def pipeline(stage_fn: Callable, params: Any, x: jax.Array, extras: Any = None, 
     pytree of float scalars.
     params: leaves [U, ...], U = stages x repeats x n; virtual stage j holds units [j n, (j+1) n).
     extras: a pytree with leaves [M, ...], or None.
-    remat: a key of ``REMAT`` or a ``jax.checkpoint`` policy (callable) for the stage body.
+    remat: a key of ``REMAT``, or a ``jax.checkpoint`` policy for the stage body (None: save nothing).
     mesh: the mesh whose ``axis`` holds the stages (default: the active one of ``parallel.sharding``,
     or none: then it is only a schedule, which still equals the sequential model).
 
@@ -129,9 +129,11 @@ def pipeline(stage_fn: Callable, params: Any, x: jax.Array, extras: Any = None, 
         raise ValueError(f"pipeline stages ({K}) differ from the {axis!r} mesh axis ({mesh.shape[axis]}).")
     policy = REMAT[remat] if isinstance(remat, str) else remat
 
-    def body(p, v, xi, ei, j):  # the round's weights are picked inside, so the saved inputs are the
-        pv = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, v, 0, keepdims=False), p)  # loop-invariant
-        return stage_fn(pv, xi, ei, j)                                                        # [V, n, ...] weights
+    def body(p, v, xi, ei, j):
+        # The round's weights are picked inside the checkpoint: what it saves per tick is then the stage's
+        # input, while the weights [V, n, ...] it also saves are loop-invariant (no copy per tick).
+        pv = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, v, 0, keepdims=False), p)
+        return stage_fn(pv, xi, ei, j)
 
     if not (isinstance(remat, str) and remat == "none"):
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
