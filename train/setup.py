@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 import models
 from parallel import pipeline, sharding
 from train import objective as objective_lib, optim, step as step_lib
-from train.config import validate
+from train.config import base_config, validate
 from train.objective import Objective
 
 
@@ -80,7 +80,8 @@ def pipelined(model, config, mesh: Mesh, rules, params_shape) -> tuple[Any, int]
     stages = mesh.shape["stage"]
     if stages == 1:
         return model, 1
-    p, t, accum = config.pipeline, config.train, config.optim.accum_steps
+    p = config.pipeline if "pipeline" in config else base_config().pipeline  # configs saved before the section
+    t, accum = config.train, config.optim.accum_steps
     batch_axes = [a for a in sharding._targets(dict(rules).get("batch")) if a in mesh.shape]
     units = jax.tree.leaves(params_shape["layers"])[0].shape[0]
     pipeline.check(units, t.batch_size // accum, stages=stages, microbatches=p.microbatches,
