@@ -14,7 +14,7 @@ import re
 import ml_collections
 
 import models
-from parallel import ring_attention
+from parallel import pipeline, ring_attention
 from parallel.sharding import DEFAULT_RULES
 from train import data, galore, objective, optim
 
@@ -77,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, stage=1, context=1, expert=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+    # GPipe (parallel/pipeline.py), on when mesh.stage > 1: the batch (after optim.accum_steps) splits into
+    # ``microbatches``; circular_repeats V > 1 interleaves V virtual stages per device; remat: a key of
+    # parallel.pipeline.REMAT ("full": keep only each stage's input per micro-batch).
+    c.pipeline = ml_collections.ConfigDict(dict(microbatches=1, circular_repeats=1, remat="full"))
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=0, process_id=-1))
     return c
@@ -129,6 +133,16 @@ def validate_cot(c) -> None:
         raise ValueError(f"cot.temperature is {c.temperature}; self-consistency (cot.k > 1) samples, so use > 0.")
     if c.top_k < 0 or not 0 < c.top_p <= 1:
         raise ValueError(f"cot.top_k ({c.top_k}) must be >= 0 and cot.top_p ({c.top_p}) in (0, 1].")
+
+
+def validate_pipeline(p) -> None:
+    """The ``pipeline`` section's fields (the sizes are checked against the mesh in ``train.setup``)."""
+    for name in ("microbatches", "circular_repeats"):
+        value = p[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"pipeline.{name} is {value!r}; set it to a positive integer.")
+    if p.remat not in pipeline.REMAT:
+        raise ValueError(f"pipeline.remat is {p.remat!r}; use one of {list(pipeline.REMAT)}.")
 
 
 # Compute dtypes a backend cannot compile: XLA's CPU matmuls have no float16 x float16 -> float32 form
@@ -210,6 +224,8 @@ def validate(config, platform: str | None = None):
         raise ValueError("optim.clip_norm and optim.weight_decay must be >= 0 (0 disables).")
     validate_cot(config.cot)
     validate_ring(config)
+    if "pipeline" in config:
+        validate_pipeline(config.pipeline)
     tokenizer_vocab = data.make_tokenizer(config.data).vocab_size
     if tokenizer_vocab > mcfg.vocab_size:
         raise ValueError(f"model.vocab_size ({mcfg.vocab_size}) is smaller than the tokenizer's vocabulary "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -15,9 +16,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 import models
-from parallel import sharding
+from parallel import pipeline, sharding
 from train import objective as objective_lib, optim, step as step_lib
-from train.config import validate
+from train.config import base_config, validate
 from train.objective import Objective
 
 
@@ -72,6 +73,25 @@ def _axis_sizes(model, mcfg, config) -> dict:
     return sizes
 
 
+def pipelined(model, config, mesh: Mesh, rules, params_shape) -> tuple[Any, int]:
+    """(model, micro-batches): with ``mesh.stage`` > 1 the family wrapped in ``pipeline.Pipelined`` (its layer
+    stack a GPipe pipeline over the stage axis, per the config's ``pipeline`` section), after checking that
+    the layer units and the batch split evenly; otherwise (model, 1)."""
+    stages = mesh.shape["stage"]
+    if stages == 1:
+        return model, 1
+    p = config.pipeline if "pipeline" in config else base_config().pipeline  # configs saved before the section
+    t, accum = config.train, config.optim.accum_steps
+    batch_axes = [a for a in sharding._targets(dict(rules).get("batch")) if a in mesh.shape]
+    units = jax.tree.leaves(params_shape["layers"])[0].shape[0]
+    pipeline.check(units, t.batch_size // accum, stages=stages, microbatches=p.microbatches,
+                   repeats=p.circular_repeats, batch_shards=math.prod(mesh.shape[a] for a in batch_axes),
+                   units_name="the layer units of model.n_layers",
+                   batch_name="train.batch_size" if accum == 1 else "train.batch_size / optim.accum_steps")
+    return pipeline.Pipelined(model, stages=stages, microbatches=p.microbatches, repeats=p.circular_repeats,
+                              remat=p.remat, mesh=mesh), p.microbatches
+
+
 def setup_training(config, mesh: Mesh) -> TrainSetup:
     """Validate ``config`` against ``mesh`` (fields, rules, divisibility of every array of the state and
     of the activation axes) and derive the train state's shapes, axes and shardings and the train
@@ -102,8 +122,9 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     view = state_shape.params if frozen is None else optim.trainable(state_shape.params, frozen)
     state_axes = step_lib.TrainState(step=(), params=param_axes,
                                      opt_state=optim.state_axes(state_shape.opt_state, view, trainable_axes))
+    model, micro = pipelined(model, config, mesh, rules, params_shape)
     sharding.check_divisibility(state_shape, state_axes, mesh, rules, _axis_sizes(model, mcfg, config))
-    model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps * t.seq_len)
+    model.validate_mesh(mcfg, mesh, rules, tokens=t.batch_size // config.optim.accum_steps // micro * t.seq_len)
     state_sh = sharding.state_shardings(state_axes, mesh, rules, state_shape)
     train_step = step_lib.make_train_step(model, mcfg, tx, objective, frozen=frozen,
                                           accum_steps=config.optim.accum_steps, seed=config.seed, nonfinite=t.nonfinite)
