@@ -75,11 +75,11 @@ def test_mismatched_parameters_name_the_path_and_the_parameter(source, tmp_path)
 
 def test_qlora_trains_only_the_adapters_and_resumes_exactly(source, tmp_path):
     _, src, params = source
-    c = helpers.tiny_train_config(steps=4, ckpt_every=2, init_from=src, adapters="qlora", adapter_rank=4,
+    c = helpers.tiny_train_config(steps=2, ckpt_every=2, init_from=src, adapters="qlora", adapter_rank=4,
                                   adapter_block=16)
     c.optim.update(warmup_steps=1, lr=1e-2)
     trainer.run(c, str(tmp_path / "b"))
-    trainer.run(c, str(tmp_path / "a"), stop_after=2)
+    trainer.run(c, str(tmp_path / "a"), stop_after=1)
     # The resume keeps its own checkpoint: init_from (now a path that does not exist) is not read, and the
     # change is recorded like any other field's.
     c.train.init_from = str(tmp_path / "nowhere" / "model.safetensors")
