@@ -48,8 +48,7 @@ class TrainSetup:
         when the run has adapters and they have none yet) or already this run's parameter structure."""
         if self.adapt is not None and jax.tree.structure(params) != jax.tree.structure(self.state_shape.params):
             params = self.adapt(params)
-        view = params if self.frozen is None else optim.trainable(params, self.frozen)
-        return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(view))
+        return _fresh_state(self.tx, self.frozen, params)
 
     def abstract_state(self) -> Any:
         """The state as sharded ShapeDtypeStructs (for ``lower`` and checkpoint restore)."""
@@ -81,6 +80,12 @@ def _axis_sizes(model, mcfg, config) -> dict:
     batch_name = "train.batch_size" if accum == 1 else "train.batch_size / optim.accum_steps"
     sizes.update(batch=(t.batch_size // accum, batch_name), seq=(t.seq_len, "train.seq_len"))
     return sizes
+
+
+def _fresh_state(tx, frozen, params):
+    """Step 0 and ``tx``'s initial state of the trainable view of ``params`` (``step.init_state``'s, given params)."""
+    view = params if frozen is None else optim.trainable(params, frozen)
+    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(view))
 
 
 ADAPTER_SALT = 0x10a  # folded into PRNGKey(seed): the adapters' initial A
@@ -145,9 +150,7 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     init_fn = functools.partial(step_lib.init_state, model, mcfg, tx, frozen=frozen)
     if adapt is not None:
         def init_fn(rng):  # model.init, then the adapters
-            params = adapt(model.init(mcfg, rng))
-            view = optim.trainable(params, frozen) if frozen is not None else params
-            return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(view))
+            return _fresh_state(tx, frozen, adapt(model.init(mcfg, rng)))
     state_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     view = state_shape.params if frozen is None else optim.trainable(state_shape.params, frozen)
     state_axes = step_lib.TrainState(step=(), params=param_axes,
