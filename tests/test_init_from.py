@@ -118,3 +118,20 @@ def test_init_from_a_file_that_is_not_safetensors_is_refused(tmp_path):
     (tmp_path / "x").write_text("")
     with pytest.raises(ValueError, match="train.init_from"):
         config_lib.validate(c)
+
+
+def test_lora_setup_adapts_params_axes_and_the_frozen_mask():
+    """adapters='lora' (float base) on the attention output only: the state's parameters, their axes and the
+    frozen mask (everything but a and b) follow the adapted tree; the optimizer state covers only the adapters."""
+    from parallel import mesh as mesh_lib
+    from train.setup import setup_training
+
+    c = helpers.tiny_train_config(adapters="lora", adapter_rank=2, adapter_targets="layers/wo")
+    s = setup_training(c, mesh_lib.make_mesh(c.mesh))
+    wo, axes = s.state_shape.params["layers"]["wo"], s.state_axes.params["layers"]["wo"]
+    assert isinstance(wo, lora.Adapter) and not isinstance(wo.base, lora.NF4)
+    assert wo.a.shape[-1] == 2 and axes.a[-1] == "lora" and axes.b[-2] == "lora"
+    assert s.frozen["layers"]["wo"].a is False and s.frozen["layers"]["wo"].base is True
+    assert isinstance(s.state_shape.params["layers"]["w_up"], jax.ShapeDtypeStruct)  # not a target
+    trained = sum(x.size for x in jax.tree.leaves(s.state_shape.opt_state))
+    assert trained < 4 * (wo.a.size + wo.b.size) + 16  # Adam's moments of a and b (and counters), nothing else

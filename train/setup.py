@@ -128,8 +128,10 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     param_axes = model.param_axes(mcfg)
     params_shape = jax.eval_shape(functools.partial(model.init, mcfg), jax.random.PRNGKey(config.seed))
     sharding.check_axes(params_shape, param_axes)
-    adapt_axes, adapt = adapter_fn(config, param_axes), None
-    if adapt_axes is not None:  # the adapted parameters and their axes (sharding, frozen mask, optimizer state)
+    adapt_axes = adapter_fn(config, param_axes)
+    if adapt_axes is None:
+        adapt = None
+    else:  # the adapted parameters and their axes (sharding, frozen mask, optimizer state)
         adapted = []
         params_shape = jax.eval_shape(lambda p: adapted.append(adapt_axes(p)) or adapted[-1][0], params_shape)
         param_axes = adapted[-1][1]
@@ -147,8 +149,9 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     trainable_axes = param_axes if frozen is None else jax.tree.map(
         lambda a, f: None if f else a, param_axes, frozen, is_leaf=sharding.is_axes)
     tx = optim.make_optimizer(config.optim, t.steps, trainable_axes)
-    init_fn = functools.partial(step_lib.init_state, model, mcfg, tx, frozen=frozen)
-    if adapt is not None:
+    if adapt is None:
+        init_fn = functools.partial(step_lib.init_state, model, mcfg, tx, frozen=frozen)
+    else:
         def init_fn(rng):  # model.init, then the adapters
             return _fresh_state(tx, frozen, adapt(model.init(mcfg, rng)))
     state_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
