@@ -49,12 +49,12 @@ def config(name: str, seed: int, overrides: list[str], **train):
     return override(c, [o for o in overrides if o.split(".", 1)[0] in c])  # e.g. ppo.* only where there is one
 
 
-def stage(c, workdir: str, start=None):
-    """Train ``c`` in ``workdir`` (from ``start`` params when given); its parameters."""
+def stage(c, workdir: str, start: str = ""):
+    """Train ``c`` in ``workdir`` (from the parameters of the run in the workdir ``start`` when given:
+    ``train.init_from``); its parameters."""
     from train import cai, trainer
 
-    if start is not None:
-        cai.start_from(c, workdir, start)
+    c.train.init_from = start
     trainer.run(c, workdir)
     return cai.load_params(c, workdir)
 
@@ -160,7 +160,7 @@ def run_seed(root: str, seed: int, base_steps: int, n_prompts: int, n_heldout: i
         "revision_both": float(np.mean([score(by_text[r["human"]], r["completion"]) == 2 for r in sl_records]))}
     sl_c = config("cai_sl", seed, overrides)
     sl_c.data.update(paths=[f("sl.jsonl")], eval_paths=[f("sl.jsonl")])
-    sl = stage(sl_c, os.path.join(out, "sl"), base)
+    sl = stage(sl_c, os.path.join(out, "sl"), os.path.join(out, "base"))
     results["SL-CAI"] = checked(gen(sl), heldout, seed)
 
     if not os.path.exists(f("rl.jsonl")):
@@ -181,12 +181,12 @@ def run_seed(root: str, seed: int, base_steps: int, n_prompts: int, n_heldout: i
 
     pm_c = config("cai_pm", seed, overrides)
     pm_c.data.update(paths=[f("rl.jsonl")], eval_paths=[f("rl_eval.jsonl")])
-    pm = stage(pm_c, os.path.join(out, "pm"), sl)
+    pm = stage(pm_c, os.path.join(out, "pm"), os.path.join(out, "sl"))
     results["pm_agreement"] = pm_agreement(model, mcfg, pm, tok, pm_c.train.reward_token, heldout, seed,
                                            pm_c.train.seq_len)
     rl_c = config("cai_rl", seed, overrides)
     rl_c.data.update(paths=[f("rl.jsonl")], eval_paths=[f("rl_eval.jsonl")])
-    rl = stage(rl_c, os.path.join(out, "rl"), sl)
+    rl = stage(rl_c, os.path.join(out, "rl"), os.path.join(out, "sl"))
     results["RL-CAI (ORPO on AI labels)"] = checked(gen(rl), heldout, seed)
     if ppo_steps:
         from train import ppo

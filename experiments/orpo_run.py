@@ -15,7 +15,7 @@ Per seed, in ``ROOT/seedS``:
            SFT model as the reference (its log-probs written into the pairs' JSONL first: a forward pass over
            the pairs, not counted in the step budget)
 Each stage is an ordinary trainer run (``trainer.run``), started from the previous stage's parameters
-(``train.cai.start_from``); a rerun resumes or skips finished stages. The tables (stdout and
+(``train.init_from``); a rerun resumes or skips finished stages. The tables (stdout and
 ``ROOT/orpo_table.md``): greedy exact match on held-out problems (``exact_match`` eval, 1-8 operations) and ORPO's
 pair metrics on held-out pairs (``train.orpo.evaluate_pairs``: log odds ratio, preference accuracy) for each
 method, mean [min, max] over seeds; and ORPO's held-out log odds ratio during training.
@@ -70,12 +70,12 @@ def config(name: str, seed: int, overrides: list[str], **train):
     return override(c, overrides)
 
 
-def stage(c, workdir: str, start=None) -> dict:
-    """Train ``c`` in ``workdir`` (from ``start`` params when given); its results.json."""
-    from train import cai, trainer
+def stage(c, workdir: str, start: str = "") -> dict:
+    """Train ``c`` in ``workdir`` (from the parameters of the run in the workdir ``start`` when given:
+    ``train.init_from``); its results.json."""
+    from train import trainer
 
-    if start is not None:
-        cai.start_from(c, workdir, start)
+    c.train.init_from = start
     trainer.run(c, workdir)
     with open(os.path.join(workdir, "results.json")) as f:
         return json.load(f)
@@ -94,7 +94,7 @@ def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, 
                     eval_every=base_steps)
     base_c.data.update(paths=[paths["mix"]], eval_paths=[paths["heldout"]])
     results = {"base": stage(base_c, os.path.join(out, "base"))}
-    base = cai.load_params(base_c, os.path.join(out, "base"))
+    base = os.path.join(out, "base")
     orpo_c = config("orpo_arith", seed, overrides, steps=steps, exact_match_every=steps, eval_every=every)
     results["ORPO"] = stage(orpo_c, os.path.join(out, "orpo"), base)
     sft_c = config("orpo_sft", seed, overrides, steps=steps, exact_match_every=steps, eval_every=steps)
@@ -111,7 +111,7 @@ def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, 
     dpo_c = config("orpo_dpo", seed, overrides, steps=half, exact_match_every=half, eval_every=half)
     dpo_c.data.update(paths=[paths["pairs"].replace(".jsonl", "_ref.jsonl")],
                       eval_paths=[paths["heldout_pairs"].replace(".jsonl", "_ref.jsonl")])
-    results["SFT + DPO"] = stage(dpo_c, os.path.join(out, "dpo"), ref)
+    results["SFT + DPO"] = stage(dpo_c, os.path.join(out, "dpo"), os.path.join(out, "sft_half"))
     heldout = data.read_preference_jsonl([paths["heldout_pairs"]])
     workdirs = {"base": (base_c, "base"), "ORPO": (orpo_c, "orpo"), "SFT": (sft_c, "sft"), "SFT + DPO": (dpo_c, "dpo")}
     for label, (c, sub) in workdirs.items():

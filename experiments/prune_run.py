@@ -55,8 +55,7 @@ def main():
         ("--drops", dict(default="", help="comma-separated layer counts to drop (default: every count that "
                                            "leaves a layer)")),
         ("--strategies", dict(default="angular,deepest"))])
-    data = compress.prepare_data(config, tokenizer, calib_rows=args.calib_rows, heal_rows=8 * 64,
-                                 eval_rows=args.eval_rows)
+    data = compress.prepare_data(config, tokenizer, calib_rows=args.calib_rows, eval_rows=args.eval_rows)
     base = compress.evaluate(model, mcfg, params, data.evals)
     dist = prune.angular_distances(prune.last_token_states(model, mcfg, params, data.calib))
     unit = prune._unit(mcfg)

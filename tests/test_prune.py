@@ -126,7 +126,8 @@ def test_zero_b_adapters_are_the_identity_even_with_dropout(dense):
 
 
 def test_healing_trains_only_the_adapters_and_the_result_round_trips(tmp_path):
-    """Prune one layer of the tiny default experiment, heal 4 steps with QLoRA (NF4 base frozen), save, load."""
+    """Prune one layer of the tiny default experiment, heal 3 steps with QLoRA (NF4 base frozen) through the
+    trainer (train.init_from = the pruned model's safetensors, train.adapters='qlora'), save, load."""
     config = helpers.tiny_train_config()
     mcfg = T.from_config(config.model)
     params = helpers.random_params(mcfg)
@@ -137,15 +138,21 @@ def test_healing_trains_only_the_adapters_and_the_result_round_trips(tmp_path):
     with pytest.raises(ValueError, match="requested"):
         C.calibration_tokens(batches, 17)
     opts = C.Options(method="prune", drop=1, heal_steps=3, rank=4, lr=1e-2, nf4_block=16)
-    healed, cfg, info = C.compress(T, mcfg, params, calib, opts, config=config, heal_batches=batches, jit=helpers.jit)
-    assert cfg.n_layers == 1 and info["heal_loss_last"] < info["heal_loss_first"]
+    pruned, cfg, info = C.compress(T, mcfg, params, calib, opts, config=config, jit=helpers.jit)
+    assert cfg.n_layers == 1
     assert info["start"] == int(np.argmin(np.asarray(info["distances"])[0, :2]))  # d(x_0, x_1) vs d(x_1, x_2)
+    C.save(tmp_path / "pruned", pruned, cfg, info)
+    healed, losses = C.heal(config, tmp_path / "pruned" / "model.safetensors", cfg.n_layers, opts,
+                            str(tmp_path / "heal"))
+    assert len(losses) == 3 and losses[-1] < losses[0]
     unhealed, _ = prune.drop_layers(params, mcfg, info["start"], 1)
     ad = healed["layers"]["w_down"]
     assert isinstance(ad, lora.Adapter) and isinstance(ad.base, lora.NF4)
     assert np.any(np.asarray(ad.b) != 0)  # the adapters trained ...
     np.testing.assert_array_equal(healed["layers"]["wq"], unhealed["layers"]["wq"])  # ... nothing else did
     np.testing.assert_array_equal(ad.base.codes, lora.nf4(unhealed["layers"]["w_down"], 16).codes)
+    with pytest.raises(ValueError, match="model.n_layers|n_layers"):  # the trainer's model must be the pruned one
+        C.heal(config, tmp_path / "pruned" / "model.safetensors", 2, opts, str(tmp_path / "heal2"))
     C.save(tmp_path / "out", healed, cfg, info)
     model, cfg2, loaded, info2 = C.load(tmp_path / "out")
     assert cfg2 == cfg and info2["start"] == info["start"]

@@ -348,45 +348,6 @@ def prompt_text(record: dict) -> str:
 
 # ----------------------------------------------------------------------------- stages
 
-def start_from(config, workdir: str, params) -> bool:
-    """Make ``params`` (a parameter tree of ``config``'s model, e.g. the previous stage's) the starting point of
-    the trainer's run of ``config`` in ``workdir``: a step-0 checkpoint holding them, a fresh optimizer state
-    and the data iterator at its start, which ``trainer.run`` then resumes from like any checkpoint. A workdir
-    that already has a checkpoint is left alone (a rerun resumes); returns whether one was written."""
-    import jax
-    import jax.numpy as jnp
-
-    from parallel import mesh as mesh_lib
-    from train import checkpoint, data, optim, step as step_lib
-    from train.setup import setup_training
-
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every=0, keep=config.train.ckpt_keep,
-                                   async_save=False)
-    try:
-        if ckpt.latest_step() is not None:
-            return False
-        setup = setup_training(config, mesh_lib.make_mesh(config.mesh))
-        shapes = jax.tree.map(lambda a: (a.shape, a.dtype), setup.state_shape.params)
-        if jax.tree.map(lambda a: (a.shape, a.dtype), params) != shapes:
-            raise ValueError(f"the starting parameters do not match {workdir}'s model (model.* must be the same as "
-                             f"the run they come from).")
-
-        def init(p):  # step_lib.init_state with the given parameters in place of model.init's
-            view = p if setup.frozen is None else optim.trainable(p, setup.frozen)
-            return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.tx.init(view))
-
-        state = jax.jit(init, out_shardings=setup.state_shardings)(params)
-        t = config.train
-        train_iter = iter(data.make_dataset(config.data, split="train", seed=config.seed,
-                                            tokenizer=data.make_tokenizer(config.data), seq_len=t.seq_len,
-                                            batch_size=t.batch_size, process_index=jax.process_index(),
-                                            process_count=jax.process_count()))
-        ckpt.save(0, state, train_iter.get_state(), wait=True)
-        return True
-    finally:
-        ckpt.close()
-
-
 def load_params(config, workdir: str):
     """The latest checkpoint's parameters of the run of ``config`` in ``workdir`` (``train.evaluate.load_state``)."""
     from train.evaluate import load_state

@@ -12,7 +12,8 @@ used for calibration and evaluation). Calibration rows come from the data's trai
 its eval split. Methods: ``smoothquant`` (smoothing with --alpha, then W8A8 at --act O1/O2/O3, --per_channel
 weights), ``w8a8`` (the same quantization without smoothing: the naive baseline), ``awq``, ``rtn`` and
 ``gptq`` (--bits, --group), ``prune`` (--drop layers at the angular-distance argmin or, with --strategy deepest,
-before the last layer; --heal_steps of QLoRA on the MLP matrices, --rank).
+before the last layer; --heal_steps of QLoRA on the MLP matrices, --rank: a trainer run in OUT/heal with
+train.init_from = OUT/pruned/model.safetensors, the pruned model, and train.adapters='qlora').
 
 Output directory: ``model.safetensors`` (every array, the parts of weight types under "<path>.<field>"),
 ``compress.json`` (the model config, the method and its settings, each weight type with its static
@@ -105,10 +106,9 @@ class Options:
     lr: float = 1e-3
 
 
-def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, config=None, heal_batches=None,
-             jit=jax.jit):
+def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, config=None, jit=jax.jit):
     """(params, cfg, info) of the compressed model; info: the method, its settings, and what it chose.
-    ``jit``: how the forward passes and the train step are compiled."""
+    ``jit``: how the forward passes are compiled. Healing a pruned model (``opts.heal_steps``) is ``heal``."""
     if opts.method not in METHODS:
         raise ValueError(f"method is {opts.method!r}; use one of {METHODS}.")
     if opts.strategy not in ("angular", "deepest"):
@@ -142,46 +142,37 @@ def compress(model, mcfg, params, calib_tokens: np.ndarray, opts: Options, *, co
                  else prune_lib.best_start(dist, opts.drop, prune_lib._unit(mcfg)))
         params, mcfg = prune_lib.drop_layers(params, mcfg, start, opts.drop)
         info.update(drop=opts.drop, start=start, strategy=opts.strategy, distances=np.nan_to_num(dist, nan=-1).tolist())
-        if opts.heal_steps:
-            params, losses = heal(model, mcfg, params, heal_batches, opts, config, jit=jit)
-            info.update(heal_steps=opts.heal_steps, rank=opts.rank, heal_loss_first=losses[0],
-                        heal_loss_last=losses[-1])
-    return params, mcfg, info
+    return params, mcfg, info  # healing (opts.heal_steps) is a trainer run on the result: ``heal``
 
 
-def heal(model, mcfg, params, batches, opts: Options, config=None, rng=None, jit=jax.jit):
-    """QLoRA healing: NF4 base + rank-``opts.rank`` adapters (alpha = rank, dropout 0.05) on the MLP matrices,
-    trained for ``opts.heal_steps`` with the trainer's train step (``train.step.make_train_step``), its
-    optimizer by name (``config.optim``: lr from ``opts.lr``) and the LM objective, everything but the adapters
-    frozen through ``optim.frozen``. Returns (params with adapters, the training losses)."""
-    from ml_collections import ConfigDict
-
+def heal_config(config, init_from: str, n_layers: int, opts: Options):
+    """The trainer config of QLoRA healing (``heal``): ``config`` with model.n_layers = the pruned model's,
+    train.init_from = its model.safetensors, train.adapters='qlora' (NF4 base in blocks of ``opts.nf4_block``,
+    rank ``opts.rank``, alpha = rank, dropout 0.05, on the MLP matrices; everything else frozen),
+    ``opts.heal_steps`` steps at optim.lr = ``opts.lr``, every step logged, evaluations off."""
     from train import config as config_lib
-    from train import objective as objective_lib
-    from train import optim
-    from train import step as step_lib
 
-    if not batches:
-        raise ValueError("healing needs training batches; pass heal_batches.")
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    axes = model.param_axes(mcfg)
-    params, axes = lora_lib.qlora(params, axes, rng, rank=opts.rank, block=opts.nf4_block)
-    optim_cfg = ConfigDict(dict(config.optim) if config is not None else dict(config_lib.base_config().optim))
-    optim_cfg.update(lr=opts.lr, warmup_steps=min(optim_cfg.get("warmup_steps", 0), opts.heal_steps // 10),
-                     frozen=lora_lib.FROZEN_ALL_BUT_ADAPTERS, accum_steps=1)
-    frozen = optim.frozen_mask(params, optim_cfg.frozen)
-    trainable_axes = jax.tree.map(lambda a, f: None if f else a, axes, frozen, is_leaf=weights.is_axes)
-    tx = optim.make_optimizer(optim_cfg, opts.heal_steps, trainable_axes)
-    objective = lora_lib.training_objective(objective_lib.lm_objective())
-    step_fn = jit(step_lib.make_train_step(model, mcfg, tx, objective, frozen=frozen))
-    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(optim.trainable(params, frozen)))
-    losses = []
-    for i in range(opts.heal_steps):
-        batch = {k: jnp.asarray(v) for k, v in batches[i % len(batches)].items()}
-        state, metrics = step_fn(state, batch)
-        losses.append(float(metrics["loss"]))
-    return state.params, losses
+    c = config.copy_and_resolve_references()
+    c.model.n_layers = n_layers
+    c.train.update({k: 0 for k in c.train if k.endswith("_every") and k != "log_every"})
+    c.train.update(init_from=str(init_from), adapters="qlora", adapter_rank=opts.rank, adapter_block=opts.nf4_block,
+                   adapter_targets=config_lib.ADAPTER_TARGETS, steps=opts.heal_steps, ckpt_every=opts.heal_steps,
+                   log_every=1, profile_steps=(0, 0))
+    c.optim.update(lr=opts.lr, warmup_steps=min(c.optim.warmup_steps, opts.heal_steps // 10), frozen="")
+    return c
+
+
+def heal(config, init_from: str, n_layers: int, opts: Options, workdir: str):
+    """QLoRA healing of the pruned model in ``init_from`` (a model.safetensors written by ``save``) as a run of
+    the trainer (``train.trainer.run`` of ``heal_config``) in ``workdir`` (a rerun resumes or reuses it).
+    Returns (params with adapters, the training losses of every step)."""
+    from train import evaluate as evaluate_lib
+    from train import metrics, trainer
+
+    c = heal_config(config, init_from, n_layers, opts)
+    trainer.run(c, workdir)
+    params = jax.device_get(evaluate_lib.load_state(c, workdir)[1].params)
+    return params, [r["loss"] for r in metrics.read_jsonl(workdir) if "loss" in r]
 
 
 # ----------------------------------------------------------------------------- files
@@ -301,8 +292,12 @@ def run(config, model, mcfg, source_params, data: Data, opts: Options, out: str,
         ) -> dict:
     """Compress, save to ``out``, evaluate source and result; returns (and writes as eval.json) the results."""
     t0 = time.time()
-    params, new_cfg, info = compress(model, mcfg, source_params, data.calib, opts, config=config,
-                                     heal_batches=data.heal)
+    params, new_cfg, info = compress(model, mcfg, source_params, data.calib, opts, config=config)
+    if opts.method == "prune" and opts.heal_steps:  # the pruned model, then QLoRA healing through the trainer
+        save(Path(out) / "pruned", params, new_cfg, info, config.model.family)
+        params, losses = heal(config, Path(out) / "pruned" / "model.safetensors", new_cfg.n_layers, opts,
+                              str(Path(out) / "heal"))
+        info.update(heal_steps=opts.heal_steps, rank=opts.rank, heal_loss_first=losses[0], heal_loss_last=losses[-1])
     seconds = time.time() - t0
     save(out, params, new_cfg, info, config.model.family)
     source_eval = source_eval or {**evaluate(model, mcfg, source_params, data.evals),
@@ -330,9 +325,7 @@ def main(argv, recorded_error=None, recorded=False):
     model, mcfg, source = load_source(config, workdir=_WORKDIR.value, hf_dir=_HF.value)
     config_lib.validate(config)
     tokenizer = data.make_tokenizer(config.data)
-    heal_rows = 8 * min(opts.heal_steps, 64) if opts.method == "prune" else 0
-    batches = prepare_data(config, tokenizer, calib_rows=opts.calib_rows, heal_rows=heal_rows,
-                           eval_rows=_EVAL_ROWS.value)
+    batches = prepare_data(config, tokenizer, calib_rows=opts.calib_rows, eval_rows=_EVAL_ROWS.value)
     results = run(config, model, mcfg, source, batches, opts, _OUT.value)
     print(json.dumps({k: v for k, v in results.items() if k != "info"}, indent=1, default=float))
 

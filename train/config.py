@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import copy
 import math
+import os
 import re
 
 import ml_collections
@@ -69,6 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.update(orpo_lambda=0.1, orpo_nll_on_prompt=False, dpo_beta=0.1, reward_token=3)
     c.train.nonfinite = "stop"
     c.train.allow_config_change = False
+    # Starting point and adapters (train/setup.py, train/trainer.py): init_from: a previous run's workdir (its latest
+    # checkpoint's parameters) or a model.safetensors file (train.compress, models.hf) that a fresh run starts from
+    # (fresh optimizer state, step 0; a resumed run keeps its own checkpoint); '' for model.init. adapters: '' | 'lora'
+    # | 'qlora' (models/lora.py) of rank adapter_rank on the weights whose path re.fullmatches adapter_targets (default
+    # the MLP matrices), the base NF4 in blocks of adapter_block input channels for 'qlora'; only the adapters train
+    # unless optim.frozen says otherwise.
+    c.train.update(init_from="", adapters="", adapter_rank=8, adapter_targets=ADAPTER_TARGETS, adapter_block=64)
 
     # Few-shot chain-of-thought evaluation on held-out arithmetic (``train.evaluate --task cot``).
     c.cot = ml_collections.ConfigDict(dict(
@@ -151,6 +159,27 @@ def validate_pipeline(p) -> None:
 UNSUPPORTED_COMPUTE_DTYPES = {"cpu": ("float16",)}
 
 
+ADAPTER_TARGETS = r"layers/(.*/)?(w_gate|w_up|w_down)"  # the MLP matrices (Switch experts included)
+
+
+def validate_start(t) -> None:
+    """train.init_from and train.adapters* (what the path holds is checked when a fresh run loads it)."""
+    if not isinstance(t.init_from, str) or (t.init_from and not (t.init_from.endswith(".safetensors")
+                                                                 or not os.path.isfile(t.init_from))):
+        raise ValueError(f"train.init_from is {t.init_from!r}; use a previous run's workdir, a model.safetensors "
+                         f"file, or '' to start from model.init.")
+    if t.adapters not in ("", "lora", "qlora"):
+        raise ValueError(f"train.adapters is {t.adapters!r}; use '' (none), 'lora' or 'qlora'.")
+    for name in ("adapter_rank", "adapter_block"):
+        if not isinstance(t[name], int) or t[name] <= 0:
+            raise ValueError(f"train.{name} is {t[name]!r}; use a positive integer.")
+    try:
+        re.compile(t.adapter_targets)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"train.adapter_targets ({t.adapter_targets!r}) is not a regular expression ({e}); write "
+                         f"one over parameter paths such as {ADAPTER_TARGETS!r}.") from None
+
+
 def validate_platform(config, platform: str) -> None:
     """Refuse a ``model.dtype`` that ``platform`` ('cpu', 'gpu', 'tpu') cannot compute, before compiling."""
     dtype = config.model.get("dtype")
@@ -222,6 +251,7 @@ def validate(config, platform: str | None = None):
         raise ValueError(f"optim.warmup_steps ({o.warmup_steps}) must be in [0, train.steps={t.steps}].")
     if o.clip_norm < 0 or o.weight_decay < 0:
         raise ValueError("optim.clip_norm and optim.weight_decay must be >= 0 (0 disables).")
+    validate_start(t)
     validate_cot(config.cot)
     validate_ring(config)
     if "pipeline" in config:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Callable
 
 import jax
@@ -16,6 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 import models
+from models import lora
 from parallel import pipeline, sharding
 from train import objective as objective_lib, optim, step as step_lib
 from train.config import base_config, validate
@@ -40,6 +42,14 @@ class TrainSetup:
     state_shardings: Any             # TrainState of NamedSharding
     batch_sharding: NamedSharding    # of every [batch, seq] batch array
     train_step: Callable             # (state, batch) -> (state, metrics), not jitted
+    adapt: Callable | None = None    # model params -> params with train.adapters (None: no adapters)
+
+    def state_from_params(self, params) -> Any:
+        """A fresh train state (step 0, fresh optimizer state) around ``params``: the model's (``adapt`` applied
+        when the run has adapters and they have none yet) or already this run's parameter structure."""
+        if self.adapt is not None and jax.tree.structure(params) != jax.tree.structure(self.state_shape.params):
+            params = self.adapt(params)
+        return _fresh_state(self.tx, self.frozen, params)
 
     def abstract_state(self) -> Any:
         """The state as sharded ShapeDtypeStructs (for ``lower`` and checkpoint restore)."""
@@ -92,6 +102,36 @@ def pipelined(model, config, mesh: Mesh, rules, params_shape) -> tuple[Any, int]
                               remat=p.remat, mesh=mesh), p.microbatches
 
 
+def _fresh_state(tx, frozen, params):
+    """Step 0 and ``tx``'s initial state of the trainable view of ``params`` (``step.init_state``'s, given params)."""
+    view = params if frozen is None else optim.trainable(params, frozen)
+    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(view))
+
+
+ADAPTER_SALT = 0x10a  # folded into PRNGKey(seed): the adapters' initial A
+
+
+def adapter_fn(config, param_axes) -> Callable | None:
+    """params -> (params, axes) with ``train.adapters`` ('lora' | 'qlora', ``models.lora.qlora``) on the weights
+    whose path re.fullmatches ``train.adapter_targets``; None without adapters."""
+    t = config.train
+    if not t.adapters:
+        return None
+    regex = re.compile(t.adapter_targets)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), ADAPTER_SALT)
+
+    def adapt(params):
+        try:
+            return lora.qlora(params, param_axes, rng, rank=t.adapter_rank, block=t.adapter_block,
+                              where=lambda path, names: len(names) >= 2 and bool(regex.fullmatch(path)),
+                              quantize_base=t.adapters == "qlora")
+        except ValueError as e:
+            raise ValueError(f"train.adapters={t.adapters!r} with train.adapter_targets={t.adapter_targets!r}, "
+                             f"train.adapter_block={t.adapter_block}: {e}") from None
+
+    return adapt
+
+
 def setup_training(config, mesh: Mesh) -> TrainSetup:
     """Validate ``config`` against ``mesh`` (fields, rules, divisibility of every array of the state and
     of the activation axes) and derive the train state's shapes, axes and shardings and the train
@@ -108,7 +148,19 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     param_axes = model.param_axes(mcfg)
     params_shape = jax.eval_shape(functools.partial(model.init, mcfg), jax.random.PRNGKey(config.seed))
     sharding.check_axes(params_shape, param_axes)
-    frozen = optim.frozen_mask(params_shape, config.optim.frozen) if config.optim.frozen else None
+    adapt_axes = adapter_fn(config, param_axes)
+    if adapt_axes is None:
+        adapt = None
+    else:  # the adapted parameters and their axes (sharding, frozen mask, optimizer state)
+        adapted = []
+        params_shape = jax.eval_shape(lambda p: adapted.append(adapt_axes(p)) or adapted[-1][0], params_shape)
+        param_axes = adapted[-1][1]
+        objective = lora.training_objective(objective)  # adapter dropout while training
+
+        def adapt(params):
+            return adapt_axes(params)[0]
+    frozen_pattern = config.optim.frozen or (lora.FROZEN_ALL_BUT_ADAPTERS if adapt else "")
+    frozen = optim.frozen_mask(params_shape, frozen_pattern) if frozen_pattern else None
     if frozen is not None and not any(jax.tree.leaves(frozen)):
         raise ValueError(f"optim.frozen ({config.optim.frozen!r}) matches no parameter path; paths look like "
                          f"{sharding.path_name(jax.tree_util.tree_flatten_with_path(params_shape)[0][-1][0])!r}.")
@@ -117,7 +169,11 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     trainable_axes = param_axes if frozen is None else jax.tree.map(
         lambda a, f: None if f else a, param_axes, frozen, is_leaf=sharding.is_axes)
     tx = optim.make_optimizer(config.optim, t.steps, trainable_axes)
-    init_fn = functools.partial(step_lib.init_state, model, mcfg, tx, frozen=frozen)
+    if adapt is None:
+        init_fn = functools.partial(step_lib.init_state, model, mcfg, tx, frozen=frozen)
+    else:
+        def init_fn(rng):  # model.init, then the adapters
+            return _fresh_state(tx, frozen, adapt(model.init(mcfg, rng)))
     state_shape = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     view = state_shape.params if frozen is None else optim.trainable(state_shape.params, frozen)
     state_axes = step_lib.TrainState(step=(), params=param_axes,
@@ -131,4 +187,4 @@ def setup_training(config, mesh: Mesh) -> TrainSetup:
     return TrainSetup(config=config, model=model, mcfg=mcfg, mesh=mesh, rules=rules, objective=objective, tx=tx,
                       frozen=frozen, init_fn=init_fn, state_shape=state_shape, state_axes=state_axes,
                       state_shardings=state_sh, batch_sharding=sharding.batch_sharding(mesh, rules),
-                      train_step=train_step)
+                      train_step=train_step, adapt=adapt)

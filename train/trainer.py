@@ -16,6 +16,7 @@ value, so every stage's config is recoverable. A rerun of a finished run does no
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from parallel import mesh as mesh_lib
@@ -193,14 +195,57 @@ class _Interval:
         self.start += seconds
 
 
+def load_init_params(setup, path: str):
+    """The parameters ``train.init_from`` names, checked against this run's model: a workdir's latest verified
+    checkpoint (restored with the config the workdir recorded, on this run's mesh) or a ``model.safetensors``
+    (train.compress's, with compress.json beside it, or a Hugging Face directory's). Host or device arrays of the
+    model's parameter structure, or of this run's adapted structure."""
+    from train import compress, workdir_config
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        source = workdir_config.load(path)
+        source.update(mesh=setup.config.mesh, sharding=setup.config.sharding)
+        params = evaluate.load_state(source, path, recorded=True)[1].params
+    elif path.endswith(".safetensors") and os.path.isfile(path):
+        directory = os.path.dirname(path) or "."
+        if os.path.isfile(os.path.join(directory, "compress.json")):
+            params = compress.load(directory)[2]
+        else:
+            from models import hf
+            params = hf.load_checkpoint(directory)[0]
+    else:
+        raise FileNotFoundError(f"train.init_from {path!r} is neither a workdir with checkpoints/ nor a "
+                                f"model.safetensors file; pass a trained run's workdir or a safetensors file.")
+    want = setup.state_shape.params
+    if setup.adapt is not None and jax.tree.structure(params) != jax.tree.structure(want):
+        want = jax.eval_shape(functools.partial(setup.model.init, setup.mcfg), jax.random.PRNGKey(0))
+    got = {sharding.path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    for key, w in jax.tree_util.tree_leaves_with_path(want):
+        name, g = sharding.path_name(key), got.pop(sharding.path_name(key), None)
+        if g is None or (tuple(g.shape), jnp.dtype(g.dtype)) != (tuple(w.shape), jnp.dtype(w.dtype)):
+            found = "is missing" if g is None else f"has shape {tuple(g.shape)} {jnp.dtype(g.dtype)}"
+            raise ValueError(f"train.init_from {path}: parameter {name} {found} but this run's model needs "
+                             f"{tuple(w.shape)} {jnp.dtype(w.dtype)}; set model.* (e.g. n_layers) as in that model.")
+    if got:
+        raise ValueError(f"train.init_from {path}: parameter {next(iter(got))} is not in this run's model; set "
+                         f"model.* as in that model.")
+    return params
+
+
 def restore_or_init(setup, ckpt: checkpoint.Checkpointer, train_iter, seed: int):
     """(state, first step): the latest checkpoint's state and data position (its meta item in ``ckpt.meta``),
-    or a fresh state at step 0."""
+    or a fresh state at step 0: from ``train.init_from``'s parameters when set (fresh optimizer state), else
+    ``model.init`` (adapters added per ``train.adapters``)."""
     restored = ckpt.restore(setup.abstract_state())
     if restored is not None:
         state, data_state, start = restored
         train_iter.set_state(data_state)
         return state, start
+    init_from = setup.config.train.get("init_from", "")
+    if init_from:
+        params = load_init_params(setup, init_from)
+        logging.info("a fresh run from the parameters of %s", init_from)
+        return jax.jit(setup.state_from_params, out_shardings=setup.state_shardings)(params), 0
     return jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.PRNGKey(seed)), 0
 
 
