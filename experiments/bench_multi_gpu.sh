@@ -13,6 +13,8 @@
 #             multiprocess  the trainer as N processes (one GPU each, jax.distributed) against 1 process
 #                       over N GPUs: the same losses
 # Then `python3 -m experiments.multi_gpu_tables OUT` prints the README's tables from OUT/*.json.
+# Environment: STEPS, WARMUP (timed and untimed steps per variant, default 10 and 3), RING_SEQS (default
+# "8192 16384 32768"), PIPELINE_MS (default "1 4 16 32").
 set -uo pipefail
 out=${1:-/tmp/bench_multi}; shift; mkdir -p "$out"
 sections=("$@"); [ ${#sections[@]} -eq 0 ] && sections=(scaling pipeline ring expert multiprocess)
@@ -25,7 +27,7 @@ quiet() { grep --line-buffered -v -i "warn\|^I1\|^W1"; }
 bench() {  # bench NAME GPUS CONFIG VARIANTS [extra flags]: one process, its table row(s) to OUT/NAME.json
   local name=$1 gpus=$2 config=$3 variants=$4; shift 4
   CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - 1))) timeout 400 python3 -m train.bench --config "$config" \
-    --steps 10 --warmup 3 --nosplit --variants "$variants" --out "$out/$name.json" "$@" 2>&1 | quiet | tail -4
+    --steps "${STEPS:-10}" --warmup "${WARMUP:-3}" --nosplit --variants "$variants" --out "$out/$name.json" "$@" 2>&1 | quiet | tail -4
 }
 for section in "${sections[@]}"; do
   echo "== $section"
@@ -38,14 +40,14 @@ for section in "${sections[@]}"; do
       for m in llama_350m mamba_370m; do
         bench "pipeline_${m}_1" 1 "experiments/bench_$m.py" "K1:train.batch_size=32,train.seq_len=1024"
         V=""
-        for M in 1 4 16 32; do
+        for M in ${PIPELINE_MS:-1 4 16 32}; do
           V="$V;K${N}_M$M:mesh.data=1,mesh.stage=$N,pipeline.microbatches=$M,train.batch_size=32,train.seq_len=1024"
         done
         V="$V;K${N}_M16_V2:mesh.data=1,mesh.stage=$N,pipeline.microbatches=16,pipeline.circular_repeats=2,train.batch_size=32,train.seq_len=1024"
         bench "pipeline_${m}_$N" "$N" "experiments/bench_$m.py" "${V#;}"
       done ;;
     ring)
-      for seq in 8192 16384 32768; do  # per-device block = seq / N on N GPUs, against that block alone on 1 GPU
+      for seq in ${RING_SEQS:-8192 16384 32768}; do  # per-device block = seq / N on N GPUs, against that block alone on 1 GPU
         block=$((seq / N))
         bench "ring_1_$block" 1 experiments/bench_llama_1b.py \
           "full$block:train.batch_size=1,train.seq_len=$block,model.attention=ring;cudnn$block:train.batch_size=1,train.seq_len=$block,model.attention=auto"
