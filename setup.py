@@ -22,6 +22,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "sentencepiece>=0.2",
+        "pyyaml>=6",  # YAML constitution files (train/cai.py)
     ],
     extras_require={
         # The TPU compiler, for `python -m train.aot` (jax's extra pins the matching libtpu).

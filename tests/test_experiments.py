@@ -10,8 +10,9 @@ from train import trainer
 MODULES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
                  if f.endswith(".py") and f != "__init__.py")
 EXPERIMENTS = [m for m in MODULES if hasattr(importlib.import_module(f"experiments.{m}"), "get_config")]  # not scripts
-SMOKE = ("cot_prompting", "cot_trained", "cot_direct", "arith_direct", "mamba_arith", "mamba_selective_copying",
-         "transformer_induction", "transformer_selective_copying")  # mamba_induction: tests/test_synthetic.py
+# Mamba through the trainer: tests/test_mamba.py (arithmetic) and tests/test_synthetic.py (mamba_induction).
+SMOKE = ("cot_prompting", "cot_trained", "cot_direct", "arith_direct", "transformer_induction",
+         "transformer_selective_copying")
 
 
 def get(name):

@@ -99,6 +99,16 @@ CHECKED = {norm(c): reason for c, reason in [
      "needs a multi-host cluster; checked: the names are those parallel/mesh.py reads"),
     ("python -m train --config experiments/NAME.py --workdir /shared/runs/NAME --config.mesh.fsdp=8",
      "one process of a multi-host run (a template: NAME is checked as arith_cot)"),
+    ("python -m train --config experiments/arith_cot.py --workdir runs/pipe --config.mesh.stage=2 "
+     "--config.pipeline.microbatches=4", "needs 2 devices (tests/test_pipeline.py runs the pipeline on 8 CPU devices)"),
+    ("python -m train --config experiments/ring_induction.py --workdir runs/ring_induction",
+     "needs 8 devices and 32768-token sequences (a GPU host)"),
+    ("STEPS=5 WARMUP=2 bash experiments/bench_multi_gpu.sh OUT scaling pipeline ring expert multiprocess",
+     "a multi-GPU job script; checked: it parses, has the sections and reads the variables"),
+    ("python -m train.ppo --config experiments/cai_ppo.py --workdir runs/cai_ppo",
+     "PPO iterations of sampling and updates (tests/test_cai.py runs one step of a tiny model)"),
+    ("python -m train.compress --workdir runs/x --method awq --bits 4 --group 128 --out runs/x/awq4",
+     "needs a trained workdir runs/x (tests/test_awq.py and test_prune.py run the command's code)"),
     ("python -m experiments.cot_run --root runs/cot --seeds 0,1 --parallel 2",
      "six runs and their evaluations (67 minutes on 2 cores)"),
     ("python -m experiments.cot_run --root runs/cot_gpu --seeds 0,1 --parallel 6 --set model.d_model=256 "
