@@ -199,6 +199,11 @@ def decode_params(params: dict, cfg: Config) -> dict:
     return params
 
 
+def layers_per_unit(cfg: Config) -> int:
+    """Layers in one unit of the stack: always 1."""
+    return 1
+
+
 def matmul_params(cfg: Config) -> int:
     """Parameters that take part in a matmul per token: in/x/dt/out projections and the LM head."""
     E, R, N = cfg.d_inner, cfg.dt_rank, cfg.d_state

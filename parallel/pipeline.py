@@ -222,7 +222,7 @@ class Pipelined:
         units = jax.tree.leaves(layer_params)[0].shape[0]
         check(units, x.shape[0], stages=K, microbatches=M, repeats=V, batch_name="the batch reaching the layers")
         n = units // (K * V)
-        per = model.layers_per_unit(cfg) if hasattr(model, "layers_per_unit") else 1
+        per = model.layers_per_unit(cfg)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         extras = {"positions": positions, "microbatch": jnp.arange(x.shape[0], dtype=jnp.int32) % M}

@@ -32,7 +32,7 @@ def family(name):
 def test_every_hook_is_present_with_the_protocol_signature():
     assert set(HOOKS) >= {"from_config", "init", "param_axes", "embed", "blocks", "block", "head", "apply",
                           "init_cache", "cache_axes", "decode_params", "validate_mesh", "axis_sizes",
-                          "matmul_params", "flops_per_token"}
+                          "layers_per_unit", "matmul_params", "flops_per_token"}
     for fam in models.FAMILIES:
         module = models.get(fam)
         assert isinstance(module, models.ModelFamily), fam
