@@ -257,19 +257,17 @@ def load(directory: str | os.PathLike):
 
 @dataclasses.dataclass
 class Data:
-    """Token batches for one compression job: calibration rows [rows, seq], healing and evaluation batches."""
+    """Token batches for one compression job: calibration rows [rows, seq] and evaluation batches (healing is
+    a trainer run with its own data: ``heal``)."""
     calib: np.ndarray
-    heal: list
     evals: list
 
 
-def prepare_data(config, tokenizer, *, calib_rows: int = 64, heal_rows: int = 0, eval_rows: int = 64,
-                 batch_size: int = 8) -> Data:
-    """Calibration and healing rows from the data's train split, evaluation rows from its eval split."""
+def prepare_data(config, tokenizer, *, calib_rows: int = 64, eval_rows: int = 64, batch_size: int = 8) -> Data:
+    """Calibration rows from the data's train split, evaluation rows from its eval split."""
     seq_len = config.train.seq_len
     calib = calibration_tokens(token_batches(config, tokenizer, "train", calib_rows, batch_size, seq_len), calib_rows)
-    heal = token_batches(config, tokenizer, "train", heal_rows, batch_size, seq_len) if heal_rows else []
-    return Data(calib, heal, token_batches(config, tokenizer, "eval", eval_rows, batch_size, seq_len))
+    return Data(calib, token_batches(config, tokenizer, "eval", eval_rows, batch_size, seq_len))
 
 
 def load_source(config, *, workdir: str = "", hf_dir: str = ""):
