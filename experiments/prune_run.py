@@ -2,8 +2,8 @@
 the fraction of layers dropped, by angular distance and by the deepest-layers heuristic, before and after
 QLoRA healing; and the angular-distance heatmap.
 
-    python experiments/prune_run.py --workdir runs/dense_stdlib_s0 --out runs/compress/prune --heal_steps 200
-    python experiments/prune_run.py ... --drops 1,2,4 --strategies angular     (a part of the curve)
+    python -m experiments.prune_run --workdir runs/dense_stdlib_s0 --out runs/compress/prune --heal_steps 200
+    python -m experiments.prune_run ... --drops 1,2,4 --strategies angular     (a part of the curve)
 
 Writes prune_curve.png, distances.png, results.json in --out and prints a Markdown table.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.smoothquant_run import define_flags, start
 
 
 def plots(out: str, curve: dict, dist: np.ndarray, n_layers: int) -> None:
@@ -46,16 +45,12 @@ def plots(out: str, curve: dict, dist: np.ndarray, n_layers: int) -> None:
     fig.savefig(os.path.join(out, "distances.png"), dpi=120)
 
 
-def main():
-    from experiments.smoothquant_run import source_args
+def main(src):
     from models import prune
     from train import compress
 
-    args, config, model, mcfg, params, tokenizer = source_args(__doc__.splitlines()[0], extra=[
-        ("--drops", dict(default="", help="comma-separated layer counts to drop (default: every count that "
-                                           "leaves a layer)")),
-        ("--strategies", dict(default="angular,deepest"))])
-    data = compress.prepare_data(config, tokenizer, calib_rows=args.calib_rows, eval_rows=args.eval_rows)
+    args, config, model, mcfg, params = src.flags, src.config, src.model, src.mcfg, src.params
+    data = compress.prepare_data(config, src.tokenizer, calib_rows=args.calib_rows, eval_rows=args.eval_rows)
     base = compress.evaluate(model, mcfg, params, data.evals)
     dist = prune.angular_distances(prune.last_token_states(model, mcfg, params, data.calib))
     unit = prune._unit(mcfg)
@@ -90,4 +85,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    define_flags([("drops", "", "Comma-separated layer counts to drop (default: every count that leaves a layer)."),
+                  ("strategies", "angular,deepest", "Comma-separated: angular, deepest.")])
+    start(main)

@@ -1,8 +1,8 @@
 """SmoothQuant vs naive W8A8 on a trained model: eval loss and next-token accuracy of float, naive W8A8
 (O1-O3) and SmoothQuant (alpha 0.5, O1-O3), and what the activation statistics show (outlier channels).
 
-    python experiments/smoothquant_run.py --workdir runs/dense_stdlib_s0 --out runs/compress/smoothquant
-    python experiments/smoothquant_run.py --hf DIR --config experiments/dense_stdlib.py --out ...
+    python -m experiments.smoothquant_run --workdir runs/dense_stdlib_s0 --out runs/compress/smoothquant
+    python -m experiments.smoothquant_run --hf DIR --config experiments/dense_stdlib.py --out ...
 
 Prints a Markdown table and writes results.json in --out (one subdirectory per variant holding the
 compressed model, as ``python -m train.compress`` writes it). Outliers: per linear input, the ratio of
@@ -11,48 +11,69 @@ few channels (its fig. 4), which small models rarely grow.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
+from typing import Any
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 VARIANTS = [("naive W8A8 O1", "w8a8", "O1"), ("naive W8A8 O2", "w8a8", "O2"), ("naive W8A8 O3", "w8a8", "O3"),
             ("SmoothQuant O1", "smoothquant", "O1"), ("SmoothQuant O2", "smoothquant", "O2"),
             ("SmoothQuant O3", "smoothquant", "O3")]
 
 
-def source_args(description: str, extra=()):
-    """The common flags of the compression experiments, parsed; and (config, model, cfg, params, tokenizer)."""
-    from train import compress, data, workdir_config
-    from train.cli import quiet_platforms
+def define_flags(extra=()) -> None:
+    """The compression experiments' flags (absl; call under ``__main__``): --config (default: the workdir's
+    recorded config.json, as ``python -m train.compress`` reads it), --workdir or --hf, --out, --calib_rows,
+    --eval_rows, --heal_steps, and ``extra`` as (name, default, help) with the default's type."""
+    from absl import flags
+    from ml_collections import config_flags
 
-    quiet_platforms()
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--workdir", default="", help="a trained run (its latest checkpoint)")
-    p.add_argument("--hf", default="", help="a Hugging Face checkpoint directory instead")
-    p.add_argument("--config", default="", help="experiment file (default: the workdir's config.json)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--calib_rows", type=int, default=64)
-    p.add_argument("--eval_rows", type=int, default=128)
-    p.add_argument("--heal_steps", type=int, default=200)
-    for name, kwargs in extra:
-        p.add_argument(name, **kwargs)
-    args = p.parse_args()
-    if args.config:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("exp", args.config)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        config = mod.get_config()
-    else:
-        config = workdir_config.load(args.workdir)
-    model, mcfg, params = compress.load_source(config, workdir=args.workdir, hf_dir=args.hf)
-    tokenizer = data.make_tokenizer(config.data)
-    return args, config, model, mcfg, params, tokenizer
+    config_flags.DEFINE_config_file("config", None, "Experiment config (default: the workdir's config.json).")
+    flags.DEFINE_string("workdir", "", "A trained run (its latest checkpoint).")
+    flags.DEFINE_string("hf", "", "A Hugging Face checkpoint directory instead of --workdir.")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_integer("calib_rows", 64, "Calibration rows (train split).")
+    flags.DEFINE_integer("eval_rows", 128, "Evaluation rows (eval split).")
+    flags.DEFINE_integer("heal_steps", 200, "QLoRA healing steps after pruning.")
+    for name, default, text in extra:
+        {int: flags.DEFINE_integer, str: flags.DEFINE_string}[type(default)](name, default, text)
+    flags.mark_flags_as_required(["out"])
+
+
+@dataclasses.dataclass
+class Source:
+    """What a compression experiment starts from: its flags, config, model family, model config,
+    parameters and tokenizer."""
+    flags: Any
+    config: Any
+    model: Any
+    mcfg: Any
+    params: Any
+    tokenizer: Any
+
+
+def start(main) -> None:
+    """Run ``main(source: Source)`` as an absl program (one-line errors, ``train.cli``)."""
+    from absl import flags
+
+    from train import cli, compress, data
+    from train.evaluate import _recorded_config
+
+    sys.argv, error, _ = _recorded_config(sys.argv)
+
+    def wrapped(argv):
+        del argv
+        F = flags.FLAGS
+        if F.config is None:
+            raise error or ValueError("--config is not set; pass an experiment file or a --workdir with the "
+                                      "config.json its trainer wrote.")
+        model, mcfg, params = compress.load_source(F.config, workdir=F.workdir, hf_dir=F.hf)
+        main(Source(F, F.config, model, mcfg, params, data.make_tokenizer(F.config.data)))
+
+    cli.run(wrapped)
 
 
 def outlier_table(stats: dict) -> str:
@@ -80,12 +101,12 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
-def main():
+def main(src: Source):
     from models import quant
     from train import compress
 
-    args, config, model, mcfg, params, tokenizer = source_args(__doc__.splitlines()[0])
-    data = compress.prepare_data(config, tokenizer, calib_rows=args.calib_rows, eval_rows=args.eval_rows)
+    args, config, model, mcfg, params = src.flags, src.config, src.model, src.mcfg, src.params
+    data = compress.prepare_data(config, src.tokenizer, calib_rows=args.calib_rows, eval_rows=args.eval_rows)
     source = {**compress.evaluate(model, mcfg, params, data.evals), **quant.memory_report(params)}
     results = [("float", source)]
     for name, method, act in VARIANTS:
@@ -102,4 +123,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    start(main)
