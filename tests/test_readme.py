@@ -107,8 +107,9 @@ CHECKED = {norm(c): reason for c, reason in [
      "a multi-GPU job script; checked: it parses, has the sections and reads the variables"),
     ("python -m train.ppo --config experiments/cai_ppo.py --workdir runs/cai_ppo",
      "PPO iterations of sampling and updates (tests/test_cai.py runs one step of a tiny model)"),
-    ("python -m train.compress --workdir runs/x --method awq --bits 4 --group 128 --out runs/x/awq4",
-     "needs a trained workdir runs/x (tests/test_awq.py and test_prune.py run the command's code)"),
+    ("python -m train.compress --workdir runs/arith_cot --config experiments/arith_cot.py --method awq --bits 4 "
+     "--group 128 --out runs/arith_cot/awq4",
+     "AWQ's searches on the trained workdir (tests/test_awq.py and test_prune.py run the command's code)"),
     ("python -m experiments.cot_run --root runs/cot --seeds 0,1 --parallel 2",
      "six runs and their evaluations (67 minutes on 2 cores)"),
     ("python -m experiments.cot_run --root runs/cot_gpu --seeds 0,1 --parallel 6 --set model.d_model=256 "
