@@ -19,6 +19,7 @@ Prints four Markdown tables:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -31,16 +32,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from train import bench  # noqa: E402
 
-def timed(f, *args, reps: int = 20) -> float:
-    """Median seconds of ``f(*args)`` after a warm-up call."""
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+timed = functools.partial(bench.median_seconds, reps=20)
 
 
 TINY = False  # --tiny: small sizes, a CPU check of the code paths
@@ -51,16 +45,12 @@ def kernel_name() -> str:
 
 
 def ceilings() -> dict:
+    """bf16 matmul and int8 product rates (n^3 products, random inputs) and copy bandwidth, measured here."""
     n = 512 if TINY else 8192
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
     ai, bi = (jax.random.randint(jax.random.PRNGKey(k), (n, n), -127, 128, jnp.int32).astype(jnp.int8) for k in (2, 3))
-    bf = timed(jax.jit(jnp.dot), a, b, reps=10)
     i8 = timed(jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.int32)), ai, bi, reps=10)
-    big = jnp.ones((1 << (20 if TINY else 30),), jnp.bfloat16)  # 2 GiB
-    cp = timed(jax.jit(lambda x: x * 2), big, reps=10)
-    return {"bf16_tflops": 2 * n ** 3 / bf / 1e12, "int8_tops": 2 * n ** 3 / i8 / 1e12,
-            "copy_gbs": 2 * big.nbytes / cp / 1e9}
+    return {"bf16_tflops": bench.matmul_ceiling(n) / 1e12, "int8_tops": 2 * n ** 3 / i8 / 1e12,
+            "copy_gbs": bench.copy_bandwidth(2 ** -9 if TINY else 2.0) / 1e9}
 
 
 def model_variants():

@@ -29,11 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
-import time
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,21 +38,12 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from train import bench  # noqa: E402
+
 GiB = 1 << 30
 
 
 # ----------------------------------------------------------------------------- kernel speed
-
-def _median_time(fn, args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
 
 def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool = True) -> list[dict]:
     from parallel import ring_attention as R
@@ -78,8 +66,8 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
             fwd_bwd = jax.jit(lambda q, k, v, c, attn=attn: jax.vjp(attn, q, k, v)[1](c))
             try:
                 out = fwd(q, k, v)
-                t_f = _median_time(fwd, (q, k, v), reps)
-                t_fb = _median_time(fwd_bwd, (q, k, v, cot), reps)
+                t_f = bench.median_seconds(fwd, q, k, v, reps=reps)
+                t_fb = bench.median_seconds(fwd_bwd, q, k, v, cot, reps=reps)
             except Exception as e:  # e.g. out of memory at a large tile
                 rows.append(dict(shape=f"B{b} S{s} H{h} D{d}", impl=name, error=str(e).splitlines()[0][:120]))
                 continue

@@ -32,22 +32,32 @@ def _ok(row) -> bool:
     return bool(row) and "error" not in row
 
 
-def scaling(out: str) -> str:
-    n = _gpus(out, "scaling")
-    one = _rows(out, "scaling_1").get("gpu1")
-    lines = ["| 1.26B, 8 x 2048 tokens per GPU | GPUs | tokens/s | tokens/s per GPU | efficiency | peak GB/GPU |",
-             "|---|---|---|---|---|---|"]
+def _per_gpu(one: dict | None, rows: dict, n: int | None, extra=lambda row: []) -> list[str]:
+    """Table rows: the 1-GPU row, then each N-GPU row with tokens/s per GPU and its efficiency against one GPU;
+    ``extra(row)`` gives the table's further cells (the 1-GPU row leaves them empty)."""
+    blank = ["" for _ in extra({})]
+    lines = []
     if _ok(one):
-        lines.append(f"| 1 GPU | 1 | {one['tokens_per_s']:,.0f} | {one['tokens_per_s']:,.0f} | 1.00 | "
-                     f"{one['peak_mem_gb']:.1f} |")
-    for name, row in (_rows(out, f"scaling_{n}") if n else {}).items():
+        lines.append("| " + " | ".join(["1 GPU", "1", f"{one['tokens_per_s']:,.0f}", f"{one['tokens_per_s']:,.0f}",
+                                         "1.00", *extra(one)]) + " |")
+    for name, row in (rows if n else {}).items():
         if not _ok(row):
-            lines.append(f"| {name} | {n} | failed: {row.get('error', 'missing')[:80]} | | | |")
+            lines.append("| " + " | ".join([name, str(n), f"failed: {row.get('error', 'missing')[:80]}", "", "",
+                                             *blank]) + " |")
             continue
         per = row["tokens_per_s"] / n
         eff = f"{per / one['tokens_per_s']:.2f}" if _ok(one) else "-"
-        lines.append(f"| {name} | {n} | {row['tokens_per_s']:,.0f} | {per:,.0f} | {eff} | {row['peak_mem_gb']:.1f} |")
-    return "\n".join(lines)
+        lines.append("| " + " | ".join([name, str(n), f"{row['tokens_per_s']:,.0f}", f"{per:,.0f}", eff,
+                                         *extra(row)]) + " |")
+    return lines
+
+
+def scaling(out: str) -> str:
+    n = _gpus(out, "scaling")
+    return "\n".join(["| 1.26B, 8 x 2048 tokens per GPU | GPUs | tokens/s | tokens/s per GPU | efficiency | "
+                      "peak GB/GPU |", "|---|---|---|---|---|---|",
+                      *_per_gpu(_rows(out, "scaling_1").get("gpu1"), _rows(out, f"scaling_{n}"), n,
+                                lambda r: [f"{r['peak_mem_gb']:.1f}" if r else ""])])
 
 
 def pipeline(out: str) -> str:
@@ -100,22 +110,14 @@ def ring(out: str) -> str:
 
 def expert(out: str) -> str:
     n = _gpus(out, "expert")
-    one = _rows(out, "expert_1").get("gpu1")
-    lines = ["| Switch 350M (8 experts) | GPUs | tokens/s | tokens/s per GPU | efficiency | collectives per step "
-             "(GPU 0) | share of step |", "|---|---|---|---|---|---|---|"]
-    if _ok(one):
-        lines.append(f"| 1 GPU | 1 | {one['tokens_per_s']:,.0f} | {one['tokens_per_s']:,.0f} | 1.00 | - | - |")
-    for name, row in (_rows(out, f"expert_{n}") if n else {}).items():
-        if not _ok(row):
-            lines.append(f"| {name} | {n} | failed: {row.get('error', '')[:80]} | | | | |")
-            continue
-        per = row["tokens_per_s"] / n
-        eff = f"{per / one['tokens_per_s']:.2f}" if _ok(one) else "-"
-        share = row.get("collective_share")
-        lines.append(f"| {name} | {n} | {row['tokens_per_s']:,.0f} | {per:,.0f} | {eff} | "
-                     f"{1e3 * row.get('collective_s', 0):.1f} ms | {share:.1%} |" if share is not None else
-                     f"| {name} | {n} | {row['tokens_per_s']:,.0f} | {per:,.0f} | {eff} | - | - |")
-    return "\n".join(lines)
+
+    def collectives(r):
+        share = r.get("collective_share")
+        return [f"{1e3 * r['collective_s']:.1f} ms", f"{share:.1%}"] if share is not None else ["-", "-"]
+
+    return "\n".join(["| Switch 350M (8 experts) | GPUs | tokens/s | tokens/s per GPU | efficiency | collectives per "
+                      "step (GPU 0) | share of step |", "|---|---|---|---|---|---|---|",
+                      *_per_gpu(_rows(out, "expert_1").get("gpu1"), _rows(out, f"expert_{n}"), n, collectives)])
 
 
 def multiprocess(out: str) -> str:

@@ -54,18 +54,22 @@ _PROFILE = flags.DEFINE_string("decode_profile", "", "Decoding: also trace 32 st
                                "into this directory and print the device kernels per step.")
 
 
+def median_seconds(f, *args, reps: int = 10) -> float:
+    """Median wall seconds of ``f(*args)`` (blocked on its result) over ``reps`` calls after one warm-up call."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def matmul_ceiling(n: int = 8192, reps: int = 10) -> float:
     """Measured bf16 matmul FLOP/s on device 0 (median of ``reps`` n^3 products, random inputs)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    return 2 * n**3 / median_seconds(jax.jit(jnp.dot), a, b, reps=reps)
 
 
 def apply_overrides(config, spec: str):
@@ -206,14 +210,7 @@ def bench(config, steps: int, warmup: int, split: bool = True, mesh=None, profil
 def copy_bandwidth(gib: float = 2.0, reps: int = 10) -> float:
     """Measured bytes/s of an elementwise pass (read + write) over a ``gib`` GiB bf16 array."""
     x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * 2)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * x.nbytes / statistics.median(times)
+    return 2 * x.nbytes / median_seconds(jax.jit(lambda a: a * 2), x, reps=reps)
 
 
 def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int = 3, mesh=None) -> dict:

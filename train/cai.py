@@ -45,7 +45,7 @@ import numpy as np
 from absl import logging
 
 from train.data.records import stable_hash
-from train.data.text import read_text
+from train.data.text import jsonl_objects, read_text
 
 PRINCIPLE_FIELDS = ("name", "critique", "revision")
 EXAMPLE_FIELDS = ("prompt", "response", "critique_request", "critique", "revision_request", "revision")
@@ -319,14 +319,7 @@ def labeled_pairs(records: Sequence[dict]) -> list[dict]:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Every JSON object of a JSONL file (blank lines skipped); errors name the file and line."""
-    out = []
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: malformed JSON ({e.msg}).") from None
-    return out
+    return [obj for obj, _ in jsonl_objects([path])]
 
 
 def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> int:

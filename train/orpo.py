@@ -278,13 +278,12 @@ def add_reference_logps(model, mcfg, ref_params, in_path: str, out_path: str, to
     """Copies the preference JSONL ``in_path`` to ``out_path`` with ``ref_chosen_logp`` and ``ref_rejected_logp``
     added to every record (`reference_logps`); returns the number of records."""
     from train.data.preference import parse_record
-    from train.data.text import read_text
+    from train.data.text import jsonl_objects
 
     objs, records = [], []
-    for lineno, line in enumerate(read_text(in_path).splitlines(), start=1):
-        if line.strip():
-            objs.append(json.loads(line))
-            records.append(parse_record(objs[-1], f"{in_path}, line {lineno}"))
+    for obj, where in jsonl_objects([in_path]):  # malformed lines: ValueError naming the file and line
+        objs.append(obj)
+        records.append(parse_record(obj, where))
     logps = reference_logps(model, mcfg, ref_params, records, tokenizer, seq_len, batch_size)
     with open(f"{out_path}.tmp", "w", encoding="utf-8") as f:  # renamed when complete: a rerun never sees half
         for obj, (c, r) in zip(objs, logps):

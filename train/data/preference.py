@@ -25,14 +25,13 @@ and are dropped; the count is logged.
 """
 from __future__ import annotations
 
-import json
 from typing import NamedTuple, Sequence
 
 import numpy as np
 from absl import logging
 
 from models.tokenizers import Tokenizer
-from train.data.text import read_text
+from train.data.text import jsonl_objects
 
 ROLES = ("system", "user", "assistant")
 PAIR_FEATURES = ("label",)                               # every preference batch
@@ -119,18 +118,7 @@ def parse_record(obj, where: str, reference: bool = False) -> PreferenceRecord:
 
 def read_preference_jsonl(paths: Sequence[str], reference: bool = False) -> list[PreferenceRecord]:
     """Every record of the JSONL ``paths``, in order (blank lines skipped); see the module docstring."""
-    records = []
-    for path in paths:
-        for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno}).") from None
-            records.append(parse_record(obj, where, reference))
-    return records
+    return [parse_record(obj, where, reference) for obj, where in jsonl_objects(paths)]
 
 
 def fit_records(records: Sequence[PreferenceRecord], tokenizer: Tokenizer, seq_len: int,

@@ -7,7 +7,7 @@ import os
 import re
 import sysconfig
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 from train.data.records import Record, stable_hash
 
@@ -55,12 +55,9 @@ def read_text_documents(paths: Sequence[str]) -> list[str]:
     return docs
 
 
-def read_jsonl_records(paths: Sequence[str]) -> list[Record]:
-    """(prompt, completion) pairs from JSONL files: `text` gives ('', text).
-
-    Blank lines are skipped; any other malformed line raises ValueError naming file and line (1-based).
-    """
-    records = []
+def jsonl_objects(paths: Sequence[str]) -> Iterator[tuple[Any, str]]:
+    """(JSON value, "FILE, line N") of every non-blank line of the JSONL ``paths``, in order; a malformed line
+    raises ValueError naming its file and line (1-based)."""
     for path in paths:
         for lineno, line in enumerate(read_text(path).splitlines(), start=1):
             if not line.strip():
@@ -70,14 +67,24 @@ def read_jsonl_records(paths: Sequence[str]) -> list[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno}).") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
-            if isinstance(obj.get("text"), str):
-                records.append(("", obj["text"]))
-            elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-                records.append((obj["prompt"], obj["completion"]))
-            else:
-                raise ValueError(f"{where}: expected a string field 'text' or string fields 'prompt' and 'completion'.")
+            yield obj, where
+
+
+def read_jsonl_records(paths: Sequence[str]) -> list[Record]:
+    """(prompt, completion) pairs from JSONL files: `text` gives ('', text).
+
+    Blank lines are skipped; any other malformed line raises ValueError naming file and line (1-based).
+    """
+    records = []
+    for obj, where in jsonl_objects(paths):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+        if isinstance(obj.get("text"), str):
+            records.append(("", obj["text"]))
+        elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+            records.append((obj["prompt"], obj["completion"]))
+        else:
+            raise ValueError(f"{where}: expected a string field 'text' or string fields 'prompt' and 'completion'.")
     return records
 
 
