@@ -3,7 +3,8 @@
 Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection" (2024),
 Algorithm 1. For a selected weight whose gradient is the matrix G_t (m x n), every ``gap`` steps
 (at t % gap == 0, t counting updates from 0) the projector is recomputed from the SVD of the
-current gradient, G_t = U S V^T (float32, always), and
+current gradient, G_t = U S V^T (float32, always; the needed side's vectors come from the
+eigendecomposition of its Gram matrix, G G^T = U S^2 U^T or G^T G = V S^2 V^T), and
 
     R_t = P_t^T G_t        (m < n, "left":  P_t = U[:, :r],  R_t is r x n)
     R_t = G_t Q_t          (m >= n, "right": Q_t = V[:, :r], R_t is m x r)
@@ -200,26 +201,40 @@ def _fix_signs(vectors):
     return vectors * jnp.where(sign == 0, 1.0, sign)
 
 
-def _svd(g, rank: int, randomized: bool, key):
-    """(U[..., :, :r], V[..., :, :r]) of a float32 batch of matrices, signs fixed."""
-    if randomized:
-        k = min(rank + OVERSAMPLE, *g.shape[-2:])
-        omega = jax.random.normal(key, g.shape[:-2] + (g.shape[-1], k), g.dtype)
-        q, _ = jnp.linalg.qr(g @ omega)
-        for _ in range(POWER_ITERS):
-            q, _ = jnp.linalg.qr(jnp.swapaxes(g, -1, -2) @ q)
-            q, _ = jnp.linalg.qr(g @ q)
-        ub, _, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ g, full_matrices=False)
-        u = q @ ub
-    else:
-        u, _, vh = jnp.linalg.svd(g, full_matrices=False)
-    return _fix_signs(u[..., :rank]), _fix_signs(jnp.swapaxes(vh, -1, -2)[..., :rank])
+def _gram_vectors(g, rank: int, side: str):
+    """The top-``rank`` singular vectors of one side of a float32 batch of matrices, as the top
+    eigenvectors of its Gram matrix (G G^T for U, G^T G for V; eigenvalues sigma^2): one symmetric
+    eigensolve of the side's size instead of a full SVD of G (on an H200 the batched SVD of the
+    1.26B config's gradients takes ~50 s, the Gram eigensolves a fraction of a second). Accurate
+    for the vectors whose sigma_i^2 stands above float32 rounding of sigma_1^2, i.e. the leading
+    ones GaLore keeps."""
+    gt = jnp.swapaxes(g, -1, -2)
+    gram = jnp.matmul(g, gt, precision="highest") if side == "left" else jnp.matmul(gt, g, precision="highest")
+    _, vectors = jnp.linalg.eigh(gram)  # ascending eigenvalues
+    return _fix_signs(vectors[..., ::-1][..., :rank])
+
+
+def _randomized(g, rank: int, key):
+    """(U[..., :, :r], V[..., :, :r]) by a randomized range finder, signs fixed."""
+    k = min(rank + OVERSAMPLE, *g.shape[-2:])
+    omega = jax.random.normal(key, g.shape[:-2] + (g.shape[-1], k), g.dtype)
+    q, _ = jnp.linalg.qr(g @ omega)
+    for _ in range(POWER_ITERS):
+        q, _ = jnp.linalg.qr(jnp.swapaxes(g, -1, -2) @ q)
+        q, _ = jnp.linalg.qr(g @ q)
+    ub, _, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ g, full_matrices=False)
+    return _fix_signs((q @ ub)[..., :rank]), _fix_signs(jnp.swapaxes(vh, -1, -2)[..., :rank])
 
 
 def projectors_of(g, lay: Layout, randomized: bool = False, key=None) -> dict:
-    """The projectors of one gradient (any dtype; the SVD runs in float32)."""
-    u, v = _svd(_to_matrix(g, lay).astype(jnp.float32), lay.rank, randomized, key)
-    return {k: x for k, x in (("left", u), ("right", v)) if k in lay.projector_shapes()}
+    """The projectors of one gradient (any dtype; computed in float32): U_r ("left") and/or V_r
+    ("right") of G = U S V^T, each singular vector's sign fixed."""
+    g = _to_matrix(g, lay).astype(jnp.float32)
+    sides = lay.projector_shapes()
+    if randomized:
+        u, v = _randomized(g, lay.rank, key)
+        return {k: x for k, x in (("left", u), ("right", v)) if k in sides}
+    return {k: _gram_vectors(g, lay.rank, k) for k in sides}
 
 
 def project(g, proj: dict, lay: Layout):
