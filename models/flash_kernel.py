@@ -1,0 +1,387 @@
+"""Blockwise attention with a float32 log-sum-exp as Pallas (Triton) kernels for NVIDIA GPUs.
+
+The GPU version of ``models/block_attention.py`` (same arguments, same results): the per-block kernel
+of Ring Attention (``parallel/ring_attention.py``), written the FlashAttention-2 way (Dao 2023,
+algorithm 1 forward, algorithm 2 backward split into two kernels). For a query row i and the keys j
+of this block:
+
+    s_ij = q_i . k_j * scale   (masked: -inf)        lse_i = log sum_j exp(s_ij)
+    o_i  = sum_j exp(s_ij - lse_i) v_j
+
+and from the cotangent do, the *global* log-sum-exp L and delta_i = do_i . o_i of the whole row:
+
+    p_ij = exp(s_ij - L_i)   dv_j = sum_i p_ij do_i   ds_ij = p_ij (do_i . v_j - delta_i)
+    dq_i = scale sum_j ds_ij k_j                      dk_j = scale sum_i ds_ij q_i
+
+Kernels (exponentials in base 2: exp(x) = exp2(x log2 e)):
+  forward  one program per (query tile of ``block_q`` rows, batch row, head), heaviest tiles first;
+           an online softmax over key tiles of ``block_k`` (running max, denominator, numerator in
+           float32); writes o and lse in float32.
+  dk, dv   one program per (key tile of ``bwd_outer``, batch row, kv head): loops over the query
+           heads of its group and their query tiles of ``bwd_inner``, accumulating dk, dv in float32.
+  dq       one program per (query tile of ``bwd_outer``, batch row, head): loops over key tiles of
+           ``bwd_inner``, accumulating dq in float32.
+Masks come from integer positions (causal: k_idx <= q_idx) and optional segment ids. Positions
+increase along the block, so for each tile the key (or query) tiles that the causal mask hides
+entirely are a contiguous range, found from the tiles' first and last positions (in XLA, before the
+kernel) and never visited; tiles the causal mask leaves whole are run without building a mask. This
+holds for any increasing positions, as a ring step gives (keys entirely earlier, partly masked, or
+shifted), not only the diagonal of one sequence.
+
+Shapes: q [batch, sq, heads, head_dim]; k, v [batch, sk, kv_heads, head_dim] (heads a multiple of
+kv_heads; query head h reads kv head h // (heads // kv_heads)); q_idx [sq], k_idx [sk] integers;
+q_seg [batch, sq], k_seg [batch, sk] or None; lse, delta [batch, sq, heads] float32. Scores,
+statistics and all outputs are float32; probabilities enter the second matmul in v's (do's) dtype.
+Tiles are powers of two of at least 16 that divide the lengths (``supports``); head_dim is padded
+with zeros to a power of two. ``interpret=True`` (the default off GPU) runs the same kernels in the
+Pallas interpreter (tests on CPU).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NEG_INF = -jnp.inf
+
+
+class Config(NamedTuple):
+    """Tile sizes and Triton launch parameters (hashable: a static argument)."""
+    block_q: int = 128        # forward: query rows per program
+    block_k: int = 64         # forward: keys per loop step
+    num_warps: int = 4
+    num_stages: int = 3
+    bwd_outer: int = 128      # backward: key rows per dk/dv program, query rows per dq program
+    bwd_inner: int = 32       # backward: query (dk/dv) or key (dq) rows per loop step
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 3
+
+
+def _tile(n: int, block: int) -> int:
+    return min(block, n)
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _bad_tile(n: int, block: int) -> str | None:
+    t = _tile(n, block)
+    if n % t or not _pow2(t) or t < 16:
+        return f"a length of {n} does not split into tiles of {t} (a power of two of at least 16)"
+    return None
+
+
+def _check(sq: int, sk: int, config: Config) -> None:
+    for n, block in ((sq, config.block_q), (sk, config.block_k), (sq, config.bwd_outer), (sk, config.bwd_outer),
+                     (sq, config.bwd_inner), (sk, config.bwd_inner)):
+        why = _bad_tile(n, block)
+        if why:
+            raise ValueError(f"the Pallas attention kernel needs lengths that are multiples of its tiles: {why}; "
+                             f"use a length that is a multiple of 128 (or a power of two), or kernel='xla'.")
+
+
+def supports(lengths, config: Config = Config()) -> bool:
+    """Whether query and key blocks of every length in ``lengths`` split into this config's tiles."""
+    try:
+        for n in lengths:
+            _check(n, n, config)
+    except ValueError:
+        return False
+    return True
+
+
+def _interpret(interpret) -> bool:
+    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
+def _params(interpret: bool, warps: int, stages: int):
+    return None if interpret else plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+def _pad_dim(x, dp: int):
+    d = x.shape[-1]
+    return x if d == dp else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dp - d)])
+
+
+def _ends(idx, t: int):
+    """First and last positions of each length-``t`` tile of ``idx`` [n]."""
+    r = idx.reshape(-1, t)
+    return r[:, 0], r[:, -1]
+
+
+def _key_ranges(q_idx, k_idx, tq: int, tk: int):
+    """Per query tile: (key tiles [0, full) entirely visible, [full, vis) partly visible) under the causal mask."""
+    qf, ql = _ends(q_idx, tq)
+    kf, kl = _ends(k_idx, tk)
+    full = jnp.searchsorted(kl, qf, side="right").astype(jnp.int32)
+    vis = jnp.searchsorted(kf, ql, side="right").astype(jnp.int32)
+    return full, jnp.maximum(vis, full)
+
+
+def _query_ranges(q_idx, k_idx, tq: int, tk: int):
+    """Per key tile: (query tiles [lo, full) partly visible, [full, nq) entirely visible) under the causal mask."""
+    qf, ql = _ends(q_idx, tq)
+    kf, kl = _ends(k_idx, tk)
+    lo = jnp.searchsorted(ql, kf, side="left").astype(jnp.int32)
+    full = jnp.searchsorted(qf, kl, side="left").astype(jnp.int32)
+    return lo, jnp.maximum(full, lo)
+
+
+def _dot_t(a, b):
+    """a [m, d] . b [n, d]^T -> float32 [m, n]."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+
+
+def _dot(a, b):
+    """a [m, n] . b [n, d] -> float32 [m, d]."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def _mask(q_pos, k_pos, q_seg, k_seg, causal: bool):
+    """Boolean [tq, tk] (or None): k_pos <= q_pos where ``causal``, equal segments where given."""
+    mask = (k_pos[None, :] <= q_pos[:, None]) if causal else None
+    if q_seg is not None:
+        same = q_seg[:, None] == k_seg[None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _fwd_kernel(*refs, nq, tk, c, causal, has_seg):
+    """One (query tile, batch row, head). refs: q [tq, d]; k, v [sk, d]; q_idx [tq]; k_idx [sk];
+    q_seg [tq]?, k_seg [sk]?; full, vis [nq]? -> o [tq, d] f32, lse [tq] f32."""
+    q_ref, k_ref, v_ref, qi_ref, ki_ref, *refs = refs
+    qs_ref, ks_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+    full_ref, vis_ref = (refs.pop(0), refs.pop(0)) if causal else (None, None)
+    o_ref, lse_ref = refs
+    q = q_ref[...]
+    q_pos = qi_ref[...]
+    q_seg = None if qs_ref is None else qs_ref[...]
+    tq, d = q.shape
+
+    def body(j, carry, masked):
+        m, l, acc = carry
+        sl = pl.ds(j * tk, tk)
+        s = _dot_t(q, k_ref[sl, :]) * c  # log2 units
+        mask = _mask(q_pos, ki_ref[sl] if masked else None, q_seg, None if ks_ref is None else ks_ref[sl], masked)
+        if mask is not None:
+            s = jnp.where(mask, s, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        p = jnp.exp2(s - m_safe[:, None])
+        alpha = jnp.exp2(m - m_safe)
+        v = v_ref[sl, :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+    init = (jnp.full((tq,), NEG_INF, F32), jnp.zeros((tq,), F32), jnp.zeros((tq, d), F32))
+    if causal:
+        t = nq - 1 - pl.program_id(0)
+        full, vis = full_ref[t], vis_ref[t]
+        carry = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), init)
+        m, l, acc = jax.lax.fori_loop(full, vis, functools.partial(body, masked=True), carry)
+    else:
+        m, l, acc = jax.lax.fori_loop(0, k_ref.shape[0] // tk, functools.partial(body, masked=False), init)
+    empty = l == 0.0
+    safe_l = jnp.where(empty, 1.0, l)
+    o_ref[...] = acc / safe_l[:, None]
+    lse_ref[...] = jnp.where(empty, NEG_INF, (jnp.where(m == NEG_INF, 0.0, m) + jnp.log2(safe_l)) * LN2)
+
+
+def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = True, scale: float | None = None,
+            config: Config = Config(), interpret=None):
+    """(o float32 [b, sq, heads, d], lse float32 [b, sq, heads]) of one block, as
+    ``block_attention.forward``: rows that see no key get o = 0 and lse = -inf."""
+    interpret = _interpret(interpret)
+    b, sq, h, d = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    _check(sq, sk, config)
+    scale = d ** -0.5 if scale is None else scale
+    dp = max(16, pl.next_power_of_2(d))
+    q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
+    tq, tk = _tile(sq, config.block_q), _tile(sk, config.block_k)
+    nq = sq // tq
+    has_seg = q_seg is not None
+    sqz = pl.squeezed
+    rev = lambda i: nq - 1 - i  # noqa: E731  heaviest (latest) query tiles first under the causal mask
+    in_specs = [pl.BlockSpec((sqz, tq, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+                pl.BlockSpec((sqz, sk, sqz, dp), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+                pl.BlockSpec((sqz, sk, sqz, dp), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+                pl.BlockSpec((tq,), lambda i, bi, hi: (rev(i),)),
+                pl.BlockSpec((sk,), lambda i, bi, hi: (0,))]
+    args = [q, k, v, q_idx.astype(jnp.int32), k_idx.astype(jnp.int32)]
+    if has_seg:
+        in_specs += [pl.BlockSpec((sqz, tq), lambda i, bi, hi: (bi, rev(i))),
+                     pl.BlockSpec((sqz, sk), lambda i, bi, hi: (bi, 0))]
+        args += [q_seg.astype(jnp.int32), k_seg.astype(jnp.int32)]
+    if causal:
+        in_specs += [pl.BlockSpec((nq,), lambda i, bi, hi: (0,))] * 2
+        args += list(_key_ranges(q_idx, k_idx, tq, tk))
+    kernel = functools.partial(_fwd_kernel, nq=nq, tk=tk, c=scale * LOG2E, causal=causal, has_seg=has_seg)
+    o, lse = pl.pallas_call(
+        kernel, grid=(nq, b, h), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((sqz, tq, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+                   pl.BlockSpec((sqz, sqz, tq), lambda i, bi, hi: (bi, hi, rev(i)))],
+        out_shape=[jax.ShapeDtypeStruct((b, sq, h, dp), F32), jax.ShapeDtypeStruct((b, h, sq), F32)],
+        interpret=interpret, compiler_params=_params(interpret, config.num_warps, config.num_stages),
+        name="flash_attention_fwd")(*args)
+    return o[..., :d], jnp.swapaxes(lse, 1, 2)
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg):
+    """One (key tile, batch row, kv head). refs: q, do [sq, g, d]; k, v [tk, d]; L2, delta [g, sq];
+    q_idx [sq]; k_idx [tk]; q_seg [sq]?, k_seg [tk]?; lo, full [nk]? -> dk, dv [tk, d] f32."""
+    q_ref, do_ref, k_ref, v_ref, l_ref, dl_ref, qi_ref, ki_ref, *refs = refs
+    qs_ref, ks_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+    lo_ref, full_ref = (refs.pop(0), refs.pop(0)) if causal else (None, None)
+    dk_ref, dv_ref = refs
+    k, v = k_ref[...], v_ref[...]
+    k_pos = ki_ref[...]
+    k_seg = None if ks_ref is None else ks_ref[...]
+    nq = q_ref.shape[0] // ti
+
+    def body(i, carry, gi, masked):
+        dk, dv = carry
+        sl = pl.ds(i * ti, ti)
+        q, do = q_ref[sl, gi, :], do_ref[sl, gi, :]
+        p = jnp.exp2(_dot_t(k, q) * c - l_ref[gi, sl][None, :])  # p^T [tk, ti]
+        mask = None  # transposed: keys along rows
+        if masked:
+            mask = k_pos[:, None] <= qi_ref[sl][None, :]
+        if has_seg:
+            same = k_seg[:, None] == qs_ref[sl][None, :]
+            mask = same if mask is None else mask & same
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        dv = dv + _dot(p.astype(do.dtype), do)
+        ds = p * (_dot_t(v, do) - dl_ref[gi, sl][None, :])
+        return dk + _dot(ds.astype(q.dtype), q), dv
+
+    if causal:
+        t = pl.program_id(0)
+        lo, full = lo_ref[t], full_ref[t]
+
+    def head(gi, carry):
+        if not causal:
+            return jax.lax.fori_loop(0, nq, functools.partial(body, gi=gi, masked=False), carry)
+        carry = jax.lax.fori_loop(lo, full, functools.partial(body, gi=gi, masked=True), carry)
+        return jax.lax.fori_loop(full, nq, functools.partial(body, gi=gi, masked=False), carry)
+
+    zeros = jnp.zeros(k.shape, F32)
+    dk, dv = head(0, (zeros, zeros)) if g == 1 else jax.lax.fori_loop(0, g, head, (zeros, zeros))
+    dk_ref[...] = dk * scale
+    dv_ref[...] = dv
+
+
+def _dq_kernel(*refs, nq, ti, c, scale, causal, has_seg):
+    """One (query tile, batch row, head). refs: q, do [tq, d]; k, v [sk, d]; L2, delta [tq]; q_idx [tq];
+    k_idx [sk]; q_seg [tq]?, k_seg [sk]?; full, vis [nq]? -> dq [tq, d] f32."""
+    q_ref, do_ref, k_ref, v_ref, l_ref, dl_ref, qi_ref, ki_ref, *refs = refs
+    qs_ref, ks_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+    full_ref, vis_ref = (refs.pop(0), refs.pop(0)) if causal else (None, None)
+    (dq_ref,) = refs
+    q, do = q_ref[...], do_ref[...]
+    lse2, delta = l_ref[...], dl_ref[...]
+    q_pos = qi_ref[...]
+    q_seg = None if qs_ref is None else qs_ref[...]
+
+    def body(j, dq, masked):
+        sl = pl.ds(j * ti, ti)
+        k, v = k_ref[sl, :], v_ref[sl, :]
+        p = jnp.exp2(_dot_t(q, k) * c - lse2[:, None])
+        mask = _mask(q_pos, ki_ref[sl] if masked else None, q_seg, None if ks_ref is None else ks_ref[sl], masked)
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        ds = p * (_dot_t(do, v) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = jnp.zeros(q.shape, F32)
+    if causal:
+        t = nq - 1 - pl.program_id(0)
+        full, vis = full_ref[t], vis_ref[t]
+        dq = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
+        dq = jax.lax.fori_loop(full, vis, functools.partial(body, masked=True), dq)
+    else:
+        dq = jax.lax.fori_loop(0, k_ref.shape[0] // ti, functools.partial(body, masked=False), dq)
+    dq_ref[...] = dq * scale
+
+
+def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = True,
+             scale: float | None = None, config: Config = Config(), interpret=None):
+    """(dq, dk, dv), float32, of one block given the global ``lse`` and ``delta`` [b, sq, heads], as
+    ``block_attention.backward``."""
+    interpret = _interpret(interpret)
+    b, sq, h, d = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    _check(sq, sk, config)
+    scale = d ** -0.5 if scale is None else scale
+    c = scale * LOG2E
+    dp = max(16, pl.next_power_of_2(d))
+    q, k, v, do = (_pad_dim(x, dp) for x in (q, k, v, do))
+    # [b, sq, h] -> [b, h, sq]: contiguous rows per head. L2 = lse in log2 units (-inf rows: 0, as the reference).
+    lse2 = jnp.swapaxes(jnp.where(lse == NEG_INF, 0.0, lse).astype(F32) * LOG2E, 1, 2)
+    delta = jnp.swapaxes(delta.astype(F32), 1, 2)
+    q_idx, k_idx = q_idx.astype(jnp.int32), k_idx.astype(jnp.int32)
+    has_seg = q_seg is not None
+    segs = [q_seg.astype(jnp.int32), k_seg.astype(jnp.int32)] if has_seg else []
+    sqz = pl.squeezed
+    outer, inner = config.bwd_outer, config.bwd_inner
+    params = _params(interpret, config.bwd_num_warps, config.bwd_num_stages)
+
+    # dk, dv: programs over key tiles of to = outer, loops over query tiles of ti = inner.
+    to, ti = _tile(sk, outer), _tile(sq, inner)
+    nk = sk // to
+    in_specs = [pl.BlockSpec((sqz, sq, g, dp), lambda j, bi, kh: (bi, 0, kh, 0))] * 2 + \
+               [pl.BlockSpec((sqz, to, sqz, dp), lambda j, bi, kh: (bi, j, kh, 0))] * 2 + \
+               [pl.BlockSpec((sqz, g, sq), lambda j, bi, kh: (bi, kh, 0))] * 2 + \
+               [pl.BlockSpec((sq,), lambda j, bi, kh: (0,)), pl.BlockSpec((to,), lambda j, bi, kh: (j,))]
+    args = [q, do, k, v, lse2, delta, q_idx, k_idx]
+    if has_seg:
+        in_specs += [pl.BlockSpec((sqz, sq), lambda j, bi, kh: (bi, 0)), pl.BlockSpec((sqz, to), lambda j, bi, kh: (bi, j))]
+        args += segs
+    if causal:
+        in_specs += [pl.BlockSpec((nk,), lambda j, bi, kh: (0,))] * 2
+        args += list(_query_ranges(q_idx, k_idx, ti, to))
+    kv_spec = pl.BlockSpec((sqz, to, sqz, dp), lambda j, bi, kh: (bi, j, kh, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, g=g, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg),
+        grid=(nk, b, kvh), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, sk, kvh, dp), F32)] * 2,
+        interpret=interpret, compiler_params=params, name="flash_attention_dkdv")(*args)
+
+    # dq: programs over query tiles of to = outer (heaviest first), loops over key tiles of ti = inner.
+    to, ti = _tile(sq, outer), _tile(sk, inner)
+    nq = sq // to
+    rev = lambda i: nq - 1 - i  # noqa: E731
+    in_specs = [pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0))] * 2 + \
+               [pl.BlockSpec((sqz, sk, sqz, dp), lambda i, bi, hi: (bi, 0, hi // g, 0))] * 2 + \
+               [pl.BlockSpec((sqz, sqz, to), lambda i, bi, hi: (bi, hi, rev(i)))] * 2 + \
+               [pl.BlockSpec((to,), lambda i, bi, hi: (rev(i),)), pl.BlockSpec((sk,), lambda i, bi, hi: (0,))]
+    args = [q, do, k, v, lse2, delta, q_idx, k_idx]
+    if has_seg:
+        in_specs += [pl.BlockSpec((sqz, to), lambda i, bi, hi: (bi, rev(i))),
+                     pl.BlockSpec((sqz, sk), lambda i, bi, hi: (bi, 0))]
+        args += segs
+    if causal:
+        in_specs += [pl.BlockSpec((nq,), lambda i, bi, hi: (0,))] * 2
+        args += list(_key_ranges(q_idx, k_idx, to, ti))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, nq=nq, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg),
+        grid=(nq, b, h), in_specs=in_specs,
+        out_specs=pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, sq, h, dp), F32),
+        interpret=interpret, compiler_params=params, name="flash_attention_dq")(*args)
+    return dq[..., :d], dk[..., :d], dv[..., :d]
