@@ -75,7 +75,7 @@ def _pow2(n: int) -> bool:
 def _bad_tile(n: int, block: int) -> str | None:
     t = _tile(n, block)
     if n % t or not _pow2(t) or t < 16:
-        return f"a length of {n} does not split into tiles of {t} (a power of two of at least 16)"
+        return f"it cuts a length of {n} into tiles of {t}, not a power of two of at least 16 that divides it"
     return None
 
 
@@ -84,8 +84,8 @@ def _check(sq: int, sk: int, config: Config) -> None:
                      (sq, config.bwd_inner), (sk, config.bwd_inner)):
         why = _bad_tile(n, block)
         if why:
-            raise ValueError(f"the Pallas attention kernel needs lengths that are multiples of its tiles: {why}; "
-                             f"use a length that is a multiple of 128 (or a power of two), or kernel='xla'.")
+            raise ValueError(f"the Pallas attention kernel cannot tile this block: {why}; use lengths that are "
+                             f"multiples of 128 (or powers of two of at least 16), or kernel='xla'.")
 
 
 def supports(lengths, config: Config = Config()) -> bool:

@@ -45,9 +45,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from models import block_attention as blk
+from models import flash_kernel
 from parallel import sharding
 
 LAYOUTS = ("contiguous", "zigzag")
+KERNELS = ("auto", "xla", "pallas")
 BLOCK_Q = BLOCK_K = 512
 
 
@@ -59,6 +61,7 @@ class RingSpec(NamedTuple):
     block_q: int
     block_k: int
     scale: float | None
+    kernel: object = "xla"  # the per-block kernel: "xla" (block_attention) or a flash_kernel.Config (Pallas)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -110,6 +113,29 @@ def unzigzag_local(x, axis_name, axis: int = 1):
 
 # ----------------------------------------------------------------------------- the ring
 
+def block_kernel(kernel, lengths) -> object:
+    """The per-block kernel ``kernel`` names for blocks of ``lengths``: "xla" (``block_attention``) or a
+    ``flash_kernel.Config`` (the Pallas kernels). "auto" takes Pallas on GPU where the lengths split into
+    its tiles, XLA otherwise; "pallas" takes the default Config; a Config is taken as given."""
+    if isinstance(kernel, flash_kernel.Config):
+        return kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"ring kernel {kernel!r} is unknown; use one of {KERNELS} or a flash_kernel.Config.")
+    if kernel == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return flash_kernel.Config() if on_gpu and flash_kernel.supports(lengths) else "xla"
+    return flash_kernel.Config() if kernel == "pallas" else "xla"
+
+
+def _kernels(spec: RingSpec):
+    """(forward, backward) of one block, with the spec's scale and tiles bound."""
+    if spec.kernel == "xla":
+        kw = dict(scale=spec.scale, block_q=spec.block_q, block_k=spec.block_k)
+        return functools.partial(blk.forward, **kw), functools.partial(blk.backward, **kw)
+    kw = dict(scale=spec.scale, config=spec.kernel)
+    return functools.partial(flash_kernel.forward, **kw), functools.partial(flash_kernel.backward, **kw)
+
+
 def _rotate(tree, axis_name, n: int):
     """Send every array of ``tree`` to the next device of the ring (device i -> i + 1 mod n)."""
     perm = [(i, (i + 1) % n) for i in range(n)]
@@ -135,8 +161,8 @@ def _pad_half(x, which: int, fill=0.0):
 def _forward_step(spec: RingSpec, q, kv, q_idx, q_seg, branch):
     """(o, lse) of this device's queries against the key/value block ``kv`` it holds now."""
     k, v, k_idx, k_seg = kv
-    kw = dict(scale=spec.scale, block_q=spec.block_q, block_k=spec.block_k)
-    full = functools.partial(blk.forward, q, k, v, q_idx, k_idx, q_seg, k_seg, **kw)
+    forward, _ = _kernels(spec)
+    full = functools.partial(forward, q, k, v, q_idx, k_idx, q_seg, k_seg)
     if not spec.causal:
         return full(causal=False)
     b, s, h, d = q.shape
@@ -152,12 +178,12 @@ def _forward_step(spec: RingSpec, q, kv, q_idx, q_seg, branch):
             return blk.fill((b, s, h, d), 0.0, q), blk.fill((b, s, h), blk.NEG_INF, q)
     else:
         def earlier(_):  # all queries, the first half of the keys
-            return blk.forward(q, _half(k, 0), _half(v, 0), q_idx, _half(k_idx[None], 0)[0], q_seg,
-                               None if k_seg is None else _half(k_seg, 0), causal=False, **kw)
+            return forward(q, _half(k, 0), _half(v, 0), q_idx, _half(k_idx[None], 0)[0], q_seg,
+                           None if k_seg is None else _half(k_seg, 0), causal=False)
 
         def later(_):  # the second half of the queries, all keys
-            o, lse = blk.forward(_half(q, 1), k, v, _half(q_idx[None], 1)[0], k_idx,
-                                 None if q_seg is None else _half(q_seg, 1), k_seg, causal=False, **kw)
+            o, lse = forward(_half(q, 1), k, v, _half(q_idx[None], 1)[0], k_idx,
+                             None if q_seg is None else _half(q_seg, 1), k_seg, causal=False)
             return _pad_half(o, 1), _pad_half(lse, 1, blk.NEG_INF)
 
     return jax.lax.switch(branch, (own, earlier, later), None)
@@ -166,8 +192,8 @@ def _forward_step(spec: RingSpec, q, kv, q_idx, q_seg, branch):
 def _backward_step(spec: RingSpec, q, kv, do, lse, delta, q_idx, q_seg, branch):
     """(dq, dk, dv) float32 of this device's queries against the block ``kv`` it holds now."""
     k, v, k_idx, k_seg = kv
-    kw = dict(scale=spec.scale, block_q=spec.block_q, block_k=spec.block_k)
-    full = functools.partial(blk.backward, q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, **kw)
+    _, backward = _kernels(spec)
+    full = functools.partial(backward, q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg)
     if not spec.causal:
         return full(causal=False)
 
@@ -182,14 +208,14 @@ def _backward_step(spec: RingSpec, q, kv, do, lse, delta, q_idx, q_seg, branch):
             return blk.fill(q.shape, 0.0, q), blk.fill(k.shape, 0.0, k), blk.fill(v.shape, 0.0, v)
     else:
         def earlier(_):
-            dq, dk, dv = blk.backward(q, _half(k, 0), _half(v, 0), do, lse, delta, q_idx, _half(k_idx[None], 0)[0],
-                                      q_seg, None if k_seg is None else _half(k_seg, 0), causal=False, **kw)
+            dq, dk, dv = backward(q, _half(k, 0), _half(v, 0), do, lse, delta, q_idx, _half(k_idx[None], 0)[0],
+                                  q_seg, None if k_seg is None else _half(k_seg, 0), causal=False)
             return dq, _pad_half(dk, 0), _pad_half(dv, 0)
 
         def later(_):
             h1 = lambda a: None if a is None else _half(a, 1)  # noqa: E731
-            dq, dk, dv = blk.backward(h1(q), k, v, h1(do), h1(lse), h1(delta), _half(q_idx[None], 1)[0], k_idx,
-                                      h1(q_seg), k_seg, causal=False, **kw)
+            dq, dk, dv = backward(h1(q), k, v, h1(do), h1(lse), h1(delta), _half(q_idx[None], 1)[0], k_idx,
+                                  h1(q_seg), k_seg, causal=False)
             return _pad_half(dq, 1), dk, dv
 
     return jax.lax.switch(branch, (own, earlier, later), None)
@@ -274,14 +300,15 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, axis_name=None, causal: bool = True,
-                   layout: str = "zigzag", block_q: int = BLOCK_Q, block_k: int = BLOCK_K, scale=None):
+                   layout: str = "zigzag", block_q: int = BLOCK_Q, block_k: int = BLOCK_K, scale=None, kernel="auto"):
     """Exact softmax(q k^T * scale + mask) v over a sequence split along ``axis_name``; call inside
     ``shard_map`` (with ``axis_name=None``: one device, the blockwise kernel alone).
 
     q [batch, s, heads, head_dim]; k, v [batch, s, kv_heads, head_dim]: this device's block in
     ``layout`` (the whole sequence is N x s long); q/kv_segment_ids [batch, s] or None. The mask:
     causal by global position (with ``causal``) and equal segment ids. Returns [batch, s, heads,
-    head_dim] in q's dtype; differentiable in q, k, v (``custom_vjp``).
+    head_dim] in q's dtype; differentiable in q, k, v (``custom_vjp``). ``kernel``: the per-block kernel
+    (``block_kernel``: "auto", "xla" with tiles ``block_q`` x ``block_k``, "pallas", or a ``flash_kernel.Config``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"ring layout {layout!r} is unknown; use one of {LAYOUTS}.")
@@ -291,7 +318,10 @@ def ring_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, axis_nam
     if layout == "zigzag" and axis_name is not None and q.shape[1] % 2:
         raise ValueError(f"the zigzag layout splits each device's block in two, but it has {q.shape[1]} "
                          f"positions; use a sequence length divisible by 2 x the ring size.")
-    return _ring(q, k, v, q_segment_ids, kv_segment_ids, RingSpec(axis_name, causal, layout, block_q, block_k, scale))
+    halves = layout == "zigzag" and axis_name is not None and causal  # zigzag steps attend half blocks
+    kernel = block_kernel(kernel, (q.shape[1], q.shape[1] // 2) if halves else (q.shape[1],))
+    return _ring(q, k, v, q_segment_ids, kv_segment_ids,
+                 RingSpec(axis_name, causal, layout, block_q, block_k, scale, kernel))
 
 
 # ----------------------------------------------------------------------------- model integration
