@@ -10,11 +10,15 @@ On GPUs let the allocator's limit cover the device (it is the default budget of 
 ``--contexts 4,8`` in two commands stay within shorter time limits.
 
 kernel: causal attention, bf16, 16 heads of 128, at B4 S8192 and B1 S32768. For each tile size
-(block_q = block_k) of ``models/block_attention.py`` (through ``ring_attention`` without a ring
-axis: the custom_vjp forward and backward with the float32 log-sum-exp) and for
+(block_q = block_k) of ``models/block_attention.py`` (kernel='xla'), for each --pallas variant of the
+Pallas kernels of ``models/flash_kernel.py`` (both through ``ring_attention`` without a ring axis: the
+custom_vjp forward and backward with the float32 log-sum-exp) and for
 ``jax.nn.dot_product_attention(implementation='cudnn')``: median forward and forward+backward time
 over --reps calls and TFLOP/s (and the same for implementation='xla') (4 B S^2 H D / 2 forward FLOPs for the causal half; 3.5 x that
-forward+backward), plus the max abs difference of the outputs against cuDNN.
+forward+backward), the ratios of the times to cuDNN's, and the max abs differences of the outputs and
+of the gradients (dq, dk, dv) against cuDNN's. A variant that fails (compile error, out of memory)
+is an error row. A --pallas variant reads FQxFKwWsS-BOxBIwWsS: forward block_q x block_k, warps,
+stages - backward outer tile x inner tile, warps, stages (``flash_kernel.Config``).
 
 seqlen: the train step of ``experiments/bench_llama_1b.py`` (1.26B: hidden 2048, 22 layers, vocab
 32000) with attention='ring', remat='full', one row per step, compiled ahead of time on the first
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 if __name__ == "__main__":
@@ -41,11 +46,27 @@ import jax.numpy as jnp  # noqa: E402
 from train import bench  # noqa: E402
 
 GiB = 1 << 30
+PALLAS = ("128x64w4s3-128x32w4s3,128x128w8s2-128x64w8s2,128x64w8s3-128x32w8s2,64x64w4s3-64x64w4s3,"
+          "128x128w8s3-128x32w4s4")
 
 
 # ----------------------------------------------------------------------------- kernel speed
 
-def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool = True) -> list[dict]:
+def pallas_variants(spec: str) -> list:
+    """[(name, flash_kernel.Config)] from a comma-separated list of FQxFKwWsS-BOxBIwWsS variants."""
+    from models import flash_kernel
+
+    out = []
+    for v in filter(None, (x.strip() for x in spec.split(","))):
+        m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)-(\d+)x(\d+)w(\d+)s(\d+)", v)
+        if not m:
+            raise SystemExit(f"--pallas variant {v!r} does not read like 128x64w4s3-128x32w4s3 (forward block_q x "
+                             f"block_k, warps, stages - backward outer x inner tile, warps, stages).")
+        out.append((v, flash_kernel.Config(*map(int, m.groups()))))
+    return out
+
+
+def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool = True, pallas=()) -> list[dict]:
     from parallel import ring_attention as R
 
     rows = []
@@ -54,52 +75,58 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
         q, k, v, cot = (jax.random.normal(key, (b, s, h, d), dtype) for key in ks)
         fwd_flops = 4 * b * s * s * h * d / 2
         impls = {f"blockwise {bq}x{bk}": (lambda q, k, v, bq=bq, bk=bk: R.ring_attention(q, k, v, block_q=bq,
-                                                                                          block_k=bk))
+                                                                                          block_k=bk, kernel="xla"))
                  for bq, bk in blocks}
+        for name, config in pallas:
+            impls[f"pallas {name}"] = lambda q, k, v, config=config: R.ring_attention(q, k, v, kernel=config)
         impls["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
         if with_cudnn:
             impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                           implementation="cudnn")
-        ref = None
+        ref = ref_grads = None
         for name, attn in impls.items():
             fwd = jax.jit(attn)
             fwd_bwd = jax.jit(lambda q, k, v, c, attn=attn: jax.vjp(attn, q, k, v)[1](c))
             try:
                 out = fwd(q, k, v)
+                grads = fwd_bwd(q, k, v, cot)
                 t_f = bench.median_seconds(fwd, q, k, v, reps=reps)
                 t_fb = bench.median_seconds(fwd_bwd, q, k, v, cot, reps=reps)
             except Exception as e:  # e.g. out of memory at a large tile
                 rows.append(dict(shape=f"B{b} S{s} H{h} D{d}", impl=name, error=str(e).splitlines()[0][:120]))
                 continue
             if name == "cudnn" or ref is None and not with_cudnn:
-                ref = out
+                ref, ref_grads = out, grads
             rows.append(dict(shape=f"B{b} S{s} H{h} D{d}", impl=name, fwd_ms=1e3 * t_f, fwd_bwd_ms=1e3 * t_fb,
                              fwd_tflops=fwd_flops / t_f / 1e12, fwd_bwd_tflops=3.5 * fwd_flops / t_fb / 1e12,
-                             out=out))
+                             out=out, grads=grads))
+        diff = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))  # noqa: E731
         for row in rows:
             if "out" in row:
-                o = row.pop("out")
-                row["max_abs_diff"] = None if ref is None else float(jnp.max(jnp.abs(o.astype(jnp.float32) -
-                                                                                      ref.astype(jnp.float32))))
+                o, g = row.pop("out"), row.pop("grads")
+                row["max_abs_diff"] = None if ref is None else diff(o, ref)
+                row["grad_max_abs_diff"] = None if ref is None else max(map(diff, g, ref_grads))
         cudnn = next((r for r in rows if r["impl"] == "cudnn" and r["shape"] == f"B{b} S{s} H{h} D{d}" and
                       "fwd_ms" in r), None)
         for row in rows:
             if cudnn and row["shape"] == cudnn["shape"] and "fwd_ms" in row:
+                row["fwd_vs_cudnn"] = row["fwd_ms"] / cudnn["fwd_ms"]
                 row["fwd_bwd_vs_cudnn"] = row["fwd_bwd_ms"] / cudnn["fwd_bwd_ms"]
     return rows
 
 
 def print_kernel(rows):
-    print(f"{'shape':<20} {'implementation':<20} {'fwd ms':>9} {'fwd TF/s':>9} {'f+b ms':>9} {'f+b TF/s':>9} "
-          f"{'f+b / cuDNN':>11} {'max|diff|':>10}")
+    print(f"{'shape':<20} {'implementation':<29} {'fwd ms':>9} {'fwd TF/s':>9} {'/ cuDNN':>8} {'f+b ms':>9} "
+          f"{'f+b TF/s':>9} {'/ cuDNN':>8} {'max|diff|':>10} {'grad diff':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:<20} {r['impl']:<20} {r['error']}")
+            print(f"{r['shape']:<20} {r['impl']:<29} {r['error']}")
             continue
-        ratio = f"{r['fwd_bwd_vs_cudnn']:.2f}x" if "fwd_bwd_vs_cudnn" in r else "-"
-        diff = f"{r['max_abs_diff']:.2e}" if r.get("max_abs_diff") is not None else "-"
-        print(f"{r['shape']:<20} {r['impl']:<20} {r['fwd_ms']:9.3f} {r['fwd_tflops']:9.1f} {r['fwd_bwd_ms']:9.3f} "
-              f"{r['fwd_bwd_tflops']:9.1f} {ratio:>11} {diff:>10}")
+        ratio = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
+        diff = lambda key: f"{r[key]:.2e}" if r.get(key) is not None else "-"  # noqa: E731
+        print(f"{r['shape']:<20} {r['impl']:<29} {r['fwd_ms']:9.3f} {r['fwd_tflops']:9.1f} {ratio('fwd_vs_cudnn'):>8} "
+              f"{r['fwd_bwd_ms']:9.3f} {r['fwd_bwd_tflops']:9.1f} {ratio('fwd_bwd_vs_cudnn'):>8} "
+              f"{diff('max_abs_diff'):>10} {diff('grad_max_abs_diff'):>10}", flush=True)
 
 
 # ----------------------------------------------------------------------------- longest sequence
@@ -192,7 +219,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("kernel", "seqlen", "all"))
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--blocks", default="256,512,1024,2048", help="tile sizes (block_q = block_k) to time")
+    p.add_argument("--blocks", default="256,512,1024,2048", help="tile sizes (block_q = block_k) of the XLA kernel")
+    p.add_argument("--pallas", default=PALLAS, help="Pallas kernel variants FQxFKwWsS-BOxBIwWsS ('' for none)")
     p.add_argument("--shapes", default="4x8192,1x32768", help="BxS pairs (16 heads of 128)")
     p.add_argument("--contexts", default="1,2,4,8")
     p.add_argument("--hbm_gib", type=float, default=0.0, help="budget per device (default: its memory limit)")
@@ -207,9 +235,11 @@ def main(argv=None) -> int:
     if args.what in ("kernel", "all"):
         blocks = [(int(x), int(x)) for x in args.blocks.split(",")]
         shapes = [(int(bs.split("x")[0]), int(bs.split("x")[1]), 16, 128) for bs in args.shapes.split(",")]
+        pallas = pallas_variants(args.pallas)
         if args.tiny:
-            shapes, blocks = [(1, 256, 2, 16)], [(64, 64), (128, 128)]
-        out["kernel"] = kernel_table(shapes, blocks, args.reps, with_cudnn=jax.default_backend() == "gpu")
+            shapes, blocks, pallas = [(1, 256, 2, 16)], [(64, 64), (128, 128)], pallas[:1]
+        out["kernel"] = kernel_table(shapes, blocks, args.reps, with_cudnn=jax.default_backend() == "gpu",
+                                     pallas=pallas)
         print_kernel(out["kernel"])
     if args.what in ("seqlen", "all"):
         contexts = [int(x) for x in args.contexts.split(",") if int(x) <= jax.device_count()]
