@@ -56,11 +56,11 @@ class Config(NamedTuple):
     """Tile sizes and Triton launch parameters (hashable: a static argument)."""
     block_q: int = 128        # forward: query rows per program
     block_k: int = 64         # forward: keys per loop step
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 3
     bwd_outer: int = 128      # backward: key rows per dk/dv program, query rows per dq program
     bwd_inner: int = 32       # backward: query (dk/dv) or key (dq) rows per loop step
-    bwd_num_warps: int = 4
+    bwd_num_warps: int = 8
     bwd_num_stages: int = 3
 
 

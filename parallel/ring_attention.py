@@ -5,7 +5,7 @@ Liu, Zaharia & Abbeel, "Ring Attention with Blockwise Transformers for Near-Infi
 ([batch, s, heads, head_dim] with s = seq / N). Over N steps the key/value blocks travel around
 the ring (``ppermute`` to the next device) while each device attends its queries to the block it
 holds, with the blockwise kernel of ``models/block_attention.py`` (FlashAttention-style tiles, a
-float32 log-sum-exp per row), and folds the result into a running float32 max, denominator and
+float32 log-sum-exp per row; on GPU the same in Pallas, ``models/flash_kernel.py``), and folds the result into a running float32 max, denominator and
 numerator (the online softmax, ``block_attention.combine``). The send of the next block is issued
 before the current block's compute, so that the transfer hides behind it.
 
@@ -318,7 +318,7 @@ def ring_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, axis_nam
     if layout == "zigzag" and axis_name is not None and q.shape[1] % 2:
         raise ValueError(f"the zigzag layout splits each device's block in two, but it has {q.shape[1]} "
                          f"positions; use a sequence length divisible by 2 x the ring size.")
-    halves = layout == "zigzag" and axis_name is not None and causal  # zigzag steps attend half blocks
+    halves = layout == "zigzag" and causal  # the zigzag steps of other devices attend half blocks
     kernel = block_kernel(kernel, (q.shape[1], q.shape[1] // 2) if halves else (q.shape[1],))
     return _ring(q, k, v, q_segment_ids, kv_segment_ids,
                  RingSpec(axis_name, causal, layout, block_q, block_k, scale, kernel))
