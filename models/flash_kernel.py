@@ -17,10 +17,10 @@ Kernels (exponentials in base 2: exp(x) = exp2(x log2 e)):
   forward  one program per (query tile of ``block_q`` rows, batch row, head), heaviest tiles first;
            an online softmax over key tiles of ``block_k`` (running max, denominator, numerator in
            float32); writes o and lse in float32.
-  dk, dv   one program per (key tile of ``bwd_outer``, batch row, kv head): loops over the query
-           heads of its group and their query tiles of ``bwd_inner``, accumulating dk, dv in float32.
-  dq       one program per (query tile of ``bwd_outer``, batch row, head): loops over key tiles of
-           ``bwd_inner``, accumulating dq in float32.
+  dk, dv   one program per (key tile of ``dkdv_block_k``, batch row, kv head): loops over the query
+           heads of its group and their query tiles of ``dkdv_block_q``, accumulating dk, dv in float32.
+  dq       one program per (query tile of ``dq_block_q``, batch row, head), heaviest first: loops over
+           key tiles of ``dq_block_k``, accumulating dq in float32.
 Masks come from integer positions (causal: k_idx <= q_idx) and optional segment ids. Positions
 increase along the block, so for each tile the key (or query) tiles that the causal mask hides
 entirely are a contiguous range, found from the tiles' first and last positions (in XLA, before the
@@ -58,10 +58,14 @@ class Config(NamedTuple):
     block_k: int = 64         # forward: keys per loop step
     num_warps: int = 8
     num_stages: int = 3
-    bwd_outer: int = 128      # backward: key rows per dk/dv program, query rows per dq program
-    bwd_inner: int = 32       # backward: query (dk/dv) or key (dq) rows per loop step
-    bwd_num_warps: int = 8
-    bwd_num_stages: int = 3
+    dkdv_block_k: int = 128   # dk, dv: key rows per program
+    dkdv_block_q: int = 32    # dk, dv: query rows per loop step
+    dkdv_num_warps: int = 8
+    dkdv_num_stages: int = 3
+    dq_block_q: int = 128     # dq: query rows per program
+    dq_block_k: int = 64      # dq: key rows per loop step
+    dq_num_warps: int = 8
+    dq_num_stages: int = 2
 
 
 def _tile(n: int, block: int) -> int:
@@ -80,8 +84,8 @@ def _bad_tile(n: int, block: int) -> str | None:
 
 
 def _check(sq: int, sk: int, config: Config) -> None:
-    for n, block in ((sq, config.block_q), (sk, config.block_k), (sq, config.bwd_outer), (sk, config.bwd_outer),
-                     (sq, config.bwd_inner), (sk, config.bwd_inner)):
+    for n, block in ((sq, config.block_q), (sk, config.block_k), (sk, config.dkdv_block_k), (sq, config.dkdv_block_q),
+                     (sq, config.dq_block_q), (sk, config.dq_block_k)):
         why = _bad_tile(n, block)
         if why:
             raise ValueError(f"the Pallas attention kernel cannot tile this block: {why}; use lengths that are "
@@ -338,11 +342,9 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
     has_seg = q_seg is not None
     segs = [q_seg.astype(jnp.int32), k_seg.astype(jnp.int32)] if has_seg else []
     sqz = pl.squeezed
-    outer, inner = config.bwd_outer, config.bwd_inner
-    params = _params(interpret, config.bwd_num_warps, config.bwd_num_stages)
 
-    # dk, dv: programs over key tiles of to = outer, loops over query tiles of ti = inner.
-    to, ti = _tile(sk, outer), _tile(sq, inner)
+    # dk, dv: programs over key tiles of ``to`` rows, loops over query tiles of ``ti``.
+    to, ti = _tile(sk, config.dkdv_block_k), _tile(sq, config.dkdv_block_q)
     nk = sk // to
     in_specs = [pl.BlockSpec((sqz, sq, g, dp), lambda j, bi, kh: (bi, 0, kh, 0))] * 2 + \
                [pl.BlockSpec((sqz, to, sqz, dp), lambda j, bi, kh: (bi, j, kh, 0))] * 2 + \
@@ -360,10 +362,11 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
         functools.partial(_dkdv_kernel, g=g, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg),
         grid=(nk, b, kvh), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct((b, sk, kvh, dp), F32)] * 2,
-        interpret=interpret, compiler_params=params, name="flash_attention_dkdv")(*args)
+        interpret=interpret, compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages),
+        name="flash_attention_dkdv")(*args)
 
-    # dq: programs over query tiles of to = outer (heaviest first), loops over key tiles of ti = inner.
-    to, ti = _tile(sq, outer), _tile(sk, inner)
+    # dq: programs over query tiles of ``to`` rows (heaviest first), loops over key tiles of ``ti``.
+    to, ti = _tile(sq, config.dq_block_q), _tile(sk, config.dq_block_k)
     nq = sq // to
     rev = lambda i: nq - 1 - i  # noqa: E731
     in_specs = [pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0))] * 2 + \
@@ -383,5 +386,6 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
         grid=(nq, b, h), in_specs=in_specs,
         out_specs=pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
         out_shape=jax.ShapeDtypeStruct((b, sq, h, dp), F32),
-        interpret=interpret, compiler_params=params, name="flash_attention_dq")(*args)
+        interpret=interpret, compiler_params=_params(interpret, config.dq_num_warps, config.dq_num_stages),
+        name="flash_attention_dq")(*args)
     return dq[..., :d], dk[..., :d], dv[..., :d]

@@ -26,8 +26,8 @@ from tests.helpers import jit, rel_err
 pytestmark = pytest.mark.timeout(120)
 
 TOL = 1e-5
-SMALL = fk.Config(block_q=16, block_k=16, bwd_outer=16, bwd_inner=16)
-UNEVEN = fk.Config(block_q=32, block_k=16, bwd_outer=32, bwd_inner=16)
+SMALL = fk.Config(block_q=16, block_k=16, dkdv_block_k=16, dkdv_block_q=16, dq_block_q=16, dq_block_k=16)
+UNEVEN = fk.Config(block_q=32, block_k=16, dkdv_block_k=16, dkdv_block_q=32, dq_block_q=32, dq_block_k=16)
 
 # name: (causal, kv_heads, segments, sq, sk, head_dim, q_idx offset, k_idx offset, config, lse from noise)
 CASES = {
