@@ -92,8 +92,11 @@ def _check(sq: int, sk: int, config: Config) -> None:
                              f"multiples of 128 (or powers of two of at least 16), or kernel='xla'.")
 
 
-def supports(lengths, config: Config = Config()) -> bool:
-    """Whether query and key blocks of every length in ``lengths`` split into this config's tiles."""
+def supports(lengths, head_dim: int, config: Config = Config()) -> bool:
+    """Whether query and key blocks of every length in ``lengths`` split into this config's tiles, and
+    ``head_dim`` is at most 128 (the tiles of a larger one would outgrow an H100/H200's shared memory)."""
+    if head_dim > 128:
+        return False
     try:
         for n in lengths:
             _check(n, n, config)

@@ -113,17 +113,19 @@ def unzigzag_local(x, axis_name, axis: int = 1):
 
 # ----------------------------------------------------------------------------- the ring
 
-def block_kernel(kernel, lengths) -> object:
+def block_kernel(kernel, lengths, head_dim: int, dtype) -> object:
     """The per-block kernel ``kernel`` names for blocks of ``lengths``: "xla" (``block_attention``) or a
-    ``flash_kernel.Config`` (the Pallas kernels). "auto" takes Pallas on GPU where the lengths split into
-    its tiles, XLA otherwise; "pallas" takes the default Config; a Config is taken as given."""
+    ``flash_kernel.Config`` (the Pallas kernels). "auto" takes Pallas on GPU for half-precision inputs
+    where its tiles fit (``flash_kernel.supports``), XLA otherwise (float32 matmuls in the kernel would
+    run in full float32); "pallas" takes the default Config; a Config is taken as given."""
     if isinstance(kernel, flash_kernel.Config):
         return kernel
     if kernel not in KERNELS:
         raise ValueError(f"ring kernel {kernel!r} is unknown; use one of {KERNELS} or a flash_kernel.Config.")
     if kernel == "auto":
+        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         on_gpu = jax.default_backend() == "gpu"
-        return flash_kernel.Config() if on_gpu and flash_kernel.supports(lengths) else "xla"
+        return flash_kernel.Config() if on_gpu and half and flash_kernel.supports(lengths, head_dim) else "xla"
     return flash_kernel.Config() if kernel == "pallas" else "xla"
 
 
@@ -319,7 +321,7 @@ def ring_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, axis_nam
         raise ValueError(f"the zigzag layout splits each device's block in two, but it has {q.shape[1]} "
                          f"positions; use a sequence length divisible by 2 x the ring size.")
     halves = layout == "zigzag" and causal  # the zigzag steps of other devices attend half blocks
-    kernel = block_kernel(kernel, (q.shape[1], q.shape[1] // 2) if halves else (q.shape[1],))
+    kernel = block_kernel(kernel, (q.shape[1], q.shape[1] // 2) if halves else (q.shape[1],), q.shape[3], q.dtype)
     return _ring(q, k, v, q_segment_ids, kv_segment_ids,
                  RingSpec(axis_name, causal, layout, block_q, block_k, scale, kernel))
 

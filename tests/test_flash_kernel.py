@@ -140,11 +140,14 @@ def test_ring_with_pallas_kernel_equals_dense_attention():
 
 
 def test_kernel_choice_and_refusals():
-    assert R.block_kernel("auto", (4096, 2048)) == ("xla" if jax.default_backend() != "gpu" else fk.Config())
-    assert R.block_kernel("pallas", (64,)) == fk.Config() and R.block_kernel(SMALL, (64,)) is SMALL
-    assert fk.supports((8192, 4096)) and not fk.supports((96,)) and not fk.supports((8,))
+    bf16 = jnp.bfloat16
+    assert R.block_kernel("auto", (4096, 2048), 128, bf16) == ("xla" if jax.default_backend() != "gpu" else fk.Config())
+    assert R.block_kernel("auto", (4096, 2048), 128, jnp.float32) == "xla"
+    assert R.block_kernel("pallas", (64,), 16, bf16) == fk.Config() and R.block_kernel(SMALL, (64,), 16, bf16) is SMALL
+    assert fk.supports((8192, 4096), 128) and fk.supports((64,), 80)
+    assert not fk.supports((96,), 64) and not fk.supports((8,), 64) and not fk.supports((8192,), 256)
     with pytest.raises(ValueError, match="ring kernel 'cuda' is unknown"):
-        R.block_kernel("cuda", (64,))
+        R.block_kernel("cuda", (64,), 16, bf16)
     x = jnp.zeros((1, 96, 2, 16))
     with pytest.raises(ValueError, match="cuts a length of 96 into tiles of 96"):
         fk.forward(x, x, x, jnp.arange(96), jnp.arange(96), interpret=True)
