@@ -355,7 +355,8 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
                [pl.BlockSpec((sq,), lambda j, bi, kh: (0,)), pl.BlockSpec((to,), lambda j, bi, kh: (j,))]
     args = [q, do, k, v, lse2, delta, q_idx, k_idx]
     if has_seg:
-        in_specs += [pl.BlockSpec((sqz, sq), lambda j, bi, kh: (bi, 0)), pl.BlockSpec((sqz, to), lambda j, bi, kh: (bi, j))]
+        in_specs += [pl.BlockSpec((sqz, sq), lambda j, bi, kh: (bi, 0)),
+                     pl.BlockSpec((sqz, to), lambda j, bi, kh: (bi, j))]
         args += segs
     if causal:
         in_specs += [pl.BlockSpec((nk,), lambda j, bi, kh: (0,))] * 2

@@ -5,9 +5,10 @@ Liu, Zaharia & Abbeel, "Ring Attention with Blockwise Transformers for Near-Infi
 ([batch, s, heads, head_dim] with s = seq / N). Over N steps the key/value blocks travel around
 the ring (``ppermute`` to the next device) while each device attends its queries to the block it
 holds, with the blockwise kernel of ``models/block_attention.py`` (FlashAttention-style tiles, a
-float32 log-sum-exp per row; on GPU the same in Pallas, ``models/flash_kernel.py``), and folds the result into a running float32 max, denominator and
+float32 log-sum-exp per row), and folds the result into a running float32 max, denominator and
 numerator (the online softmax, ``block_attention.combine``). The send of the next block is issued
-before the current block's compute, so that the transfer hides behind it.
+before the current block's compute, so that the transfer hides behind it. On GPU the blocks go
+through the same kernel written in Pallas (``models/flash_kernel.py``; ``ring_attention``'s ``kernel``).
 
 The backward pass (``custom_vjp``) runs the ring again: keys and values go round once more,
 together with float32 accumulators of their gradients, so each device adds its queries' share of
