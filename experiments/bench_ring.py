@@ -119,17 +119,25 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
 
 
 def print_kernel(rows):
-    print(f"{'shape':<20} {'implementation':<29} {'fwd ms':>9} {'fwd TF/s':>9} {'/ cuDNN':>8} {'f+b ms':>9} "
+    print(f"{'shape':<20} {'implementation':<41} {'fwd ms':>9} {'fwd TF/s':>9} {'/ cuDNN':>8} {'f+b ms':>9} "
           f"{'f+b TF/s':>9} {'/ cuDNN':>8} {'max|diff|':>10} {'grad diff':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:<20} {r['impl']:<29} {r['error']}")
+            print(f"{r['shape']:<20} {r['impl']:<41} {r['error']}")
             continue
         ratio = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
         diff = lambda key: f"{r[key]:.2e}" if r.get(key) is not None else "-"  # noqa: E731
-        print(f"{r['shape']:<20} {r['impl']:<29} {r['fwd_ms']:9.3f} {r['fwd_tflops']:9.1f} {ratio('fwd_vs_cudnn'):>8} "
+        print(f"{r['shape']:<20} {r['impl']:<41} {r['fwd_ms']:9.3f} {r['fwd_tflops']:9.1f} {ratio('fwd_vs_cudnn'):>8} "
               f"{r['fwd_bwd_ms']:9.3f} {r['fwd_bwd_tflops']:9.1f} {ratio('fwd_bwd_vs_cudnn'):>8} "
               f"{diff('max_abs_diff'):>10} {diff('grad_max_abs_diff'):>10}", flush=True)
+    for shape in dict.fromkeys(r["shape"] for r in rows):  # the kernels are independent: best of each
+        timed = [r for r in rows if r["shape"] == shape and r["impl"].startswith("pallas ") and "fwd_ms" in r]
+        if timed:
+            fwd = min(timed, key=lambda r: r["fwd_ms"])
+            bwd = min(timed, key=lambda r: r["fwd_bwd_ms"] - r["fwd_ms"])
+            best = fwd["impl"].split()[1].split("-")[0] + "-" + "-".join(bwd["impl"].split()[1].split("-")[1:])
+            print(f"{shape}: fastest Pallas forward {fwd['fwd_ms']:.3f} ms, backward "
+                  f"{bwd['fwd_bwd_ms'] - bwd['fwd_ms']:.3f} ms: --pallas {best}")
 
 
 # ----------------------------------------------------------------------------- longest sequence

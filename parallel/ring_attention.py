@@ -166,8 +166,8 @@ def _forward_step(spec: RingSpec, q, kv, q_idx, q_seg, branch):
     k, v, k_idx, k_seg = kv
     forward, _ = _kernels(spec)
     full = functools.partial(forward, q, k, v, q_idx, k_idx, q_seg, k_seg)
-    if not spec.causal:
-        return full(causal=False)
+    if not spec.causal or spec.axis_name is None:  # without a ring a device holds its own block only
+        return full(causal=spec.causal)
     b, s, h, d = q.shape
 
     def own(_):
@@ -197,8 +197,8 @@ def _backward_step(spec: RingSpec, q, kv, do, lse, delta, q_idx, q_seg, branch):
     k, v, k_idx, k_seg = kv
     _, backward = _kernels(spec)
     full = functools.partial(backward, q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg)
-    if not spec.causal:
-        return full(causal=False)
+    if not spec.causal or spec.axis_name is None:
+        return full(causal=spec.causal)
 
     def own(_):
         return full(causal=True)
@@ -321,7 +321,7 @@ def ring_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, axis_nam
     if layout == "zigzag" and axis_name is not None and q.shape[1] % 2:
         raise ValueError(f"the zigzag layout splits each device's block in two, but it has {q.shape[1]} "
                          f"positions; use a sequence length divisible by 2 x the ring size.")
-    halves = layout == "zigzag" and causal  # the zigzag steps of other devices attend half blocks
+    halves = layout == "zigzag" and causal and axis_name is not None  # other devices' zigzag steps: half blocks
     kernel = block_kernel(kernel, (q.shape[1], q.shape[1] // 2) if halves else (q.shape[1],), q.shape[3], q.dtype)
     return _ring(q, k, v, q_segment_ids, kv_segment_ids,
                  RingSpec(axis_name, causal, layout, block_q, block_k, scale, kernel))
