@@ -69,6 +69,12 @@ def pallas_variants(spec: str) -> list:
     return out
 
 
+def _jax_pallas_mha(q, k, v):
+    from jax.experimental.pallas.ops.gpu import attention
+
+    return attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True)
+
+
 def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool = True, pallas=()) -> list[dict]:
     from parallel import ring_attention as R
 
@@ -83,7 +89,8 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
         for name, config in pallas:
             impls[f"pallas {name}"] = lambda q, k, v, config=config: R.ring_attention(q, k, v, kernel=config)
         impls["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-        if with_cudnn:
+        if with_cudnn:  # on GPU: JAX's own Pallas flash attention (deprecated for tokamax) for comparison
+            impls["jax pallas ops mha"] = lambda q, k, v: _jax_pallas_mha(q, k, v)
             impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                           implementation="cudnn")
         ref = ref_grads = None
