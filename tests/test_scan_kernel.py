@@ -128,6 +128,25 @@ def test_benchmark_quick_runs(capsys):
 
 def test_config_accepts_pallas():
     assert M.Config(scan="pallas").scan == "pallas"  # refusals: tests/test_mamba.py
+    assert M.Config(scan="pallas", scan_splits=4).scan_splits == 4
+    with pytest.raises(ValueError, match="model.scan_splits is -1"):
+        M.Config(scan_splits=-1)
+
+
+def test_mamba_scan_splits_reach_the_kernel():
+    """model.scan_splits = 3: two forward kernels per layer (0, auto, is 1 off a GPU); logits equal the chunked scan's."""
+    cfg = M.Config(vocab_size=61, d_model=16, n_layers=2, d_state=4, dtype="float32", chunk_size=4)
+    params = jit(M.init, static_argnums=0)(cfg, jax.random.PRNGKey(2))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(1, 61, (1, 40)), jnp.int32)
+    seg = jnp.asarray([[1] * 20 + [2] * 20], jnp.int32)  # pieces of 16 (chunks of 8, padded to 48): 20 is inside the second
+    apply = lambda p, cfg: M.apply(p, tokens, cfg, segment_ids=seg)[0]  # noqa: E731
+    for splits, kernels in ((0, 1), (3, 2)):
+        jaxpr = str(jax.make_jaxpr(functools.partial(apply, cfg=dataclasses.replace(cfg, scan="pallas",
+                                                                                     scan_splits=splits)))(params))
+        assert jaxpr.count("selective_scan_fwd") == kernels
+    want = jit(apply, static_argnums=1)(params, cfg)
+    got = jit(apply, static_argnums=1)(params, dataclasses.replace(cfg, scan="pallas", scan_splits=3))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_under_a_mesh_runs_per_device_and_equals_one_device():
