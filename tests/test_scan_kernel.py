@@ -253,3 +253,10 @@ def test_sequence_split_lowers_to_triton():
     assert K.auto_splits(1, 32768, 2048, 64, 132) == 16  # 32 programs -> 512; pieces of 2048
     assert K.auto_splits(4, 8192, 2048, 64, 132) == 4
     assert K.auto_splits(16, 2048, 2048, 64, 132) == K.auto_splits(1, 1500, 2048, 64, 132) == 1
+
+
+def test_benchmark_split_table_quick_runs(capsys):
+    from experiments import bench_mamba_scan
+    errs = bench_mamba_scan.main(["--quick", "--splits", "2", "--runs", "1"])  # correctness: the tests above
+    assert list(errs) == [("1x40x32x4", 2)] and errs[("1x40x32x4", 2)] is not None  # not an error row
+    assert "f+b/P1" in capsys.readouterr().out
