@@ -23,9 +23,23 @@ chunk's states from the saved chunk start (kept in registers, ``chunk`` of them)
 dC on the way forward, then the rest on the way back. dB, dC and dA reduce over channels or
 batch: each program writes its partial sums and XLA adds them.
 
-Lengths that are not a multiple of ``chunk`` are padded with dt = 0 (decay 1, no input: the
-state is unchanged); E is padded to a multiple of ``block_e`` and N to a power of 2 with lanes
-that stay zero. ``interpret=True`` runs the same kernels on CPU (tests).
+Sequence split (``seq_splits`` P > 1, for rows x channel blocks too few to fill the GPU): each row's
+sequence is cut into P contiguous pieces, folded into the batch axis ([b, S] -> [b P, S / P], a
+free reshape), so the same kernels run on P times the programs. Forward: (1) each piece from
+h = 0, its final state only (no y); (2) in XLA, float32, P sequential steps over [b, E, N]: the
+true state before piece p, h(p) = D(p-1) h(p-1) + local(p-1) from h(0) = h0, with the piece's
+total decay D(p) = prod_t a_t = exp(A sum_t dt_t) prod_t keep_t (a reset anywhere in it zeroes
+it); (3) each piece again from its true initial state, writing y and (under grad) the chunk-start
+states, which are then the unsplit scan's. Backward: (1) an adjoint-only kernel per piece,
+g_{t-1} = a_t (g_t + gy_t C_t) from zero after the piece, giving its local dL/dh0; (2) in reverse,
+the true adjoint after piece p, g(p) = local(p+1) + D(p+1) g(p+1) from g(P-1) = dL/dh_last;
+(3) the backward kernel per piece from the saved true states and g(p). Cost: the forward scan
+twice and an adjoint pass (the states of (1) and (3) are the recurrence's; only D(p) is computed
+another way, as one exp of a sum), for P times the programs.
+
+Lengths that are not a multiple of ``chunk`` (of ``chunk`` P when split) are padded with dt = 0
+(decay 1, no input: the state is unchanged); E is padded to a multiple of ``block_e`` and N to a
+power of 2 with lanes that stay zero. ``interpret=True`` runs the same kernels on CPU (tests).
 """
 from __future__ import annotations
 

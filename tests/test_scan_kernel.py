@@ -134,11 +134,12 @@ def test_config_accepts_pallas():
 
 
 def test_mamba_scan_splits_reach_the_kernel():
-    """model.scan_splits = 3: two forward kernels per layer (0, auto, is 1 off a GPU); logits equal the chunked scan's."""
+    """model.scan_splits = 3: two forward kernels per layer (0, auto, is 1 off a GPU); logits equal the
+    chunked scan's."""
     cfg = M.Config(vocab_size=61, d_model=16, n_layers=2, d_state=4, dtype="float32", chunk_size=4)
     params = jit(M.init, static_argnums=0)(cfg, jax.random.PRNGKey(2))
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, 61, (1, 40)), jnp.int32)
-    seg = jnp.asarray([[1] * 20 + [2] * 20], jnp.int32)  # pieces of 16 (chunks of 8, padded to 48): 20 is inside the second
+    seg = jnp.asarray([[1] * 20 + [2] * 20], jnp.int32)  # pieces of 16 (chunks of 8, to 48): 20 is in the second
     apply = lambda p, cfg: M.apply(p, tokens, cfg, segment_ids=seg)[0]  # noqa: E731
     for splits, kernels in ((0, 1), (3, 2)):
         jaxpr = str(jax.make_jaxpr(functools.partial(apply, cfg=dataclasses.replace(cfg, scan="pallas",
@@ -200,7 +201,8 @@ def split_case():
     inp["dt"] = 0.2 * inp["dt"]
     reset = np.zeros((b, s), bool)
     reset[0, list(SPLIT_RESETS)] = True  # row 1: no resets, the state runs through every piece
-    w_y, w_h = (jnp.asarray(np.random.default_rng(8).standard_normal(sh), jnp.float32) for sh in ((b, s, E), (b, E, N)))
+    rng = np.random.default_rng(8)
+    w_y, w_h = (jnp.asarray(rng.standard_normal(sh), jnp.float32) for sh in ((b, s, E), (b, E, N)))
 
     def grad(scan, keep):
         def loss(args):
