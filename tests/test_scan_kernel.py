@@ -131,6 +131,9 @@ def test_config_accepts_pallas():
     assert M.Config(scan="pallas", scan_splits=4).scan_splits == 4
     with pytest.raises(ValueError, match="model.scan_splits is -1"):
         M.Config(scan_splits=-1)
+    x, A, B = jnp.zeros((1, 8, 8)), jnp.zeros((8, 4)), jnp.zeros((1, 8, 4))
+    with pytest.raises(ValueError, match="seq_splits is 0; use a positive integer"):
+        K.selective_scan_pallas(x, x, A, B, B, seq_splits=0)
 
 
 def test_mamba_scan_splits_reach_the_kernel():
