@@ -24,18 +24,18 @@ dC on the way forward, then the rest on the way back. dB, dC and dA reduce over 
 batch: each program writes its partial sums and XLA adds them.
 
 Sequence split (``seq_splits`` P > 1, for rows x channel blocks too few to fill the GPU): each row's
-sequence is cut into P contiguous pieces, folded into the batch axis ([b, S] -> [b P, S / P], a
-free reshape), so the same kernels run on P times the programs. Forward: (1) each piece from
-h = 0, its final state only (no y); (2) in XLA, float32, P sequential steps over [b, E, N]: the
-true state before piece p, h(p) = D(p-1) h(p-1) + local(p-1) from h(0) = h0, with the piece's
-total decay D(p) = prod_t a_t = exp(A sum_t dt_t) prod_t keep_t (a reset anywhere in it zeroes
-it); (3) each piece again from its true initial state, writing y and (under grad) the chunk-start
-states, which are then the unsplit scan's. Backward: (1) an adjoint-only kernel per piece,
-g_{t-1} = a_t (g_t + gy_t C_t) from zero after the piece, giving its local dL/dh0; (2) in reverse,
-the true adjoint after piece p, g(p) = local(p+1) + D(p+1) g(p+1) from g(P-1) = dL/dh_last;
-(3) the backward kernel per piece from the saved true states and g(p). Cost: the forward scan
-twice and an adjoint pass (the states of (1) and (3) are the recurrence's; only D(p) is computed
-another way, as one exp of a sum), for P times the programs.
+sequence is cut into P contiguous pieces, folded into the batch axis ([b, S] -> [b P, S / P], a free
+reshape), so the same kernels run on P times the programs. Forward: (1) each piece but the last from
+h = 0, its final state only (no y); (2) in XLA, float32, P - 1 steps over [b, E, N]: the true
+state before piece p, h(p) = D(p-1) h(p-1) + local(p-1) from h(0) = h0, with the piece's total decay
+D(p) = prod_t a_t = exp(A sum_t dt_t) prod_t keep_t (a reset anywhere in it zeroes it); (3) each
+piece again from its true initial state, writing y and (under grad) the chunk-start states, which
+are then the unsplit scan's. Backward: (1) an adjoint-only kernel per piece but the first, g_{t-1} =
+a_t (g_t + gy_t C_t) from zero after the piece, giving its local dL/dh0; (2) in reverse, the true
+adjoint after piece p, g(p) = local(p+1) + D(p+1) g(p+1) from g(P-1) = dL/dh_last; (3) the backward
+kernel per piece from the saved true states and g(p). Cost: (P - 1) / P of a forward scan and of an
+adjoint pass more (the states are the recurrence's; only D(p) is computed another way, as one exp of
+a sum), for P times the programs.
 
 Lengths that are not a multiple of ``chunk`` (of ``chunk`` P when split) are padded with dt = 0
 (decay 1, no input: the state is unchanged); E is padded to a multiple of ``block_e`` and N to a
@@ -169,14 +169,18 @@ def _adj_kernel(*refs, T, n, has_keep):
     g0_ref[...] = jax.lax.fori_loop(0, n, body, jnp.zeros(A2.shape, F32))
 
 
-def _specs(S, N, n, be, has_keep):
-    """BlockSpecs over the grid (batch row i, channel block j)."""
+def _specs(S, N, n, be, has_keep, row=None):
+    """BlockSpecs over the grid (batch row i, channel block j); the sequence inputs' (``ins``: x, dt, A,
+    B, C, keep?) read row ``row(i)`` (default i)."""
     sq = pl.squeezed
+    r = row or (lambda i: i)
     seq_e = pl.BlockSpec((sq, S, be), lambda i, j: (i, 0, j))
-    seq_n = pl.BlockSpec((sq, S, N), lambda i, j: (i, 0, 0))
     state = pl.BlockSpec((sq, be, N), lambda i, j: (i, j, 0))
     a = pl.BlockSpec((be, N), lambda i, j: (j, 0))
-    ins = [seq_e, seq_e, a, seq_n, seq_n] + ([pl.BlockSpec((sq, S), lambda i, j: (i, 0))] if has_keep else [])
+    seq_e_in = pl.BlockSpec((sq, S, be), lambda i, j: (r(i), 0, j))
+    seq_n_in = pl.BlockSpec((sq, S, N), lambda i, j: (r(i), 0, 0))
+    ins = [seq_e_in, seq_e_in, a, seq_n_in, seq_n_in] + ([pl.BlockSpec((sq, S), lambda i, j: (r(i), 0))]
+                                                         if has_keep else [])
     chunks = pl.BlockSpec((sq, n, be, N), lambda i, j: (i, 0, j, 0))
     partial_n = pl.BlockSpec((sq, sq, S, N), lambda i, j: (i, j, 0, 0))
     return ins, seq_e, state, chunks, partial_n
@@ -189,10 +193,12 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
     def params(warps):
         return None if interpret else plgpu.CompilerParams(num_warps=warps)
 
-    def forward(x, dt, A, B, C, keep, h0, save, emit_y=True):
+    def forward(x, dt, A, B, C, keep, h0, save, emit_y=True, rows=None):
+        """``rows``: (grid rows, row map) to scan only some of x's rows (h0 and outputs have grid rows)."""
         b, S, E = x.shape
         N, n, be = A.shape[-1], S // chunk, block_e
-        ins, seq_e, state, chunks, _ = _specs(S, N, n, be, keep is not None)
+        b, row = rows or (b, None)
+        ins, seq_e, state, chunks, _ = _specs(S, N, n, be, keep is not None, row)
         out_shape = [jax.ShapeDtypeStruct((b, S, E), F32)] if emit_y else []
         out_shape.append(jax.ShapeDtypeStruct((b, E, N), F32))
         out_specs = ([seq_e] if emit_y else []) + [state]
@@ -221,15 +227,17 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
             out_specs=[seq_e, seq_e, state, partial_n, partial_n, state], interpret=interpret,
             compiler_params=params(bwd_num_warps), name="selective_scan_bwd")(*args)
 
-    def adjoint(dt, A, C, keep, gy):
-        """dL/dh0 [b, E, N] from gy alone (zero adjoint after the last step)."""
-        b, S, E = dt.shape
+    def adjoint(dt, A, C, keep, gy, rows):
+        """dL/dh0 [rows, E, N] from gy alone (zero adjoint after the last step), for the rows that
+        ``rows`` = (grid rows, row map) names."""
+        _, S, E = dt.shape
         N, n, be = A.shape[-1], S // chunk, block_e
-        ins, seq_e, state, _, _ = _specs(S, N, n, be, keep is not None)
+        b, row = rows
+        ins, seq_e, state, _, _ = _specs(S, N, n, be, keep is not None, row)
         kernel = functools.partial(_adj_kernel, T=chunk, n=n, has_keep=keep is not None)
         args = [dt, A, C] + ([keep] if keep is not None else []) + [gy.astype(F32)]
         return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, E, N), F32), grid=(b, E // be),
-                              in_specs=[ins[1], ins[2], ins[4]] + ins[5:] + [seq_e], out_specs=state,
+                              in_specs=[ins[1], ins[2], ins[4]] + ins[5:] + [ins[1]], out_specs=state,
                               interpret=interpret, compiler_params=params(num_warps),
                               name="selective_scan_adjoint")(*args)
 
@@ -270,22 +278,30 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         return decay
 
     def combine(decay, local, carry, reverse):
-        """Across pieces, [b, P, E, N]: forward, the state before piece p, h(p) = decay(p-1) h(p-1) +
-        local(p-1) from h(0) = carry; reverse, the adjoint after piece p, g(p) = local(p+1) +
-        decay(p+1) g(p+1) from g(P-1) = carry."""
+        """P - 1 float32 steps across pieces. Forward: the state before each piece, h(0) = carry,
+        h(p + 1) = decay(p) h(p) + local(p) (decay, local [b, P - 1, E, N] of pieces 0..P-2); reverse:
+        the adjoint after each piece, g(P - 1) = carry, g(p - 1) = decay(p) g(p) + local(p) (pieces
+        1..P-1). Returns [b, P, E, N]."""
         def step(h, dl):
-            return (dl[0] * h + dl[1], h) if not reverse else (dl[1] + dl[0] * h, h)
-        _, out = jax.lax.scan(step, carry, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(local, 1, 0)), reverse=reverse,
-                              unroll=True)  # P elementwise steps: unrolled, fusible, no loop on the device
-        return jnp.moveaxis(out, 0, 1)
+            return dl[0] * h + dl[1], h
+        last, out = jax.lax.scan(step, carry, (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(local, 1, 0)),
+                                 reverse=reverse, unroll=True)  # elementwise steps: unrolled, fusible
+        out = jnp.moveaxis(out, 0, 1)
+        return jnp.concatenate([last[:, None], out] if reverse else [out, last[:, None]], axis=1)
+
+    def pieces_but(b, skip):
+        """(grid rows, row map) over the b P folded rows leaving out each row's last (skip=0) or
+        first (skip=1) piece, whose local state or adjoint the combine does not use."""
+        return b * (P - 1), lambda i: (i // (P - 1)) * P + i % (P - 1) + skip
 
     def split_forward(x, dt, A, B, C, keep, h0, save):
         b, S, E = x.shape
         N = A.shape[-1]
         xf, dtf, Bf, Cf, kf = map(fold, (x, dt, B, C, keep))
-        # Pass 1: each piece from h = 0, its final state only; then the true state before each piece.
-        (h_end,) = forward(xf, dtf, A, Bf, Cf, kf, jnp.zeros((b * P, E, N), F32), save=False, emit_y=False)
-        h_init = combine(piece_decay(dt, A, keep), h_end.reshape(b, P, E, N), h0, reverse=False)
+        # Pass 1: pieces 0..P-2 from h = 0, their final states only; then the true state before each piece.
+        (h_end,) = forward(xf, dtf, A, Bf, Cf, kf, jnp.zeros((b * (P - 1), E, N), F32), save=False, emit_y=False,
+                           rows=pieces_but(b, 0))
+        h_init = combine(piece_decay(dt, A, keep)[:, :-1], h_end.reshape(b, P - 1, E, N), h0, reverse=False)
         # Pass 2: each piece from its true initial state.
         out = forward(xf, dtf, A, Bf, Cf, kf, h_init.reshape(b * P, E, N), save=save)
         y, h_last = out[0].reshape(b, S, E), out[1].reshape(b, P, E, N)[:, -1]
@@ -305,9 +321,9 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         b, S, E = x.shape
         N = A.shape[-1]
         xf, dtf, Bf, Cf, kf, gyf = map(fold, (x, dt, B, C, keep, gy.astype(F32)))
-        # Pass 1: each piece's adjoint from zero after its end; then the true adjoint after each piece.
-        g_start = adjoint(dtf, A, Cf, kf, gyf).reshape(b, P, E, N)
-        g_end = combine(piece_decay(dt, A, keep), g_start, ghl.astype(F32), reverse=True)
+        # Pass 1: pieces 1..P-1, their adjoints from zero after their ends; then the true adjoint after each piece.
+        g_start = adjoint(dtf, A, Cf, kf, gyf, rows=pieces_but(b, 1)).reshape(b, P - 1, E, N)
+        g_end = combine(piece_decay(dt, A, keep)[:, 1:], g_start, ghl.astype(F32), reverse=True)
         # Pass 2: the backward kernel per piece from its true state (hc) and true adjoint (g_end).
         dx, ddt, dA, dB, dC, dh0 = backward(xf, dtf, A, Bf, Cf, kf, hc.reshape(b * P, -1, E, N), gyf,
                                             g_end.reshape(b * P, E, N))
