@@ -233,7 +233,7 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         _, S, E = dt.shape
         N, n, be = A.shape[-1], S // chunk, block_e
         b, row = rows
-        ins, seq_e, state, _, _ = _specs(S, N, n, be, keep is not None, row)
+        ins, _, state, _, _ = _specs(S, N, n, be, keep is not None, row)
         kernel = functools.partial(_adj_kernel, T=chunk, n=n, has_keep=keep is not None)
         args = [dt, A, C] + ([keep] if keep is not None else []) + [gy.astype(F32)]
         return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, E, N), F32), grid=(b, E // be),
