@@ -4,12 +4,19 @@
     python -m experiments.bench_mamba_scan --skip-reference  # the sequential lax.scan is slow
     python -m experiments.bench_mamba_scan --sweep           # also pallas block sizes / warps / chunk
     python -m experiments.bench_mamba_scan --quick           # tiny shape, CPU (interpreted kernels), seconds
+    python -m experiments.bench_mamba_scan --splits 1,2,4,8,16,0  # only pallas sequence splits (0: auto)
 
 Forward is ``selective_scan`` (y, h_last); forward+backward is jax.grad of sum(y) + sum(h_last)
 w.r.t. x, dt, A, B, C. Each time is the median of ``--runs`` calls after a warm-up, rotating
 among 3 input sets, with block_until_ready. Pallas is checked against chunked on the same
 inputs (relative error of outputs and gradients). The CUDA column is the official Mamba kernel
 on one H200 at the full shape (1.19 ms forward, 4.63 ms backward).
+
+``--splits``: the Pallas scan with its sequence cut into P pieces (``seq_splits``; scanned from zero,
+combined, rescanned) at each of ``--shapes`` (default b1 L32768 E2048 and b8 L2048 E4096, N16):
+forward and forward+backward ms, their ratio to P = 1, the kernels' programs, and the largest
+relative difference of y, h_last and the gradients from P = 1 on the same inputs. A split that
+fails to compile or run is an error row.
 """
 from __future__ import annotations
 
@@ -85,13 +92,56 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def split_table(shapes, splits, runs, dtype, quick):
+    """Rows per (shape, P): the Pallas scan with ``seq_splits=P`` (0: auto); returns {(shape, P): max rel err}."""
+    kw = dict(chunk=4, block_e=16, bwd_block_e=16) if quick else {}
+    be, bbe = kw.get("block_e", 64), kw.get("bwd_block_e", 32)
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    errs = {}
+    print(f"\n{'b x L x E x N':<20}{'splits':>7}{'programs f/b':>14}{'fwd ms':>9}{'f+b ms':>9}"
+          f"{'fwd/P1':>8}{'f+b/P1':>8}{'max rel err vs P1':>19}")
+    for b, s, E, N in shapes:
+        name = f"{b}x{s}x{E}x{N}"
+        input_sets = [make_inputs(seed, b, s, E, N, dtype) for seed in range(2 if quick else 3)]
+        base, base_t = None, None
+        for P in splits:
+            pieces = P or (1 if quick else scan_kernel.auto_splits(b, s, E, be, sms))
+            label = f"{P}" if P else f"0={pieces}"
+            try:
+                fwd, fwd_bwd = functions("pallas", seq_splits=P or None, **kw)
+                leaves = jax.tree.leaves(jax.device_get((fwd(input_sets[0]), fwd_bwd(input_sets[0]))))
+                if base is None and pieces == 1:
+                    base = leaves
+                err = max(rel_err(a, r) for a, r in zip(leaves, base)) if base is not None else float("nan")
+                t = (median_ms(fwd, input_sets, runs), median_ms(fwd_bwd, input_sets, runs))
+                if base_t is None and pieces == 1:
+                    base_t = t
+                ratio = "".join(f"{v / r:>8.2f}" if base_t else f"{'-':>8}" for v, r in zip(t, base_t or t))
+                programs = f"{b * pieces * -(-E // be)}/{b * pieces * -(-E // bbe)}"
+                print(f"{name:<20}{label:>7}{programs:>14}{t[0]:>9.3f}{t[1]:>9.3f}{ratio}{err:>19.1e}")
+                errs[(name, P)] = err
+            except Exception as e:  # noqa: BLE001 (an error row, then the next variant)
+                msg = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+                print(f"{name:<20}{label:>7}  error: {type(e).__name__}: {msg}")
+                errs[(name, P)] = None
+    return errs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape (CPU smoke run)")
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow sequential lax.scan")
     parser.add_argument("--sweep", action="store_true", help="also time pallas block sizes, warps and chunk")
     parser.add_argument("--runs", type=int, default=None, help="timed calls per entry (default 20; --quick 2)")
+    parser.add_argument("--splits", default=None, help="comma-separated seq_splits (0: auto): only the split table")
+    parser.add_argument("--shapes", default="1x32768x2048x16,8x2048x4096x16", help="BxLxExN,... for --splits")
     args = parser.parse_args(argv)
+    if args.splits is not None:
+        shapes = [(1, 40, 32, 4)] if args.quick else [tuple(int(v) for v in sh.split("x"))
+                                                      for sh in args.shapes.split(",")]
+        print(f"devices: {jax.devices()}  x/dt/B/C bfloat16, A float32")
+        return split_table(shapes, [int(p) for p in args.splits.split(",")], args.runs or (1 if args.quick else 20),
+                           jnp.bfloat16, args.quick)
     b, s, E, N = (1, 24, 32, 4) if args.quick else (8, 2048, 4096, 16)
     runs = args.runs or (2 if args.quick else 20)
     dtype = jnp.bfloat16

@@ -70,6 +70,7 @@ class Config:
     remat: str = "full"
     scan: str = "chunked"  # or "reference" (sequential), "pallas" (GPU kernels)
     chunk_size: int = 64  # of the chunked scan
+    scan_splits: int = 0  # pallas: pieces each sequence is cut into (scan_kernel seq_splits); 0: auto, 1: none
 
     def __post_init__(self):
         if self.dt_rank == 0 and isinstance(self.d_model, int) and self.d_model > 0:
@@ -91,6 +92,9 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"model.{name} is {value!r}; set it to a positive integer.")
+    if isinstance(cfg.scan_splits, bool) or not isinstance(cfg.scan_splits, (int, np.integer)) or cfg.scan_splits < 0:
+        raise ValueError(f"model.scan_splits is {cfg.scan_splits!r}; set it to 0 (auto), 1 (no split) or the "
+                         "number of pieces each sequence's scan is cut into.")
     for name in ("dt_min", "dt_max", "dt_init_floor", "norm_eps"):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
@@ -283,12 +287,12 @@ def _scan_chunked(x, dt, A, B, C, keep, h0, chunk_size):
     return jnp.moveaxis(y, 0, 1).reshape(b, n * T, E)[:, :s], h
 
 
-def _scan_pallas(x, dt, A, B, C, keep, h0):
+def _scan_pallas(x, dt, A, B, C, keep, h0, splits=0):
     """``scan_kernel.selective_scan_pallas``; under an active mesh in ``shard_map``, each device
     scanning its rows and channels (by the rules for ``batch`` and ``inner``) over the whole
     sequence: the custom calls of the kernels are opaque to XLA's partitioner."""
     def run(x, dt, A, B, C, keep, h0):
-        return scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0)
+        return scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0, seq_splits=int(splits) or None)
 
     active = sharding.active()
     if active is None:
@@ -302,7 +306,8 @@ def _scan_pallas(x, dt, A, B, C, keep, h0):
                          check_vma=False)(x, dt, A, B, C, keep, h0)
 
 
-def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chunked", chunk_size: int = 64):
+def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chunked", chunk_size: int = 64,
+                   splits: int = 0):
     """y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, in float32.
 
     x, dt: [batch, seq, E] (dt after softplus; dt = 0 leaves the state unchanged); A: [E, N]
@@ -310,13 +315,14 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
     is zeroed before the token (a segment start), or None; h0: [batch, E, N] initial state
     (None: zeros). ``method`` is 'chunked' (associative scan in chunks of ``chunk_size``,
     any length), 'reference' (sequential) or 'pallas' (``scan_kernel``: x, dt, B, C are read
-    in their own dtype; a one-token call, a decoding step, takes the sequential update). Returns
+    in their own dtype; a one-token call, a decoding step, takes the sequential update; ``splits``:
+    its sequence split, 0 auto). Returns
     (y [batch, seq, E] float32, h_last [batch, E, N] float32).
     """
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     keep = None if reset is None else 1.0 - f32(reset)
     if method == "pallas" and x.shape[1] > 1:  # one decoding step: the plain update below, not a padded kernel
-        y, h = _scan_pallas(x, dt, A, B, C, keep, h0)
+        y, h = _scan_pallas(x, dt, A, B, C, keep, h0, splits)
         return y + f32(D) * f32(x), h
     x, dt, A, B, C, D = map(f32, (x, dt, A, B, C, D))
     b, _, E = x.shape
@@ -438,7 +444,7 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
     dt = constrain(dt, names)
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
     y, h = selective_scan(xc, dt, A, B, C, p["D"], reset=start, h0=None if state is None else state["ssm"],
-                          method=cfg.scan, chunk_size=cfg.chunk_size)
+                          method=cfg.scan, chunk_size=cfg.chunk_size, splits=cfg.scan_splits)
     y = constrain((y * jax.nn.silu(z.astype(jnp.float32))).astype(dt_type), names)
     x = x + _bias(p, "out_bias", layers.linear(p["out_proj"], y, name="out_proj"))
     new_state = None

@@ -88,6 +88,14 @@ def test_mamba_pallas_equals_chunked_logits_and_gradients():
         assert rel_err(a, b) < 1e-5
 
 
+def _h200():
+    """Newer jax takes the GPU model for a lowering without a GPU from an abstract mesh."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
 def test_triton_lowering_for_cuda_without_a_gpu():
     """Forward and backward lower to Triton calls for an H200 (catches unsupported ops and block shapes)."""
     b, s, E, N = 2, 41, 128, 16  # 41: padded to 48, chunks of 8
@@ -103,11 +111,7 @@ def test_triton_lowering_for_cuda_without_a_gpu():
         loss = lambda *diff: sum(jnp.sum(o) for o in fwd(*diff, *args[5:], with_keep=with_keep))  # noqa: E731
         return jax.grad(loss, argnums=range(5))(*args[:5])
 
-    ctx = contextlib.nullcontext()
-    if hasattr(jax.sharding, "AbstractDevice"):  # newer jax takes the GPU model from an abstract mesh
-        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
-        ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
-    with ctx:
+    with _h200():
         for with_keep in (False, True):  # without resets: with prefetch
             for f, calls in ((fwd, 1), (grad, 2)):  # grad: the forward that saves states, and the backward
                 lowered = jax.jit(functools.partial(f, with_keep=with_keep)).trace(*args).lower(
@@ -124,6 +128,29 @@ def test_benchmark_quick_runs(capsys):
 
 def test_config_accepts_pallas():
     assert M.Config(scan="pallas").scan == "pallas"  # refusals: tests/test_mamba.py
+    assert M.Config(scan="pallas", scan_splits=4).scan_splits == 4
+    with pytest.raises(ValueError, match="model.scan_splits is -1"):
+        M.Config(scan_splits=-1)
+    x, A, B = jnp.zeros((1, 8, 8)), jnp.zeros((8, 4)), jnp.zeros((1, 8, 4))
+    with pytest.raises(ValueError, match="seq_splits is 0; use a positive integer"):
+        K.selective_scan_pallas(x, x, A, B, B, seq_splits=0)
+
+
+def test_mamba_scan_splits_reach_the_kernel():
+    """model.scan_splits = 3: two forward kernels per layer (0, auto, is 1 off a GPU); logits equal the
+    chunked scan's."""
+    cfg = M.Config(vocab_size=61, d_model=16, n_layers=2, d_state=4, dtype="float32", chunk_size=4)
+    params = jit(M.init, static_argnums=0)(cfg, jax.random.PRNGKey(2))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(1, 61, (1, 40)), jnp.int32)
+    seg = jnp.asarray([[1] * 20 + [2] * 20], jnp.int32)  # pieces of 16 (chunks of 8, to 48): 20 is in the second
+    apply = lambda p, cfg: M.apply(p, tokens, cfg, segment_ids=seg)[0]  # noqa: E731
+    for splits, kernels in ((0, 1), (3, 2)):
+        jaxpr = str(jax.make_jaxpr(functools.partial(apply, cfg=dataclasses.replace(cfg, scan="pallas",
+                                                                                     scan_splits=splits)))(params))
+        assert jaxpr.count("selective_scan_fwd") == kernels
+    want = jit(apply, static_argnums=1)(params, cfg)
+    got = jit(apply, static_argnums=1)(params, dataclasses.replace(cfg, scan="pallas", scan_splits=3))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_pallas_under_a_mesh_runs_per_device_and_equals_one_device():
@@ -163,3 +190,78 @@ def test_pallas_under_a_mesh_runs_per_device_and_equals_one_device():
         got = jit(sharded)(inp)
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-6
+
+
+# Sequence split: length 70 in P = 3 pieces of 24 (padded to 72) or P = 4 pieces of 20 (padded to 80),
+# chunks of 4. dt is scaled down so that a piece's state and adjoint still matter pieces later.
+SPLIT_RESETS = (0, 11, 24, 40, 47, 59)  # 24 and 40 start a piece (P = 3 and 4); 47 and 59 end one (P = 3 and 4)
+
+
+@pytest.fixture(scope="module")
+def split_case():
+    b, s, E, N = 2, 70, 16, 4
+    inp, _ = inputs(b, s, E, N, seed=7)
+    inp["dt"] = 0.2 * inp["dt"]
+    reset = np.zeros((b, s), bool)
+    reset[0, list(SPLIT_RESETS)] = True  # row 1: no resets, the state runs through every piece
+    rng = np.random.default_rng(8)
+    w_y, w_h = (jnp.asarray(rng.standard_normal(sh), jnp.float32) for sh in ((b, s, E), (b, E, N)))
+
+    def grad(scan, keep):
+        def loss(args):
+            y, h = scan(args["x"], args["dt"], args["A"], args["B"], args["C"], keep, args["h0"])
+            return jnp.sum(y * w_y) + jnp.sum(h * w_h), (y, h)
+        return jit(jax.grad(loss, has_aux=True))(inp)
+
+    keeps = {False: None, True: 1.0 - jnp.asarray(reset, jnp.float32)}
+    return inp, keeps, grad, {r: grad(M._scan_reference, keeps[r]) for r in (False, True)}
+
+
+@pytest.mark.parametrize("resets,splits", [(False, 3), (True, 3), (True, 4)])
+def test_sequence_split_matches_sequential_scan(split_case, resets, splits):
+    """Pieces scanned from zero, combined across pieces and rescanned (forward), the adjoint likewise
+    (backward): y, h_last and the gradients of x, dt, A, B, C, h0 equal the sequential scan, resets
+    inside pieces, on a piece's first step and on its last included."""
+    inp, keeps, grad, refs = split_case
+    keep = keeps[resets]
+    pallas = lambda x, dt, A, B, C, keep, h0: K.selective_scan_pallas(  # noqa: E731
+        x, dt, A, B, C, keep=keep, h0=h0, seq_splits=splits, **KW)
+    (g_ref, (y_ref, h_ref)), (g, (y, h)) = refs[resets], grad(pallas, keep)
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(h, h_ref) < 1e-6
+    for name in inp:
+        assert rel_err(g[name], g_ref[name]) < 1e-5, name
+    if splits == 4:  # the primal path (no states saved) gives the same outputs
+        y2, h2 = jit(pallas)(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], keep, inp["h0"])
+        np.testing.assert_array_equal(y2, y)
+        np.testing.assert_array_equal(h2, h)
+
+
+def test_sequence_split_lowers_to_triton():
+    """Split in 4: the forward is two kernel calls (pieces from zero, then from their true states); the
+    gradient adds the adjoint-only kernel and the backward (4 calls). The choice: split only while the
+    rows and channel blocks leave the GPU's SMs short of programs, into pieces of at least 1024 steps."""
+    b, s, E, N = 1, 64, 128, 16
+    sd = jax.ShapeDtypeStruct
+    args = (sd((b, s, E), jnp.bfloat16), sd((b, s, E), jnp.float32), sd((E, N), jnp.float32),
+            sd((b, s, N), jnp.bfloat16), sd((b, s, N), jnp.bfloat16), sd((b, s), jnp.float32))
+
+    def fwd(x, dt, A, B, C, keep):
+        return K.selective_scan_pallas(x, dt, A, B, C, keep=keep, interpret=False, seq_splits=4)
+
+    def grad(*args):
+        return jax.grad(lambda *d: sum(jnp.sum(o) for o in fwd(*d, args[5])), argnums=range(5))(*args[:5])
+
+    with _h200():
+        for f, calls in ((fwd, 2), (grad, 4)):
+            text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("__gpu$xla.gpu.triton") == calls
+    assert K.auto_splits(1, 32768, 2048, 64, 132) == 16  # 32 programs -> 512; pieces of 2048
+    assert K.auto_splits(4, 8192, 2048, 64, 132) == 4
+    assert K.auto_splits(16, 2048, 2048, 64, 132) == K.auto_splits(1, 1500, 2048, 64, 132) == 1
+
+
+def test_benchmark_split_table_quick_runs(capsys):
+    from experiments import bench_mamba_scan
+    errs = bench_mamba_scan.main(["--quick", "--splits", "2", "--runs", "1"])  # correctness: the tests above
+    assert list(errs) == [("1x40x32x4", 2)] and errs[("1x40x32x4", 2)] is not None  # not an error row
+    assert "f+b/P1" in capsys.readouterr().out
