@@ -10,6 +10,11 @@
 #   synth   Mamba vs Transformer, induction heads and selective copying, 2 seeds, lengths 64..16384
 #           (experiments/synthetic_run.py: tables; SYNTH_TASKS=selective_copying for one task)
 #   arith   Mamba vs Transformer on the arithmetic corpus, 2 seeds (experiments/arith_run.py: table)
+#   galore  GaLore vs full-rank AdamW, 2 lrs each, 2 seeds (experiments/galore_run.py: table and plot)
+#   orpo    ORPO vs SFT vs SFT + DPO, seeds 0 and 1 in parallel (experiments/orpo_run.py)
+#   cai     Constitutional AI end to end, seeds 0 and 1 in parallel (experiments/cai_run.py; CAI_FLAGS adds flags)
+#   compress  SmoothQuant, AWQ and pruning (PRUNE_DROPS) of the galore group's AdamW lr 1e-3 seed 0 model
+#           (the dense_stdlib config), started when that run has finished
 # Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,
 # log.txt) go into OUT/results.tar.gz every 20 s and at the end, so a job cut short still returns
 # what it had.
@@ -73,6 +78,21 @@ for g in $groups; do case $g in
            >"$runs/synthetic_run.txt" 2>&1 && echo "synthetic_run done at $SECONDS s" & ;;
   arith) python3 -m experiments.arith_run --root "$runs/arith" --seeds 0,1 --parallel 4 >"$runs/arith_run.txt" 2>&1 \
            && echo "arith_run done at $SECONDS s" & ;;
+  galore) python3 -m experiments.galore_run --root "$runs/galore" --seeds 0,1 --parallel 4 >"$runs/galore_run.txt" 2>&1 \
+            && echo "galore_run done at $SECONDS s" & ;;
+  orpo|cai) (for seed in 0 1; do
+               python3 -m experiments.${g}_run --root "$runs/$g" --seeds $seed ${CAI_FLAGS:-} >"$runs/${g}_s$seed.txt" 2>&1 &
+             done; wait
+             python3 -m experiments.${g}_run --root "$runs/$g" --seeds 0,1 ${CAI_FLAGS:-} >"$runs/${g}_run.txt" 2>&1 \
+               && echo "${g}_run done at $SECONDS s") & ;;
+  compress) (src=$runs/galore/lr0.001/galore_adamw_stdlib/seed0
+             while [ ! -e "$src/train.json" ]; do sleep 10; done
+             echo "compress: source trained at $SECONDS s"
+             for e in smoothquant awq; do
+               python3 -m experiments.${e}_run --workdir "$src" --out "$runs/compress/$e" >"$runs/${e}_run.txt" 2>&1 &
+             done
+             python3 -m experiments.prune_run --workdir "$src" --out "$runs/compress/prune" --drops "${PRUNE_DROPS:-1,2,4,6}" \
+               >"$runs/prune_run.txt" 2>&1; wait; echo "compress done at $SECONDS s") & ;;
   *) echo "unknown group $g" ;;
 esac; done
 

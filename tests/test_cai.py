@@ -234,6 +234,21 @@ def test_arithmetic_constitution_checker_corpus_and_rollout_rows():
     assert inputs[1].tolist() == [1, 7, 4, 4, 4, 0] and mask[1].tolist() == [0, 1, 1, 1, 1, 0] and last[1] == 4
 
 
+def test_rl_cai_resamples_b_where_it_equals_a(constitution_file):
+    """A peaked policy: seeds 3 and 4 give the same response, seed 103 another one for question 1 only."""
+    class Peaked(Scripted):
+        def generate(self, prompts, *, sample, seed):
+            self.calls.append(("generate", list(prompts), sample, seed))
+            return [f"other{seed}" if seed == 103 and "q1" in p else "same" for p in prompts]
+
+    policy = Peaked()
+    records = cai.feedback_labels(["q0", "q1"], cai.load_constitution(constitution_file), policy, Scripted(), seed=3,
+                                  resample=2)
+    assert [(len(c[1]), c[3]) for c in policy.calls] == [(2, 3), (2, 4), (2, 103), (1, 104)]
+    assert [(r["chosen"], r["rejected"]) for r in records] == [("same", "same"), ("same", "other103")]
+    assert cai.labeled_pairs(records) == [records[1]]
+
+
 def test_pairs_left_out_are_counted_in_the_log(caplog):
     import logging
 

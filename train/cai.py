@@ -267,16 +267,24 @@ def normalize_options(logprobs: np.ndarray) -> np.ndarray:
 
 def feedback_labels(prompts: Sequence[str], constitution: Constitution, policy: Generator, feedback: Generator, *,
                     seed: int = 0, principles_per_pair: int = 1, cot: bool = False,
-                    cot_clamp: tuple[float, float] = COT_CLAMP) -> list[dict]:
+                    cot_clamp: tuple[float, float] = COT_CLAMP, resample: int = 3) -> list[dict]:
     """RL-CAI preference records for ``prompts``: two sampled responses each, labeled by ``feedback`` (see the
     module docstring). Record: prompt, chosen (A), rejected (B), label (p_A), principles, p_a (per principle),
-    and with ``cot`` the reasonings."""
+    and with ``cot`` the reasonings. Where B equals A (a peaked policy samples the same response twice), B is
+    sampled again, up to ``resample`` more times (seeds seed + 100 + t); pairs still equal are left out by
+    ``labeled_pairs``."""
     if not all(p.feedback for p in constitution.principles):
         missing = next(p.name for p in constitution.principles if not p.feedback)
         raise ValueError(f"principle {missing!r} has no 'feedback' question; RL-CAI labels need one per principle.")
     conv = [conversation(p, "") for p in prompts]
     a = [r.strip() for r in policy.generate(conv, sample=True, seed=seed)]
     b = [r.strip() for r in policy.generate(conv, sample=True, seed=seed + 1)]
+    for t in range(resample):
+        same = [i for i in range(len(prompts)) if a[i] == b[i]]
+        if not same:
+            break
+        for i, r in zip(same, policy.generate([conv[i] for i in same], sample=True, seed=seed + 100 + t)):
+            b[i] = r.strip()
     per = np.zeros((len(prompts), principles_per_pair))
     names, reasons = [[] for _ in prompts], [[] for _ in prompts]
     for k in range(principles_per_pair):
