@@ -86,6 +86,9 @@ def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, 
     import models
 
     out = os.path.join(root, f"seed{seed}")
+    if os.path.exists(os.path.join(out, "summary.json")):  # a finished seed: its results, nothing rerun
+        with open(os.path.join(out, "summary.json")) as f:
+            return json.load(f)
     paths = write_data(os.path.join(out, "data"), seed, n_mix=64 * base_steps, n_pairs=32 * steps, n_heldout=512,
                        corrupt=corrupt)
     half = max(steps // 2, 1)
