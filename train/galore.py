@@ -24,9 +24,6 @@ Which dimensions form the matrix comes from the parameter's logical axes: the st
 of the rest, the ``embed`` dimension is one side and the others, flattened, the other (an
 attention weight stored as [embed, heads, head_dim] is the (embed, heads * head_dim) matrix).
 
-On jax 0.10's CPU backend a multi-device train step holding the SVD can hang (one device runs it,
-and jax 0.11 runs it on any mesh); tests/test_galore.py checks the sharded case on jax >= 0.11.
-
 This transform only scales gradients: the inner transformation gets ``params=None`` and must
 not need them (scale_by_adam, scale_by_lion, scale_by_factored_rms, trace...). Decoupled weight
 decay and the learning rate go after it, on the full weight, as in the paper's GaLore-AdamW:
