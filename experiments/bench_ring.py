@@ -19,7 +19,9 @@ forward+backward), the ratios of the times to cuDNN's, and the max abs differenc
 of the gradients (dq, dk, dv) against cuDNN's. A variant that fails (compile error, out of memory)
 is an error row. A --pallas variant reads QxKwWsS-KxQwWsS-QxKwWsS, the ``flash_kernel.Config`` of each
 kernel: forward (query tile x key step, warps, stages) - dk/dv (key tile x query step, ...) - dq (query
-tile x key step, ...).
+tile x key step, ...); a dq part ``atomic`` or ``relaxed`` (QxKwWsS-KxQwWsS-relaxed) takes the fused
+backward, dq added atomically by the dk/dv kernel (``Config.fused_dq``: acquire-release or relaxed
+atomics), so the old and new backward are timed side by side.
 
 seqlen: the train step of ``experiments/bench_llama_1b.py`` (1.26B: hidden 2048, 22 layers, vocab
 32000) with attention='ring', remat='full', one row per step, compiled ahead of time on the first
@@ -60,12 +62,18 @@ def pallas_variants(spec: str) -> list:
     from models import flash_kernel
 
     out = []
+    tile = r"(\d+)x(\d+)w(\d+)s(\d+)"
     for v in filter(None, (x.strip() for x in spec.split(","))):
-        m = re.fullmatch("-".join([r"(\d+)x(\d+)w(\d+)s(\d+)"] * 3), v)
+        m = re.fullmatch(f"{tile}-{tile}-(?:{tile}|(atomic|relaxed))", v)
         if not m:
             raise SystemExit(f"--pallas variant {v!r} does not read like 128x64w8s3-128x32w8s3-128x64w8s2 (forward, "
-                             f"dk/dv and dq kernels: outer tile x inner step, warps, stages).")
-        out.append((v, flash_kernel.Config(*map(int, m.groups()))))
+                             f"dk/dv and dq kernels: outer tile x inner step, warps, stages; 'atomic' or "
+                             f"'relaxed' for the dq part: dq added by the dk/dv kernel).")
+        *ints, atomic = m.groups()
+        ints = [int(x) for x in ints if x is not None]
+        fused = {None: "", "atomic": "acq_rel", "relaxed": "relaxed"}[atomic]
+        config = flash_kernel.Config(*ints, fused_dq=fused)
+        out.append((v, config))
     return out
 
 

@@ -20,7 +20,13 @@ Kernels (exponentials in base 2: exp(x) = exp2(x log2 e)):
   dk, dv   one program per (key tile of ``dkdv_block_k``, batch row, kv head): loops over the query
            heads of its group and their query tiles of ``dkdv_block_q``, accumulating dk, dv in float32.
   dq       one program per (query tile of ``dq_block_q``, batch row, head), heaviest first: loops over
-           key tiles of ``dq_block_k``, accumulating dq in float32.
+           key tiles of ``dq_block_k``, accumulating dq in float32. With ``fused_dq`` there is no dq
+           kernel: the dk, dv kernel also forms each step's dq partial ds k ([``dkdv_block_q``, d],
+           float32) and adds it to dq with an atomic add (FlashAttention-2's own choice: 5 matmuls per tile
+           pair instead of 7, one exponential instead of two; the order of the additions, so dq's last
+           bits, varies from run to run). Pallas orders its atomics acquire-release, which sm_90 compiles
+           to a GPU-wide memory barrier before each vector atomic; fused_dq="relaxed" lowers this kernel's
+           float adds relaxed (as CUDA's atomicAdd; the kernel's end orders them before dq is read).
 Masks come from integer positions (causal: k_idx <= q_idx) and optional segment ids. Positions
 increase along the block, so for each tile the key (or query) tiles that the causal mask hides
 entirely are a contiguous range, found from the tiles' first and last positions (in XLA, before the
@@ -66,6 +72,7 @@ class Config(NamedTuple):
     dq_block_k: int = 64      # dq: key rows per loop step
     dq_num_warps: int = 8
     dq_num_stages: int = 2
+    fused_dq: str = ""        # "acq_rel" or "relaxed": dq by atomic adds in the dk, dv kernel (dq_* unused)
 
 
 def _tile(n: int, block: int) -> int:
@@ -83,9 +90,17 @@ def _bad_tile(n: int, block: int) -> str | None:
     return None
 
 
+FUSED_DQ = ("", "acq_rel", "relaxed")
+_RELAXED_NAME = "flash_attention_dkdv_relaxed_dq"
+
+
 def _check(sq: int, sk: int, config: Config) -> None:
-    for n, block in ((sq, config.block_q), (sk, config.block_k), (sk, config.dkdv_block_k), (sq, config.dkdv_block_q),
-                     (sq, config.dq_block_q), (sk, config.dq_block_k)):
+    if config.fused_dq not in FUSED_DQ:
+        raise ValueError(f"Config.fused_dq={config.fused_dq!r} is unknown; use one of {FUSED_DQ}.")
+    pairs = ((sq, config.block_q), (sk, config.block_k), (sk, config.dkdv_block_k), (sq, config.dkdv_block_q))
+    if not config.fused_dq:
+        pairs += ((sq, config.dq_block_q), (sk, config.dq_block_k))
+    for n, block in pairs:
         why = _bad_tile(n, block)
         if why:
             raise ValueError(f"the Pallas attention kernel cannot tile this block: {why}; use lengths that are "
@@ -103,6 +118,35 @@ def supports(lengths, head_dim: int, config: Config = Config()) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _relax_float_atomic_adds() -> None:
+    """Make Pallas' Triton lowering emit the float atomic adds of kernels named ``_RELAXED_NAME`` with
+    relaxed ordering (GPU scope) instead of acquire-release; every other atomic is lowered as before.
+    Installed once, on the first use of fused_dq="relaxed" on GPU. Uses Pallas internals (the same in
+    jax 0.10 and 0.11); where they differ it fails loudly at lowering rather than changing results."""
+    from jax._src.lib.triton import dialect as tt
+    from jax._src.pallas.triton import lowering as tl
+    from jax._src.pallas.triton import primitives as tp
+
+    rule = tl.triton_lowering_rules[tp.atomic_rmw_p]
+    if getattr(rule, "relaxed_float_adds", False):
+        return
+
+    def relaxed_rule(ctx, *args, args_tree, atomic_type):
+        value = args_tree.unflatten(ctx.avals_in)[2]
+        if (atomic_type != tp.AtomicOpType.ADD or not jnp.issubdtype(value.dtype, jnp.floating)
+                or not ctx.context.name.startswith(_RELAXED_NAME)):
+            return rule(ctx, *args, args_tree=args_tree, atomic_type=atomic_type)
+        acq_rel = tl._atomic_rmw
+        tl._atomic_rmw = functools.partial(acq_rel, semantic=tt.MemSemantic.RELAXED)
+        try:
+            return rule(ctx, *args, args_tree=args_tree, atomic_type=atomic_type)
+        finally:
+            tl._atomic_rmw = acq_rel
+
+    relaxed_rule.relaxed_float_adds = True
+    tl.triton_lowering_rules[tp.atomic_rmw_p] = relaxed_rule
 
 
 def _interpret(interpret) -> bool:
@@ -152,6 +196,11 @@ def _dot(a, b):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
 
 
+def _dot_tn(a, b):
+    """a [n, m]^T . b [n, d] -> float32 [m, d]."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+
+
 def _mask(q_pos, k_pos, q_seg, k_seg, causal: bool):
     """Boolean [tq, tk] (or None): k_pos <= q_pos where ``causal``, equal segments where given."""
     mask = (k_pos[None, :] <= q_pos[:, None]) if causal else None
@@ -178,13 +227,14 @@ def _fwd_kernel(*refs, nq, tk, c, causal, has_seg):
     def body(j, carry, masked):
         m, l, acc = carry
         sl = pl.ds(j * tk, tk)
-        s = _dot_t(q, k_ref[sl, :]) * c  # log2 units
+        s = _dot_t(q, k_ref[sl, :])  # unscaled: c > 0 enters the row max and, per score, one multiply-add
         mask = _mask(q_pos, ki_ref[sl] if masked else None, q_seg, None if ks_ref is None else ks_ref[sl], masked)
         if mask is not None:
             s = jnp.where(mask, s, NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        p = jnp.exp2(s - m_safe[:, None])
+        m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)  # log2 units
+        # a row can only be wholly masked (m_new = -inf) under a mask
+        m_safe = m_new if mask is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
+        p = jnp.exp2(s * c - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
         v = v_ref[sl, :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
@@ -214,6 +264,8 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
     g = h // kvh
     _check(sq, sk, config)
     scale = d ** -0.5 if scale is None else scale
+    if not scale > 0:
+        raise ValueError(f"the Pallas attention kernel takes a positive scale, not {scale}.")
     dp = max(16, pl.next_power_of_2(d))
     q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
     tq, tk = _tile(sq, config.block_q), _tile(sk, config.block_k)
@@ -247,13 +299,17 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
 
 # ----------------------------------------------------------------------------- backward
 
-def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg):
+def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq):
     """One (key tile, batch row, kv head). refs: q, do [sq, g, d]; k, v [tk, d]; L2, delta [g, sq];
-    q_idx [sq]; k_idx [tk]; q_seg [sq]?, k_seg [tk]?; lo, full [nk]? -> dk, dv [tk, d] f32."""
+    q_idx [sq]; k_idx [tk]; q_seg [sq]?, k_seg [tk]?; lo, full [nk]?; dq [sq, g, d] f32 (fused_dq: the
+    zeros aliased to the output) -> dk, dv [tk, d] f32, and with fused_dq dq [sq, g, d] += ds^T k."""
     q_ref, do_ref, k_ref, v_ref, l_ref, dl_ref, qi_ref, ki_ref, *refs = refs
     qs_ref, ks_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
     lo_ref, full_ref = (refs.pop(0), refs.pop(0)) if causal else (None, None)
-    dk_ref, dv_ref = refs
+    if fused_dq:
+        _, dk_ref, dv_ref, dq_ref = refs  # the input dq is the output's buffer
+    else:
+        dk_ref, dv_ref = refs
     k, v = k_ref[...], v_ref[...]
     k_pos = ki_ref[...]
     k_seg = None if ks_ref is None else ks_ref[...]
@@ -273,8 +329,10 @@ def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg):
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do)
-        ds = p * (_dot_t(v, do) - dl_ref[gi, sl][None, :])
-        return dk + _dot(ds.astype(q.dtype), q), dv
+        ds = (p * (_dot_t(v, do) - dl_ref[gi, sl][None, :])).astype(q.dtype)
+        if fused_dq:  # unscaled: backward multiplies dq by scale once
+            plgpu.atomic_add(dq_ref, (sl, jnp.int32(gi), slice(None)), _dot_tn(ds, k))
+        return dk + _dot(ds, q), dv
 
     if causal:
         t = pl.program_id(0)
@@ -362,12 +420,28 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
         in_specs += [pl.BlockSpec((nk,), lambda j, bi, kh: (0,))] * 2
         args += list(_query_ranges(q_idx, k_idx, ti, to))
     kv_spec = pl.BlockSpec((sqz, to, sqz, dp), lambda j, bi, kh: (bi, j, kh, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, g=g, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg),
-        grid=(nk, b, kvh), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, sk, kvh, dp), F32)] * 2,
-        interpret=interpret, compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages),
-        name="flash_attention_dkdv")(*args)
+    out_specs, out_shape, aliases = [kv_spec, kv_spec], [jax.ShapeDtypeStruct((b, sk, kvh, dp), F32)] * 2, {}
+    name = "flash_attention_dkdv"
+    if config.fused_dq == "relaxed" and not interpret:
+        _relax_float_atomic_adds()
+        name = _RELAXED_NAME
+    if config.fused_dq:  # every key tile's program adds into the dq rows of its batch row and heads
+        q_spec = pl.BlockSpec((sqz, sq, g, dp), lambda j, bi, kh: (bi, 0, kh, 0))
+        in_specs.append(q_spec)
+        args.append(jnp.zeros((b, sq, h, dp), F32))
+        out_specs.append(q_spec)
+        out_shape.append(jax.ShapeDtypeStruct((b, sq, h, dp), F32))
+        aliases = {len(args) - 1: 2}
+    outs = pl.pallas_call(
+        functools.partial(_dkdv_kernel, g=g, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg,
+                          fused_dq=bool(config.fused_dq)),
+        grid=(nk, b, kvh), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages), name=name)(*args)
+    if config.fused_dq:
+        dk, dv, dq = outs
+        return dq[..., :d] * scale, dk[..., :d], dv[..., :d]
+    dk, dv = outs
 
     # dq: programs over query tiles of ``to`` rows (heaviest first), loops over key tiles of ``ti``.
     to, ti = _tile(sq, config.dq_block_q), _tile(sk, config.dq_block_k)
