@@ -80,13 +80,34 @@ def pallas_variants(spec: str) -> list:
     return out
 
 
+def _kernels_only(config):
+    """(forward, forward+backward) of the Pallas kernels called directly, without the ring's glue (the
+    online-softmax combine of one block, zero-initialised accumulators): o cast to q's dtype; the
+    gradients (cast to q's dtype) from the forward's lse and delta = sum(do o)."""
+    from models import flash_kernel
+
+    def fwd(q, k, v):
+        idx = jnp.arange(q.shape[1])
+        return flash_kernel.forward(q, k, v, idx, idx, causal=True, config=config)[0].astype(q.dtype)
+
+    def fwd_bwd(q, k, v, do):
+        idx = jnp.arange(q.shape[1])
+        o, lse = flash_kernel.forward(q, k, v, idx, idx, causal=True, config=config)
+        delta = jnp.sum(do.astype(jnp.float32) * o.astype(q.dtype).astype(jnp.float32), axis=-1)
+        grads = flash_kernel.backward(q, k, v, do, lse, delta, idx, idx, causal=True, config=config)
+        return tuple(g.astype(q.dtype) for g in grads)
+
+    return fwd, fwd_bwd
+
+
 def _jax_pallas_mha(q, k, v):
     from jax.experimental.pallas.ops.gpu import attention
 
     return attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True)
 
 
-def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool = True, pallas=()) -> list[dict]:
+def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool = True, pallas=(),
+                 kernels_only: bool = False) -> list[dict]:
     from parallel import ring_attention as R
 
     rows = []
@@ -99,6 +120,8 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
                  for bq, bk in blocks}
         for name, config in pallas:
             impls[f"pallas {name}"] = lambda q, k, v, config=config: R.ring_attention(q, k, v, kernel=config)
+        if kernels_only:
+            impls.update({f"kernels {name}": _kernels_only(config) for name, config in pallas})
         impls["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
         if with_cudnn:  # on GPU: JAX's own Pallas flash attention (deprecated for tokamax) for comparison
             impls["jax pallas ops mha"] = lambda q, k, v: _jax_pallas_mha(q, k, v)
@@ -106,8 +129,11 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
                                                                           implementation="cudnn")
         ref = ref_grads = None
         for name, attn in impls.items():
-            fwd = jax.jit(attn)
-            fwd_bwd = jax.jit(lambda q, k, v, c, attn=attn: jax.vjp(attn, q, k, v)[1](c))
+            if isinstance(attn, tuple):  # (forward, forward+backward) as they are
+                fwd, fwd_bwd = map(jax.jit, attn)
+            else:
+                fwd = jax.jit(attn)
+                fwd_bwd = jax.jit(lambda q, k, v, c, attn=attn: jax.vjp(attn, q, k, v)[1](c))
             try:
                 out = fwd(q, k, v)
                 grads = fwd_bwd(q, k, v, cot)
@@ -251,6 +277,9 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="256,512,1024,2048", help="tile sizes (block_q = block_k) of the XLA kernel")
     p.add_argument("--pallas", default=PALLAS, help="Pallas kernel variants QxKwWsS-KxQwWsS-QxKwWsS ('' for none)")
     p.add_argument("--shapes", default="4x8192,1x32768", help="BxS pairs (16 heads of 128)")
+    p.add_argument("--kernels_only", action="store_true",
+                   help="also time each --pallas variant's kernels called directly (rows 'kernels ...'): the "
+                        "difference to its 'pallas' row is the ring's glue around one block")
     p.add_argument("--contexts", default="1,2,4,8")
     p.add_argument("--hbm_gib", type=float, default=0.0, help="budget per device (default: its memory limit)")
     p.add_argument("--multiple", type=int, default=512, help="lengths are multiples of 2 x context x this")
@@ -268,7 +297,7 @@ def main(argv=None) -> int:
         if args.tiny:
             shapes, blocks, pallas = [(1, 256, 2, 16)], [(64, 64), (128, 128)], pallas[:2]
         out["kernel"] = kernel_table(shapes, blocks, args.reps, with_cudnn=jax.default_backend() == "gpu",
-                                     pallas=pallas)
+                                     pallas=pallas, kernels_only=args.kernels_only)
         print_kernel(out["kernel"])
     if args.what in ("seqlen", "all"):
         contexts = [int(x) for x in args.contexts.split(",") if int(x) <= jax.device_count()]
