@@ -13,20 +13,23 @@ and from the cotangent do, the *global* log-sum-exp L and delta_i = do_i . o_i o
     p_ij = exp(s_ij - L_i)   dv_j = sum_i p_ij do_i   ds_ij = p_ij (do_i . v_j - delta_i)
     dq_i = scale sum_j ds_ij k_j                      dk_j = scale sum_i ds_ij q_i
 
-Kernels (exponentials in base 2: exp(x) = exp2(x log2 e)):
+Kernels (exponentials in base 2: exp(x) = exp2(x log2 e); the forward takes the scores unscaled and
+applies c = scale log2 e in the row max and, per score, in one multiply-add: exp2(s c - m)):
   forward  one program per (query tile of ``block_q`` rows, batch row, head), heaviest tiles first;
            an online softmax over key tiles of ``block_k`` (running max, denominator, numerator in
            float32); writes o and lse in float32.
   dk, dv   one program per (key tile of ``dkdv_block_k``, batch row, kv head): loops over the query
            heads of its group and their query tiles of ``dkdv_block_q``, accumulating dk, dv in float32.
   dq       one program per (query tile of ``dq_block_q``, batch row, head), heaviest first: loops over
-           key tiles of ``dq_block_k``, accumulating dq in float32. With ``fused_dq`` there is no dq
-           kernel: the dk, dv kernel also forms each step's dq partial ds k ([``dkdv_block_q``, d],
-           float32) and adds it to dq with an atomic add (FlashAttention-2's own choice: 5 matmuls per tile
-           pair instead of 7, one exponential instead of two; the order of the additions, so dq's last
-           bits, varies from run to run). Pallas orders its atomics acquire-release, which sm_90 compiles
-           to a GPU-wide memory barrier before each vector atomic; fused_dq="relaxed" lowers this kernel's
-           float adds relaxed (as CUDA's atomicAdd; the kernel's end orders them before dq is read).
+           key tiles of ``dq_block_k``, accumulating dq in float32.
+  fused    with ``fused_dq`` there is no dq kernel: the dk, dv kernel also forms each step's dq
+           partial ds k ([``dkdv_block_q``, d] float32, as (k^T ds)^T so that every tile shape runs it
+           as a Hopper wgmma reading k from shared memory) and adds it to dq atomically
+           (FlashAttention-2's own choice: 5 matmuls per pair of tiles instead of 7, one exponential
+           instead of two; the order of the additions, so dq's last bits, varies from run to run).
+           Pallas orders atomics acquire-release, which sm_90 compiles to a GPU-wide memory barrier
+           before each vector atomic; fused_dq="relaxed" lowers this kernel's float adds relaxed (as
+           CUDA's atomicAdd; the kernel's end orders them before dq is read).
 Masks come from integer positions (causal: k_idx <= q_idx) and optional segment ids. Positions
 increase along the block, so for each tile the key (or query) tiles that the causal mask hides
 entirely are a contiguous range, found from the tiles' first and last positions (in XLA, before the
@@ -331,7 +334,7 @@ def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq):
         dv = dv + _dot(p.astype(do.dtype), do)
         ds = (p * (_dot_t(v, do) - dl_ref[gi, sl][None, :])).astype(q.dtype)
         if fused_dq:  # unscaled: backward multiplies dq by scale once
-            plgpu.atomic_add(dq_ref, (sl, jnp.int32(gi), slice(None)), _dot_tn(ds, k))
+            plgpu.atomic_add(dq_ref, (sl, jnp.int32(gi), slice(None)), _dot_tn(k, ds).T)
         return dk + _dot(ds, q), dv
 
     if causal:
