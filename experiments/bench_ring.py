@@ -21,7 +21,8 @@ is an error row. A --pallas variant reads QxKwWsS-KxQwWsS-QxKwWsS, the ``flash_k
 kernel: forward (query tile x key step, warps, stages) - dk/dv (key tile x query step, ...) - dq (query
 tile x key step, ...); a dq part ``atomic`` or ``relaxed`` (QxKwWsS-KxQwWsS-relaxed) takes the fused
 backward, dq added atomically by the dk/dv kernel (``Config.fused_dq``: acquire-release or relaxed
-atomics), so the old and new backward are timed side by side.
+atomics), so the old and new backward are timed side by side; a suffix -gG (``Config.group``) launches
+every kernel's programs tile-major over groups of G (batch row, head) pairs, heaviest tiles first.
 
 seqlen: the train step of ``experiments/bench_llama_1b.py`` (1.26B: hidden 2048, 22 layers, vocab
 32000) with attention='ring', remat='full', one row per step, compiled ahead of time on the first
@@ -54,8 +55,10 @@ GiB = 1 << 30
 # the two-kernel ones spill at most 28 bytes of registers, the fused dk/dv kernel (five wgmma matmuls)
 # none at 64x64 and 64x32, 148 bytes at 128x16 and 516 at 128x32 (its float32 dk, dv of 128 keys take 128
 # of 255 registers); 'atomic' (acquire-release: a GPU-wide barrier per vector atomic) shows what 'relaxed' saves.
-PALLAS = ("128x64w8s3-128x32w8s3-128x64w8s2,128x64w8s3-64x64w8s2-relaxed,64x64w4s3-64x32w8s3-relaxed,"
-          "128x64w8s3-128x16w8s3-relaxed,128x64w8s3-128x32w8s2-relaxed,128x64w8s3-64x64w8s2-atomic")
+# -g4: the same kernels launched tile-major over groups of 4 (batch row, head) pairs.
+PALLAS = ("128x64w8s3-128x32w8s3-128x64w8s2,128x64w8s3-128x32w8s3-128x64w8s2-g4,128x64w8s3-64x64w8s2-relaxed,"
+          "128x64w8s3-64x64w8s2-relaxed-g4,64x64w4s3-64x32w8s3-relaxed,128x64w8s3-128x16w8s3-relaxed,"
+          "128x64w8s3-128x32w8s2-relaxed,128x64w8s3-64x64w8s2-atomic")
 
 
 # ----------------------------------------------------------------------------- kernel speed
@@ -67,15 +70,16 @@ def pallas_variants(spec: str) -> list:
     out = []
     tile = r"(\d+)x(\d+)w(\d+)s(\d+)"
     for v in filter(None, (x.strip() for x in spec.split(","))):
-        m = re.fullmatch(f"{tile}-{tile}-(?:{tile}|(atomic|relaxed))", v)
+        m = re.fullmatch(f"{tile}-{tile}-(?:{tile}|(atomic|relaxed))(?:-g(\\d+))?", v)
         if not m:
             raise SystemExit(f"--pallas variant {v!r} does not read like 128x64w8s3-128x32w8s3-128x64w8s2 (forward, "
                              f"dk/dv and dq kernels: outer tile x inner step, warps, stages; 'atomic' or "
-                             f"'relaxed' for the dq part: dq added by the dk/dv kernel).")
-        *ints, atomic = m.groups()
+                             f"'relaxed' for the dq part: dq added by the dk/dv kernel; a suffix -gG: programs "
+                             f"tile-major over groups of G (batch row, head) pairs).")
+        *ints, atomic, group = m.groups()
         ints = [int(x) for x in ints if x is not None]
         fused = {None: "", "atomic": "acq_rel", "relaxed": "relaxed"}[atomic]
-        config = flash_kernel.Config(*ints, fused_dq=fused)
+        config = flash_kernel.Config(*ints, fused_dq=fused, group=int(group or 0))
         out.append((v, config))
     return out
 

@@ -30,6 +30,7 @@ applies c = scale log2 e in the row max and, per score, in one multiply-add: exp
            Pallas orders atomics acquire-release, which sm_90 compiles to a GPU-wide memory barrier
            before each vector atomic; fused_dq="relaxed" lowers this kernel's float adds relaxed (as
            CUDA's atomicAdd; the kernel's end orders them before dq is read).
+Programs run in the order of ``_programs`` (``group``: tile-major over groups of (batch row, head) pairs).
 Masks come from integer positions (causal: k_idx <= q_idx) and optional segment ids. Positions
 increase along the block, so for each tile the key (or query) tiles that the causal mask hides
 entirely are a contiguous range, found from the tiles' first and last positions (in XLA, before the
@@ -48,6 +49,7 @@ Pallas interpreter (tests on CPU).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -76,6 +78,7 @@ class Config(NamedTuple):
     dq_num_warps: int = 8
     dq_num_stages: int = 2
     fused_dq: str = ""        # "acq_rel" or "relaxed": dq by atomic adds in the dk, dv kernel (dq_* unused)
+    group: int = 0            # > 0: programs tile-major over groups of this many (batch row, head) pairs
 
 
 def _tile(n: int, block: int) -> int:
@@ -152,6 +155,28 @@ def _relax_float_atomic_adds() -> None:
     tl.triton_lowering_rules[tp.atomic_rmw_p] = relaxed_rule
 
 
+def _programs(n: int, b: int, h: int, group: int):
+    """(grid, tile axis, wrap) of programs over n tiles x b batch rows x h heads. group = 0: grid (n, b, h),
+    the tiles of one (batch row, head) pair launched together (the tile id varies fastest), so the
+    heaviest and lightest tiles alternate in every wave and the last wave holds a whole pair's tiles;
+    group = G > 0: grid (G', n, b h / G') with G' = gcd(G, b h), tile-major within a group of G' pairs
+    (heaviest first across the group: the last wave holds the group's lightest tiles, the group's
+    keys and values stay in L2). ``wrap`` turns an index map over (tile, batch row, head) into one
+    over the grid."""
+    if not group:
+        return (n, b, h), 0, lambda f: f
+    g = math.gcd(group, b * h)
+
+    def wrap(f):
+        return lambda x, i, z: f(i, (z * g + x) // h, (z * g + x) % h)
+
+    return (g, n, b * h // g), 1, wrap
+
+
+def _wrap_specs(specs, wrap):
+    return [pl.BlockSpec(s.block_shape, wrap(s.index_map)) for s in specs]
+
+
 def _interpret(interpret) -> bool:
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
 
@@ -215,7 +240,7 @@ def _mask(q_pos, k_pos, q_seg, k_seg, causal: bool):
 
 # ----------------------------------------------------------------------------- forward
 
-def _fwd_kernel(*refs, nq, tk, c, causal, has_seg):
+def _fwd_kernel(*refs, nq, tk, c, causal, has_seg, tile_axis):
     """One (query tile, batch row, head). refs: q [tq, d]; k, v [sk, d]; q_idx [tq]; k_idx [sk];
     q_seg [tq]?, k_seg [sk]?; full, vis [nq]? -> o [tq, d] f32, lse [tq] f32."""
     q_ref, k_ref, v_ref, qi_ref, ki_ref, *refs = refs
@@ -245,7 +270,7 @@ def _fwd_kernel(*refs, nq, tk, c, causal, has_seg):
 
     init = (jnp.full((tq,), NEG_INF, F32), jnp.zeros((tq,), F32), jnp.zeros((tq, d), F32))
     if causal:
-        t = nq - 1 - pl.program_id(0)
+        t = nq - 1 - pl.program_id(tile_axis)
         full, vis = full_ref[t], vis_ref[t]
         carry = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), init)
         m, l, acc = jax.lax.fori_loop(full, vis, functools.partial(body, masked=True), carry)
@@ -289,11 +314,13 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
     if causal:
         in_specs += [pl.BlockSpec((nq,), lambda i, bi, hi: (0,))] * 2
         args += list(_key_ranges(q_idx, k_idx, tq, tk))
-    kernel = functools.partial(_fwd_kernel, nq=nq, tk=tk, c=scale * LOG2E, causal=causal, has_seg=has_seg)
+    grid, tile_axis, wrap = _programs(nq, b, h, config.group)
+    kernel = functools.partial(_fwd_kernel, nq=nq, tk=tk, c=scale * LOG2E, causal=causal, has_seg=has_seg,
+                               tile_axis=tile_axis)
+    out_specs = [pl.BlockSpec((sqz, tq, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+                 pl.BlockSpec((sqz, sqz, tq), lambda i, bi, hi: (bi, hi, rev(i)))]
     o, lse = pl.pallas_call(
-        kernel, grid=(nq, b, h), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((sqz, tq, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
-                   pl.BlockSpec((sqz, sqz, tq), lambda i, bi, hi: (bi, hi, rev(i)))],
+        kernel, grid=grid, in_specs=_wrap_specs(in_specs, wrap), out_specs=_wrap_specs(out_specs, wrap),
         out_shape=[jax.ShapeDtypeStruct((b, sq, h, dp), F32), jax.ShapeDtypeStruct((b, h, sq), F32)],
         interpret=interpret, compiler_params=_params(interpret, config.num_warps, config.num_stages),
         name="flash_attention_fwd")(*args)
@@ -302,7 +329,7 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
 
 # ----------------------------------------------------------------------------- backward
 
-def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq):
+def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq, tile_axis):
     """One (key tile, batch row, kv head). refs: q, do [sq, g, d]; k, v [tk, d]; L2, delta [g, sq];
     q_idx [sq]; k_idx [tk]; q_seg [sq]?, k_seg [tk]?; lo, full [nk]?; dq [sq, g, d] f32 (fused_dq: the
     zeros aliased to the output) -> dk, dv [tk, d] f32, and with fused_dq dq [sq, g, d] += ds^T k."""
@@ -338,7 +365,7 @@ def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq):
         return dk + _dot(ds, q), dv
 
     if causal:
-        t = pl.program_id(0)
+        t = pl.program_id(tile_axis)
         lo, full = lo_ref[t], full_ref[t]
 
     def head(gi, carry):
@@ -353,7 +380,7 @@ def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq):
     dv_ref[...] = dv
 
 
-def _dq_kernel(*refs, nq, ti, c, scale, causal, has_seg):
+def _dq_kernel(*refs, nq, ti, c, scale, causal, has_seg, tile_axis):
     """One (query tile, batch row, head). refs: q, do [tq, d]; k, v [sk, d]; L2, delta [tq]; q_idx [tq];
     k_idx [sk]; q_seg [tq]?, k_seg [sk]?; full, vis [nq]? -> dq [tq, d] f32."""
     q_ref, do_ref, k_ref, v_ref, l_ref, dl_ref, qi_ref, ki_ref, *refs = refs
@@ -377,7 +404,7 @@ def _dq_kernel(*refs, nq, ti, c, scale, causal, has_seg):
 
     dq = jnp.zeros(q.shape, F32)
     if causal:
-        t = nq - 1 - pl.program_id(0)
+        t = nq - 1 - pl.program_id(tile_axis)
         full, vis = full_ref[t], vis_ref[t]
         dq = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
         dq = jax.lax.fori_loop(full, vis, functools.partial(body, masked=True), dq)
@@ -435,10 +462,11 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
         out_specs.append(q_spec)
         out_shape.append(jax.ShapeDtypeStruct((b, sq, h, dp), F32))
         aliases = {len(args) - 1: 2}
+    grid, tile_axis, wrap = _programs(nk, b, kvh, config.group)
     outs = pl.pallas_call(
         functools.partial(_dkdv_kernel, g=g, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg,
-                          fused_dq=bool(config.fused_dq)),
-        grid=(nk, b, kvh), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          fused_dq=bool(config.fused_dq), tile_axis=tile_axis),
+        grid=grid, in_specs=_wrap_specs(in_specs, wrap), out_specs=_wrap_specs(out_specs, wrap), out_shape=out_shape,
         input_output_aliases=aliases, interpret=interpret,
         compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages), name=name)(*args)
     if config.fused_dq:
@@ -462,10 +490,12 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
     if causal:
         in_specs += [pl.BlockSpec((nq,), lambda i, bi, hi: (0,))] * 2
         args += list(_key_ranges(q_idx, k_idx, to, ti))
+    grid, tile_axis, wrap = _programs(nq, b, h, config.group)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, nq=nq, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg),
-        grid=(nq, b, h), in_specs=in_specs,
-        out_specs=pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+        functools.partial(_dq_kernel, nq=nq, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg,
+                          tile_axis=tile_axis),
+        grid=grid, in_specs=_wrap_specs(in_specs, wrap),
+        out_specs=_wrap_specs([pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0))], wrap)[0],
         out_shape=jax.ShapeDtypeStruct((b, sq, h, dp), F32),
         interpret=interpret, compiler_params=_params(interpret, config.dq_num_warps, config.dq_num_stages),
         name="flash_attention_dq")(*args)

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 
 TOL = 1e-5
 SMALL = fk.Config(block_q=16, block_k=16, dkdv_block_k=16, dkdv_block_q=16, dq_block_q=16, dq_block_k=16)
-UNEVEN = fk.Config(block_q=32, block_k=16, dkdv_block_k=16, dkdv_block_q=32, dq_block_q=32, dq_block_k=16)
+UNEVEN = fk.Config(block_q=32, block_k=16, dkdv_block_k=16, dkdv_block_q=32, dq_block_q=32, dq_block_k=16,
+                   group=2)  # programs tile-major over pairs of (batch row, head)
 
 # name: (causal, kv_heads, segments, sq, sk, head_dim, q_idx offset, k_idx offset, config, lse from noise)
 CASES = {
