@@ -299,7 +299,8 @@ def main(argv=None) -> int:
         shapes = [(int(bs.split("x")[0]), int(bs.split("x")[1]), 16, 128) for bs in args.shapes.split(",")]
         pallas = pallas_variants(args.pallas)
         if args.tiny:
-            shapes, blocks, pallas = [(1, 256, 2, 16)], [(64, 64), (128, 128)], pallas[:2]
+            shapes, blocks = [(1, 256, 2, 16)], [(64, 64), (128, 128)]
+            pallas = pallas[:1] + [p for p in pallas[1:] if p[1].fused_dq][:1]  # the first fused one too
         out["kernel"] = kernel_table(shapes, blocks, args.reps, with_cudnn=jax.default_backend() == "gpu",
                                      pallas=pallas, kernels_only=args.kernels_only)
         print_kernel(out["kernel"])
