@@ -19,7 +19,10 @@ forward+backward), the ratios of the times to cuDNN's, and the max abs differenc
 of the gradients (dq, dk, dv) against cuDNN's. A variant that fails (compile error, out of memory)
 is an error row. A --pallas variant reads QxKwWsS-KxQwWsS-QxKwWsS, the ``flash_kernel.Config`` of each
 kernel: forward (query tile x key step, warps, stages) - dk/dv (key tile x query step, ...) - dq (query
-tile x key step, ...).
+tile x key step, ...); a dq part ``atomic`` or ``relaxed`` (QxKwWsS-KxQwWsS-relaxed) takes the fused
+backward, dq added atomically by the dk/dv kernel (``Config.fused_dq``: acquire-release or relaxed
+atomics), so the old and new backward are timed side by side; a suffix -gG (``Config.group``) launches
+every kernel's programs tile-major over groups of G (batch row, head) pairs, heaviest tiles first.
 
 seqlen: the train step of ``experiments/bench_llama_1b.py`` (1.26B: hidden 2048, 22 layers, vocab
 32000) with attention='ring', remat='full', one row per step, compiled ahead of time on the first
@@ -47,10 +50,15 @@ import jax.numpy as jnp  # noqa: E402
 from train import bench  # noqa: E402
 
 GiB = 1 << 30
-# flash_kernel.Config() first. The kernels' choices vary together (backward ms = f+b ms - fwd ms); for
-# sm_90 by Triton 3.7, these fit the shared memory and spill at most 28 bytes of registers (dk/dv 128x32).
-PALLAS = ("128x64w8s3-128x32w8s3-128x64w8s2,128x128w8s2-64x64w8s2-128x32w8s3,64x128w8s2-64x32w8s3-128x64w8s3,"
-          "128x64w8s2-128x32w8s2-128x32w8s2,64x64w4s3-64x64w8s3-64x64w8s2")
+# flash_kernel.Config() first, then the fused backward (dq by atomic adds in the dk/dv kernel). The kernels'
+# choices vary together (backward ms = f+b ms - fwd ms). For sm_90 by Triton 3.7 all fit the shared memory;
+# the two-kernel ones spill at most 28 bytes of registers, the fused dk/dv kernel (five wgmma matmuls)
+# none at 64x64 and 64x32, 148 bytes at 128x16 and 516 at 128x32 (its float32 dk, dv of 128 keys take 128
+# of 255 registers); 'atomic' (acquire-release: a GPU-wide barrier per vector atomic) shows what 'relaxed' saves.
+# -g4: the same kernels launched tile-major over groups of 4 (batch row, head) pairs.
+PALLAS = ("128x64w8s3-128x32w8s3-128x64w8s2,128x64w8s3-128x32w8s3-128x64w8s2-g4,128x64w8s3-64x64w8s2-relaxed,"
+          "128x64w8s3-64x64w8s2-relaxed-g4,64x64w4s3-64x32w8s3-relaxed,128x64w8s3-128x16w8s3-relaxed,"
+          "128x64w8s3-128x32w8s2-relaxed,128x64w8s3-64x64w8s2-atomic")
 
 
 # ----------------------------------------------------------------------------- kernel speed
@@ -60,13 +68,40 @@ def pallas_variants(spec: str) -> list:
     from models import flash_kernel
 
     out = []
+    tile = r"(\d+)x(\d+)w(\d+)s(\d+)"
     for v in filter(None, (x.strip() for x in spec.split(","))):
-        m = re.fullmatch("-".join([r"(\d+)x(\d+)w(\d+)s(\d+)"] * 3), v)
+        m = re.fullmatch(f"{tile}-{tile}-(?:{tile}|(atomic|relaxed))(?:-g(\\d+))?", v)
         if not m:
             raise SystemExit(f"--pallas variant {v!r} does not read like 128x64w8s3-128x32w8s3-128x64w8s2 (forward, "
-                             f"dk/dv and dq kernels: outer tile x inner step, warps, stages).")
-        out.append((v, flash_kernel.Config(*map(int, m.groups()))))
+                             f"dk/dv and dq kernels: outer tile x inner step, warps, stages; 'atomic' or "
+                             f"'relaxed' for the dq part: dq added by the dk/dv kernel; a suffix -gG: programs "
+                             f"tile-major over groups of G (batch row, head) pairs).")
+        *ints, atomic, group = m.groups()
+        ints = [int(x) for x in ints if x is not None]
+        fused = {None: "", "atomic": "acq_rel", "relaxed": "relaxed"}[atomic]
+        config = flash_kernel.Config(*ints, fused_dq=fused, group=int(group or 0))
+        out.append((v, config))
     return out
+
+
+def _kernels_only(config):
+    """(forward, forward+backward) of the Pallas kernels called directly, without the ring's glue (the
+    online-softmax combine of one block, zero-initialised accumulators): o cast to q's dtype; the
+    gradients (cast to q's dtype) from the forward's lse and delta = sum(do o)."""
+    from models import flash_kernel
+
+    def fwd(q, k, v):
+        idx = jnp.arange(q.shape[1])
+        return flash_kernel.forward(q, k, v, idx, idx, causal=True, config=config)[0].astype(q.dtype)
+
+    def fwd_bwd(q, k, v, do):
+        idx = jnp.arange(q.shape[1])
+        o, lse = flash_kernel.forward(q, k, v, idx, idx, causal=True, config=config)
+        delta = jnp.sum(do.astype(jnp.float32) * o.astype(q.dtype).astype(jnp.float32), axis=-1)
+        grads = flash_kernel.backward(q, k, v, do, lse, delta, idx, idx, causal=True, config=config)
+        return tuple(g.astype(q.dtype) for g in grads)
+
+    return fwd, fwd_bwd
 
 
 def _jax_pallas_mha(q, k, v):
@@ -75,7 +110,8 @@ def _jax_pallas_mha(q, k, v):
     return attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True)
 
 
-def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool = True, pallas=()) -> list[dict]:
+def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool = True, pallas=(),
+                 kernels_only: bool = False) -> list[dict]:
     from parallel import ring_attention as R
 
     rows = []
@@ -88,6 +124,8 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
                  for bq, bk in blocks}
         for name, config in pallas:
             impls[f"pallas {name}"] = lambda q, k, v, config=config: R.ring_attention(q, k, v, kernel=config)
+        if kernels_only:
+            impls.update({f"kernels {name}": _kernels_only(config) for name, config in pallas})
         impls["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
         if with_cudnn:  # on GPU: JAX's own Pallas flash attention (deprecated for tokamax) for comparison
             impls["jax pallas ops mha"] = lambda q, k, v: _jax_pallas_mha(q, k, v)
@@ -95,8 +133,11 @@ def kernel_table(shapes, blocks, reps: int, dtype=jnp.bfloat16, with_cudnn: bool
                                                                           implementation="cudnn")
         ref = ref_grads = None
         for name, attn in impls.items():
-            fwd = jax.jit(attn)
-            fwd_bwd = jax.jit(lambda q, k, v, c, attn=attn: jax.vjp(attn, q, k, v)[1](c))
+            if isinstance(attn, tuple):  # (forward, forward+backward) as they are
+                fwd, fwd_bwd = map(jax.jit, attn)
+            else:
+                fwd = jax.jit(attn)
+                fwd_bwd = jax.jit(lambda q, k, v, c, attn=attn: jax.vjp(attn, q, k, v)[1](c))
             try:
                 out = fwd(q, k, v)
                 grads = fwd_bwd(q, k, v, cot)
@@ -240,6 +281,9 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="256,512,1024,2048", help="tile sizes (block_q = block_k) of the XLA kernel")
     p.add_argument("--pallas", default=PALLAS, help="Pallas kernel variants QxKwWsS-KxQwWsS-QxKwWsS ('' for none)")
     p.add_argument("--shapes", default="4x8192,1x32768", help="BxS pairs (16 heads of 128)")
+    p.add_argument("--kernels_only", action="store_true",
+                   help="also time each --pallas variant's kernels called directly (rows 'kernels ...'): the "
+                        "difference to its 'pallas' row is the ring's glue around one block")
     p.add_argument("--contexts", default="1,2,4,8")
     p.add_argument("--hbm_gib", type=float, default=0.0, help="budget per device (default: its memory limit)")
     p.add_argument("--multiple", type=int, default=512, help="lengths are multiples of 2 x context x this")
@@ -255,9 +299,10 @@ def main(argv=None) -> int:
         shapes = [(int(bs.split("x")[0]), int(bs.split("x")[1]), 16, 128) for bs in args.shapes.split(",")]
         pallas = pallas_variants(args.pallas)
         if args.tiny:
-            shapes, blocks, pallas = [(1, 256, 2, 16)], [(64, 64), (128, 128)], pallas[:1]
+            shapes, blocks = [(1, 256, 2, 16)], [(64, 64), (128, 128)]
+            pallas = pallas[:1] + [p for p in pallas[1:] if p[1].fused_dq][:1]  # the first fused one too
         out["kernel"] = kernel_table(shapes, blocks, args.reps, with_cudnn=jax.default_backend() == "gpu",
-                                     pallas=pallas)
+                                     pallas=pallas, kernels_only=args.kernels_only)
         print_kernel(out["kernel"])
     if args.what in ("seqlen", "all"):
         contexts = [int(x) for x in args.contexts.split(",") if int(x) <= jax.device_count()]

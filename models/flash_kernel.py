@@ -13,7 +13,8 @@ and from the cotangent do, the *global* log-sum-exp L and delta_i = do_i . o_i o
     p_ij = exp(s_ij - L_i)   dv_j = sum_i p_ij do_i   ds_ij = p_ij (do_i . v_j - delta_i)
     dq_i = scale sum_j ds_ij k_j                      dk_j = scale sum_i ds_ij q_i
 
-Kernels (exponentials in base 2: exp(x) = exp2(x log2 e)):
+Kernels (exponentials in base 2: exp(x) = exp2(x log2 e); the forward takes the scores unscaled and
+applies c = scale log2 e in the row max and, per score, in one multiply-add: exp2(s c - m)):
   forward  one program per (query tile of ``block_q`` rows, batch row, head), heaviest tiles first;
            an online softmax over key tiles of ``block_k`` (running max, denominator, numerator in
            float32); writes o and lse in float32.
@@ -21,6 +22,15 @@ Kernels (exponentials in base 2: exp(x) = exp2(x log2 e)):
            heads of its group and their query tiles of ``dkdv_block_q``, accumulating dk, dv in float32.
   dq       one program per (query tile of ``dq_block_q``, batch row, head), heaviest first: loops over
            key tiles of ``dq_block_k``, accumulating dq in float32.
+  fused    with ``fused_dq`` there is no dq kernel: the dk, dv kernel also forms each step's dq
+           partial ds k ([``dkdv_block_q``, d] float32, as (k^T ds)^T so that every tile shape runs it
+           as a Hopper wgmma reading k from shared memory) and adds it to dq atomically
+           (FlashAttention-2's own choice: 5 matmuls per pair of tiles instead of 7, one exponential
+           instead of two; the order of the additions, so dq's last bits, varies from run to run).
+           Pallas orders atomics acquire-release, which sm_90 compiles to a GPU-wide memory barrier
+           before each vector atomic; fused_dq="relaxed" lowers this kernel's float adds relaxed (as
+           CUDA's atomicAdd; the kernel's end orders them before dq is read).
+Programs run in the order of ``_programs`` (``group``: tile-major over groups of (batch row, head) pairs).
 Masks come from integer positions (causal: k_idx <= q_idx) and optional segment ids. Positions
 increase along the block, so for each tile the key (or query) tiles that the causal mask hides
 entirely are a contiguous range, found from the tiles' first and last positions (in XLA, before the
@@ -39,6 +49,7 @@ Pallas interpreter (tests on CPU).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -66,6 +77,8 @@ class Config(NamedTuple):
     dq_block_k: int = 64      # dq: key rows per loop step
     dq_num_warps: int = 8
     dq_num_stages: int = 2
+    fused_dq: str = ""        # "acq_rel" or "relaxed": dq by atomic adds in the dk, dv kernel (dq_* unused)
+    group: int = 0            # > 0: programs tile-major over groups of this many (batch row, head) pairs
 
 
 def _tile(n: int, block: int) -> int:
@@ -83,9 +96,17 @@ def _bad_tile(n: int, block: int) -> str | None:
     return None
 
 
+FUSED_DQ = ("", "acq_rel", "relaxed")
+_RELAXED_NAME = "flash_attention_dkdv_relaxed_dq"
+
+
 def _check(sq: int, sk: int, config: Config) -> None:
-    for n, block in ((sq, config.block_q), (sk, config.block_k), (sk, config.dkdv_block_k), (sq, config.dkdv_block_q),
-                     (sq, config.dq_block_q), (sk, config.dq_block_k)):
+    if config.fused_dq not in FUSED_DQ:
+        raise ValueError(f"Config.fused_dq={config.fused_dq!r} is unknown; use one of {FUSED_DQ}.")
+    pairs = ((sq, config.block_q), (sk, config.block_k), (sk, config.dkdv_block_k), (sq, config.dkdv_block_q))
+    if not config.fused_dq:
+        pairs += ((sq, config.dq_block_q), (sk, config.dq_block_k))
+    for n, block in pairs:
         why = _bad_tile(n, block)
         if why:
             raise ValueError(f"the Pallas attention kernel cannot tile this block: {why}; use lengths that are "
@@ -103,6 +124,57 @@ def supports(lengths, head_dim: int, config: Config = Config()) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _relax_float_atomic_adds() -> None:
+    """Make Pallas' Triton lowering emit the float atomic adds of kernels named ``_RELAXED_NAME`` with
+    relaxed ordering (GPU scope) instead of acquire-release; every other atomic is lowered as before.
+    Installed once, on the first use of fused_dq="relaxed" on GPU. Uses Pallas internals (the same in
+    jax 0.10 and 0.11); where they differ it fails loudly at lowering rather than changing results."""
+    from jax._src.lib.triton import dialect as tt
+    from jax._src.pallas.triton import lowering as tl
+    from jax._src.pallas.triton import primitives as tp
+
+    rule = tl.triton_lowering_rules[tp.atomic_rmw_p]
+    if getattr(rule, "relaxed_float_adds", False):
+        return
+
+    def relaxed_rule(ctx, *args, args_tree, atomic_type):
+        value = args_tree.unflatten(ctx.avals_in)[2]
+        if (atomic_type != tp.AtomicOpType.ADD or not jnp.issubdtype(value.dtype, jnp.floating)
+                or not ctx.context.name.startswith(_RELAXED_NAME)):
+            return rule(ctx, *args, args_tree=args_tree, atomic_type=atomic_type)
+        acq_rel = tl._atomic_rmw
+        tl._atomic_rmw = functools.partial(acq_rel, semantic=tt.MemSemantic.RELAXED)
+        try:
+            return rule(ctx, *args, args_tree=args_tree, atomic_type=atomic_type)
+        finally:
+            tl._atomic_rmw = acq_rel
+
+    relaxed_rule.relaxed_float_adds = True
+    tl.triton_lowering_rules[tp.atomic_rmw_p] = relaxed_rule
+
+
+def _programs(n: int, b: int, h: int, group: int):
+    """(grid, tile axis, wrap) of programs over n tiles x b batch rows x h heads. group = 0: grid (n, b, h),
+    the tiles of one (batch row, head) pair launched together (the tile id varies fastest), so the
+    heaviest and lightest tiles alternate in every wave and the last wave holds a whole pair's tiles;
+    group = G > 0: grid (G', n, b h / G') with G' = gcd(G, b h), tile-major within a group of G' pairs
+    (heaviest first across the group: the last wave holds the group's lightest tiles, the group's
+    keys and values stay in L2). ``wrap`` turns an index map over (tile, batch row, head) into one
+    over the grid."""
+    if not group:
+        return (n, b, h), 0, lambda f: f
+    g = math.gcd(group, b * h)
+
+    def wrap(f):
+        return lambda x, i, z: f(i, (z * g + x) // h, (z * g + x) % h)
+
+    return (g, n, b * h // g), 1, wrap
+
+
+def _wrap_specs(specs, wrap):
+    return [pl.BlockSpec(s.block_shape, wrap(s.index_map)) for s in specs]
 
 
 def _interpret(interpret) -> bool:
@@ -152,6 +224,11 @@ def _dot(a, b):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
 
 
+def _dot_tn(a, b):
+    """a [n, m]^T . b [n, d] -> float32 [m, d]."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+
+
 def _mask(q_pos, k_pos, q_seg, k_seg, causal: bool):
     """Boolean [tq, tk] (or None): k_pos <= q_pos where ``causal``, equal segments where given."""
     mask = (k_pos[None, :] <= q_pos[:, None]) if causal else None
@@ -163,7 +240,7 @@ def _mask(q_pos, k_pos, q_seg, k_seg, causal: bool):
 
 # ----------------------------------------------------------------------------- forward
 
-def _fwd_kernel(*refs, nq, tk, c, causal, has_seg):
+def _fwd_kernel(*refs, nq, tk, c, causal, has_seg, tile_axis):
     """One (query tile, batch row, head). refs: q [tq, d]; k, v [sk, d]; q_idx [tq]; k_idx [sk];
     q_seg [tq]?, k_seg [sk]?; full, vis [nq]? -> o [tq, d] f32, lse [tq] f32."""
     q_ref, k_ref, v_ref, qi_ref, ki_ref, *refs = refs
@@ -178,13 +255,14 @@ def _fwd_kernel(*refs, nq, tk, c, causal, has_seg):
     def body(j, carry, masked):
         m, l, acc = carry
         sl = pl.ds(j * tk, tk)
-        s = _dot_t(q, k_ref[sl, :]) * c  # log2 units
+        s = _dot_t(q, k_ref[sl, :])  # unscaled: c > 0 enters the row max and, per score, one multiply-add
         mask = _mask(q_pos, ki_ref[sl] if masked else None, q_seg, None if ks_ref is None else ks_ref[sl], masked)
         if mask is not None:
             s = jnp.where(mask, s, NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-        p = jnp.exp2(s - m_safe[:, None])
+        m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)  # log2 units
+        # a row can only be wholly masked (m_new = -inf) under a mask
+        m_safe = m_new if mask is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
+        p = jnp.exp2(s * c - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
         v = v_ref[sl, :]
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
@@ -192,7 +270,7 @@ def _fwd_kernel(*refs, nq, tk, c, causal, has_seg):
 
     init = (jnp.full((tq,), NEG_INF, F32), jnp.zeros((tq,), F32), jnp.zeros((tq, d), F32))
     if causal:
-        t = nq - 1 - pl.program_id(0)
+        t = nq - 1 - pl.program_id(tile_axis)
         full, vis = full_ref[t], vis_ref[t]
         carry = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), init)
         m, l, acc = jax.lax.fori_loop(full, vis, functools.partial(body, masked=True), carry)
@@ -214,6 +292,8 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
     g = h // kvh
     _check(sq, sk, config)
     scale = d ** -0.5 if scale is None else scale
+    if not scale > 0:
+        raise ValueError(f"the Pallas attention kernel takes a positive scale, not {scale}.")
     dp = max(16, pl.next_power_of_2(d))
     q, k, v = (_pad_dim(x, dp) for x in (q, k, v))
     tq, tk = _tile(sq, config.block_q), _tile(sk, config.block_k)
@@ -234,11 +314,13 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
     if causal:
         in_specs += [pl.BlockSpec((nq,), lambda i, bi, hi: (0,))] * 2
         args += list(_key_ranges(q_idx, k_idx, tq, tk))
-    kernel = functools.partial(_fwd_kernel, nq=nq, tk=tk, c=scale * LOG2E, causal=causal, has_seg=has_seg)
+    grid, tile_axis, wrap = _programs(nq, b, h, config.group)
+    kernel = functools.partial(_fwd_kernel, nq=nq, tk=tk, c=scale * LOG2E, causal=causal, has_seg=has_seg,
+                               tile_axis=tile_axis)
+    out_specs = [pl.BlockSpec((sqz, tq, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+                 pl.BlockSpec((sqz, sqz, tq), lambda i, bi, hi: (bi, hi, rev(i)))]
     o, lse = pl.pallas_call(
-        kernel, grid=(nq, b, h), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((sqz, tq, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
-                   pl.BlockSpec((sqz, sqz, tq), lambda i, bi, hi: (bi, hi, rev(i)))],
+        kernel, grid=grid, in_specs=_wrap_specs(in_specs, wrap), out_specs=_wrap_specs(out_specs, wrap),
         out_shape=[jax.ShapeDtypeStruct((b, sq, h, dp), F32), jax.ShapeDtypeStruct((b, h, sq), F32)],
         interpret=interpret, compiler_params=_params(interpret, config.num_warps, config.num_stages),
         name="flash_attention_fwd")(*args)
@@ -247,13 +329,17 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
 
 # ----------------------------------------------------------------------------- backward
 
-def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg):
+def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq, tile_axis):
     """One (key tile, batch row, kv head). refs: q, do [sq, g, d]; k, v [tk, d]; L2, delta [g, sq];
-    q_idx [sq]; k_idx [tk]; q_seg [sq]?, k_seg [tk]?; lo, full [nk]? -> dk, dv [tk, d] f32."""
+    q_idx [sq]; k_idx [tk]; q_seg [sq]?, k_seg [tk]?; lo, full [nk]?; dq [sq, g, d] f32 (fused_dq: the
+    zeros aliased to the output) -> dk, dv [tk, d] f32, and with fused_dq dq [sq, g, d] += ds^T k."""
     q_ref, do_ref, k_ref, v_ref, l_ref, dl_ref, qi_ref, ki_ref, *refs = refs
     qs_ref, ks_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
     lo_ref, full_ref = (refs.pop(0), refs.pop(0)) if causal else (None, None)
-    dk_ref, dv_ref = refs
+    if fused_dq:
+        _, dk_ref, dv_ref, dq_ref = refs  # the input dq is the output's buffer
+    else:
+        dk_ref, dv_ref = refs
     k, v = k_ref[...], v_ref[...]
     k_pos = ki_ref[...]
     k_seg = None if ks_ref is None else ks_ref[...]
@@ -273,11 +359,13 @@ def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg):
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do)
-        ds = p * (_dot_t(v, do) - dl_ref[gi, sl][None, :])
-        return dk + _dot(ds.astype(q.dtype), q), dv
+        ds = (p * (_dot_t(v, do) - dl_ref[gi, sl][None, :])).astype(q.dtype)
+        if fused_dq:  # unscaled: backward multiplies dq by scale once
+            plgpu.atomic_add(dq_ref, (sl, jnp.int32(gi), slice(None)), _dot_tn(k, ds).T)
+        return dk + _dot(ds, q), dv
 
     if causal:
-        t = pl.program_id(0)
+        t = pl.program_id(tile_axis)
         lo, full = lo_ref[t], full_ref[t]
 
     def head(gi, carry):
@@ -292,7 +380,7 @@ def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg):
     dv_ref[...] = dv
 
 
-def _dq_kernel(*refs, nq, ti, c, scale, causal, has_seg):
+def _dq_kernel(*refs, nq, ti, c, scale, causal, has_seg, tile_axis):
     """One (query tile, batch row, head). refs: q, do [tq, d]; k, v [sk, d]; L2, delta [tq]; q_idx [tq];
     k_idx [sk]; q_seg [tq]?, k_seg [sk]?; full, vis [nq]? -> dq [tq, d] f32."""
     q_ref, do_ref, k_ref, v_ref, l_ref, dl_ref, qi_ref, ki_ref, *refs = refs
@@ -316,7 +404,7 @@ def _dq_kernel(*refs, nq, ti, c, scale, causal, has_seg):
 
     dq = jnp.zeros(q.shape, F32)
     if causal:
-        t = nq - 1 - pl.program_id(0)
+        t = nq - 1 - pl.program_id(tile_axis)
         full, vis = full_ref[t], vis_ref[t]
         dq = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
         dq = jax.lax.fori_loop(full, vis, functools.partial(body, masked=True), dq)
@@ -362,12 +450,29 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
         in_specs += [pl.BlockSpec((nk,), lambda j, bi, kh: (0,))] * 2
         args += list(_query_ranges(q_idx, k_idx, ti, to))
     kv_spec = pl.BlockSpec((sqz, to, sqz, dp), lambda j, bi, kh: (bi, j, kh, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, g=g, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg),
-        grid=(nk, b, kvh), in_specs=in_specs, out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, sk, kvh, dp), F32)] * 2,
-        interpret=interpret, compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages),
-        name="flash_attention_dkdv")(*args)
+    out_specs, out_shape, aliases = [kv_spec, kv_spec], [jax.ShapeDtypeStruct((b, sk, kvh, dp), F32)] * 2, {}
+    name = "flash_attention_dkdv"
+    if config.fused_dq == "relaxed" and not interpret:
+        _relax_float_atomic_adds()
+        name = _RELAXED_NAME
+    if config.fused_dq:  # every key tile's program adds into the dq rows of its batch row and heads
+        q_spec = pl.BlockSpec((sqz, sq, g, dp), lambda j, bi, kh: (bi, 0, kh, 0))
+        in_specs.append(q_spec)
+        args.append(jnp.zeros((b, sq, h, dp), F32))
+        out_specs.append(q_spec)
+        out_shape.append(jax.ShapeDtypeStruct((b, sq, h, dp), F32))
+        aliases = {len(args) - 1: 2}
+    grid, tile_axis, wrap = _programs(nk, b, kvh, config.group)
+    outs = pl.pallas_call(
+        functools.partial(_dkdv_kernel, g=g, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg,
+                          fused_dq=bool(config.fused_dq), tile_axis=tile_axis),
+        grid=grid, in_specs=_wrap_specs(in_specs, wrap), out_specs=_wrap_specs(out_specs, wrap), out_shape=out_shape,
+        input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages), name=name)(*args)
+    if config.fused_dq:
+        dk, dv, dq = outs
+        return dq[..., :d] * scale, dk[..., :d], dv[..., :d]
+    dk, dv = outs
 
     # dq: programs over query tiles of ``to`` rows (heaviest first), loops over key tiles of ``ti``.
     to, ti = _tile(sq, config.dq_block_q), _tile(sk, config.dq_block_k)
@@ -385,10 +490,12 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
     if causal:
         in_specs += [pl.BlockSpec((nq,), lambda i, bi, hi: (0,))] * 2
         args += list(_key_ranges(q_idx, k_idx, to, ti))
+    grid, tile_axis, wrap = _programs(nq, b, h, config.group)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, nq=nq, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg),
-        grid=(nq, b, h), in_specs=in_specs,
-        out_specs=pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+        functools.partial(_dq_kernel, nq=nq, ti=ti, c=c, scale=scale, causal=causal, has_seg=has_seg,
+                          tile_axis=tile_axis),
+        grid=grid, in_specs=_wrap_specs(in_specs, wrap),
+        out_specs=_wrap_specs([pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0))], wrap)[0],
         out_shape=jax.ShapeDtypeStruct((b, sq, h, dp), F32),
         interpret=interpret, compiler_params=_params(interpret, config.dq_num_warps, config.dq_num_stages),
         name="flash_attention_dq")(*args)

@@ -4,12 +4,14 @@ Forward (o, lse) and backward (dq, dk, dv from a given global lse and delta) equ
 kernel (models/block_attention.py) in float32 for causal and non-causal masks, MHA and GQA, with and
 without segment ids, with positions as a ring step gives them (keys entirely earlier, partly
 masked, later; rows that see no key), query and key blocks of different lengths, a padded head
-dimension and uneven tiles; the forward also equals a float64 NumPy formula. Ring attention with
+dimension and uneven tiles; the forward also equals a float64 NumPy formula. The fused backward
+(dq by atomic adds in the dk, dv kernel) equals the XLA kernel in every case too. Ring attention with
 kernel='pallas' on a 4-device zigzag ring equals dense attention; both kernels lower to Triton
 calls for an H200 without a GPU.
 """
 import contextlib
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,8 @@ pytestmark = pytest.mark.timeout(120)
 
 TOL = 1e-5
 SMALL = fk.Config(block_q=16, block_k=16, dkdv_block_k=16, dkdv_block_q=16, dq_block_q=16, dq_block_k=16)
-UNEVEN = fk.Config(block_q=32, block_k=16, dkdv_block_k=16, dkdv_block_q=32, dq_block_q=32, dq_block_k=16)
+UNEVEN = fk.Config(block_q=32, block_k=16, dkdv_block_k=16, dkdv_block_q=32, dq_block_q=32, dq_block_k=16,
+                   group=2)  # programs tile-major over pairs of (batch row, head)
 
 # name: (causal, kv_heads, segments, sq, sk, head_dim, q_idx offset, k_idx offset, config, lse from noise)
 CASES = {
@@ -70,6 +73,8 @@ def case(request):
     bwd_args = (c["q"], c["k"], c["v"], c["do"], lse, delta) + pos[3:]
     c["bwd"] = jit(functools.partial(fk.backward, causal=c["causal"], config=c["config"], interpret=True))(*bwd_args)
     c["bwd_ref"] = jit(functools.partial(blk.backward, causal=c["causal"], block_q=8, block_k=16))(*bwd_args)
+    fused = c["config"]._replace(fused_dq="relaxed")
+    c["bwd_fused"] = jit(functools.partial(fk.backward, causal=c["causal"], config=fused, interpret=True))(*bwd_args)
     return c
 
 
@@ -83,8 +88,9 @@ def test_forward_equals_xla_blockwise(case):
     assert not np.any(np.asarray(o)[empty])  # rows that see no key: o = 0
 
 
-def test_backward_equals_xla_blockwise(case):
-    for got, want, name in zip(case["bwd"], case["bwd_ref"], ("dq", "dk", "dv")):
+@pytest.mark.parametrize("which", ["bwd", "bwd_fused"])
+def test_backward_equals_xla_blockwise(case, which):
+    for got, want, name in zip(case[which], case["bwd_ref"], ("dq", "dk", "dv")):
         assert got.dtype == jnp.float32 and got.shape == want.shape, name
         assert rel_err(got, want) < TOL, name
 
@@ -151,23 +157,42 @@ def test_kernel_choice_and_refusals():
     x = jnp.zeros((1, 96, 2, 16))
     with pytest.raises(ValueError, match="cuts a length of 96 into tiles of 96"):
         fk.forward(x, x, x, jnp.arange(96), jnp.arange(96), interpret=True)
+    x = jnp.zeros((1, 64, 2, 16))
+    with pytest.raises(ValueError, match="fused_dq='yes' is unknown"):
+        fk.backward(x, x, x, x, x[..., 0], x[..., 0], jnp.arange(64), jnp.arange(64),
+                    config=SMALL._replace(fused_dq="yes"), interpret=True)
+    with pytest.raises(ValueError, match="positive scale"):
+        fk.forward(x, x, x, jnp.arange(64), jnp.arange(64), scale=-1.0, config=SMALL, interpret=True)
 
 
-def test_triton_lowering_for_cuda_without_a_gpu():
-    """Forward and backward lower to Triton calls for an H200 (bf16, GQA, segments, causal and not)."""
+def test_triton_lowering_for_cuda_without_a_gpu(monkeypatch):
+    """Forward and backward lower to Triton calls for an H200 (bf16, GQA, segments, causal and not); the
+    fused backward's atomic float adds are relaxed with fused_dq="relaxed", acquire-release otherwise
+    (read from the Triton IR that Pallas hands to XLA)."""
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    modules = []
+    lower = reg.lowering.lower_jaxpr_to_triton_module
+
+    def keep(*a, **kw):
+        res = lower(*a, **kw)
+        modules.append(res.module.operation.get_asm(enable_debug_info=False))
+        return res
+
+    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", keep)
     b, s, h, kvh, d = 1, 256, 4, 2, 128
     sd = jax.ShapeDtypeStruct
     bf, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
     args = (sd((b, s, h, d), bf), sd((b, s, kvh, d), bf), sd((b, s, kvh, d), bf), sd((b, s, h, d), bf),
             sd((b, s, h), f32), sd((b, s, h), f32), sd((s,), i32), sd((s,), i32), sd((b, s), i32), sd((b, s), i32))
 
-    def fwd(q, k, v, do, lse, delta, qi, ki, qs, ks, causal):
+    def fwd(q, k, v, do, lse, delta, qi, ki, qs, ks, causal, config):
         return fk.forward(q, k, v, qi, ki, qs if causal else None, ks if causal else None, causal=causal,
-                          interpret=False)
+                          config=config, interpret=False)
 
-    def bwd(q, k, v, do, lse, delta, qi, ki, qs, ks, causal):
+    def bwd(q, k, v, do, lse, delta, qi, ki, qs, ks, causal, config):
         return fk.backward(q, k, v, do, lse, delta, qi, ki, qs if causal else None, ks if causal else None,
-                           causal=causal, interpret=False)
+                           causal=causal, config=config, interpret=False)
 
     ctx = contextlib.nullcontext()
     if hasattr(jax.sharding, "AbstractDevice"):  # newer jax takes the GPU model from an abstract mesh
@@ -175,6 +200,11 @@ def test_triton_lowering_for_cuda_without_a_gpu():
         ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
     with ctx:
         for causal in (True, False):
-            for fn, calls in ((fwd, 1), (bwd, 2)):
-                lowered = jax.jit(functools.partial(fn, causal=causal)).trace(*args).lower(lowering_platforms=("cuda",))
+            for fn, calls, config in ((fwd, 1, fk.Config()), (bwd, 2, fk.Config()),
+                                      (bwd, 1, fk.Config(fused_dq="relaxed")), (bwd, 1, fk.Config(fused_dq="acq_rel"))):
+                modules.clear()
+                fn = functools.partial(fn, causal=causal, config=config)
+                lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
                 assert lowered.as_text().count("__gpu$xla.gpu.triton") == calls
+                adds = [m for text in modules for m in re.findall(r"tt\.atomic_rmw fadd, (\w+)", text)]
+                assert adds == ([config.fused_dq] * (1 + causal) if config.fused_dq else []), adds
