@@ -1,0 +1,84 @@
+"""Mamba decoding: the fused one-token step kernel (Pallas, interpreted on CPU) against the XLA step and a
+float64 NumPy formula, and generation through the kernel against generation through XLA."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import generate as G
+from models import mamba as M
+from models import step_kernel as K
+from tests.helpers import jit
+from tests.test_mamba import CFG, NEW, PROMPTS, naive_greedy, params_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def numpy_step(h, x, z, dt_raw, dt_bias, A, B, C, D, keep, live):
+    """h' = keep exp(dt A) h + dt B x, y = (C.h' + D x) silu(z), dt = live softplus(dt_raw + dt_bias); float64."""
+    h, x, z, dt_raw, dt_bias, A, B, C, D, keep, live = (np.asarray(a, np.float64) for a in
+                                                       (h, x, z, dt_raw, dt_bias, A, B, C, D, keep, live))
+    dt = np.log1p(np.exp(dt_raw + dt_bias)) * live[:, None]
+    h = keep[:, None, None] * np.exp(dt[..., None] * A) * h + (dt * x)[..., None] * B[:, None, :]
+    y = np.einsum("ben,bn->be", h, C) + D * x
+    return y * z / (1 + np.exp(-z)), h
+
+
+@pytest.mark.parametrize("E,N,block_e", [(64, 16, 16), (24, 4, 128)])
+def test_step_kernel_equals_xla_step_and_float64(E, N, block_e):
+    L, b, layer = 3, 4, 1
+    rng = np.random.default_rng(E)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    h, x, z, dt_raw, bias = f(L, b, E, N), f(b, E), f(b, E), f(b, E), f(E)
+    A, B, C, D = -jnp.exp(f(E, N)), f(b, N), f(b, N), f(E)
+    keep, live = jnp.array([1.0, 0.0, 1.0, 1.0]), jnp.array([1.0, 1.0, 0.0, 1.0])  # a reset row, a padding row
+    args = (x, z, dt_raw, bias, A, B, C, D, keep, live)
+    y, h_all = jit(lambda h, args: K.selective_step(h, layer, *args, block_e=block_e, interpret=True),
+                   donate_argnums=0)(jnp.array(h), args)
+    y_ref, h_ref = jit(K.step_reference)(h[layer], *args)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h_all[layer], h_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.delete(np.asarray(h_all), layer, 0), np.delete(np.asarray(h), layer, 0))
+    y64, h64 = numpy_step(h[layer], *args)
+    np.testing.assert_allclose(y_ref, y64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_ref, h64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(h_ref[2], h[layer, 2])  # padding: the state is unchanged
+    assert K.block_size(E, block_e) == min(block_e, E & -E)
+
+
+def test_decode_params_and_generation_with_kernel_equal_xla():
+    params = params_for(CFG)
+    per_layer_params = jit(M.decode_params, static_argnums=1)(params, CFG)
+    per_layer = per_layer_params["layers"]
+    assert len(per_layer) == CFG.n_layers and set(per_layer[0]) >= {"in_xz", "A"}
+    np.testing.assert_array_equal(per_layer[1]["in_xz"][:, CFG.d_inner:], params["layers"]["in_z"][1])
+    xla, kernel = (dataclasses.replace(CFG, decode=d) for d in ("xla", "pallas"))
+    assert not M.use_step_kernel(xla) and M.use_step_kernel(kernel) and not M.use_step_kernel(CFG)  # CPU: auto = xla
+
+    # Cached steps (a padding token, a new segment mid-way): per-layer weights through the kernel equal the
+    # stacked weights through the XLA scan.
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 4)).astype(np.int32)
+    seg = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 2, 2]], np.int32)
+
+    @functools.partial(jit, static_argnames="cfg")
+    def step(params, cache, tokens, segment_ids, cfg):
+        logits, aux = M.apply(params, tokens, cfg, segment_ids=segment_ids, cache=cache)
+        return logits, aux["cache"]
+
+    outs = []
+    for p, cfg in ((params, xla), (per_layer_params, kernel)):
+        cache, logits = M.init_cache(cfg, 3), []
+        for t in range(tokens.shape[1]):
+            out, cache = step(p, cache, tokens[:, t:t + 1], seg[:, t:t + 1], cfg)
+            logits.append(out)
+        outs.append((np.concatenate(logits, 1), cache))
+    (want, want_cache), (got, got_cache) = outs
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for name in ("conv", "ssm", "segment"):
+        np.testing.assert_allclose(got_cache[name], want_cache[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # Generation through the kernel: the tokens of greedy decoding by the full forward pass.
+    assert G.greedy(M, params, kernel, PROMPTS, max_new_tokens=NEW) == naive_greedy(params, PROMPTS, NEW)
