@@ -467,15 +467,14 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
     xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run, buffer=conv_state)
     xc = constrain(jax.nn.silu(xc).astype(dt_type), names)
     dbc = layers.linear(p["x_proj"], xc, name="x_proj")  # [b, s, R + 2N]
-    dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
-    dt_raw = layers.linear(p["dt_proj"], dt_low, out_dtype=jnp.float32, name="dt_proj")
     A = p["A"] if "A" in p else -jnp.exp(p["A_log"].astype(jnp.float32))
-    if layer is not None and x.shape[1] == 1 and use_step_kernel(cfg):
-        y, ssm = _step_pallas(state["ssm"], layer, xc[:, 0], z[:, 0], dt_raw[:, 0], p["dt_bias"], A, B[:, 0],
-                              C[:, 0], p["D"], 1.0 - start[:, 0].astype(jnp.float32),
-                              nonpad[:, 0].astype(jnp.float32))
+    if layer is not None and x.shape[1] == 1 and use_step_kernel(cfg) and isinstance(p["dt_proj"], jax.Array):
+        y, ssm = _step_pallas(state["ssm"], layer, xc[:, 0], z[:, 0], dbc[:, 0], p["dt_proj"], p["dt_bias"], A,
+                              p["D"], 1.0 - start[:, 0].astype(jnp.float32), nonpad[:, 0].astype(jnp.float32))
         y = constrain(y[:, None], names)
     else:
+        dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
+        dt_raw = layers.linear(p["dt_proj"], dt_low, out_dtype=jnp.float32, name="dt_proj")
         dt = jax.nn.softplus(dt_raw + p["dt_bias"].astype(jnp.float32))
         if nonpad is not None:
             dt = jnp.where(nonpad[..., None], dt, 0.0)  # padding: decay 1, no input
@@ -496,19 +495,20 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
 
 def use_step_kernel(cfg: Config) -> bool:
     """Whether one-token cached steps take ``step_kernel`` (``cfg.decode``; "auto": on a GPU without an
-    active mesh)."""
+    active mesh, when dt_rank and d_state are powers of 2, as Triton's blocks must be)."""
     if cfg.decode == "auto":
-        return jax.default_backend() == "gpu" and sharding.active() is None
+        pow2 = all(v & (v - 1) == 0 for v in (cfg.dt_rank, cfg.d_state))
+        return jax.default_backend() == "gpu" and sharding.active() is None and pow2
     return cfg.decode == "pallas"
 
 
-def _step_pallas(h_all, layer, x, z, dt_raw, dt_bias, A, B, C, D, keep, live):
+def _step_pallas(h_all, layer, x, z, dbc, dt_proj, dt_bias, A, D, keep, live):
     """``step_kernel.selective_step``; under an active mesh in ``shard_map`` over rows and channels (by the
     rules for ``batch`` and ``inner``; the state's ``layers`` axis whole on each device)."""
-    def run(h_all, x, z, dt_raw, dt_bias, A, B, C, D, keep, live):
-        return step_kernel.selective_step(h_all, layer, x, z, dt_raw, dt_bias, A, B, C, D, keep, live)
+    def run(h_all, x, z, dbc, dt_proj, dt_bias, A, D, keep, live):
+        return step_kernel.selective_step(h_all, layer, x, z, dbc, dt_proj, dt_bias, A, D, keep, live)
 
-    args = (h_all, x, z, dt_raw, dt_bias, A, B, C, D, keep, live)
+    args = (h_all, x, z, dbc, dt_proj, dt_bias, A, D, keep, live)
     active = sharding.active()
     if active is None:
         return run(*args)
@@ -516,8 +516,8 @@ def _step_pallas(h_all, layer, x, z, dt_raw, dt_bias, A, B, C, D, keep, live):
     spec = lambda *names: sharding.logical_to_spec(names, rules)  # noqa: E731
     rows_inner, inner, rows = spec("batch", "inner"), spec("inner"), spec("batch")
     state = spec(None, "batch", "inner", "state")
-    in_specs = (state, rows_inner, rows_inner, rows_inner, inner, spec("inner", "state"), spec("batch", None),
-                spec("batch", None), inner, rows, rows)
+    in_specs = (state, rows_inner, rows_inner, spec("batch", None), spec(None, "inner"), inner,
+                spec("inner", "state"), inner, rows, rows)
     return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(rows_inner, state), check_vma=False)(*args)
 
 

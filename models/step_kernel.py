@@ -2,15 +2,16 @@
 
 For one layer l of the stacked recurrent state h [layers, b, E, N] float32 and one token per row:
 
-    dt   = softplus(dt_raw + dt_bias)                     (dt = 0 where ``live`` is 0: a padding token)
+    dt   = softplus(dt_low W_dt + dt_bias)                (dt = 0 where ``live`` is 0: a padding token)
     h'   = keep exp(dt A) * h[l] + dt B x                 (keep = 0 zeroes the state first: a segment start)
     y    = (C . h' + D x) silu(z)                         (Gu & Dao 2023, eq. 2a-2b with ZOH for A, Euler for B)
 
-x, z, dt_raw [b, E]; dt_bias, D [E]; A [E, N] (negative); B, C [b, N]; keep, live [b]. One
-program per (batch row, block of ``block_e`` channels) reads its h block once, computes in
-float32 and writes h' once, into the same buffer (``input_output_aliases``: the whole stacked state
-is the kernel's operand and result, layer ``l`` chosen by the block index, so nothing is sliced or
-copied around the call). ``interpret=True`` runs the same kernel on CPU (tests).
+x, z [b, E]; dt_low [b, R], B, C [b, N] as x_proj wrote them (one [b, R + 2N] array, read in place);
+W_dt [R, E] (dt_proj: its matmul is done in the kernel); dt_bias, D [E]; A [E, N] (negative); keep,
+live [b]. One program per (block of rows, block of channels) reads its h block once, computes in
+float32 and writes h' once, into the same buffer (``input_output_aliases``: the whole stacked
+state is the kernel's operand and result, layer ``l`` chosen by the block index, so nothing is
+sliced or copied around the call). ``interpret=True`` runs the same kernel on CPU (tests).
 
 ``step_reference`` is the same update in plain XLA, the path off GPU.
 """
@@ -32,78 +33,96 @@ def _softplus(v):
     return jnp.maximum(v, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(v)))
 
 
-def step_reference(h, x, z, dt_raw, dt_bias, A, B, C, D, keep=None, live=None):
+def step_reference(h, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None):
     """The update in XLA, float32: (y [b, E] float32, h' [b, E, N] float32) for one layer's h [b, E, N]."""
     f32 = lambda a: a.astype(F32)  # noqa: E731
-    dt = _softplus(f32(dt_raw) + f32(dt_bias))
+    R, N = dt_proj.shape[0], A.shape[-1]
+    dt_low, B, C = (f32(dbc[:, a:a + n]) for a, n in ((0, R), (R, N), (R + N, N)))
+    dt = _softplus(dt_low @ f32(dt_proj) + f32(dt_bias))
     if live is not None:
         dt = dt * f32(live)[:, None]
     decay = jnp.exp(dt[..., None] * f32(A))
     if keep is not None:
         decay = decay * f32(keep)[:, None, None]
-    h = decay * f32(h) + (dt * f32(x))[..., None] * f32(B)[:, None, :]
-    y = jnp.einsum("ben,bn->be", h, f32(C)) + f32(D) * f32(x)
+    h = decay * f32(h) + (dt * f32(x))[..., None] * B[:, None, :]
+    y = jnp.einsum("ben,bn->be", h, C) + f32(D) * f32(x)
     return y * jax.nn.silu(f32(z)), h
 
 
-def _kernel(h_ref, x_ref, z_ref, dt_ref, bias_ref, A_ref, B_ref, C_ref, D_ref, flags_ref, y_ref, h_out_ref):
-    """One (batch row, channel block): h [be, N]; x, z, dt [be]; bias, D [be]; A [be, N]; B, C [N]; flags [2]
-    (keep, live) -> y [be] (x's dtype), h' [be, N] float32 in place."""
-    keep, live = flags_ref[0], flags_ref[1]
+def _kernel(h_ref, x_ref, z_ref, lo_ref, B_ref, C_ref, W_ref, bias_ref, A_ref, D_ref, keep_ref, live_ref, y_ref,
+            h_out_ref):
+    """One (block of rb rows, block of be channels): h [rb, be, N]; x, z [rb, be]; dt_low [rb, R]; B, C [rb, N];
+    W_dt [R, be]; bias, D [be]; A [be, N]; keep, live [rb] -> y [rb, be] (x's dtype), h' [rb, be, N] in place."""
     x = x_ref[...].astype(F32)
-    dt = _softplus(dt_ref[...].astype(F32) + bias_ref[...].astype(F32)) * live
-    decay = jnp.exp2(dt[:, None] * (A_ref[...].astype(F32) * LOG2E)) * keep
-    h = decay * h_ref[...] + (dt * x)[:, None] * B_ref[...].astype(F32)[None, :]
+    dt_low, W = lo_ref[...].astype(F32), W_ref[...].astype(F32)
+    dt = jnp.sum(dt_low[:, :, None] * W[None, :, :], axis=1) + bias_ref[...].astype(F32)[None, :]  # [rb, be]
+    dt = _softplus(dt) * live_ref[...].astype(F32)[:, None]
+    A2 = A_ref[...].astype(F32) * LOG2E
+    decay = jnp.exp2(dt[:, :, None] * A2[None]) * keep_ref[...].astype(F32)[:, None, None]
+    B, C = B_ref[...].astype(F32), C_ref[...].astype(F32)
+    h = decay * h_ref[...] + (dt * x)[:, :, None] * B[:, None, :]
     h_out_ref[...] = h
-    y = jnp.sum(h * C_ref[...].astype(F32)[None, :], axis=1) + D_ref[...].astype(F32) * x
+    y = jnp.sum(h * C[:, None, :], axis=2) + D_ref[...].astype(F32)[None, :] * x
     z = z_ref[...].astype(F32)
     y_ref[...] = (y * z / (1.0 + jnp.exp(-z))).astype(y_ref.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _call(shape, layer: int, be: int, y_dtype, num_warps: int, interpret: bool):
+def _call(shape, layer: int, R: int, cols: tuple, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
+    """cols: the block-column index of dt_low, B and C in their arrays (blocks of R, N, N columns)."""
     L, b, E, N = shape
     sq = pl.squeezed
-    row_e = pl.BlockSpec((sq, be), lambda i, j: (i, j))
+    rows_e = pl.BlockSpec((rb, be), lambda i, j: (i, j))
     chan = pl.BlockSpec((be,), lambda i, j: (j,))
-    row_n = pl.BlockSpec((sq, N), lambda i, j: (i, 0))
-    state = pl.BlockSpec((sq, sq, be, N), lambda i, j: (layer, i, j, 0))
-    in_specs = [state, row_e, row_e, row_e, chan, pl.BlockSpec((be, N), lambda i, j: (j, 0)), row_n, row_n, chan,
-                pl.BlockSpec((sq, 2), lambda i, j: (i, 0))]
+    rows = pl.BlockSpec((rb,), lambda i, j: (i,))
+    state = pl.BlockSpec((sq, rb, be, N), lambda i, j: (layer, i, j, 0))
+    in_specs = [state, rows_e, rows_e, pl.BlockSpec((rb, R), lambda i, j: (i, cols[0])),
+                pl.BlockSpec((rb, N), lambda i, j: (i, cols[1])), pl.BlockSpec((rb, N), lambda i, j: (i, cols[2])),
+                pl.BlockSpec((R, be), lambda i, j: (0, j)), chan, pl.BlockSpec((be, N), lambda i, j: (j, 0)), chan,
+                rows, rows]
     return pl.pallas_call(
         _kernel, out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, F32)],
-        grid=(b, E // be), in_specs=in_specs, out_specs=[row_e, state], input_output_aliases={0: 1},
+        grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, state], input_output_aliases={0: 1},
         interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
         name="mamba_step")
 
 
-def block_size(E: int, block_e: int) -> int:
-    """The largest power of 2 that divides E and is at most ``block_e`` (channels per program)."""
-    be = 1
-    while be * 2 <= block_e and E % (be * 2) == 0:
-        be *= 2
-    return be
+def block_size(n: int, most: int) -> int:
+    """The largest power of 2 that divides n and is at most ``most`` (rows or channels per program)."""
+    size = 1
+    while size * 2 <= most and n % (size * 2) == 0:
+        size *= 2
+    return size
 
 
-def selective_step(h_all, layer: int, x, z, dt_raw, dt_bias, A, B, C, D, keep=None, live=None, *,
-                   block_e: int = 128, num_warps: int = 4, interpret=None):
+def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None, *,
+                   block_b: int = 4, block_e: int = 32, num_warps: int = 4, interpret=None):
     """The fused step for layer ``layer`` (static) of h_all [layers, b, E, N] float32.
 
-    Returns (y [b, E] in x's dtype, h_all with layer ``layer`` replaced by h'); h_all's buffer is
-    updated in place when the caller no longer needs the old value (under jit: a donated or
-    intermediate array). keep, live [b] (None: all ones). ``interpret`` (default: not on a GPU)
-    runs the kernel in the Pallas interpreter.
+    x, z [b, E]; dbc [b, R + 2N]: x_proj's output (dt_low, B, C side by side; read in place when R is a
+    multiple of N, else sliced first); dt_proj [R, E]; dt_bias, D [E]; A [E, N]; keep, live [b] (None:
+    ones). Returns (y [b, E] in x's dtype, h_all with layer ``layer`` replaced by h'); h_all's buffer
+    is updated in place when the caller no longer needs the old value (under jit: a donated or
+    intermediate array). ``block_b`` rows and ``block_e`` channels per program (each the largest
+    power of 2 dividing b, E up to that); on a GPU, R and N must be powers of 2 (Triton blocks).
+    ``interpret`` (default: not on a GPU) runs the kernel in the Pallas interpreter.
     """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     L, b, E, N = h_all.shape
+    R = dt_proj.shape[0]
     if h_all.dtype != F32:
         raise ValueError(f"the recurrent state is {h_all.dtype}; it must be float32.")
     if not 0 <= layer < L:
         raise ValueError(f"layer is {layer}; the state has {L} layers.")
+    if dbc.shape != (b, R + 2 * N):
+        raise ValueError(f"dbc is {dbc.shape}; it must be [batch, dt_rank + 2 d_state] = {(b, R + 2 * N)}.")
+    if R % N == 0:  # dt_low, B, C read from dbc where they lie
+        parts, cols = (dbc, dbc, dbc), (0, R // N, R // N + 1)
+    else:
+        parts, cols = (dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]), (0, 0, 0)
     ones = jnp.ones((b,), F32)
-    flags = jnp.stack([ones if keep is None else keep.astype(F32), ones if live is None else live.astype(F32)], 1)
-    call = _call((L, b, E, N), int(layer), block_size(E, block_e), jnp.dtype(x.dtype), int(num_warps),
-                 bool(interpret))
-    y, h_all = call(h_all, x, z, dt_raw, dt_bias, A, B, C, D, flags)
-    return y, h_all
+    keep, live = (ones if v is None else v.astype(F32) for v in (keep, live))
+    call = _call((L, b, E, N), int(layer), R, cols, block_size(b, block_b), block_size(E, block_e),
+                 jnp.dtype(x.dtype), int(num_warps), bool(interpret))
+    return call(h_all, x, z, *parts, dt_proj, dt_bias, A, D, keep, live)

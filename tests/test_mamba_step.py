@@ -17,26 +17,28 @@ from tests.test_mamba import CFG, NEW, PROMPTS, naive_greedy, params_for
 pytestmark = pytest.mark.timeout(120)
 
 
-def numpy_step(h, x, z, dt_raw, dt_bias, A, B, C, D, keep, live):
-    """h' = keep exp(dt A) h + dt B x, y = (C.h' + D x) silu(z), dt = live softplus(dt_raw + dt_bias); float64."""
-    h, x, z, dt_raw, dt_bias, A, B, C, D, keep, live = (np.asarray(a, np.float64) for a in
-                                                       (h, x, z, dt_raw, dt_bias, A, B, C, D, keep, live))
-    dt = np.log1p(np.exp(dt_raw + dt_bias)) * live[:, None]
+def numpy_step(h, x, z, dbc, dt_proj, dt_bias, A, D, keep, live):
+    """dt = live softplus(dt_low W_dt + dt_bias), h' = keep exp(dt A) h + dt B x, y = (C.h' + D x) silu(z); float64."""
+    h, x, z, dbc, dt_proj, dt_bias, A, D, keep, live = (np.asarray(a, np.float64) for a in
+                                                       (h, x, z, dbc, dt_proj, dt_bias, A, D, keep, live))
+    R, N = dt_proj.shape[0], A.shape[1]
+    dt_low, B, C = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
+    dt = np.log1p(np.exp(dt_low @ dt_proj + dt_bias)) * live[:, None]
     h = keep[:, None, None] * np.exp(dt[..., None] * A) * h + (dt * x)[..., None] * B[:, None, :]
     y = np.einsum("ben,bn->be", h, C) + D * x
     return y * z / (1 + np.exp(-z)), h
 
 
-@pytest.mark.parametrize("E,N,block_e", [(64, 16, 16), (24, 4, 128)])
-def test_step_kernel_equals_xla_step_and_float64(E, N, block_e):
+@pytest.mark.parametrize("E,N,R,block_e", [(64, 16, 32, 16), (24, 4, 3, 128)])  # dt_low, B, C read in place; sliced
+def test_step_kernel_equals_xla_step_and_float64(E, N, R, block_e):
     L, b, layer = 3, 4, 1
     rng = np.random.default_rng(E)
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-    h, x, z, dt_raw, bias = f(L, b, E, N), f(b, E), f(b, E), f(b, E), f(E)
-    A, B, C, D = -jnp.exp(f(E, N)), f(b, N), f(b, N), f(E)
+    h, x, z, dbc, dt_proj, bias = f(L, b, E, N), f(b, E), f(b, E), f(b, R + 2 * N), f(R, E) / R, f(E)
+    A, D = -jnp.exp(f(E, N)), f(E)
     keep, live = jnp.array([1.0, 0.0, 1.0, 1.0]), jnp.array([1.0, 1.0, 0.0, 1.0])  # a reset row, a padding row
-    args = (x, z, dt_raw, bias, A, B, C, D, keep, live)
-    y, h_all = jit(lambda h, args: K.selective_step(h, layer, *args, block_e=block_e, interpret=True),
+    args = (x, z, dbc, dt_proj, bias, A, D, keep, live)
+    y, h_all = jit(lambda h, args: K.selective_step(h, layer, *args, block_b=2, block_e=block_e, interpret=True),
                    donate_argnums=0)(jnp.array(h), args)
     y_ref, h_ref = jit(K.step_reference)(h[layer], *args)
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
