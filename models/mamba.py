@@ -27,7 +27,10 @@ segment resets the state (decay 0) and the convolution never mixes tokens of dif
 segments. A padding token does not advance the SSM state (dt = 0) and is a zero input to the
 convolution, so padding with nothing real before it (generation's left padding) is exactly
 no token at all; padding after real tokens reaches the next ones' convolution as zeros.
-Decoding carries the conv buffer and the SSM state (``init_cache``): O(1) per token.
+Decoding carries the conv buffer and the SSM state (``init_cache``): O(1) per token. ``decode_params``
+gives per-layer weights that run in a Python loop, each layer replacing its slot of the stacked
+cache in place; a one-token step's state update is then one fused kernel (``step_kernel``: h read
+and written once) when ``use_step_kernel(cfg)`` (``model.decode``: "auto" takes it on a GPU).
 """
 from __future__ import annotations
 
