@@ -11,8 +11,10 @@ import pytest
 from models import generate as G
 from models import mamba as M
 from models import step_kernel as K
+from parallel import mesh as pmesh
+from parallel import sharding
 from tests.helpers import jit
-from tests.test_mamba import CFG, NEW, PROMPTS, naive_greedy, params_for
+from tests.test_mamba import CFG, NEW, PROMPTS, RULES, naive_greedy, params_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,6 +51,11 @@ def test_step_kernel_equals_xla_step_and_float64(E, N, R, block_e):
     np.testing.assert_allclose(h_ref, h64, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(h_ref[2], h[layer, 2])  # padding: the state is unchanged
     assert K.block_size(E, block_e) == min(block_e, E & -E)
+    if R % N == 0:  # under a mesh: shard_map over rows (data) and channels (tensor), the same numbers
+        with sharding.activate(pmesh.make_mesh({"data": 2, "tensor": 4}), RULES):
+            y_sh, h_sh = jit(lambda h, args: M._step_pallas(h, layer, *args), donate_argnums=0)(jnp.array(h), args)
+        np.testing.assert_allclose(y_sh, y, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(h_sh, h_all)
 
 
 def test_decode_params_and_generation_with_kernel_equal_xla():
