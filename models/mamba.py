@@ -464,16 +464,24 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
     xi, z = constrain(xi, names), constrain(z, names)
     if nonpad is not None:
         xi = jnp.where(nonpad[..., None], xi, 0)
+    kernel = layer is not None and x.shape[1] == 1 and use_step_kernel(cfg) and isinstance(p["dt_proj"], jax.Array)
     conv_state = ssm_state = None
     if state is not None:
         conv_state, ssm_state = (state[k] if layer is None else state[k][layer] for k in ("conv", "ssm"))
-    xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run, buffer=conv_state)
-    xc = constrain(jax.nn.silu(xc).astype(dt_type), names)
+    if kernel:  # one token: the conv and its silu in one kernel, the window shifted in place
+        keep = 1.0 - start[:, 0].astype(jnp.float32)
+        xc, conv_buffer = _kernel_call(step_kernel.conv_step, "conv", state["conv"], layer,
+                                       xi[:, 0].astype(state["conv"].dtype), p["conv_w"], p.get("conv_b"), keep)
+        xc = constrain(xc[:, None].astype(dt_type), names)
+    else:
+        xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run, buffer=conv_state)
+        xc = constrain(jax.nn.silu(xc).astype(dt_type), names)
     dbc = layers.linear(p["x_proj"], xc, name="x_proj")  # [b, s, R + 2N]
     A = p["A"] if "A" in p else -jnp.exp(p["A_log"].astype(jnp.float32))
-    if layer is not None and x.shape[1] == 1 and use_step_kernel(cfg) and isinstance(p["dt_proj"], jax.Array):
-        y, ssm = _step_pallas(state["ssm"], layer, xc[:, 0], z[:, 0], dbc[:, 0], p["dt_proj"], p["dt_bias"], A,
-                              p["D"], 1.0 - start[:, 0].astype(jnp.float32), nonpad[:, 0].astype(jnp.float32))
+    if kernel:
+        y, ssm = _kernel_call(step_kernel.selective_step, "ssm", state["ssm"], layer, xc[:, 0], z[:, 0],
+                              dbc[:, 0], p["dt_proj"], p["dt_bias"], A, p["D"], keep,
+                              nonpad[:, 0].astype(jnp.float32))
         y = constrain(y[:, None], names)
     else:
         dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
@@ -491,8 +499,10 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
     x = x + _bias(p, "out_bias", layers.linear(p["out_proj"], y, name="out_proj"))
     new_state = None
     if state is not None:
-        conv_buffer = conv_buffer.astype(state["conv"].dtype)
-        new_state = {"conv": conv_buffer if layer is None else state["conv"].at[layer].set(conv_buffer), "ssm": ssm}
+        if not kernel:
+            conv_buffer = conv_buffer.astype(state["conv"].dtype)
+            conv_buffer = conv_buffer if layer is None else state["conv"].at[layer].set(conv_buffer)
+        new_state = {"conv": conv_buffer, "ssm": ssm}
     return constrain(x, ("batch", "seq", "embed")), new_state
 
 
@@ -505,23 +515,30 @@ def use_step_kernel(cfg: Config) -> bool:
     return cfg.decode == "pallas"
 
 
-def _step_pallas(h_all, layer, x, z, dbc, dt_proj, dt_bias, A, D, keep, live):
-    """``step_kernel.selective_step``; under an active mesh in ``shard_map`` over rows and channels (by the
-    rules for ``batch`` and ``inner``; the state's ``layers`` axis whole on each device)."""
-    def run(h_all, x, z, dbc, dt_proj, dt_bias, A, D, keep, live):
-        return step_kernel.selective_step(h_all, layer, x, z, dbc, dt_proj, dt_bias, A, D, keep, live)
+def _kernel_call(fn, kind, state, layer, *args):
+    """``fn(state, layer, *args)`` for ``step_kernel``'s conv_step (kind "conv": args x [b, E], w [K, E],
+    bias [E] or None, keep [b]) or selective_step (kind "ssm": x, z [b, E], dbc [b, R + 2N],
+    dt_proj [R, E], dt_bias [E], A [E, N], D [E], keep, live [b]); under an active mesh in ``shard_map``
+    over rows and channels (by the rules for ``batch`` and ``inner``; the state's ``layers`` axis whole
+    on each device)."""
+    def run(state, *args):
+        return fn(state, layer, *args)
 
-    args = (h_all, x, z, dbc, dt_proj, dt_bias, A, D, keep, live)
     active = sharding.active()
     if active is None:
-        return run(*args)
+        return run(state, *args)
     mesh, rules = active
     spec = lambda *names: sharding.logical_to_spec(names, rules)  # noqa: E731
     rows_inner, inner, rows = spec("batch", "inner"), spec("inner"), spec("batch")
-    state = spec(None, "batch", "inner", "state")
-    in_specs = (state, rows_inner, rows_inner, spec("batch", None), spec(None, "inner"), inner,
-                spec("inner", "state"), inner, rows, rows)
-    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(rows_inner, state), check_vma=False)(*args)
+    if kind == "conv":  # (a bias of None is an empty pytree: its spec is not used)
+        state_spec = spec(None, "batch", None, "inner")
+        in_specs = (state_spec, rows_inner, spec(None, "inner"), inner, rows)
+    else:
+        state_spec = spec(None, "batch", "inner", "state")
+        in_specs = (state_spec, rows_inner, rows_inner, spec("batch", None), spec(None, "inner"), inner,
+                    spec("inner", "state"), inner, rows, rows)
+    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(rows_inner, state_spec),
+                         check_vma=False)(state, *args)
 
 
 def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,

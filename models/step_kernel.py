@@ -126,3 +126,60 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
     call = _call((L, b, E, N), int(layer), R, cols, block_size(b, block_b), block_size(E, block_e),
                  jnp.dtype(x.dtype), int(num_warps), bool(interpret))
     return call(h_all, x, z, *parts, dt_proj, dt_bias, A, D, keep, live)
+
+
+def _conv_kernel(*refs, K, has_bias):
+    """One (block of rb rows, block of be channels): window [rb, K-1, be]; x [rb, be]; w [K, be]; bias [be]?;
+    keep [rb] -> silu(conv) [rb, be] (x's dtype), the window shifted by x, in place."""
+    win_ref, x_ref, w_ref, *refs = refs
+    bias_ref = refs.pop(0) if has_bias else None
+    keep_ref, y_ref, win_out_ref = refs
+    keep = keep_ref[...].astype(F32)[:, None]
+    x = x_ref[...]
+    taps = [win_ref[:, k, :] for k in range(K - 1)] + [x]
+    taps = [t * keep.astype(t.dtype) for t in taps[:-1]] + [x]  # a segment start: the window is zeros
+    out = jnp.zeros(x.shape, F32)
+    for k in range(K):
+        out = out + taps[k].astype(F32) * w_ref[k, :].astype(F32)[None, :]
+    if has_bias:
+        out = out + bias_ref[...].astype(F32)[None, :]
+    for k in range(K - 1):
+        win_out_ref[:, k, :] = taps[k + 1].astype(win_out_ref.dtype)
+    y_ref[...] = (out / (1.0 + jnp.exp(-out))).astype(y_ref.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_call(shape, layer: int, has_bias: bool, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
+    L, b, Km1, E = shape
+    sq = pl.squeezed
+    rows_e = pl.BlockSpec((rb, be), lambda i, j: (i, j))
+    window = pl.BlockSpec((sq, rb, Km1, be), lambda i, j: (layer, i, 0, j))
+    in_specs = [window, rows_e, pl.BlockSpec((Km1 + 1, be), lambda i, j: (0, j))]
+    in_specs += [pl.BlockSpec((be,), lambda i, j: (j,))] * has_bias + [pl.BlockSpec((rb,), lambda i, j: (i,))]
+    return pl.pallas_call(
+        functools.partial(_conv_kernel, K=Km1 + 1, has_bias=has_bias),
+        out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, jnp.dtype(y_dtype))],
+        grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, window], input_output_aliases={0: 1},
+        interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
+        name="mamba_conv_step")
+
+
+def conv_step(window_all, layer: int, x, w, bias=None, keep=None, *, block_b: int = 4, block_e: int = 128,
+              num_warps: int = 4, interpret=None):
+    """One token of the causal depthwise conv and its silu for layer ``layer`` (static), fused, in place.
+
+    window_all [layers, b, K-1, E] (the last K-1 inputs of each layer, in x's dtype); x [b, E] (the new
+    input, zero at padding); w [K, E]; bias [E] or None; keep [b] (0: a segment start, the window
+    counts as zeros; None: ones). out = bias + sum_k w[k] tap_k over the taps (window..., x), float32.
+    Returns (silu(out) [b, E] in x's dtype, window_all with layer ``layer``'s window shifted by x:
+    ``mamba.causal_conv``'s buffer).
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    L, b, Km1, E = window_all.shape
+    if window_all.dtype != x.dtype:
+        raise ValueError(f"the conv window is {window_all.dtype} and x {x.dtype}; they must match.")
+    keep = jnp.ones((b,), F32) if keep is None else keep.astype(F32)
+    call = _conv_call((L, b, Km1, E), int(layer), bias is not None, block_size(b, block_b), block_size(E, block_e),
+                      jnp.dtype(x.dtype), int(num_warps), bool(interpret))
+    return call(window_all, x, w, *([] if bias is None else [bias]), keep)

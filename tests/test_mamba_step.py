@@ -32,7 +32,7 @@ def numpy_step(h, x, z, dbc, dt_proj, dt_bias, A, D, keep, live):
 
 
 @pytest.mark.parametrize("E,N,R,block_e", [(64, 16, 32, 16), (24, 4, 3, 128)])  # dt_low, B, C read in place; sliced
-def test_step_kernel_equals_xla_step_and_float64(E, N, R, block_e):
+def test_step_kernels_equal_xla_and_float64(E, N, R, block_e):
     L, b, layer = 3, 4, 1
     rng = np.random.default_rng(E)
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
@@ -53,9 +53,19 @@ def test_step_kernel_equals_xla_step_and_float64(E, N, R, block_e):
     assert K.block_size(E, block_e) == min(block_e, E & -E)
     if R % N == 0:  # under a mesh: shard_map over rows (data) and channels (tensor), the same numbers
         with sharding.activate(pmesh.make_mesh({"data": 2, "tensor": 4}), RULES):
-            y_sh, h_sh = jit(lambda h, args: M._step_pallas(h, layer, *args), donate_argnums=0)(jnp.array(h), args)
+            y_sh, h_sh = jit(lambda h, args: M._kernel_call(K.selective_step, "ssm", h, layer, *args),
+                             donate_argnums=0)(jnp.array(h), args)
         np.testing.assert_allclose(y_sh, y, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(h_sh, h_all)
+    # The conv step (in place on a stacked window) against mamba.causal_conv with a reset row.
+    window, w, conv_b = f(L, b, 3, E), f(4, E), (f(E) if R % N == 0 else None)
+    xc, window_all = jit(lambda win, x: K.conv_step(win, layer, x, w, conv_b, keep, block_b=2, block_e=block_e,
+                                                    interpret=True), donate_argnums=0)(jnp.array(window), x)
+    out, buffer = jit(M.causal_conv)(x[:, None], w, conv_b, run=(1 - keep).astype(jnp.int32)[:, None],
+                                     buffer=window[layer])
+    np.testing.assert_allclose(xc, jax.nn.silu(out[:, 0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(window_all[layer], buffer)
+    np.testing.assert_array_equal(np.delete(np.asarray(window_all), layer, 0), np.delete(np.asarray(window), layer, 0))
 
 
 def test_decode_params_and_generation_with_kernel_equal_xla():
