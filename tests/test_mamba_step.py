@@ -1,7 +1,6 @@
 """Mamba decoding: the fused one-token step kernel (Pallas, interpreted on CPU) against the XLA step and a
 float64 NumPy formula, and generation through the kernel against generation through XLA."""
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from models import step_kernel as K
 from parallel import mesh as pmesh
 from parallel import sharding
 from tests.helpers import jit
-from tests.test_mamba import CFG, NEW, PROMPTS, RULES, naive_greedy, params_for
+from tests.test_mamba import B, CFG, NEW, PROMPTS, RULES, cached, naive_greedy, params_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -77,21 +76,15 @@ def test_decode_params_and_generation_with_kernel_equal_xla():
     xla, kernel = (dataclasses.replace(CFG, decode=d) for d in ("xla", "pallas"))
     assert not M.use_step_kernel(xla) and M.use_step_kernel(kernel) and not M.use_step_kernel(CFG)  # CPU: auto = xla
 
-    # Cached steps (a padding token, a new segment mid-way): per-layer weights through the kernel equal the
-    # stacked weights through the XLA scan.
-    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 4)).astype(np.int32)
-    seg = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 2, 2]], np.int32)
-
-    @functools.partial(jit, static_argnames="cfg")
-    def step(params, cache, tokens, segment_ids, cfg):
-        logits, aux = M.apply(params, tokens, cfg, segment_ids=segment_ids, cache=cache)
-        return logits, aux["cache"]
-
+    # Cached steps (a padding token, a new segment mid-way): per-layer weights through the kernels equal the
+    # stacked weights through the XLA scan (test_mamba's compiled ``cached``, [B, 1] steps).
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (B, 4)).astype(np.int32)
+    seg = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 2, 2], [0, 0, 1, 3]], np.int32)
     outs = []
-    for p, cfg in ((params, xla), (per_layer_params, kernel)):
-        cache, logits = M.init_cache(cfg, 3), []
+    for p, cfg in ((params, CFG), (per_layer_params, kernel)):
+        cache, logits = M.init_cache(cfg, B), []
         for t in range(tokens.shape[1]):
-            out, cache = step(p, cache, tokens[:, t:t + 1], seg[:, t:t + 1], cfg)
+            out, cache = cached(p, tokens[:, t:t + 1], cfg, cache, seg[:, t:t + 1])
             logits.append(out)
         outs.append((np.concatenate(logits, 1), cache))
     (want, want_cache), (got, got_cache) = outs
