@@ -1,4 +1,4 @@
-"""Mamba's one-token decoding step of the selective state update as a Pallas (Triton) kernel.
+"""Mamba's one-token decoding step as two Pallas (Triton) kernels: the selective state update and the conv.
 
 For one layer l of the stacked recurrent state h [layers, b, E, N] float32 and one token per row:
 
@@ -13,7 +13,9 @@ float32 and writes h' once, into the same buffer (``input_output_aliases``: the 
 state is the kernel's operand and result, layer ``l`` chosen by the block index, so nothing is
 sliced or copied around the call). ``interpret=True`` runs the same kernel on CPU (tests).
 
-``step_reference`` is the same update in plain XLA, the path off GPU.
+``step_reference`` is the same update in plain XLA, the path off GPU. ``conv_step`` is the token's
+causal depthwise conv and silu (``mamba.causal_conv`` for one token), shifting the layer's slot of
+the stacked conv window [layers, b, d_conv - 1, E] in place the same way.
 """
 from __future__ import annotations
 
