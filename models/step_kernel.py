@@ -10,8 +10,9 @@ x, z [b, E]; dt_low [b, R], B, C [b, N] as x_proj wrote them (one [b, R + 2N] ar
 W_dt [R, E] (dt_proj: its matmul is done in the kernel); dt_bias, D [E]; A [E, N] (negative); keep,
 live [b]. One program per (block of rows, block of channels) reads its h block once, computes in
 float32 and writes h' once, into the same buffer (``input_output_aliases``: the whole stacked
-state is the kernel's operand and result, layer ``l`` chosen by the block index, so nothing is
-sliced or copied around the call). ``interpret=True`` runs the same kernel on CPU (tests).
+state is the kernel's operand and result, nothing is sliced or copied around the call; the layer
+index is a runtime operand, so all layers share one compiled kernel). ``interpret=True`` runs the
+same kernel on CPU (tests).
 
 ``step_reference`` is the same update in plain XLA, the path off GPU. ``conv_step`` is the token's
 causal depthwise conv and silu (``mamba.causal_conv`` for one token), shifting the layer's slot of
@@ -51,10 +52,19 @@ def step_reference(h, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None):
     return y * jax.nn.silu(f32(z)), h
 
 
-def _kernel(h_ref, x_ref, z_ref, lo_ref, B_ref, C_ref, W_ref, bias_ref, A_ref, D_ref, keep_ref, live_ref, y_ref,
-            h_out_ref):
-    """One (block of rb rows, block of be channels): h [rb, be, N]; x, z [rb, be]; dt_low [rb, R]; B, C [rb, N];
-    W_dt [R, be]; bias, D [be]; A [be, N]; keep, live [rb] -> y [rb, be] (x's dtype), h' [rb, be, N] in place."""
+def _state_block(layer_ref, rb, be):
+    """The index of this program's block of the stacked state [layers, b, E, N]: layer ``layer_ref[0]`` (a
+    runtime value, so every layer runs the same compiled kernel), rows i rb.., channels j be.."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    return layer_ref[0], pl.ds(pl.multiple_of(i * rb, rb), rb), pl.ds(pl.multiple_of(j * be, be), be)
+
+
+def _kernel(layer_ref, h_ref, x_ref, z_ref, lo_ref, B_ref, C_ref, W_ref, bias_ref, A_ref, D_ref, keep_ref, live_ref,
+            y_ref, h_out_ref, *, rb, be):
+    """One (block of rb rows, block of be channels): h [rb, be, N] of the whole state; x, z [rb, be]; dt_low [rb, R];
+    B, C [rb, N]; W_dt [R, be]; bias, D [be]; A [be, N]; keep, live [rb] -> y [rb, be] (x's dtype), h' in place."""
+    layer, rows, chans = _state_block(layer_ref, rb, be)
+    at = (layer, rows, chans, slice(None))
     x = x_ref[...].astype(F32)
     dt_low, W = lo_ref[...].astype(F32), W_ref[...].astype(F32)
     dt = jnp.sum(dt_low[:, :, None] * W[None, :, :], axis=1) + bias_ref[...].astype(F32)[None, :]  # [rb, be]
@@ -62,29 +72,30 @@ def _kernel(h_ref, x_ref, z_ref, lo_ref, B_ref, C_ref, W_ref, bias_ref, A_ref, D
     A2 = A_ref[...].astype(F32) * LOG2E
     decay = jnp.exp2(dt[:, :, None] * A2[None]) * keep_ref[...].astype(F32)[:, None, None]
     B, C = B_ref[...].astype(F32), C_ref[...].astype(F32)
-    h = decay * h_ref[...] + (dt * x)[:, :, None] * B[:, None, :]
-    h_out_ref[...] = h
+    h = decay * h_ref[at] + (dt * x)[:, :, None] * B[:, None, :]
+    h_out_ref[at] = h
     y = jnp.sum(h * C[:, None, :], axis=2) + D_ref[...].astype(F32)[None, :] * x
     z = z_ref[...].astype(F32)
     y_ref[...] = (y * z / (1.0 + jnp.exp(-z))).astype(y_ref.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _call(shape, layer: int, R: int, cols: tuple, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
+def _call(shape, R: int, cols: tuple, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
     """cols: the block-column index of dt_low, B and C in their arrays (blocks of R, N, N columns)."""
     L, b, E, N = shape
-    sq = pl.squeezed
     rows_e = pl.BlockSpec((rb, be), lambda i, j: (i, j))
     chan = pl.BlockSpec((be,), lambda i, j: (j,))
     rows = pl.BlockSpec((rb,), lambda i, j: (i,))
-    state = pl.BlockSpec((sq, rb, be, N), lambda i, j: (layer, i, j, 0))
-    in_specs = [state, rows_e, rows_e, pl.BlockSpec((rb, R), lambda i, j: (i, cols[0])),
+    state = pl.BlockSpec()  # the whole stacked state: the kernel indexes its layer and block itself
+    in_specs = [pl.BlockSpec((1,), lambda i, j: (0,)), state, rows_e, rows_e,
+                pl.BlockSpec((rb, R), lambda i, j: (i, cols[0])),
                 pl.BlockSpec((rb, N), lambda i, j: (i, cols[1])), pl.BlockSpec((rb, N), lambda i, j: (i, cols[2])),
                 pl.BlockSpec((R, be), lambda i, j: (0, j)), chan, pl.BlockSpec((be, N), lambda i, j: (j, 0)), chan,
                 rows, rows]
     return pl.pallas_call(
-        _kernel, out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, F32)],
-        grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, state], input_output_aliases={0: 1},
+        functools.partial(_kernel, rb=rb, be=be),
+        out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, F32)],
+        grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, state], input_output_aliases={1: 1},
         interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
         name="mamba_step")
 
@@ -99,7 +110,7 @@ def block_size(n: int, most: int) -> int:
 
 def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None, *,
                    block_b: int = 4, block_e: int = 32, num_warps: int = 4, interpret=None):
-    """The fused step for layer ``layer`` (static) of h_all [layers, b, E, N] float32.
+    """The fused step for layer ``layer`` (an int or int32 scalar, read at run time) of h_all [layers, b, E, N] float32.
 
     x, z [b, E]; dbc [b, R + 2N]: x_proj's output (dt_low, B, C side by side; read in place when R is a
     multiple of N, else sliced first); dt_proj [R, E]; dt_bias, D [E]; A [E, N]; keep, live [b] (None:
@@ -115,7 +126,7 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
     R = dt_proj.shape[0]
     if h_all.dtype != F32:
         raise ValueError(f"the recurrent state is {h_all.dtype}; it must be float32.")
-    if not 0 <= layer < L:
+    if isinstance(layer, int) and not 0 <= layer < L:
         raise ValueError(f"layer is {layer}; the state has {L} layers.")
     if dbc.shape != (b, R + 2 * N):
         raise ValueError(f"dbc is {dbc.shape}; it must be [batch, dt_rank + 2 d_state] = {(b, R + 2 * N)}.")
@@ -125,20 +136,22 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
         parts, cols = (dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]), (0, 0, 0)
     ones = jnp.ones((b,), F32)
     keep, live = (ones if v is None else v.astype(F32) for v in (keep, live))
-    call = _call((L, b, E, N), int(layer), R, cols, block_size(b, block_b), block_size(E, block_e),
-                 jnp.dtype(x.dtype), int(num_warps), bool(interpret))
-    return call(h_all, x, z, *parts, dt_proj, dt_bias, A, D, keep, live)
+    call = _call((L, b, E, N), R, cols, block_size(b, block_b), block_size(E, block_e), jnp.dtype(x.dtype),
+                 int(num_warps), bool(interpret))
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    return call(layer, h_all, x, z, *parts, dt_proj, dt_bias, A, D, keep, live)
 
 
-def _conv_kernel(*refs, K, has_bias):
-    """One (block of rb rows, block of be channels): window [rb, K-1, be]; x [rb, be]; w [K, be]; bias [be]?;
-    keep [rb] -> silu(conv) [rb, be] (x's dtype), the window shifted by x, in place."""
-    win_ref, x_ref, w_ref, *refs = refs
+def _conv_kernel(*refs, K, has_bias, rb, be):
+    """One (block of rb rows, block of be channels): window [rb, K-1, be] of the whole stacked window; x [rb, be];
+    w [K, be]; bias [be]?; keep [rb] -> silu(conv) [rb, be] (x's dtype), the window shifted by x, in place."""
+    layer_ref, win_ref, x_ref, w_ref, *refs = refs
     bias_ref = refs.pop(0) if has_bias else None
     keep_ref, y_ref, win_out_ref = refs
+    layer, rows, chans = _state_block(layer_ref, rb, be)
     keep = keep_ref[...].astype(F32)[:, None]
     x = x_ref[...]
-    taps = [win_ref[:, k, :] for k in range(K - 1)] + [x]
+    taps = [win_ref[layer, rows, k, chans] for k in range(K - 1)] + [x]
     taps = [t * keep.astype(t.dtype) for t in taps[:-1]] + [x]  # a segment start: the window is zeros
     out = jnp.zeros(x.shape, F32)
     for k in range(K):
@@ -146,29 +159,28 @@ def _conv_kernel(*refs, K, has_bias):
     if has_bias:
         out = out + bias_ref[...].astype(F32)[None, :]
     for k in range(K - 1):
-        win_out_ref[:, k, :] = taps[k + 1].astype(win_out_ref.dtype)
+        win_out_ref[layer, rows, k, chans] = taps[k + 1].astype(win_out_ref.dtype)
     y_ref[...] = (out / (1.0 + jnp.exp(-out))).astype(y_ref.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _conv_call(shape, layer: int, has_bias: bool, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
+def _conv_call(shape, has_bias: bool, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
     L, b, Km1, E = shape
-    sq = pl.squeezed
     rows_e = pl.BlockSpec((rb, be), lambda i, j: (i, j))
-    window = pl.BlockSpec((sq, rb, Km1, be), lambda i, j: (layer, i, 0, j))
-    in_specs = [window, rows_e, pl.BlockSpec((Km1 + 1, be), lambda i, j: (0, j))]
+    window = pl.BlockSpec()  # the whole stacked window, indexed in the kernel
+    in_specs = [pl.BlockSpec((1,), lambda i, j: (0,)), window, rows_e, pl.BlockSpec((Km1 + 1, be), lambda i, j: (0, j))]
     in_specs += [pl.BlockSpec((be,), lambda i, j: (j,))] * has_bias + [pl.BlockSpec((rb,), lambda i, j: (i,))]
     return pl.pallas_call(
-        functools.partial(_conv_kernel, K=Km1 + 1, has_bias=has_bias),
+        functools.partial(_conv_kernel, K=Km1 + 1, has_bias=has_bias, rb=rb, be=be),
         out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, jnp.dtype(y_dtype))],
-        grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, window], input_output_aliases={0: 1},
+        grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, window], input_output_aliases={1: 1},
         interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
         name="mamba_conv_step")
 
 
 def conv_step(window_all, layer: int, x, w, bias=None, keep=None, *, block_b: int = 4, block_e: int = 128,
               num_warps: int = 4, interpret=None):
-    """One token of the causal depthwise conv and its silu for layer ``layer`` (static), fused, in place.
+    """One token of the causal depthwise conv and its silu for layer ``layer`` (an int or int32 scalar), in place.
 
     window_all [layers, b, K-1, E] (the last K-1 inputs of each layer, in x's dtype); x [b, E] (the new
     input, zero at padding); w [K, E]; bias [E] or None; keep [b] (0: a segment start, the window
@@ -182,6 +194,7 @@ def conv_step(window_all, layer: int, x, w, bias=None, keep=None, *, block_b: in
     if window_all.dtype != x.dtype:
         raise ValueError(f"the conv window is {window_all.dtype} and x {x.dtype}; they must match.")
     keep = jnp.ones((b,), F32) if keep is None else keep.astype(F32)
-    call = _conv_call((L, b, Km1, E), int(layer), bias is not None, block_size(b, block_b), block_size(E, block_e),
+    call = _conv_call((L, b, Km1, E), bias is not None, block_size(b, block_b), block_size(E, block_e),
                       jnp.dtype(x.dtype), int(num_warps), bool(interpret))
-    return call(window_all, x, w, *([] if bias is None else [bias]), keep)
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    return call(layer, window_all, x, w, *([] if bias is None else [bias]), keep)
