@@ -455,8 +455,10 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
         start, nonpad, run, _ = segment_info(segment_ids, last_segment)
     names = ("batch", "seq", "inner")
     n = layers.rms_norm(x, p["norm"], cfg.norm_eps)
+    xz = None
     if "in_xz" in p:  # the fused decoding layout of ``decode_params``
-        xi, z = jnp.split(layers.linear(p["in_xz"], n, name="in_xz"), 2, axis=-1)
+        xz = layers.linear(p["in_xz"], n, name="in_xz")
+        xi, z = jnp.split(xz, 2, axis=-1)
         xi, z = _bias(p, "in_x_bias", xi), _bias(p, "in_z_bias", z)
     else:
         xi = _bias(p, "in_x_bias", layers.linear(p["in_x"], n, name="in_x"))
@@ -469,9 +471,11 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
     if state is not None:
         conv_state, ssm_state = (state[k] if layer is None else state[k][layer] for k in ("conv", "ssm"))
     if kernel:  # one token: the conv and its silu in one kernel, the window shifted in place
-        keep = 1.0 - start[:, 0].astype(jnp.float32)
+        keep, live = 1.0 - start[:, 0].astype(jnp.float32), nonpad[:, 0].astype(jnp.float32)
+        if xz is not None and "in_x_bias" not in p and xz.dtype == state["conv"].dtype and not sharding.active():
+            xi = z = xz  # both kernels read their half of in_xz's output where it lies (unsharded)
         xc, conv_buffer = _kernel_call(step_kernel.conv_step, "conv", state["conv"], layer,
-                                       xi[:, 0].astype(state["conv"].dtype), p["conv_w"], p.get("conv_b"), keep)
+                                       xi[:, 0].astype(state["conv"].dtype), p["conv_w"], p.get("conv_b"), keep, live)
         xc = constrain(xc[:, None].astype(dt_type), names)
     else:
         xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run, buffer=conv_state)
@@ -480,8 +484,7 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
     A = p["A"] if "A" in p else -jnp.exp(p["A_log"].astype(jnp.float32))
     if kernel:
         y, ssm = _kernel_call(step_kernel.selective_step, "ssm", state["ssm"], layer, xc[:, 0], z[:, 0],
-                              dbc[:, 0], p["dt_proj"], p["dt_bias"], A, p["D"], keep,
-                              nonpad[:, 0].astype(jnp.float32))
+                              dbc[:, 0], p["dt_proj"], p["dt_bias"], A, p["D"], keep, live)
         y = constrain(y[:, None], names)
     else:
         dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
@@ -517,7 +520,7 @@ def use_step_kernel(cfg: Config) -> bool:
 
 def _kernel_call(fn, kind, state, layer, *args):
     """``fn(state, layer, *args)`` for ``step_kernel``'s conv_step (kind "conv": args x [b, E], w [K, E],
-    bias [E] or None, keep [b]) or selective_step (kind "ssm": x, z [b, E], dbc [b, R + 2N],
+    bias [E] or None, keep, live [b]) or selective_step (kind "ssm": x, z [b, E], dbc [b, R + 2N],
     dt_proj [R, E], dt_bias [E], A [E, N], D [E], keep, live [b]); under an active mesh in ``shard_map``
     over rows and channels (by the rules for ``batch`` and ``inner``; the state's ``layers`` axis whole
     on each device)."""
@@ -532,7 +535,7 @@ def _kernel_call(fn, kind, state, layer, *args):
     rows_inner, inner, rows = spec("batch", "inner"), spec("inner"), spec("batch")
     if kind == "conv":  # (a bias of None is an empty pytree: its spec is not used)
         state_spec = spec(None, "batch", None, "inner")
-        in_specs = (state_spec, rows_inner, spec(None, "inner"), inner, rows)
+        in_specs = (state_spec, rows_inner, spec(None, "inner"), inner, rows, rows)
     else:
         state_spec = spec(None, "batch", "inner", "state")
         in_specs = (state_spec, rows_inner, rows_inner, spec("batch", None), spec(None, "inner"), inner,

@@ -80,14 +80,16 @@ def _kernel(layer_ref, h_ref, x_ref, z_ref, lo_ref, B_ref, C_ref, W_ref, bias_re
 
 
 @functools.lru_cache(maxsize=None)
-def _call(shape, R: int, cols: tuple, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
-    """cols: the block-column index of dt_low, B and C in their arrays (blocks of R, N, N columns)."""
+def _call(shape, R: int, cols: tuple, z_col: int, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
+    """cols: the block-column index of dt_low, B and C in their arrays (blocks of R, N, N columns); z_col: the
+    first block column of z in its array."""
     L, b, E, N = shape
     rows_e = pl.BlockSpec((rb, be), lambda i, j: (i, j))
+    z_spec = pl.BlockSpec((rb, be), lambda i, j: (i, j + z_col))
     chan = pl.BlockSpec((be,), lambda i, j: (j,))
     rows = pl.BlockSpec((rb,), lambda i, j: (i,))
     state = pl.BlockSpec()  # the whole stacked state: the kernel indexes its layer and block itself
-    in_specs = [pl.BlockSpec((1,), lambda i, j: (0,)), state, rows_e, rows_e,
+    in_specs = [pl.BlockSpec((1,), lambda i, j: (0,)), state, rows_e, z_spec,
                 pl.BlockSpec((rb, R), lambda i, j: (i, cols[0])),
                 pl.BlockSpec((rb, N), lambda i, j: (i, cols[1])), pl.BlockSpec((rb, N), lambda i, j: (i, cols[2])),
                 pl.BlockSpec((R, be), lambda i, j: (0, j)), chan, pl.BlockSpec((be, N), lambda i, j: (j, 0)), chan,
@@ -112,8 +114,9 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
                    block_b: int = 4, block_e: int = 32, num_warps: int = 4, interpret=None):
     """The fused step for layer ``layer`` (an int or int32 scalar, read at run time) of h_all [layers, b, E, N] float32.
 
-    x, z [b, E]; dbc [b, R + 2N]: x_proj's output (dt_low, B, C side by side; read in place when R is a
-    multiple of N, else sliced first); dt_proj [R, E]; dt_bias, D [E]; A [E, N]; keep, live [b] (None:
+    x [b, E]; z [b, E], or [b, 2E] to read z from its second half (in_xz's output, in place);
+    dbc [b, R + 2N]: x_proj's output (dt_low, B, C side by side; read in place when R is a multiple of
+    N, else sliced first); dt_proj [R, E]; dt_bias, D [E]; A [E, N]; keep, live [b] (None:
     ones). Returns (y [b, E] in x's dtype, h_all with layer ``layer`` replaced by h'); h_all's buffer
     is updated in place when the caller no longer needs the old value (under jit: a donated or
     intermediate array). ``block_b`` rows and ``block_e`` channels per program (each the largest
@@ -136,7 +139,10 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
         parts, cols = (dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]), (0, 0, 0)
     ones = jnp.ones((b,), F32)
     keep, live = (ones if v is None else v.astype(F32) for v in (keep, live))
-    call = _call((L, b, E, N), R, cols, block_size(b, block_b), block_size(E, block_e), jnp.dtype(x.dtype),
+    if z.shape not in ((b, E), (b, 2 * E)):
+        raise ValueError(f"z is {z.shape}; it must be [batch, E] or [batch, 2E] (in_xz's output) with E = {E}.")
+    be = block_size(E, block_e)
+    call = _call((L, b, E, N), R, cols, (z.shape[1] - E) // be, block_size(b, block_b), be, jnp.dtype(x.dtype),
                  int(num_warps), bool(interpret))
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     return call(layer, h_all, x, z, *parts, dt_proj, dt_bias, A, D, keep, live)
@@ -147,10 +153,11 @@ def _conv_kernel(*refs, K, has_bias, rb, be):
     w [K, be]; bias [be]?; keep [rb] -> silu(conv) [rb, be] (x's dtype), the window shifted by x, in place."""
     layer_ref, win_ref, x_ref, w_ref, *refs = refs
     bias_ref = refs.pop(0) if has_bias else None
-    keep_ref, y_ref, win_out_ref = refs
+    keep_ref, live_ref, y_ref, win_out_ref = refs
     layer, rows, chans = _state_block(layer_ref, rb, be)
     keep = keep_ref[...].astype(F32)[:, None]
     x = x_ref[...]
+    x = x * live_ref[...].astype(x.dtype)[:, None]  # a padding token is a zero input
     taps = [win_ref[layer, rows, k, chans] for k in range(K - 1)] + [x]
     taps = [t * keep.astype(t.dtype) for t in taps[:-1]] + [x]  # a segment start: the window is zeros
     out = jnp.zeros(x.shape, F32)
@@ -169,7 +176,7 @@ def _conv_call(shape, has_bias: bool, rb: int, be: int, y_dtype, num_warps: int,
     rows_e = pl.BlockSpec((rb, be), lambda i, j: (i, j))
     window = pl.BlockSpec()  # the whole stacked window, indexed in the kernel
     in_specs = [pl.BlockSpec((1,), lambda i, j: (0,)), window, rows_e, pl.BlockSpec((Km1 + 1, be), lambda i, j: (0, j))]
-    in_specs += [pl.BlockSpec((be,), lambda i, j: (j,))] * has_bias + [pl.BlockSpec((rb,), lambda i, j: (i,))]
+    in_specs += [pl.BlockSpec((be,), lambda i, j: (j,))] * has_bias + [pl.BlockSpec((rb,), lambda i, j: (i,))] * 2
     return pl.pallas_call(
         functools.partial(_conv_kernel, K=Km1 + 1, has_bias=has_bias, rb=rb, be=be),
         out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, jnp.dtype(y_dtype))],
@@ -178,13 +185,14 @@ def _conv_call(shape, has_bias: bool, rb: int, be: int, y_dtype, num_warps: int,
         name="mamba_conv_step")
 
 
-def conv_step(window_all, layer: int, x, w, bias=None, keep=None, *, block_b: int = 4, block_e: int = 128,
-              num_warps: int = 4, interpret=None):
+def conv_step(window_all, layer: int, x, w, bias=None, keep=None, live=None, *, block_b: int = 4,
+              block_e: int = 128, num_warps: int = 4, interpret=None):
     """One token of the causal depthwise conv and its silu for layer ``layer`` (an int or int32 scalar), in place.
 
-    window_all [layers, b, K-1, E] (the last K-1 inputs of each layer, in x's dtype); x [b, E] (the new
-    input, zero at padding); w [K, E]; bias [E] or None; keep [b] (0: a segment start, the window
-    counts as zeros; None: ones). out = bias + sum_k w[k] tap_k over the taps (window..., x), float32.
+    window_all [layers, b, K-1, E] (the last K-1 inputs of each layer, in x's dtype); x [b, E] or
+    [b, 2E] (the new input: its first E columns, so in_xz's output is read in place); w [K, E]; bias
+    [E] or None; keep [b] (0: a segment start, the window counts as zeros); live [b] (0: a padding
+    token, a zero input); None: ones. out = bias + sum_k w[k] tap_k over the taps (window..., x), float32.
     Returns (silu(out) [b, E] in x's dtype, window_all with layer ``layer``'s window shifted by x:
     ``mamba.causal_conv``'s buffer).
     """
@@ -193,8 +201,10 @@ def conv_step(window_all, layer: int, x, w, bias=None, keep=None, *, block_b: in
     L, b, Km1, E = window_all.shape
     if window_all.dtype != x.dtype:
         raise ValueError(f"the conv window is {window_all.dtype} and x {x.dtype}; they must match.")
-    keep = jnp.ones((b,), F32) if keep is None else keep.astype(F32)
+    if x.shape not in ((b, E), (b, 2 * E)):
+        raise ValueError(f"x is {x.shape}; it must be [batch, E] or [batch, 2E] (in_xz's output) with E = {E}.")
+    keep, live = (jnp.ones((b,), F32) if v is None else v.astype(F32) for v in (keep, live))
     call = _conv_call((L, b, Km1, E), bias is not None, block_size(b, block_b), block_size(E, block_e),
                       jnp.dtype(x.dtype), int(num_warps), bool(interpret))
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
-    return call(layer, window_all, x, w, *([] if bias is None else [bias]), keep)
+    return call(layer, window_all, x, w, *([] if bias is None else [bias]), keep, live)
