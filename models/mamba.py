@@ -468,7 +468,7 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
         xi = jnp.where(nonpad[..., None], xi, 0)
     kernel = layer is not None and x.shape[1] == 1 and use_step_kernel(cfg) and isinstance(p["dt_proj"], jax.Array)
     conv_state = ssm_state = None
-    if state is not None:
+    if state is not None and not kernel:
         conv_state, ssm_state = (state[k] if layer is None else state[k][layer] for k in ("conv", "ssm"))
     if kernel:  # one token: the conv and its silu in one kernel, the window shifted in place
         keep, live = 1.0 - start[:, 0].astype(jnp.float32), nonpad[:, 0].astype(jnp.float32)
