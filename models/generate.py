@@ -27,8 +27,8 @@ decoding is the same compiled loop at temperature 0 (a ``lax.cond`` skips the sa
 
 The family's ``decode_params(params, cfg)`` is applied once, inside the compiled function but
 outside the loop, to give the weights a layout for decoding (the Transformer unstacks its layers
-and fuses the QKV and gate/up matrices, so no step slices or copies a weight; Mamba's is the
-identity).
+and fuses the QKV and gate/up matrices, so no step slices or copies a weight; Mamba unstacks its
+layers and fuses in_x/in_z).
 
 Compilations happen once per (batch, P, max_len, sharding layout). P is the longest prompt
 rounded up by ``bucket`` (a power of two from 8 to 256, then a multiple of 256), so prompts
@@ -55,7 +55,7 @@ and then with one token [batch, 1] per step. Its ``apply`` must leave a row's st
 across tokens with segment id 0 (the left padding), so that the state after the prefill
 equals that of the unpadded prompt; it may ignore ``positions``. Logits [batch, seq, vocab]
 come back as for the Transformer. Its ``cache_axes`` names the state's axes (rows on ``batch``)
-and its ``decode_params`` may be the identity.
+and its ``decode_params`` may be the identity (Mamba's unstacks its layers, as the Transformer's).
 
 **Sharded decoding.** Under ``parallel.sharding.activate(mesh, rules)`` with parameters
 placed by ``tree_shardings(model.param_axes(cfg), mesh, rules)``, the same calls run

@@ -27,7 +27,10 @@ segment resets the state (decay 0) and the convolution never mixes tokens of dif
 segments. A padding token does not advance the SSM state (dt = 0) and is a zero input to the
 convolution, so padding with nothing real before it (generation's left padding) is exactly
 no token at all; padding after real tokens reaches the next ones' convolution as zeros.
-Decoding carries the conv buffer and the SSM state (``init_cache``): O(1) per token.
+Decoding carries the conv buffer and the SSM state (``init_cache``): O(1) per token. ``decode_params``
+gives per-layer weights that run in a Python loop, each layer replacing its slot of the stacked
+cache in place; a one-token step's state update is then one fused kernel (``step_kernel``: h read
+and written once) when ``use_step_kernel(cfg)`` (``model.decode``: "auto" takes it on a GPU).
 """
 from __future__ import annotations
 
@@ -39,12 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from models import capture, layers, scan_kernel
+from models import capture, layers, scan_kernel, step_kernel
 from models.layers import REMAT_POLICIES
 from parallel import sharding
 from parallel.sharding import constrain
 
 SCANS = ("chunked", "reference", "pallas")
+DECODES = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Config:
     scan: str = "chunked"  # or "reference" (sequential), "pallas" (GPU kernels)
     chunk_size: int = 64  # of the chunked scan
     scan_splits: int = 0  # pallas: pieces each sequence is cut into (scan_kernel seq_splits); 0: auto, 1: none
+    decode: str = "auto"  # one-token cached steps: "pallas" (step_kernel), "xla", or "auto" (pallas on GPU)
 
     def __post_init__(self):
         if self.dt_rank == 0 and isinstance(self.d_model, int) and self.d_model > 0:
@@ -108,7 +113,7 @@ def validate(cfg: Config) -> None:
     if cfg.norm_eps <= 0:
         raise ValueError(f"model.norm_eps is {cfg.norm_eps}; set it to a positive number.")
     for name, choices in (("dtype", layers.DTYPES), ("param_dtype", layers.DTYPES), ("remat", REMAT_POLICIES),
-                          ("scan", SCANS)):
+                          ("scan", SCANS), ("decode", DECODES)):
         if getattr(cfg, name) not in choices:
             raise ValueError(f"model.{name} is {getattr(cfg, name)!r}; use one of {sorted(choices)}.")
 
@@ -197,10 +202,27 @@ def validate_mesh(cfg: Config, mesh, rules, *, tokens: int | None = None) -> Non
     del cfg, mesh, rules, tokens
 
 
-def decode_params(params: dict, cfg: Config) -> dict:
-    """The decoding layout: the training one (the recurrent state is the cache; nothing to fuse)."""
+def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
+    """``params`` with ``layers`` as a tuple of per-layer dicts, for cached decoding.
+
+    ``models.generate`` calls this once, outside its decode loop, so each step reads every weight
+    where it lies instead of slicing it out of the stacked array again (a copy of each weight per
+    layer and step). Each layer's A = -exp(A_log) [E, N] float32 is computed here once (``A``
+    replaces ``A_log``), and with ``fuse`` dense in_x and in_z become one ``in_xz`` [d_model, 2E]
+    (one wider matmul per step). Weights of a ``weights.Weight`` type stay as they are.
+    """
     del cfg
-    return params
+    stack = params["layers"]
+    units = jax.tree.leaves(stack)[0].shape[0]
+    per_layer = []
+    for i in range(units):
+        p = dict(jax.tree.map(lambda a, i=i: a[i], stack))
+        if isinstance(p["A_log"], jax.Array):
+            p["A"] = -jnp.exp(p.pop("A_log").astype(jnp.float32))
+        if fuse and all(isinstance(p[n], jax.Array) for n in ("in_x", "in_z")):
+            p["in_xz"] = jnp.concatenate([p.pop("in_x"), p.pop("in_z")], axis=1)
+        per_layer.append(p)
+    return {**params, "layers": tuple(per_layer)}
 
 
 def layers_per_unit(cfg: Config) -> int:
@@ -417,8 +439,13 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=Non
     return x, {**state, "segment": segment_info(segment_ids, cache["segment"])[3]}, {"losses": {}, "metrics": {}}
 
 
-def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment=None, state=None):
-    """``block``'s math: (x, new {'conv', 'ssm'} state or None)."""
+def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment=None, state=None, layer=None):
+    """``block``'s math: (x, new {'conv', 'ssm'} state or None).
+
+    ``layer`` (an int): ``state`` holds every layer's state ([layers, ...], ``init_cache``'s) and this
+    layer reads and replaces its own, in place; a one-token call then takes the fused step kernel
+    when ``use_step_kernel(cfg)``.
+    """
     dt_type = cfg.compute_dtype
     R, N = cfg.dt_rank, cfg.d_state
     if segment_ids is None and state is not None:
@@ -428,30 +455,93 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
         start, nonpad, run, _ = segment_info(segment_ids, last_segment)
     names = ("batch", "seq", "inner")
     n = layers.rms_norm(x, p["norm"], cfg.norm_eps)
-    xi = constrain(_bias(p, "in_x_bias", layers.linear(p["in_x"], n, name="in_x")), names)
-    z = constrain(_bias(p, "in_z_bias", layers.linear(p["in_z"], n, name="in_z")), names)
+    xz = None
+    if "in_xz" in p:  # the fused decoding layout of ``decode_params``
+        xz = layers.linear(p["in_xz"], n, name="in_xz")
+        xi, z = jnp.split(xz, 2, axis=-1)
+        xi, z = _bias(p, "in_x_bias", xi), _bias(p, "in_z_bias", z)
+    else:
+        xi = _bias(p, "in_x_bias", layers.linear(p["in_x"], n, name="in_x"))
+        z = _bias(p, "in_z_bias", layers.linear(p["in_z"], n, name="in_z"))
+    xi, z = constrain(xi, names), constrain(z, names)
     if nonpad is not None:
         xi = jnp.where(nonpad[..., None], xi, 0)
-    xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run,
-                                  buffer=None if state is None else state["conv"])
-    xc = constrain(jax.nn.silu(xc).astype(dt_type), names)
+    kernel = layer is not None and x.shape[1] == 1 and use_step_kernel(cfg) and isinstance(p["dt_proj"], jax.Array)
+    conv_state = ssm_state = None
+    if state is not None and not kernel:
+        conv_state, ssm_state = (state[k] if layer is None else state[k][layer] for k in ("conv", "ssm"))
+    if kernel:  # one token: the conv and its silu in one kernel, the window shifted in place
+        keep, live = 1.0 - start[:, 0].astype(jnp.float32), nonpad[:, 0].astype(jnp.float32)
+        if xz is not None and "in_x_bias" not in p and xz.dtype == state["conv"].dtype and not sharding.active():
+            xi = z = xz  # both kernels read their half of in_xz's output where it lies (unsharded)
+        xc, conv_buffer = _kernel_call(step_kernel.conv_step, "conv", state["conv"], layer,
+                                       xi[:, 0].astype(state["conv"].dtype), p["conv_w"], p.get("conv_b"), keep, live)
+        xc = constrain(xc[:, None].astype(dt_type), names)
+    else:
+        xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run, buffer=conv_state)
+        xc = constrain(jax.nn.silu(xc).astype(dt_type), names)
     dbc = layers.linear(p["x_proj"], xc, name="x_proj")  # [b, s, R + 2N]
-    dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
-    dt = jax.nn.softplus(layers.linear(p["dt_proj"], dt_low, out_dtype=jnp.float32, name="dt_proj")
-                         + p["dt_bias"].astype(jnp.float32))
-    if nonpad is not None:
-        dt = jnp.where(nonpad[..., None], dt, 0.0)  # padding: decay 1, no input
-    dt = constrain(dt, names)
-    A = -jnp.exp(p["A_log"].astype(jnp.float32))
-    y, h = selective_scan(xc, dt, A, B, C, p["D"], reset=start, h0=None if state is None else state["ssm"],
-                          method=cfg.scan, chunk_size=cfg.chunk_size, splits=cfg.scan_splits)
-    y = constrain((y * jax.nn.silu(z.astype(jnp.float32))).astype(dt_type), names)
+    A = p["A"] if "A" in p else -jnp.exp(p["A_log"].astype(jnp.float32))
+    if kernel:
+        y, ssm = _kernel_call(step_kernel.selective_step, "ssm", state["ssm"], layer, xc[:, 0], z[:, 0],
+                              dbc[:, 0], p["dt_proj"], p["dt_bias"], A, p["D"], keep, live)
+        y = constrain(y[:, None], names)
+    else:
+        dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
+        dt_raw = layers.linear(p["dt_proj"], dt_low, out_dtype=jnp.float32, name="dt_proj")
+        dt = jax.nn.softplus(dt_raw + p["dt_bias"].astype(jnp.float32))
+        if nonpad is not None:
+            dt = jnp.where(nonpad[..., None], dt, 0.0)  # padding: decay 1, no input
+        dt = constrain(dt, names)
+        y, h = selective_scan(xc, dt, A, B, C, p["D"], reset=start, h0=ssm_state,
+                              method=cfg.scan, chunk_size=cfg.chunk_size, splits=cfg.scan_splits)
+        y = constrain((y * jax.nn.silu(z.astype(jnp.float32))).astype(dt_type), names)
+        ssm = None if state is None else constrain(h, ("batch", "inner", "state"))
+        if layer is not None:
+            ssm = state["ssm"].at[layer].set(ssm)
     x = x + _bias(p, "out_bias", layers.linear(p["out_proj"], y, name="out_proj"))
     new_state = None
     if state is not None:
-        new_state = {"conv": conv_buffer.astype(state["conv"].dtype),
-                     "ssm": constrain(h, ("batch", "inner", "state"))}
+        if not kernel:
+            conv_buffer = conv_buffer.astype(state["conv"].dtype)
+            conv_buffer = conv_buffer if layer is None else state["conv"].at[layer].set(conv_buffer)
+        new_state = {"conv": conv_buffer, "ssm": ssm}
     return constrain(x, ("batch", "seq", "embed")), new_state
+
+
+def use_step_kernel(cfg: Config) -> bool:
+    """Whether one-token cached steps take ``step_kernel`` (``cfg.decode``; "auto": on a GPU without an
+    active mesh, when dt_rank and d_state are powers of 2, as Triton's blocks must be)."""
+    if cfg.decode == "auto":
+        pow2 = all(v & (v - 1) == 0 for v in (cfg.dt_rank, cfg.d_state))
+        return jax.default_backend() == "gpu" and sharding.active() is None and pow2
+    return cfg.decode == "pallas"
+
+
+def _kernel_call(fn, kind, state, layer, *args):
+    """``fn(state, layer, *args)`` for ``step_kernel``'s conv_step (kind "conv": args x [b, E], w [K, E],
+    bias [E] or None, keep, live [b]) or selective_step (kind "ssm": x, z [b, E], dbc [b, R + 2N],
+    dt_proj [R, E], dt_bias [E], A [E, N], D [E], keep, live [b]); under an active mesh in ``shard_map``
+    over rows and channels (by the rules for ``batch`` and ``inner``; the state's ``layers`` axis whole
+    on each device)."""
+    def run(state, *args):
+        return fn(state, layer, *args)
+
+    active = sharding.active()
+    if active is None:
+        return run(state, *args)
+    mesh, rules = active
+    spec = lambda *names: sharding.logical_to_spec(names, rules)  # noqa: E731
+    rows_inner, inner, rows = spec("batch", "inner"), spec("inner"), spec("batch")
+    if kind == "conv":  # (a bias of None is an empty pytree: its spec is not used)
+        state_spec = spec(None, "batch", None, "inner")
+        in_specs = (state_spec, rows_inner, spec(None, "inner"), inner, rows, rows)
+    else:
+        state_spec = spec(None, "batch", "inner", "state")
+        in_specs = (state_spec, rows_inner, rows_inner, spec("batch", None), spec(None, "inner"), inner,
+                    spec("inner", "state"), inner, rows, rows)
+    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(rows_inner, state_spec),
+                         check_vma=False)(state, *args)
 
 
 def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
@@ -462,7 +552,10 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, seg
     [layers] the global layer ids (default 0..layers-1; they name the ``capture`` taps). With
     ``cache`` (``init_cache`` for these layers) each layer starts from its cached conv buffer and
     SSM state and the new ones are returned: (x, new cache without 'index', aux); else (x, None,
-    aux). aux: {'losses': {}, 'metrics': {}}. Under ``capture`` the layers run in a Python loop.
+    aux). aux: {'losses': {}, 'metrics': {}}. Under ``capture`` the layers run in a Python loop, as
+    they do when ``layer_params`` is a tuple of per-layer dicts (``decode_params``): each layer then
+    reads and replaces its slot of the stacked cache in place (a one-token step through
+    ``step_kernel`` when ``use_step_kernel(cfg)``), and no weight is sliced out of a stacked array.
     """
     del positions, train, rng
     last = None
@@ -472,8 +565,16 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, seg
         last = cache["segment"]
     states = None if cache is None else {"conv": cache["conv"], "ssm": cache["ssm"]}
     aux = {"losses": {}, "metrics": {}}
-    units = jax.tree.leaves(layer_params)[0].shape[0]
-    if capture.active():
+    if isinstance(layer_params, (list, tuple)):  # ``decode_params``' per-layer weights: a Python loop
+        ids = np.arange(len(layer_params)) if layer_ids is None else np.asarray(layer_ids).reshape(-1)
+        for i, p in enumerate(layer_params):
+            capture.hidden(int(ids[i]), x)
+            with capture.layer(int(ids[i])):
+                x, states = _layer(p, x, cfg, segment_ids=segment_ids, last_segment=last, state=states,
+                                   layer=None if states is None else i)
+        capture.hidden(int(ids[-1]) + 1, x)
+    elif capture.active():
+        units = jax.tree.leaves(layer_params)[0].shape[0]
         ids = np.arange(units) if layer_ids is None else np.asarray(layer_ids).reshape(-1)
         new_states = []
         for i in range(units):

@@ -69,8 +69,8 @@ def test_axes_trees_match_params_and_cache(name):
     assert ("experts" in sizes) == (name == "switch")
     model.validate_mesh(cfg, pmesh.make_mesh({"data": 8}), (("batch", "data"),), tokens=64)  # nothing to refuse
     if name == "mamba":
-        p = {"embed": jnp.zeros(1)}
-        assert model.decode_params(p, cfg) is p
+        per_layer = jax.eval_shape(lambda: model.decode_params(model.init(cfg, jax.random.PRNGKey(0)), cfg))["layers"]
+        assert len(per_layer) == cfg.n_layers and {"in_xz", "A"} <= set(per_layer[0]) and "A_log" not in per_layer[0]
 
 
 def _pieces(name):

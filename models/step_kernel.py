@@ -1,0 +1,210 @@
+"""Mamba's one-token decoding step as two Pallas (Triton) kernels: the selective state update and the conv.
+
+For one layer l of the stacked recurrent state h [layers, b, E, N] float32 and one token per row:
+
+    dt   = softplus(dt_low W_dt + dt_bias)                (dt = 0 where ``live`` is 0: a padding token)
+    h'   = keep exp(dt A) * h[l] + dt B x                 (keep = 0 zeroes the state first: a segment start)
+    y    = (C . h' + D x) silu(z)                         (Gu & Dao 2023, eq. 2a-2b with ZOH for A, Euler for B)
+
+x, z [b, E]; dt_low [b, R], B, C [b, N] as x_proj wrote them (one [b, R + 2N] array, read in place);
+W_dt [R, E] (dt_proj: its matmul is done in the kernel); dt_bias, D [E]; A [E, N] (negative); keep,
+live [b]. One program per (block of rows, block of channels) reads its h block once, computes in
+float32 and writes h' once, into the same buffer (``input_output_aliases``: the whole stacked
+state is the kernel's operand and result, nothing is sliced or copied around the call; the layer
+index is a runtime operand, so all layers share one compiled kernel). ``interpret=True`` runs the
+same kernel on CPU (tests).
+
+``step_reference`` is the same update in plain XLA, the path off GPU. ``conv_step`` is the token's
+causal depthwise conv and silu (``mamba.causal_conv`` for one token), shifting the layer's slot of
+the stacked conv window [layers, b, d_conv - 1, E] in place the same way.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+LOG2E = 1.4426950408889634
+
+
+def _softplus(v):
+    """log(1 + e^v) = max(v, 0) + log(1 + e^-|v|), stable for any v (jax.nn.softplus's value)."""
+    return jnp.maximum(v, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(v)))
+
+
+def step_reference(h, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None):
+    """The update in XLA, float32: (y [b, E] float32, h' [b, E, N] float32) for one layer's h [b, E, N]."""
+    f32 = lambda a: a.astype(F32)  # noqa: E731
+    R, N = dt_proj.shape[0], A.shape[-1]
+    dt_low, B, C = (f32(dbc[:, a:a + n]) for a, n in ((0, R), (R, N), (R + N, N)))
+    dt = _softplus(dt_low @ f32(dt_proj) + f32(dt_bias))
+    if live is not None:
+        dt = dt * f32(live)[:, None]
+    decay = jnp.exp(dt[..., None] * f32(A))
+    if keep is not None:
+        decay = decay * f32(keep)[:, None, None]
+    h = decay * f32(h) + (dt * f32(x))[..., None] * B[:, None, :]
+    y = jnp.einsum("ben,bn->be", h, C) + f32(D) * f32(x)
+    return y * jax.nn.silu(f32(z)), h
+
+
+def _state_block(layer_ref, rb, be):
+    """The index of this program's block of the stacked state [layers, b, E, N]: layer ``layer_ref[0]`` (a
+    runtime value, so every layer runs the same compiled kernel), rows i rb.., channels j be.."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    return layer_ref[0], pl.ds(pl.multiple_of(i * rb, rb), rb), pl.ds(pl.multiple_of(j * be, be), be)
+
+
+def _kernel(layer_ref, h_ref, x_ref, z_ref, lo_ref, B_ref, C_ref, W_ref, bias_ref, A_ref, D_ref, keep_ref, live_ref,
+            y_ref, h_out_ref, *, rb, be):
+    """One (block of rb rows, block of be channels): h [rb, be, N] of the whole state; x, z [rb, be]; dt_low [rb, R];
+    B, C [rb, N]; W_dt [R, be]; bias, D [be]; A [be, N]; keep, live [rb] -> y [rb, be] (x's dtype), h' in place."""
+    layer, rows, chans = _state_block(layer_ref, rb, be)
+    at = (layer, rows, chans, slice(None))
+    x = x_ref[...].astype(F32)
+    dt_low, W = lo_ref[...].astype(F32), W_ref[...].astype(F32)
+    dt = jnp.sum(dt_low[:, :, None] * W[None, :, :], axis=1) + bias_ref[...].astype(F32)[None, :]  # [rb, be]
+    dt = _softplus(dt) * live_ref[...].astype(F32)[:, None]
+    A2 = A_ref[...].astype(F32) * LOG2E
+    decay = jnp.exp2(dt[:, :, None] * A2[None]) * keep_ref[...].astype(F32)[:, None, None]
+    B, C = B_ref[...].astype(F32), C_ref[...].astype(F32)
+    h = decay * h_ref[at] + (dt * x)[:, :, None] * B[:, None, :]
+    h_out_ref[at] = h
+    y = jnp.sum(h * C[:, None, :], axis=2) + D_ref[...].astype(F32)[None, :] * x
+    z = z_ref[...].astype(F32)
+    y_ref[...] = (y * z / (1.0 + jnp.exp(-z))).astype(y_ref.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _call(shape, R: int, cols: tuple, z_col: int, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
+    """cols: the block-column index of dt_low, B and C in their arrays (blocks of R, N, N columns); z_col: the
+    first block column of z in its array."""
+    L, b, E, N = shape
+    rows_e = pl.BlockSpec((rb, be), lambda i, j: (i, j))
+    z_spec = pl.BlockSpec((rb, be), lambda i, j: (i, j + z_col))
+    chan = pl.BlockSpec((be,), lambda i, j: (j,))
+    rows = pl.BlockSpec((rb,), lambda i, j: (i,))
+    state = pl.BlockSpec()  # the whole stacked state: the kernel indexes its layer and block itself
+    in_specs = [pl.BlockSpec((1,), lambda i, j: (0,)), state, rows_e, z_spec,
+                pl.BlockSpec((rb, R), lambda i, j: (i, cols[0])),
+                pl.BlockSpec((rb, N), lambda i, j: (i, cols[1])), pl.BlockSpec((rb, N), lambda i, j: (i, cols[2])),
+                pl.BlockSpec((R, be), lambda i, j: (0, j)), chan, pl.BlockSpec((be, N), lambda i, j: (j, 0)), chan,
+                rows, rows]
+    return pl.pallas_call(
+        functools.partial(_kernel, rb=rb, be=be),
+        out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, F32)],
+        grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, state], input_output_aliases={1: 1},
+        interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
+        name="mamba_step")
+
+
+def block_size(n: int, most: int) -> int:
+    """The largest power of 2 that divides n and is at most ``most`` (rows or channels per program)."""
+    size = 1
+    while size * 2 <= most and n % (size * 2) == 0:
+        size *= 2
+    return size
+
+
+def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None, *,
+                   block_b: int = 4, block_e: int = 32, num_warps: int = 4, interpret=None):
+    """The fused step for layer ``layer`` (an int or int32 scalar, read at run time) of h_all [layers, b, E, N] float32.
+
+    x [b, E]; z [b, E], or [b, 2E] to read z from its second half (in_xz's output, in place);
+    dbc [b, R + 2N]: x_proj's output (dt_low, B, C side by side; read in place when R is a multiple of
+    N, else sliced first); dt_proj [R, E]; dt_bias, D [E]; A [E, N]; keep, live [b] (None:
+    ones). Returns (y [b, E] in x's dtype, h_all with layer ``layer`` replaced by h'); h_all's buffer
+    is updated in place when the caller no longer needs the old value (under jit: a donated or
+    intermediate array). ``block_b`` rows and ``block_e`` channels per program (each the largest
+    power of 2 dividing b, E up to that); on a GPU, R and N must be powers of 2 (Triton blocks).
+    ``interpret`` (default: not on a GPU) runs the kernel in the Pallas interpreter.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    L, b, E, N = h_all.shape
+    R = dt_proj.shape[0]
+    if h_all.dtype != F32:
+        raise ValueError(f"the recurrent state is {h_all.dtype}; it must be float32.")
+    if isinstance(layer, int) and not 0 <= layer < L:
+        raise ValueError(f"layer is {layer}; the state has {L} layers.")
+    if dbc.shape != (b, R + 2 * N):
+        raise ValueError(f"dbc is {dbc.shape}; it must be [batch, dt_rank + 2 d_state] = {(b, R + 2 * N)}.")
+    if R % N == 0:  # dt_low, B, C read from dbc where they lie
+        parts, cols = (dbc, dbc, dbc), (0, R // N, R // N + 1)
+    else:
+        parts, cols = (dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]), (0, 0, 0)
+    ones = jnp.ones((b,), F32)
+    keep, live = (ones if v is None else v.astype(F32) for v in (keep, live))
+    if z.shape not in ((b, E), (b, 2 * E)):
+        raise ValueError(f"z is {z.shape}; it must be [batch, E] or [batch, 2E] (in_xz's output) with E = {E}.")
+    be = block_size(E, block_e)
+    call = _call((L, b, E, N), R, cols, (z.shape[1] - E) // be, block_size(b, block_b), be, jnp.dtype(x.dtype),
+                 int(num_warps), bool(interpret))
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    return call(layer, h_all, x, z, *parts, dt_proj, dt_bias, A, D, keep, live)
+
+
+def _conv_kernel(*refs, K, has_bias, rb, be):
+    """One (block of rb rows, block of be channels): window [rb, K-1, be] of the whole stacked window; x [rb, be];
+    w [K, be]; bias [be]?; keep [rb] -> silu(conv) [rb, be] (x's dtype), the window shifted by x, in place."""
+    layer_ref, win_ref, x_ref, w_ref, *refs = refs
+    bias_ref = refs.pop(0) if has_bias else None
+    keep_ref, live_ref, y_ref, win_out_ref = refs
+    layer, rows, chans = _state_block(layer_ref, rb, be)
+    keep = keep_ref[...].astype(F32)[:, None]
+    x = x_ref[...]
+    x = x * live_ref[...].astype(x.dtype)[:, None]  # a padding token is a zero input
+    taps = [win_ref[layer, rows, k, chans] for k in range(K - 1)] + [x]
+    taps = [t * keep.astype(t.dtype) for t in taps[:-1]] + [x]  # a segment start: the window is zeros
+    out = jnp.zeros(x.shape, F32)
+    for k in range(K):
+        out = out + taps[k].astype(F32) * w_ref[k, :].astype(F32)[None, :]
+    if has_bias:
+        out = out + bias_ref[...].astype(F32)[None, :]
+    for k in range(K - 1):
+        win_out_ref[layer, rows, k, chans] = taps[k + 1].astype(win_out_ref.dtype)
+    y_ref[...] = (out / (1.0 + jnp.exp(-out))).astype(y_ref.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_call(shape, has_bias: bool, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
+    L, b, Km1, E = shape
+    rows_e = pl.BlockSpec((rb, be), lambda i, j: (i, j))
+    window = pl.BlockSpec()  # the whole stacked window, indexed in the kernel
+    in_specs = [pl.BlockSpec((1,), lambda i, j: (0,)), window, rows_e, pl.BlockSpec((Km1 + 1, be), lambda i, j: (0, j))]
+    in_specs += [pl.BlockSpec((be,), lambda i, j: (j,))] * has_bias + [pl.BlockSpec((rb,), lambda i, j: (i,))] * 2
+    return pl.pallas_call(
+        functools.partial(_conv_kernel, K=Km1 + 1, has_bias=has_bias, rb=rb, be=be),
+        out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, jnp.dtype(y_dtype))],
+        grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, window], input_output_aliases={1: 1},
+        interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
+        name="mamba_conv_step")
+
+
+def conv_step(window_all, layer: int, x, w, bias=None, keep=None, live=None, *, block_b: int = 4,
+              block_e: int = 128, num_warps: int = 4, interpret=None):
+    """One token of the causal depthwise conv and its silu for layer ``layer`` (an int or int32 scalar), in place.
+
+    window_all [layers, b, K-1, E] (the last K-1 inputs of each layer, in x's dtype); x [b, E] or
+    [b, 2E] (the new input: its first E columns, so in_xz's output is read in place); w [K, E]; bias
+    [E] or None; keep [b] (0: a segment start, the window counts as zeros); live [b] (0: a padding
+    token, a zero input); None: ones. out = bias + sum_k w[k] tap_k over the taps (window..., x), float32.
+    Returns (silu(out) [b, E] in x's dtype, window_all with layer ``layer``'s window shifted by x:
+    ``mamba.causal_conv``'s buffer).
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    L, b, Km1, E = window_all.shape
+    if window_all.dtype != x.dtype:
+        raise ValueError(f"the conv window is {window_all.dtype} and x {x.dtype}; they must match.")
+    if x.shape not in ((b, E), (b, 2 * E)):
+        raise ValueError(f"x is {x.shape}; it must be [batch, E] or [batch, 2E] (in_xz's output) with E = {E}.")
+    keep, live = (jnp.ones((b,), F32) if v is None else v.astype(F32) for v in (keep, live))
+    call = _conv_call((L, b, Km1, E), bias is not None, block_size(b, block_b), block_size(E, block_e),
+                      jnp.dtype(x.dtype), int(num_warps), bool(interpret))
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    return call(layer, window_all, x, w, *([] if bias is None else [bias]), keep, live)

@@ -1,0 +1,102 @@
+"""Mamba decoding: the fused one-token step kernel (Pallas, interpreted on CPU) against the XLA step and a
+float64 NumPy formula, and generation through the kernel against generation through XLA."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import generate as G
+from models import mamba as M
+from models import step_kernel as K
+from parallel import mesh as pmesh
+from parallel import sharding
+from tests.helpers import jit
+from tests.test_mamba import B, CFG, NEW, PROMPTS, RULES, cached, naive_greedy, params_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def numpy_step(h, x, z, dbc, dt_proj, dt_bias, A, D, keep, live):
+    """dt = live softplus(dt_low W_dt + dt_bias), h' = keep exp(dt A) h + dt B x, y = (C.h' + D x) silu(z); float64."""
+    h, x, z, dbc, dt_proj, dt_bias, A, D, keep, live = (np.asarray(a, np.float64) for a in
+                                                       (h, x, z, dbc, dt_proj, dt_bias, A, D, keep, live))
+    R, N = dt_proj.shape[0], A.shape[1]
+    dt_low, B, C = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
+    dt = np.log1p(np.exp(dt_low @ dt_proj + dt_bias)) * live[:, None]
+    h = keep[:, None, None] * np.exp(dt[..., None] * A) * h + (dt * x)[..., None] * B[:, None, :]
+    y = np.einsum("ben,bn->be", h, C) + D * x
+    return y * z / (1 + np.exp(-z)), h
+
+
+@pytest.mark.parametrize("E,N,R,block_e", [(64, 16, 32, 16), (24, 4, 3, 128)])  # dt_low, B, C read in place; sliced
+def test_step_kernels_equal_xla_and_float64(E, N, R, block_e):
+    L, b, layer = 3, 4, 1
+    rng = np.random.default_rng(E)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    h, x, z, dbc, dt_proj, bias = f(L, b, E, N), f(b, E), f(b, E), f(b, R + 2 * N), f(R, E) / R, f(E)
+    A, D = -jnp.exp(f(E, N)), f(E)
+    keep, live = jnp.array([1.0, 0.0, 1.0, 1.0]), jnp.array([1.0, 1.0, 0.0, 1.0])  # a reset row, a padding row
+    args = (x, z, dbc, dt_proj, bias, A, D, keep, live)
+    y, h_all = jit(lambda h, args: K.selective_step(h, layer, *args, block_b=2, block_e=block_e, interpret=True),
+                   donate_argnums=0)(jnp.array(h), args)
+    y_ref, h_ref = jit(K.step_reference)(h[layer], *args)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h_all[layer], h_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.delete(np.asarray(h_all), layer, 0), np.delete(np.asarray(h), layer, 0))
+    y64, h64 = numpy_step(h[layer], *args)
+    np.testing.assert_allclose(y_ref, y64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_ref, h64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(h_ref[2], h[layer, 2])  # padding: the state is unchanged
+    assert K.block_size(E, block_e) == min(block_e, E & -E)
+    if R % N == 0:  # under a mesh: shard_map over rows (data) and channels (tensor), the same numbers
+        with sharding.activate(pmesh.make_mesh({"data": 2, "tensor": 4}), RULES):
+            y_sh, h_sh = jit(lambda h, args: M._kernel_call(K.selective_step, "ssm", h, layer, *args),
+                             donate_argnums=0)(jnp.array(h), args)
+        np.testing.assert_allclose(y_sh, y, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(h_sh, h_all)
+    # z read from the second half of a [b, 2E] array (in_xz's output): the same numbers.
+    y_xz, _ = jit(lambda h, args: K.selective_step(h, layer, x, jnp.concatenate([x, z], 1), *args, block_b=2,
+                                                   block_e=block_e, interpret=True))(h, args[2:])
+    np.testing.assert_allclose(y_xz, y, rtol=1e-6, atol=1e-6)
+    # The conv step (in place on a stacked window, x the first half of [x, z]) against mamba.causal_conv, with a
+    # reset row and a padding row (a zero input).
+    window, w, conv_b = f(L, b, 3, E), f(4, E), (f(E) if R % N == 0 else None)
+    xc, window_all = jit(lambda win, xz: K.conv_step(win, layer, xz, w, conv_b, keep, live, block_b=2,
+                                                     block_e=block_e, interpret=True),
+                         donate_argnums=0)(jnp.array(window), jnp.concatenate([x, z], 1))
+    out, buffer = jit(M.causal_conv)((x * live[:, None])[:, None], w, conv_b,
+                                     run=(1 - keep).astype(jnp.int32)[:, None], buffer=window[layer])
+    np.testing.assert_allclose(xc, jax.nn.silu(out[:, 0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(window_all[layer], buffer)
+    np.testing.assert_array_equal(np.delete(np.asarray(window_all), layer, 0), np.delete(np.asarray(window), layer, 0))
+
+
+def test_decode_params_and_generation_with_kernel_equal_xla():
+    params = params_for(CFG)
+    per_layer_params = jit(M.decode_params, static_argnums=1)(params, CFG)
+    per_layer = per_layer_params["layers"]
+    assert len(per_layer) == CFG.n_layers and set(per_layer[0]) >= {"in_xz", "A"}
+    np.testing.assert_array_equal(per_layer[1]["in_xz"][:, CFG.d_inner:], params["layers"]["in_z"][1])
+    xla, kernel = (dataclasses.replace(CFG, decode=d) for d in ("xla", "pallas"))
+    assert not M.use_step_kernel(xla) and M.use_step_kernel(kernel) and not M.use_step_kernel(CFG)  # CPU: auto = xla
+
+    # Cached steps (a padding token, a new segment mid-way): per-layer weights through the kernels equal the
+    # stacked weights through the XLA scan (test_mamba's compiled ``cached``, [B, 1] steps).
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (B, 4)).astype(np.int32)
+    seg = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 2, 2], [0, 0, 1, 3]], np.int32)
+    outs = []
+    for p, cfg in ((params, CFG), (per_layer_params, kernel)):
+        cache, logits = M.init_cache(cfg, B), []
+        for t in range(tokens.shape[1]):
+            out, cache = cached(p, tokens[:, t:t + 1], cfg, cache, seg[:, t:t + 1])
+            logits.append(out)
+        outs.append((np.concatenate(logits, 1), cache))
+    (want, want_cache), (got, got_cache) = outs
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for name in ("conv", "ssm", "segment"):
+        np.testing.assert_allclose(got_cache[name], want_cache[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # Generation through the kernel: the tokens of greedy decoding by the full forward pass.
+    assert G.greedy(M, params, kernel, PROMPTS, max_new_tokens=NEW) == naive_greedy(params, PROMPTS, NEW)
