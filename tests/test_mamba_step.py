@@ -80,7 +80,8 @@ def test_decode_params_and_generation_with_kernel_equal_xla():
     assert len(per_layer) == CFG.n_layers and set(per_layer[0]) >= {"in_xz", "A"}
     np.testing.assert_array_equal(per_layer[1]["in_xz"][:, CFG.d_inner:], params["layers"]["in_z"][1])
     xla, kernel = (dataclasses.replace(CFG, decode=d) for d in ("xla", "pallas"))
-    assert not M.use_step_kernel(xla) and M.use_step_kernel(kernel) and not M.use_step_kernel(CFG)  # CPU: auto = xla
+    assert not M.use_step_kernel(xla) and M.use_step_kernel(kernel) and not M.use_step_kernel(CFG)  # default xla; CPU auto = xla
+    assert not M.use_step_kernel(dataclasses.replace(CFG, decode="auto"))
 
     # Cached steps (a padding token, a new segment mid-way): per-layer weights through the kernels equal the
     # stacked weights through the XLA scan (test_mamba's compiled ``cached``, [B, 1] steps).
