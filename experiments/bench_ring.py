@@ -19,9 +19,9 @@ forward+backward), the ratios of the times to cuDNN's, and the max abs differenc
 of the gradients (dq, dk, dv) against cuDNN's. A variant that fails (compile error, out of memory)
 is an error row. A --pallas variant reads QxKwWsS-KxQwWsS-QxKwWsS, the ``flash_kernel.Config`` of each
 kernel: forward (query tile x key step, warps, stages) - dk/dv (key tile x query step, ...) - dq (query
-tile x key step, ...); a dq part ``atomic`` or ``relaxed`` (QxKwWsS-KxQwWsS-relaxed) takes the fused
-backward, dq added atomically by the dk/dv kernel (``Config.fused_dq``: acquire-release or relaxed
-atomics), so the old and new backward are timed side by side; a suffix -gG (``Config.group``) launches
+tile x key step, ...); a dq part ``atomic`` (QxKwWsS-KxQwWsS-atomic) takes the fused backward, dq
+added atomically by the dk/dv kernel (``Config.fused_dq``), so the old and new backward are timed side
+by side; a suffix -gG (``Config.group``) launches
 every kernel's programs tile-major over groups of G (batch row, head) pairs, heaviest tiles first.
 
 seqlen: the train step of ``experiments/bench_llama_1b.py`` (1.26B: hidden 2048, 22 layers, vocab
@@ -54,11 +54,10 @@ GiB = 1 << 30
 # choices vary together (backward ms = f+b ms - fwd ms). For sm_90 by Triton 3.7 all fit the shared memory;
 # the two-kernel ones spill at most 28 bytes of registers, the fused dk/dv kernel (five wgmma matmuls)
 # none at 64x64 and 64x32, 148 bytes at 128x16 and 516 at 128x32 (its float32 dk, dv of 128 keys take 128
-# of 255 registers); 'atomic' (acquire-release: a GPU-wide barrier per vector atomic) shows what 'relaxed' saves.
+# of 255 registers). Pallas orders the atomic adds acquire-release (a GPU-wide barrier per vector atomic).
 # -g4: the same kernels launched tile-major over groups of 4 (batch row, head) pairs.
-PALLAS = ("128x64w8s3-128x32w8s3-128x64w8s2,128x64w8s3-128x32w8s3-128x64w8s2-g4,128x64w8s3-64x64w8s2-relaxed,"
-          "128x64w8s3-64x64w8s2-relaxed-g4,64x64w4s3-64x32w8s3-relaxed,128x64w8s3-128x16w8s3-relaxed,"
-          "128x64w8s3-128x32w8s2-relaxed,128x64w8s3-64x64w8s2-atomic")
+PALLAS = ("128x64w8s3-128x32w8s3-128x64w8s2,128x64w8s3-128x32w8s3-128x64w8s2-g4,128x64w8s3-64x64w8s2-atomic,"
+          "128x64w8s3-64x64w8s2-atomic-g4,64x64w4s3-64x32w8s3-atomic,128x64w8s3-128x16w8s3-atomic")
 
 
 # ----------------------------------------------------------------------------- kernel speed
@@ -70,16 +69,15 @@ def pallas_variants(spec: str) -> list:
     out = []
     tile = r"(\d+)x(\d+)w(\d+)s(\d+)"
     for v in filter(None, (x.strip() for x in spec.split(","))):
-        m = re.fullmatch(f"{tile}-{tile}-(?:{tile}|(atomic|relaxed))(?:-g(\\d+))?", v)
+        m = re.fullmatch(f"{tile}-{tile}-(?:{tile}|(atomic))(?:-g(\\d+))?", v)
         if not m:
             raise SystemExit(f"--pallas variant {v!r} does not read like 128x64w8s3-128x32w8s3-128x64w8s2 (forward, "
-                             f"dk/dv and dq kernels: outer tile x inner step, warps, stages; 'atomic' or "
-                             f"'relaxed' for the dq part: dq added by the dk/dv kernel; a suffix -gG: programs "
+                             f"dk/dv and dq kernels: outer tile x inner step, warps, stages; 'atomic' "
+                             f"for the dq part: dq added by the dk/dv kernel; a suffix -gG: programs "
                              f"tile-major over groups of G (batch row, head) pairs).")
         *ints, atomic, group = m.groups()
         ints = [int(x) for x in ints if x is not None]
-        fused = {None: "", "atomic": "acq_rel", "relaxed": "relaxed"}[atomic]
-        config = flash_kernel.Config(*ints, fused_dq=fused, group=int(group or 0))
+        config = flash_kernel.Config(*ints, fused_dq=atomic or "", group=int(group or 0))
         out.append((v, config))
     return out
 

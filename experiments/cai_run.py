@@ -13,7 +13,7 @@ Per seed, in ``ROOT/seedS`` (each stage reads and writes files; a rerun resumes 
                      initial response from the base model, one round of critique and revision under a random
                      principle (greedy)
   sl/                ``cai_sl``: the base model fine-tuned on the final revisions (SL_EPOCHS = 2 passes; at
-                     ~64 passes the SL model's two samples per question were equal for 1023 of 1024 questions)
+                     ~100 passes the SL model's two samples per question were equal for 1023 of 1024 questions)
   data/rl.jsonl      RL-CAI labels (``train.cai.feedback_labels``): two samples of the SL model per question,
                      labeled by the base model as feedback model (soft labels, 2 principles per pair)
   pm/                ``cai_pm``: the preference model (soft-label Bradley-Terry), from the SL model

@@ -12,7 +12,7 @@
 #   arith   Mamba vs Transformer on the arithmetic corpus, 2 seeds (experiments/arith_run.py: table)
 #   galore  GaLore vs full-rank AdamW, 2 lrs each, 2 seeds (experiments/galore_run.py: table and plot)
 #   orpo    ORPO vs SFT vs SFT + DPO, seeds 0 and 1 in parallel (experiments/orpo_run.py)
-#   cai     Constitutional AI end to end, seeds 0 and 1 in parallel (experiments/cai_run.py; CAI_FLAGS adds flags)
+#   cai     Constitutional AI end to end, seeds 0 and 1 in parallel (experiments/cai_run.py; CAI_FLAGS adds its flags)
 #   compress  SmoothQuant, AWQ and pruning (PRUNE_DROPS) of the galore group's AdamW lr 1e-3 seed 0 model
 #           (the dense_stdlib config), started when that run has finished
 # Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,
@@ -80,10 +80,11 @@ for g in $groups; do case $g in
            && echo "arith_run done at $SECONDS s" & ;;
   galore) python3 -m experiments.galore_run --root "$runs/galore" --seeds 0,1 --parallel 4 >"$runs/galore_run.txt" 2>&1 \
             && echo "galore_run done at $SECONDS s" & ;;
-  orpo|cai) (for seed in 0 1; do
-               python3 -m experiments.${g}_run --root "$runs/$g" --seeds $seed ${CAI_FLAGS:-} >"$runs/${g}_s$seed.txt" 2>&1 &
+  orpo|cai) (extra=""; [ "$g" = cai ] && extra=${CAI_FLAGS:-}  # CAI_FLAGS: cai_run's flags only
+             for seed in 0 1; do
+               python3 -m experiments.${g}_run --root "$runs/$g" --seeds $seed $extra >"$runs/${g}_s$seed.txt" 2>&1 &
              done; wait
-             python3 -m experiments.${g}_run --root "$runs/$g" --seeds 0,1 ${CAI_FLAGS:-} >"$runs/${g}_run.txt" 2>&1 \
+             python3 -m experiments.${g}_run --root "$runs/$g" --seeds 0,1 $extra >"$runs/${g}_run.txt" 2>&1 \
                && echo "${g}_run done at $SECONDS s") & ;;
   compress) (src=$runs/galore/lr0.001/galore_adamw_stdlib/seed0
              while [ ! -e "$src/train.json" ]; do sleep 10; done

@@ -28,8 +28,7 @@ applies c = scale log2 e in the row max and, per score, in one multiply-add: exp
            (FlashAttention-2's own choice: 5 matmuls per pair of tiles instead of 7, one exponential
            instead of two; the order of the additions, so dq's last bits, varies from run to run).
            Pallas orders atomics acquire-release, which sm_90 compiles to a GPU-wide memory barrier
-           before each vector atomic; fused_dq="relaxed" lowers this kernel's float adds relaxed (as
-           CUDA's atomicAdd; the kernel's end orders them before dq is read).
+           before each vector atomic: what that costs is measured against the two kernels.
 Programs run in the order of ``_programs`` (``group``: tile-major over groups of (batch row, head) pairs).
 Masks come from integer positions (causal: k_idx <= q_idx) and optional segment ids. Positions
 increase along the block, so for each tile the key (or query) tiles that the causal mask hides
@@ -77,7 +76,7 @@ class Config(NamedTuple):
     dq_block_k: int = 64      # dq: key rows per loop step
     dq_num_warps: int = 8
     dq_num_stages: int = 2
-    fused_dq: str = ""        # "acq_rel" or "relaxed": dq by atomic adds in the dk, dv kernel (dq_* unused)
+    fused_dq: str = ""        # "atomic": dq by atomic adds in the dk, dv kernel (dq_* unused)
     group: int = 0            # > 0: programs tile-major over groups of this many (batch row, head) pairs
 
 
@@ -96,8 +95,7 @@ def _bad_tile(n: int, block: int) -> str | None:
     return None
 
 
-FUSED_DQ = ("", "acq_rel", "relaxed")
-_RELAXED_NAME = "flash_attention_dkdv_relaxed_dq"
+FUSED_DQ = ("", "atomic")
 
 
 def _check(sq: int, sk: int, config: Config) -> None:
@@ -124,35 +122,6 @@ def supports(lengths, head_dim: int, config: Config = Config()) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _relax_float_atomic_adds() -> None:
-    """Make Pallas' Triton lowering emit the float atomic adds of kernels named ``_RELAXED_NAME`` with
-    relaxed ordering (GPU scope) instead of acquire-release; every other atomic is lowered as before.
-    Installed once, on the first use of fused_dq="relaxed" on GPU. Uses Pallas internals (the same in
-    jax 0.10 and 0.11); where they differ it fails loudly at lowering rather than changing results."""
-    from jax._src.lib.triton import dialect as tt
-    from jax._src.pallas.triton import lowering as tl
-    from jax._src.pallas.triton import primitives as tp
-
-    rule = tl.triton_lowering_rules[tp.atomic_rmw_p]
-    if getattr(rule, "relaxed_float_adds", False):
-        return
-
-    def relaxed_rule(ctx, *args, args_tree, atomic_type):
-        value = args_tree.unflatten(ctx.avals_in)[2]
-        if (atomic_type != tp.AtomicOpType.ADD or not jnp.issubdtype(value.dtype, jnp.floating)
-                or not ctx.context.name.startswith(_RELAXED_NAME)):
-            return rule(ctx, *args, args_tree=args_tree, atomic_type=atomic_type)
-        acq_rel = tl._atomic_rmw
-        tl._atomic_rmw = functools.partial(acq_rel, semantic=tt.MemSemantic.RELAXED)
-        try:
-            return rule(ctx, *args, args_tree=args_tree, atomic_type=atomic_type)
-        finally:
-            tl._atomic_rmw = acq_rel
-
-    relaxed_rule.relaxed_float_adds = True
-    tl.triton_lowering_rules[tp.atomic_rmw_p] = relaxed_rule
 
 
 def _programs(n: int, b: int, h: int, group: int):
@@ -451,10 +420,6 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
         args += list(_query_ranges(q_idx, k_idx, ti, to))
     kv_spec = pl.BlockSpec((sqz, to, sqz, dp), lambda j, bi, kh: (bi, j, kh, 0))
     out_specs, out_shape, aliases = [kv_spec, kv_spec], [jax.ShapeDtypeStruct((b, sk, kvh, dp), F32)] * 2, {}
-    name = "flash_attention_dkdv"
-    if config.fused_dq == "relaxed" and not interpret:
-        _relax_float_atomic_adds()
-        name = _RELAXED_NAME
     if config.fused_dq:  # every key tile's program adds into the dq rows of its batch row and heads
         q_spec = pl.BlockSpec((sqz, sq, g, dp), lambda j, bi, kh: (bi, 0, kh, 0))
         in_specs.append(q_spec)
@@ -468,7 +433,8 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
                           fused_dq=bool(config.fused_dq), tile_axis=tile_axis),
         grid=grid, in_specs=_wrap_specs(in_specs, wrap), out_specs=_wrap_specs(out_specs, wrap), out_shape=out_shape,
         input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages), name=name)(*args)
+        compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages),
+        name="flash_attention_dkdv")(*args)
     if config.fused_dq:
         dk, dv, dq = outs
         return dq[..., :d] * scale, dk[..., :d], dv[..., :d]

@@ -554,10 +554,11 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, seg
     [layers] the global layer ids (default 0..layers-1; they name the ``capture`` taps). With
     ``cache`` (``init_cache`` for these layers) each layer starts from its cached conv buffer and
     SSM state and the new ones are returned: (x, new cache without 'index', aux); else (x, None,
-    aux). aux: {'losses': {}, 'metrics': {}}. Under ``capture`` the layers run in a Python loop, as
-    they do when ``layer_params`` is a tuple of per-layer dicts (``decode_params``): each layer then
-    reads and replaces its slot of the stacked cache in place (a one-token step through
-    ``step_kernel`` when ``use_step_kernel(cfg)``), and no weight is sliced out of a stacked array.
+    aux). aux: {'losses': {}, 'metrics': {}}. When ``layer_params`` is a tuple of per-layer dicts
+    (``decode_params``: no weight is sliced out of a stacked array inside a decoding step), and
+    under ``capture`` (the stack is split first), the layers run in a Python loop, each reading and
+    replacing its slot of the stacked cache in place (a one-token step through ``step_kernel`` when
+    ``use_step_kernel(cfg)``).
     """
     del positions, train, rng
     last = None
@@ -567,7 +568,10 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, seg
         last = cache["segment"]
     states = None if cache is None else {"conv": cache["conv"], "ssm": cache["ssm"]}
     aux = {"losses": {}, "metrics": {}}
-    if isinstance(layer_params, (list, tuple)):  # ``decode_params``' per-layer weights: a Python loop
+    if capture.active() and not isinstance(layer_params, (list, tuple)):
+        units = jax.tree.leaves(layer_params)[0].shape[0]
+        layer_params = tuple(jax.tree.map(lambda a, i=i: a[i], layer_params) for i in range(units))
+    if isinstance(layer_params, (list, tuple)):  # per-layer weights (``decode_params``, capture): a Python loop
         ids = np.arange(len(layer_params)) if layer_ids is None else np.asarray(layer_ids).reshape(-1)
         for i, p in enumerate(layer_params):
             capture.hidden(int(ids[i]), x)
@@ -575,19 +579,6 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, seg
                 x, states = _layer(p, x, cfg, segment_ids=segment_ids, last_segment=last, state=states,
                                    layer=None if states is None else i)
         capture.hidden(int(ids[-1]) + 1, x)
-    elif capture.active():
-        units = jax.tree.leaves(layer_params)[0].shape[0]
-        ids = np.arange(units) if layer_ids is None else np.asarray(layer_ids).reshape(-1)
-        new_states = []
-        for i in range(units):
-            capture.hidden(int(ids[i]), x)
-            state = None if states is None else jax.tree.map(lambda a, i=i: a[i], states)
-            with capture.layer(int(ids[i])):
-                x, state = _layer(jax.tree.map(lambda a, i=i: a[i], layer_params), x, cfg, segment_ids=segment_ids,
-                                  last_segment=last, state=state)
-            new_states.append(state)
-        capture.hidden(int(ids[-1]) + 1, x)
-        states = None if states is None else jax.tree.map(lambda *a: jnp.stack(a), *new_states)
     else:
         def body(h, xs):
             p, state = xs

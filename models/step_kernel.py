@@ -14,9 +14,9 @@ state is the kernel's operand and result, nothing is sliced or copied around the
 index is a runtime operand, so all layers share one compiled kernel). ``interpret=True`` runs the
 same kernel on CPU (tests).
 
-``step_reference`` is the same update in plain XLA, the path off GPU. ``conv_step`` is the token's
-causal depthwise conv and silu (``mamba.causal_conv`` for one token), shifting the layer's slot of
-the stacked conv window [layers, b, d_conv - 1, E] in place the same way.
+``step_reference`` is the same update in plain XLA (the reference of the tests and the benchmark).
+``conv_step`` is the token's causal depthwise conv and silu (``mamba.causal_conv`` for one token),
+shifting the layer's slot of the stacked conv window [layers, b, d_conv - 1, E] in place the same way.
 """
 from __future__ import annotations
 

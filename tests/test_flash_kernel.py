@@ -11,7 +11,6 @@ calls for an H200 without a GPU.
 """
 import contextlib
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +72,7 @@ def case(request):
     bwd_args = (c["q"], c["k"], c["v"], c["do"], lse, delta) + pos[3:]
     c["bwd"] = jit(functools.partial(fk.backward, causal=c["causal"], config=c["config"], interpret=True))(*bwd_args)
     c["bwd_ref"] = jit(functools.partial(blk.backward, causal=c["causal"], block_q=8, block_k=16))(*bwd_args)
-    fused = c["config"]._replace(fused_dq="relaxed")
+    fused = c["config"]._replace(fused_dq="atomic")
     c["bwd_fused"] = jit(functools.partial(fk.backward, causal=c["causal"], config=fused, interpret=True))(*bwd_args)
     return c
 
@@ -165,21 +164,9 @@ def test_kernel_choice_and_refusals():
         fk.forward(x, x, x, jnp.arange(64), jnp.arange(64), scale=-1.0, config=SMALL, interpret=True)
 
 
-def test_triton_lowering_for_cuda_without_a_gpu(monkeypatch):
-    """Forward and backward lower to Triton calls for an H200 (bf16, GQA, segments, causal and not); the
-    fused backward's atomic float adds are relaxed with fused_dq="relaxed", acquire-release otherwise
-    (read from the Triton IR that Pallas hands to XLA)."""
-    from jax._src.pallas.triton import pallas_call_registration as reg
-
-    modules = []
-    lower = reg.lowering.lower_jaxpr_to_triton_module
-
-    def keep(*a, **kw):
-        res = lower(*a, **kw)
-        modules.append(res.module.operation.get_asm(enable_debug_info=False))
-        return res
-
-    monkeypatch.setattr(reg.lowering, "lower_jaxpr_to_triton_module", keep)
+def test_triton_lowering_for_cuda_without_a_gpu():
+    """Forward and backward lower to Triton calls for an H200 (bf16, GQA, segments, causal and not): one
+    forward call, two backward calls (dk/dv, dq), one for the fused-dq backward."""
     b, s, h, kvh, d = 1, 256, 4, 2, 128
     sd = jax.ShapeDtypeStruct
     bf, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
@@ -200,11 +187,7 @@ def test_triton_lowering_for_cuda_without_a_gpu(monkeypatch):
         ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
     with ctx:
         for causal in (True, False):
-            for fn, calls, config in ((fwd, 1, fk.Config()), (bwd, 2, fk.Config()),
-                                      (bwd, 1, fk.Config(fused_dq="relaxed")), (bwd, 1, fk.Config(fused_dq="acq_rel"))):
-                modules.clear()
+            for fn, calls, config in ((fwd, 1, fk.Config()), (bwd, 2, fk.Config()), (bwd, 1, fk.Config(fused_dq="atomic"))):
                 fn = functools.partial(fn, causal=causal, config=config)
                 lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
                 assert lowered.as_text().count("__gpu$xla.gpu.triton") == calls
-                adds = [m for text in modules for m in re.findall(r"tt\.atomic_rmw fadd, (\w+)", text)]
-                assert adds == ([config.fused_dq] * (1 + causal) if config.fused_dq else []), adds

@@ -101,6 +101,15 @@ def _positive(section, names):
             raise ValueError(f"{section[1]}.{name} is {value!r}; set it to a positive integer.")
 
 
+def check_regex(field: str, value, example: str) -> None:
+    """ValueError naming ``field`` unless ``value`` compiles as a regular expression over parameter paths."""
+    try:
+        re.compile(value)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"{field} ({value!r}) is not a regular expression ({e}); write one over parameter paths "
+                         f"such as {example}.") from None
+
+
 def validate_galore(o) -> None:
     """The GaLore fields of ``optim`` (what needs parameter shapes, a rank above a matrix's smaller side
     or a selection matching nothing, is refused when the optimizer is built: train/galore.py)."""
@@ -114,12 +123,7 @@ def validate_galore(o) -> None:
         raise ValueError(f"optim.galore_proj is {o.galore_proj!r}; use one of {galore.PROJ_TYPES}.")
     if not o.galore_scale > 0:
         raise ValueError(f"optim.galore_scale is {o.galore_scale}; use a positive scale (the paper uses 0.25).")
-    try:
-        re.compile(o.galore_select)
-    except (re.error, TypeError) as e:
-        raise ValueError(f"optim.galore_select ({o.galore_select!r}) is not a regular expression ({e}); write "
-                         f"one over parameter paths such as 'layers/w.*', or '' for the attention and MLP "
-                         f"matrices.") from None
+    check_regex("optim.galore_select", o.galore_select, "'layers/w.*', or '' for the attention and MLP matrices")
 
 
 PROMPTING = ("standard", "cot")
@@ -173,11 +177,7 @@ def validate_start(t) -> None:
     for name in ("adapter_rank", "adapter_block"):
         if not isinstance(t[name], int) or t[name] <= 0:
             raise ValueError(f"train.{name} is {t[name]!r}; use a positive integer.")
-    try:
-        re.compile(t.adapter_targets)
-    except (re.error, TypeError) as e:
-        raise ValueError(f"train.adapter_targets ({t.adapter_targets!r}) is not a regular expression ({e}); write "
-                         f"one over parameter paths such as {ADAPTER_TARGETS!r}.") from None
+    check_regex("train.adapter_targets", t.adapter_targets, repr(ADAPTER_TARGETS))
 
 
 def validate_platform(config, platform: str) -> None:
@@ -211,11 +211,7 @@ def validate(config, platform: str | None = None):
                          f"{config.data.source!r} yields {list(given)}; pick an objective and a source that agree.")
     if o.name not in optim.OPTIMIZERS:
         raise ValueError(f"optim.name is {o.name!r}; use one of {list(optim.OPTIMIZERS)}.")
-    try:
-        re.compile(o.frozen)
-    except (re.error, TypeError) as e:
-        raise ValueError(f"optim.frozen ({o.frozen!r}) is not a regular expression ({e}); write one over "
-                         f"parameter paths such as 'layers/.*norm|embed', or '' to freeze nothing.") from None
+    check_regex("optim.frozen", o.frozen, "'layers/.*norm|embed', or '' to freeze nothing")
     if o.name == "galore":
         validate_galore(o)
     _positive((t, "train"), ("steps", "batch_size", "seq_len", "log_every", "ckpt_keep", "eval_batches"))
