@@ -11,8 +11,8 @@
 #           (experiments/synthetic_run.py: tables; SYNTH_TASKS=selective_copying for one task)
 #   arith   Mamba vs Transformer on the arithmetic corpus, 2 seeds (experiments/arith_run.py: table)
 #   galore  GaLore vs full-rank AdamW, 2 lrs each, 2 seeds (experiments/galore_run.py: table and plot)
-#   orpo    ORPO vs SFT vs SFT + DPO, seeds 0 and 1 in parallel (experiments/orpo_run.py)
-#   cai     Constitutional AI end to end, seeds 0 and 1 in parallel (experiments/cai_run.py; CAI_FLAGS adds its flags)
+#   orpo    ORPO vs SFT vs SFT + DPO, seeds SEEDS (default "0 1") in parallel (experiments/orpo_run.py)
+#   cai     Constitutional AI end to end, seeds SEEDS in parallel (experiments/cai_run.py; CAI_FLAGS adds its flags)
 #   compress  SmoothQuant, AWQ and pruning (PRUNE_DROPS) of the galore group's AdamW lr 1e-3 seed 0 model
 #           (the dense_stdlib config), started when that run has finished
 # Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,
@@ -26,6 +26,7 @@ mkdir -p "$out" "$runs"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+ngpu=$(nvidia-smi -L | wc -l)  # orpo and cai put seed S on GPU S mod ngpu
 
 # The chain-of-thought model on the GPU: 5.2M parameters (d_model 256, 6 layers).
 COT_MODEL=(model.d_model=256 model.n_layers=6 model.n_heads=8 model.n_kv_heads=8 model.d_ff=768)
@@ -81,10 +82,12 @@ for g in $groups; do case $g in
   galore) python3 -m experiments.galore_run --root "$runs/galore" --seeds 0,1 --parallel 4 >"$runs/galore_run.txt" 2>&1 \
             && echo "galore_run done at $SECONDS s" & ;;
   orpo|cai) (extra=""; [ "$g" = cai ] && extra=${CAI_FLAGS:-}  # CAI_FLAGS: cai_run's flags only
-             for seed in 0 1; do
-               python3 -m experiments.${g}_run --root "$runs/$g" --seeds $seed $extra >"$runs/${g}_s$seed.txt" 2>&1 &
+             seeds=${SEEDS:-0 1}
+             for seed in $seeds; do
+               CUDA_VISIBLE_DEVICES=$((seed % ngpu)) python3 -m experiments.${g}_run --root "$runs/$g" --seeds $seed $extra \
+                 >"$runs/${g}_s$seed.txt" 2>&1 &
              done; wait
-             python3 -m experiments.${g}_run --root "$runs/$g" --seeds 0,1 $extra >"$runs/${g}_run.txt" 2>&1 \
+             python3 -m experiments.${g}_run --root "$runs/$g" --seeds "${seeds// /,}" $extra >"$runs/${g}_run.txt" 2>&1 \
                && echo "${g}_run done at $SECONDS s") & ;;
   compress) (src=$runs/galore/lr0.001/galore_adamw_stdlib/seed0
              while [ ! -e "$src/train.json" ]; do sleep 10; done

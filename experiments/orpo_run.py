@@ -2,7 +2,7 @@
 sec. 6, at the arithmetic corpus's scale), at several seeds; tables of held-out accuracy and log odds ratio.
 
     python -m experiments.orpo_run --root runs/orpo [--seeds 0,1] [--base_steps 1000] [--steps 400]
-                                   [--corrupt 0.25] [--set section.key=value ...]
+                                   [--corrupt 0.5] [--dpo_lrs 3e-4,3e-5] [--set section.key=value ...]
 
 Per seed, in ``ROOT/seedS``:
   data/    mix.jsonl (base pretraining: chains of thought, a ``--corrupt`` share with a wrong last step and
@@ -11,9 +11,10 @@ Per seed, in ``ROOT/seedS``:
   base/    ``orpo_base`` for ``--base_steps`` steps
   orpo/    ``orpo_arith`` from the base, ``--steps`` steps (32 pairs = 64 rows a step), no SFT stage
   sft/     ``orpo_sft`` from the base, ``--steps`` steps of 64 rows
-  sft_half/ + dpo/  ``orpo_sft`` for ``--steps``/2, then ``orpo_dpo`` (32 pairs a step) for ``--steps``/2 with the
-           SFT model as the reference (its log-probs written into the pairs' JSONL first: a forward pass over
-           the pairs, not counted in the step budget)
+  sft_half/ + dpo_lrX/  ``orpo_sft`` for ``--steps``/2, then ``orpo_dpo`` (32 pairs a step) for ``--steps``/2 at
+           each learning rate X of ``--dpo_lrs`` (DPO wants a far smaller one than SFT), with the SFT model as the
+           reference (its log-probs written into the pairs' JSONL first: a forward pass over the pairs, not
+           counted in the step budget)
 Each stage is an ordinary trainer run (``trainer.run``), started from the previous stage's parameters
 (``train.init_from``); a rerun resumes or skips finished stages. The tables (stdout and
 ``ROOT/orpo_table.md``): greedy exact match on held-out problems (``exact_match`` eval, 1-8 operations) and ORPO's
@@ -30,7 +31,8 @@ from absl import app, flags
 
 from experiments.jobs import cell
 
-METHODS = (("base", "orpo_base"), ("SFT", "orpo_sft"), ("ORPO", "orpo_arith"), ("SFT + DPO", "orpo_dpo"))
+def dpo_label(lr: float) -> str:
+    return f"SFT + DPO (lr {lr:g})"
 
 
 def write_data(directory: str, seed: int, n_mix: int, n_pairs: int, n_heldout: int, corrupt: float) -> dict:
@@ -81,7 +83,8 @@ def stage(c, workdir: str, start: str = "") -> dict:
         return json.load(f)
 
 
-def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, overrides: list[str]) -> dict:
+def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, dpo_lrs: list[float],
+             overrides: list[str]) -> dict:
     from train import cai, data, orpo
     import models
 
@@ -111,12 +114,16 @@ def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, 
         target = paths[name].replace(".jsonl", "_ref.jsonl")
         if not os.path.exists(target):
             orpo.add_reference_logps(model, mcfg, ref, paths[name], target, tok, half_c.train.seq_len, batch_size=64)
-    dpo_c = config("orpo_dpo", seed, overrides, steps=half, exact_match_every=half, eval_every=half)
-    dpo_c.data.update(paths=[paths["pairs"].replace(".jsonl", "_ref.jsonl")],
-                      eval_paths=[paths["heldout_pairs"].replace(".jsonl", "_ref.jsonl")])
-    results["SFT + DPO"] = stage(dpo_c, os.path.join(out, "dpo"), os.path.join(out, "sft_half"))
+    workdirs = {"base": (base_c, "base"), "ORPO": (orpo_c, "orpo"), "SFT": (sft_c, "sft")}
+    for lr in dpo_lrs:
+        dpo_c = config("orpo_dpo", seed, overrides, steps=half, exact_match_every=half, eval_every=half)
+        dpo_c.optim.lr = lr
+        dpo_c.data.update(paths=[paths["pairs"].replace(".jsonl", "_ref.jsonl")],
+                          eval_paths=[paths["heldout_pairs"].replace(".jsonl", "_ref.jsonl")])
+        sub = f"dpo_lr{lr:g}"
+        results[dpo_label(lr)] = stage(dpo_c, os.path.join(out, sub), os.path.join(out, "sft_half"))
+        workdirs[dpo_label(lr)] = (dpo_c, sub)
     heldout = data.read_preference_jsonl([paths["heldout_pairs"]])
-    workdirs = {"base": (base_c, "base"), "ORPO": (orpo_c, "orpo"), "SFT": (sft_c, "sft"), "SFT + DPO": (dpo_c, "dpo")}
     for label, (c, sub) in workdirs.items():
         params = cai.load_params(c, os.path.join(out, sub))
         results[label]["pairs"] = orpo.evaluate_pairs(model, mcfg, params, heldout, tok, c.train.seq_len, 64)
@@ -131,7 +138,8 @@ def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, 
 def tables(per_seed: list[dict], seeds: list[int]) -> str:
     lines = ["| method | held-out exact match (%) | held-out log odds ratio | held-out preference accuracy (%) | "
              "chosen mean log-prob |", "|---|---|---|---|---|"]
-    for label, _ in METHODS:
+    labels = [k for k in per_seed[0] if k != "curve"]
+    for label in labels:
         runs = [r[label] for r in per_seed]
         lines.append(f"| {label} | {cell([r['exact_match'] for r in runs])} | "
                      f"{cell([r['pairs']['log_odds_ratio'] for r in runs], 1.0, 3)} | "
@@ -149,7 +157,8 @@ def main(argv):
     del argv
     F = flags.FLAGS
     root, seeds = os.path.abspath(F.root), [int(s) for s in F.seeds]
-    per_seed = [run_seed(root, s, F.base_steps, F.steps, F.corrupt, F.set) for s in seeds]
+    dpo_lrs = [float(x) for x in F.dpo_lrs]
+    per_seed = [run_seed(root, s, F.base_steps, F.steps, F.corrupt, dpo_lrs, F.set) for s in seeds]
     text = tables(per_seed, seeds)
     with open(os.path.join(root, "orpo_table.md"), "w") as f:
         f.write(text + "\n")
@@ -161,6 +170,7 @@ if __name__ == "__main__":
     flags.DEFINE_list("seeds", ["0", "1"], "Seeds.")
     flags.DEFINE_integer("base_steps", 1000, "Steps of base pretraining on the corrupted mix.")
     flags.DEFINE_integer("steps", 400, "Fine-tuning steps of each method (SFT + DPO: half each).")
-    flags.DEFINE_float("corrupt", 0.25, "Share of the base mix's chains of thought that are corrupted.")
+    flags.DEFINE_float("corrupt", 0.5, "Share of the base mix's chains of thought that are corrupted.")
+    flags.DEFINE_list("dpo_lrs", ["3e-4", "3e-5"], "DPO's peak learning rates (each its own run from one SFT model).")
     flags.DEFINE_multi_string("set", [], "Config overrides for every stage, as section.key=value.")
     app.run(main)
