@@ -48,8 +48,9 @@ _SPLIT = flags.DEFINE_bool("split", True, "Also time the gradients alone and the
 _DECODE = flags.DEFINE_list("decode_batches", [], "Benchmark greedy decoding at these batch sizes instead.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 512, "Decoding: prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Decoding: new tokens per row.")
-_TRACE = flags.DEFINE_string("trace", "", "Training: also trace 3 steps of each variant into this directory and "
-                             "report GPU 0's collective kernels' time per step and share of the step.")
+_TRACE = flags.DEFINE_string("trace", "", "Training: also trace 3 steps of each variant into this directory, "
+                             "report GPU 0's collective kernels' time per step and share of the step, and print "
+                             "the device kernels per step.")
 _PROFILE = flags.DEFINE_string("decode_profile", "", "Decoding: also trace 32 steps at the first batch size "
                                "into this directory and print the device kernels per step.")
 
@@ -355,6 +356,8 @@ def main(argv):
         row["mfu_measured_ceiling"] = row["flops_per_token"] * row["tokens_per_s"] / (ceiling * n)
         rows[name] = row
         print(f"{name}: {json.dumps(row)}", flush=True)
+        if _TRACE.value:
+            print(kernel_table(os.path.join(_TRACE.value, name), 3, top=40), flush=True)
     print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s (8192^3), datasheet {peak and peak / 1e12} TFLOP/s")
     print(f"{'variant':<24}{'step s':>9}{'fwd+bwd s':>11}{'opt s':>9}{'tokens/s':>11}{'MFU(sheet)':>12}"
