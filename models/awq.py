@@ -64,12 +64,15 @@ class Int4(weights.Weight):
         return w.reshape(*lead, n_in, out).astype(dtype)
 
     def matmul(self, x, dot: weights.Dot):
-        """x times the dequantized weight; with ``kernel`` "pallas" ("interpret": the same kernel on CPU) a
-        single row (batch-1 decoding, dense form) runs ``int4_gemv``, which never writes the float weight."""
-        if (self.kernel and dot.form == "dense" and not dot.transpose and x.size == x.shape[-1]
+        """x times the dequantized weight; with ``kernel`` "pallas" ("interpret": the same kernel on CPU; tile
+        options after a colon, see ``with_kernel``) up to ``GEMV_ROWS`` rows (decoding, dense form) run
+        ``int4_gemv``, which never writes the float weight."""
+        rows = x.size // x.shape[-1] if x.ndim else 0
+        if (self.kernel and dot.form == "dense" and not dot.transpose and 1 <= rows <= GEMV_ROWS
                 and self.packed.ndim == 2):
-            y = int4_gemv(x.reshape(-1), self.packed, self.scale, self.zero, group=self.group,
-                          interpret=self.kernel == "interpret")
+            name, opts = kernel_options(self.kernel)
+            y = int4_gemv(x.reshape(rows, -1), self.packed, self.scale, self.zero, group=self.group,
+                          interpret=name == "interpret", **opts)
             return y.reshape(*x.shape[:-1], -1).astype(dot.out_dtype or x.dtype)
         return dot(x, self.dequantize(x.dtype))
 
@@ -77,57 +80,193 @@ class Int4(weights.Weight):
         return int(np.prod(self.packed.shape)) * 2
 
 
-def with_kernel(params, kernel: str = "pallas"):
-    """``params`` with every ``Int4`` set to use ``kernel`` for single rows (decoding)."""
-    return jax.tree.map(lambda w: w.replace(kernel=kernel) if isinstance(w, Int4) else w, params,
+def with_kernel(params, kernel: str = "pallas", **options):
+    """``params`` with every ``Int4`` set to use ``kernel`` ("pallas", or "interpret" on CPU) for up to
+    ``GEMV_ROWS`` rows (decoding); ``options``: tile settings of ``int4_gemv`` (block_n=256, splits=8, ...),
+    kept in the weight's static ``kernel`` string ("pallas:block_n=256,splits=8")."""
+    for name in options:
+        if name not in GEMV_OPTIONS:
+            raise ValueError(f"unknown int4_gemv option {name!r}; use some of {sorted(GEMV_OPTIONS)}.")
+    spec = kernel + (":" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) if options and kernel else "")
+    return jax.tree.map(lambda w: w.replace(kernel=spec) if isinstance(w, Int4) else w, params,
                         is_leaf=lambda w: isinstance(w, Int4))
 
 
-def _gemv_kernel(xe_ref, xo_ref, p_ref, s_ref, z_ref, o_ref, *, groups: int, half: int):
-    """One (K split, column block): sum over its groups of s (x_even . lo + x_odd . hi - z sum x)."""
+GEMV_ROWS = 8  # the most rows x [M, K] the fused kernel takes (decoding batches); more rows dequantize + matmul
+GEMV_OPTIONS = {"block_n": int, "block_k": int, "splits": int, "num_warps": int, "num_stages": int, "mode": str,
+                "combine": str, "convert": str}
+_SMS = 132  # streaming multiprocessors of an H200: the default K split aims at about two programs per SM
+
+
+def kernel_options(kernel: str) -> tuple[str, dict]:
+    """("pallas" | "interpret" | "", {option: value}) of an ``Int4.kernel`` string "NAME[:k=v,...]"."""
+    name, _, rest = kernel.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        if k not in GEMV_OPTIONS:
+            raise ValueError(f"unknown int4_gemv option {k!r} in kernel {kernel!r}; use some of {sorted(GEMV_OPTIONS)}.")
+        opts[k] = GEMV_OPTIONS[k](v)
+    return name, opts
+
+
+def _pow2_divisor(n: int, at_most: int) -> int:
+    """The largest power of two <= at_most dividing n."""
+    d = 1
+    while d * 2 <= at_most and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 256, block_k: int = 0, splits: int = 0,
+              num_warps: int = 4, num_stages: int = 3, mode: str = "", combine: str = "sum",
+              convert: str = "magic") -> dict | None:
+    """The tiling ``int4_gemv`` runs for x [m, K] times a [K, N] weight in groups of ``group``, or None when the
+    shape has no fused path (then the weight is dequantized). Requested sizes are upper bounds, fitted to the
+    shape: block_n becomes the largest power of two <= it dividing N; block_k (K rows per loop step, default
+    one group) a power of two dividing the group or a multiple of it dividing the split; splits (K slices,
+    default: about two programs per SM, at most one group each) a divisor of the group count."""
+    if mode not in ("", "fma", "dot") or combine not in ("sum", "atomic") or convert not in ("magic", "cast"):
+        raise ValueError(f"int4_gemv: mode {mode!r}, combine {combine!r}, convert {convert!r}; use mode 'fma' or "
+                         f"'dot' (or '' to choose), combine 'sum' or 'atomic', convert 'magic' or 'cast'.")
+    groups = k // group
+    if not 1 <= m <= GEMV_ROWS or group < 16 or group & (group - 1) or k % group or n % 16:
+        return None
+    mode = mode or ("fma" if m == 1 else "dot")
+    block_n = _pow2_divisor(n, max(block_n, 16))
+    blocks = n // block_n
+    if not splits:  # about 2 programs per SM, at least one group per program
+        splits = max(1, min(groups, 2 * _SMS // blocks))
+    splits = max(d for d in range(1, min(splits, groups) + 1) if groups % d == 0)
+    per = groups // splits  # groups per program
+    block_k = block_k or group
+    if block_k <= group:
+        block_k = _pow2_divisor(group, block_k)
+    else:
+        block_k = group * max(d for d in range(1, min(block_k // group, per) + 1) if per % d == 0)
+    sub = min(block_k, group)  # K rows per load (one group or part of one)
+    if sub < (32 if mode == "dot" else 4):
+        return None
+    rows = m if mode == "fma" else 16  # tensor-core products need 16 rows: x is padded
+    if mode == "fma":
+        rows = 1 << (m - 1).bit_length()
+    return dict(m=m, rows=rows, block_n=block_n, blocks=blocks, splits=splits, per=per, block_k=block_k, sub=sub,
+                parts=max(1, block_k // group), steps=per * group // block_k, num_warps=num_warps,
+                num_stages=num_stages, mode=mode, combine=combine if splits > 1 else "sum", convert=convert)
+
+
+def _gemv_kernel(x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: int):
+    """One (column block, K split) program: sum over its K rows r of x_r q_r, in steps of block_k rows loaded
+    as [sub/2, block_n] packed tiles (two nibbles: even row r = 2i in the low one, r = 2i + 1 in the high one),
+    folded per group g as s_g (x_g . q_g - z_g sum x_g); accumulated in float32 into o [rows, block_n]."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
-    def body(g, acc):
-        rows = pl.ds(g * half, half)
-        p = p_ref[rows, :]
-        lo, hi = (p & 0xF).astype(jnp.float32), (p >> 4).astype(jnp.float32)
-        xe, xo = xe_ref[rows], xo_ref[rows]
-        dot = jnp.sum(xe[:, None] * lo + xo[:, None] * hi, axis=0, keepdims=True)  # [1, block_n]
-        s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
-        z = z_ref[pl.ds(g, 1), :].astype(jnp.float32)
-        return acc + s * (dot - z * jnp.sum(xe + xo))
+    o_ref = rest[-1]
+    half, parts, rows = plan["sub"] // 2, plan["parts"], plan["rows"]
+    dot_mode, magic = plan["mode"] == "dot", plan["convert"] == "magic"
+    first = pl.program_id(1) * (plan["per"] * group // 2)  # this split's first packed row
 
-    o_ref[...] = jax.lax.fori_loop(0, groups, body, jnp.zeros(o_ref.shape, jnp.float32))
+    def nibbles(p):
+        """(low, high) values of the packed bytes p, and the offset c they carry (values q + c)."""
+        if dot_mode:  # bfloat16 for the tensor cores; magic: bits 0x4300 | q are the bfloat16 128 + q
+            if magic:
+                p16 = p.astype(jnp.int16)
+                return (jax.lax.bitcast_convert_type((p16 & 0xF) | 0x4300, jnp.bfloat16),
+                        jax.lax.bitcast_convert_type((p16 >> 4) | 0x4300, jnp.bfloat16), 128.0)
+            return (p & 0xF).astype(jnp.bfloat16), (p >> 4).astype(jnp.bfloat16), 0.0
+        if magic:  # bits 0x4B000000 | q are the float32 2^23 + q: integer ops instead of int-to-float conversions
+            p32 = p.astype(jnp.int32)
+            lo = jax.lax.bitcast_convert_type((p32 & 0xF) | 0x4B000000, jnp.float32) - 8388608.0
+            hi = jax.lax.bitcast_convert_type((p32 >> 4) | 0x4B000000, jnp.float32) - 8388608.0
+            return lo, hi, 0.0
+        return (p & 0xF).astype(jnp.float32), (p >> 4).astype(jnp.float32), 0.0
+
+    def body(i, acc):
+        for t in range(parts):
+            r = pl.multiple_of(first + (i * parts + t) * half, half)  # packed row of this load
+            g = r // (group // 2)
+            lo, hi, c = nibbles(p_ref[pl.ds(r, half), :])
+            s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
+            z = z_ref[pl.ds(g, 1), :].astype(jnp.float32) + c
+            if dot_mode:  # [16, half] x [half, block_n] products on the tensor cores
+                xe = x_ref[0, :, pl.ds(r, half)].astype(jnp.bfloat16)
+                xo = x_ref[1, :, pl.ds(r, half)].astype(jnp.bfloat16)
+                d = (jnp.dot(xe, lo, preferred_element_type=jnp.float32)
+                     + jnp.dot(xo, hi, preferred_element_type=jnp.float32))
+                xs = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1, keepdims=True)
+                acc = acc + s * (d - z * xs)
+            else:  # one row at a time: broadcast products, reduced over the tile's rows
+                new = []
+                for j in range(rows):
+                    xe = x_ref[0, j, pl.ds(r, half)].astype(jnp.float32)
+                    xo = x_ref[1, j, pl.ds(r, half)].astype(jnp.float32)
+                    d = jnp.sum(xe[:, None] * lo + xo[:, None] * hi, axis=0, keepdims=True)
+                    new.append(acc[j] + s * (d - z * (jnp.sum(xe) + jnp.sum(xo))))
+                acc = tuple(new)
+        return acc
+
+    zero = jnp.zeros((1, plan["block_n"]), jnp.float32)
+    init = jnp.zeros((rows, plan["block_n"]), jnp.float32) if dot_mode else (zero,) * rows
+    acc = jax.lax.fori_loop(0, plan["steps"], body, init)
+    for j in range(1 if dot_mode else rows):
+        val, where = (acc, (slice(None), slice(None))) if dot_mode else (acc[j], (pl.ds(j, 1), slice(None)))
+        if plan["combine"] == "atomic":
+            plgpu.atomic_add(o_ref, where, val)
+        else:
+            o_ref[where] = val
 
 
 def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array, *, group: int,
-              block_n: int = 64, interpret: bool = False) -> jax.Array:
-    """x [K] times the ``Int4`` weight (packed [K/2, N], scale, zero [K/group, N]) -> float32 [N], fused.
+              interpret: bool = False, **options) -> jax.Array:
+    """x [K] or [M, K] (M <= ``GEMV_ROWS``) times the ``Int4`` weight (packed [K/2, N], scale, zero
+    [K/group, N]) -> float32 [N] or [M, N], fused: the packed bytes are read once and never written as floats.
 
-    A Pallas (Triton) kernel: program (k split, column block) reads its packed bytes once, unpacks and
-    dequantizes in registers and accumulates s_g (x_g . q_g - z_g sum x_g) per group g; the K splits
-    (so that enough programs run for a memory-bound product) are summed by XLA. ``interpret``: on CPU."""
+    A Pallas (Triton) kernel over a grid (column blocks, K splits): each program reads its [K/splits, block_n]
+    slice of the weight in [block_k/2, block_n] uint8 tiles (rows of block_n contiguous bytes), unpacks both
+    nibbles with shifts and masks and accumulates, per group g of rows, s_g (x_g . q_g - z_g sum x_g) in
+    float32. mode "fma" (default for one row): float32 products reduced over the tile; "dot" (default for
+    more rows): bfloat16 x (rounded) times the levels on the tensor cores, x padded to 16 rows. convert
+    "magic": levels made by integer ops on float bit patterns (2^23 + q), "cast": int-to-float conversions.
+    The K splits' partial sums are added by XLA (combine "sum") or atomically into a zeroed output
+    ("atomic"). options: see ``gemv_plan``; shapes it cannot tile fall back to dequantize + matmul.
+    ``interpret``: the same kernel in the Pallas interpreter (CPU)."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
+    one = x.ndim == 1
+    x2 = x.reshape(1, -1) if one else x
+    m, k = x2.shape
     half_k, n = packed.shape
-    groups = scale.shape[0]
-    half = group // 2
-    splits = next(d for d in (8, 4, 2, 1) if groups % d == 0)
-    block_n = min(block_n, n)
-    if n % block_n or half & (half - 1) or block_n & (block_n - 1):
-        return (x[None, :].astype(jnp.float32) @ Int4(packed, scale, zero, 4, group).dequantize())[0]
-    xf = x.astype(jnp.float32).reshape(half_k, 2)
-    per = groups // splits  # groups per split
-    rows = per * half
-    kernel = functools.partial(_gemv_kernel, groups=per, half=half)
-    vec = pl.BlockSpec((rows,), lambda k, j: (k,))
-    out = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((splits, n), jnp.float32), grid=(splits, n // block_n),
-        in_specs=[vec, vec, pl.BlockSpec((rows, block_n), lambda k, j: (k, j)),
-                  pl.BlockSpec((per, block_n), lambda k, j: (k, j)), pl.BlockSpec((per, block_n), lambda k, j: (k, j))],
-        out_specs=pl.BlockSpec((1, block_n), lambda k, j: (k, j)), interpret=interpret, name="int4_gemv",
-    )(xf[:, 0], xf[:, 1], packed, scale, zero)
-    return jnp.sum(out, axis=0)
+    if 2 * half_k != k or scale.shape != (k // group, n):
+        raise ValueError(f"int4_gemv: x has {k} inputs but the weight packs {2 * half_k} (scale {scale.shape}, "
+                         f"group {group}); give x [..., {2 * half_k}].")
+    plan = gemv_plan(m, k, n, group, **options)
+    if plan is None:
+        y = x2.astype(jnp.float32) @ Int4(packed, scale, zero, 4, group).dequantize()
+        return y[0] if one else y
+    rows, block_n, splits = plan["rows"], plan["block_n"], plan["splits"]
+    # x as [2, rows, K/2]: even inputs (low nibbles) then odd ones (high nibbles), rows padded with zeros
+    xs = jnp.pad(x2, ((0, rows - m), (0, 0))).reshape(rows, half_k, 2).transpose(2, 0, 1)
+    groups = k // group
+    in_specs = [pl.BlockSpec((2, rows, half_k), lambda j, s: (0, 0, 0)),
+                pl.BlockSpec((half_k, block_n), lambda j, s: (0, j)),
+                pl.BlockSpec((groups, block_n), lambda j, s: (0, j)),
+                pl.BlockSpec((groups, block_n), lambda j, s: (0, j))]
+    args = [xs, packed, scale, zero]
+    kernel = functools.partial(_gemv_kernel, plan=plan, group=group)
+    params = None if interpret else plgpu.CompilerParams(num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+    call = functools.partial(pl.pallas_call, kernel, grid=(plan["blocks"], splits), interpret=interpret,
+                             compiler_params=params, name="int4_gemv")
+    if plan["combine"] == "atomic":  # every split adds into one zeroed output
+        spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
+        out = call(out_shape=jax.ShapeDtypeStruct((rows, n), jnp.float32), in_specs=in_specs + [spec],
+                   out_specs=spec, input_output_aliases={4: 0})(*args, jnp.zeros((rows, n), jnp.float32))
+    else:
+        out = call(out_shape=jax.ShapeDtypeStruct((splits * rows, n), jnp.float32), in_specs=in_specs,
+                   out_specs=pl.BlockSpec((rows, block_n), lambda j, s: (s, j)))(*args)
+        out = out.reshape(splits, rows, n).sum(0)
+    return out[0] if one else out[:m]
 
 
 def check_group(n_in: int, group: int, what: str = "a weight") -> None:
