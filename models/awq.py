@@ -22,9 +22,11 @@ the search runs on the layer's MLP input), W_down one per expert on the tokens r
 GPTQ (Frantar et al. 2022, ``gptq_levels``) is a second baseline: the same grid, levels chosen channel by
 channel with each rounding error compensated on the channels not yet quantized (inverse-Hessian updates).
 
-``Int4`` stores q packed two per byte along the input axis (int3 too: 3-bit values in 4-bit nibbles), with
-float16 scales and zeros per group, and dequantizes inside ``matmul`` (a ``weights.Weight``): 0.5 + 4 /
-group bytes per parameter, 0.27x of bfloat16 at group 128.
+``Int4`` stores q packed eight per uint32 word along the input axis (int3 too: 3-bit values in 4-bit
+nibbles; two per uint8 byte where the input dimension is not a multiple of 8), with float16 scales and zeros
+per group, and dequantizes inside ``matmul`` (a ``weights.Weight``): 0.5 + 4 / group bytes per parameter,
+0.27x of bfloat16 at group 128. Up to 8 rows (decoding) can instead run ``int4_gemv``, a fused Pallas kernel
+that reads the words once and never writes the float weight.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ MAX_SHRINK = 0.5  # smallest clipping ratio 1 - MAX_SHRINK (exclusive)
 
 @flax.struct.dataclass
 class Int4(weights.Weight):
-    """Packed b-bit (b <= 4) weight: packed uint8 [..., in/2, out] (two values per byte along ``in``),
+    """Packed b-bit (b <= 4) weight: packed uint32 [..., in/8, out] (word i of a column holds q[8i + j] in bits
+    4j..4j+3; uint8 [..., in/2, out] with two per byte where in % 8 != 0, and in files written before words),
     scale and zero float16 [..., in/group, out]; W = (q - zero) * scale per group of input channels."""
 
     packed: Any
@@ -77,7 +80,7 @@ class Int4(weights.Weight):
         return dot(x, self.dequantize(x.dtype))
 
     def num_params(self) -> int:
-        return int(np.prod(self.packed.shape)) * 2
+        return int(np.prod(self.packed.shape)) * (8 if self.packed.dtype == jnp.uint32 else 2)
 
 
 def with_kernel(params, kernel: str = "pallas", **options):
@@ -121,96 +124,99 @@ def _pow2_divisor(n: int, at_most: int) -> int:
 def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 256, block_k: int = 0, splits: int = 0,
               num_warps: int = 4, num_stages: int = 3, mode: str = "", combine: str = "sum",
               convert: str = "magic") -> dict | None:
-    """The tiling ``int4_gemv`` runs for x [m, K] times a [K, N] weight in groups of ``group``, or None when the
-    shape has no fused path (then the weight is dequantized). Requested sizes are upper bounds, fitted to the
-    shape: block_n becomes the largest power of two <= it dividing N; block_k (K rows per loop step, default
-    one group) a power of two dividing the group or a multiple of it dividing the split; splits (K slices,
-    default: about two programs per SM, at most one group each) a divisor of the group count."""
+    """The tiling ``int4_gemv`` runs for x [m, K] times a [K, N] word-packed weight in groups of ``group``, or
+    None when the shape has no fused path (then the weight is dequantized). Requested sizes are upper bounds
+    fitted to the shape: block_n becomes the largest power of two <= it dividing N; block_k (K rows per load,
+    default one group) a power of two dividing the group, or a multiple of the group dividing the split;
+    splits (K slices; default about two programs per SM, at least one group each) a divisor of the group
+    count. mode: "fma" (default for one row) or "dot" (default for more; needs loads of >= 128 rows)."""
     if mode not in ("", "fma", "dot") or combine not in ("sum", "atomic") or convert not in ("magic", "cast"):
         raise ValueError(f"int4_gemv: mode {mode!r}, combine {combine!r}, convert {convert!r}; use mode 'fma' or "
                          f"'dot' (or '' to choose), combine 'sum' or 'atomic', convert 'magic' or 'cast'.")
-    groups = k // group
     if not 1 <= m <= GEMV_ROWS or group < 16 or group & (group - 1) or k % group or n % 16:
         return None
-    mode = mode or ("fma" if m == 1 else "dot")
+    groups = k // group
     block_n = _pow2_divisor(n, max(block_n, 16))
     blocks = n // block_n
-    if not splits:  # about 2 programs per SM, at least one group per program
+    if not splits:
         splits = max(1, min(groups, 2 * _SMS // blocks))
     splits = max(d for d in range(1, min(splits, groups) + 1) if groups % d == 0)
     per = groups // splits  # groups per program
     block_k = block_k or group
     if block_k <= group:
-        block_k = _pow2_divisor(group, block_k)
+        block_k = _pow2_divisor(group, max(block_k, 16))
     else:
         block_k = group * max(d for d in range(1, min(block_k // group, per) + 1) if per % d == 0)
-    sub = min(block_k, group)  # K rows per load (one group or part of one)
-    if sub < (32 if mode == "dot" else 4):
+    sub = min(block_k, group)  # K rows per load: sub / 8 rows of words
+    mode = mode or ("fma" if m == 1 or sub < 128 else "dot")
+    if mode == "dot" and sub < 128:  # tensor-core products contract over >= 16 rows of words
         return None
-    rows = m if mode == "fma" else 16  # tensor-core products need 16 rows: x is padded
-    if mode == "fma":
-        rows = 1 << (m - 1).bit_length()
+    rows = 16 if mode == "dot" else 1 << (m - 1).bit_length()  # x rows, padded: powers of two, 16 for dots
     return dict(m=m, rows=rows, block_n=block_n, blocks=blocks, splits=splits, per=per, block_k=block_k, sub=sub,
                 parts=max(1, block_k // group), steps=per * group // block_k, num_warps=num_warps,
                 num_stages=num_stages, mode=mode, combine=combine if splits > 1 else "sum", convert=convert)
 
 
-def _gemv_kernel(x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: int):
-    """One (column block, K split) program: sum over its K rows r of x_r q_r, in steps of block_k rows loaded
-    as [sub/2, block_n] packed tiles (two nibbles: even row r = 2i in the low one, r = 2i + 1 in the high one),
-    folded per group g as s_g (x_g . q_g - z_g sum x_g); accumulated in float32 into o [rows, block_n]."""
+def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: int):
+    """One (column block, K split) program: sum over its K rows of x_k q_k, loading [sub/8, block_n] tiles of
+    uint32 words (nibble j of word row i is input row 8i + j; x_ref [8, rows, K/8] holds x's rows 8i + j at
+    [j, :, i]), folded per group g as s_g (x_g . q_g - z_g sum x_g); float32 accumulators o [rows, block_n].
+    one_ref [1] holds the bits of 1.0 (read at run time, so that mask and OR compile to one LOP3)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     o_ref = rest[-1]
-    half, parts, rows = plan["sub"] // 2, plan["parts"], plan["rows"]
+    wrows, parts, rows, gw = plan["sub"] // 8, plan["parts"], plan["rows"], group // 8
     dot_mode, magic = plan["mode"] == "dot", plan["convert"] == "magic"
-    first = pl.program_id(1) * (plan["per"] * group // 2)  # this split's first packed row
+    first = pl.program_id(1) * (plan["per"] * gw)  # this split's first word row
+    one = one_ref[0]
 
-    def nibbles(p):
-        """(low, high) values of the packed bytes p, and the offset c they carry (values q + c)."""
-        if dot_mode:  # bfloat16 for the tensor cores; magic: bits 0x4300 | q are the bfloat16 128 + q
-            if magic:
-                p16 = p.astype(jnp.int16)
-                return (jax.lax.bitcast_convert_type((p16 & 0xF) | 0x4300, jnp.bfloat16),
-                        jax.lax.bitcast_convert_type((p16 >> 4) | 0x4300, jnp.bfloat16), 128.0)
-            return (p & 0xF).astype(jnp.bfloat16), (p >> 4).astype(jnp.bfloat16), 0.0
-        if magic:  # bits 0x4B000000 | q are the float32 2^23 + q: integer ops instead of int-to-float conversions
-            p32 = p.astype(jnp.int32)
-            lo = jax.lax.bitcast_convert_type((p32 & 0xF) | 0x4B000000, jnp.float32) - 8388608.0
-            hi = jax.lax.bitcast_convert_type((p32 >> 4) | 0x4B000000, jnp.float32) - 8388608.0
-            return lo, hi, 0.0
-        return (p & 0xF).astype(jnp.float32), (p >> 4).astype(jnp.float32), 0.0
+    def values(w, j):
+        """Nibble j of the words w as (q + c) / 16: ``magic`` (c = 16) puts q in the mantissa of 1.0 with a shift
+        and a mask (1 + q/16, exact, no int-to-float conversion); ``cast`` (c = 0) converts."""
+        if magic and dot_mode:  # bfloat16 1.0 is 0x3F80: q into bits 3-6
+            b = w >> (4 * j - 3) if j else w << 3
+            return jax.lax.bitcast_convert_type(((b & 0x78) | one).astype(jnp.uint16), jnp.bfloat16)
+        if magic:  # float32 1.0 is 0x3F800000: q into bits 19-22
+            b = w << (19 - 4 * j) if 4 * j <= 19 else w >> (4 * j - 19)
+            return jax.lax.bitcast_convert_type((b & 0x780000) | one, jnp.float32)
+        return ((w >> (4 * j)) & 0xF).astype(jnp.bfloat16 if dot_mode else jnp.float32) * (1 / 16)
+
+    c = 16.0 if magic else 0.0  # x . q = 16 x . v - c sum x
 
     def body(i, acc):
         for t in range(parts):
-            r = pl.multiple_of(first + (i * parts + t) * half, half)  # packed row of this load
-            g = r // (group // 2)
-            lo, hi, c = nibbles(p_ref[pl.ds(r, half), :])
+            r = pl.multiple_of(first + (i * parts + t) * wrows, wrows)  # word row of this load
+            g = jax.lax.div(r, gw)
+            w = p_ref[pl.ds(r, wrows), :]
             s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
             z = z_ref[pl.ds(g, 1), :].astype(jnp.float32) + c
-            if dot_mode:  # [16, half] x [half, block_n] products on the tensor cores
-                xe = x_ref[0, :, pl.ds(r, half)].astype(jnp.bfloat16)
-                xo = x_ref[1, :, pl.ds(r, half)].astype(jnp.bfloat16)
-                d = (jnp.dot(xe, lo, preferred_element_type=jnp.float32)
-                     + jnp.dot(xo, hi, preferred_element_type=jnp.float32))
-                xs = jnp.sum(xe.astype(jnp.float32) + xo.astype(jnp.float32), axis=1, keepdims=True)
-                acc = acc + s * (d - z * xs)
-            else:  # one row at a time: broadcast products, reduced over the tile's rows
+            if dot_mode:  # eight [16, sub/8] x [sub/8, block_n] products on the tensor cores
+                d, xs = 0.0, 0.0
+                for j in range(8):
+                    xj = x_ref[j, :, pl.ds(r, wrows)].astype(jnp.bfloat16)
+                    d = d + jnp.dot(xj, values(w, j), preferred_element_type=jnp.float32)
+                    xs = xs + jnp.sum(xj.astype(jnp.float32), axis=1, keepdims=True)
+                acc = acc + s * (16.0 * d - z * xs)
+            else:  # a multiply-add per weight and row, then one reduction over the tile's word rows
+                prods = [None] * rows
+                for j in range(8):
+                    v = values(w, j)
+                    for row in range(rows):
+                        xj = x_ref[j, row, pl.ds(r, wrows)].astype(jnp.float32)[:, None]
+                        prods[row] = xj * v if j == 0 else xj * v + prods[row]
                 new = []
-                for j in range(rows):
-                    xe = x_ref[0, j, pl.ds(r, half)].astype(jnp.float32)
-                    xo = x_ref[1, j, pl.ds(r, half)].astype(jnp.float32)
-                    d = jnp.sum(xe[:, None] * lo + xo[:, None] * hi, axis=0, keepdims=True)
-                    new.append(acc[j] + s * (d - z * (jnp.sum(xe) + jnp.sum(xo))))
+                for row in range(rows):
+                    xs = jnp.sum(x_ref[:, row, pl.ds(r, wrows)].astype(jnp.float32))
+                    new.append(acc[row] + s * (16.0 * jnp.sum(prods[row], axis=0, keepdims=True) - z * xs))
                 acc = tuple(new)
         return acc
 
     zero = jnp.zeros((1, plan["block_n"]), jnp.float32)
     init = jnp.zeros((rows, plan["block_n"]), jnp.float32) if dot_mode else (zero,) * rows
     acc = jax.lax.fori_loop(0, plan["steps"], body, init)
-    for j in range(1 if dot_mode else rows):
-        val, where = (acc, (slice(None), slice(None))) if dot_mode else (acc[j], (pl.ds(j, 1), slice(None)))
+    for row in range(1 if dot_mode else rows):
+        val, where = (acc, (slice(None), slice(None))) if dot_mode else (acc[row], (pl.ds(row, 1), slice(None)))
         if plan["combine"] == "atomic":
             plgpu.atomic_add(o_ref, where, val)
         else:
@@ -219,41 +225,42 @@ def _gemv_kernel(x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: int):
 
 def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array, *, group: int,
               interpret: bool = False, **options) -> jax.Array:
-    """x [K] or [M, K] (M <= ``GEMV_ROWS``) times the ``Int4`` weight (packed [K/2, N], scale, zero
-    [K/group, N]) -> float32 [N] or [M, N], fused: the packed bytes are read once and never written as floats.
+    """x [K] or [M, K] (M <= ``GEMV_ROWS``) times the ``Int4`` weight (packed uint32 [K/8, N], scale, zero
+    [K/group, N]) -> float32 [N] or [M, N], fused: the packed words are read once, never written as floats.
 
     A Pallas (Triton) kernel over a grid (column blocks, K splits): each program reads its [K/splits, block_n]
-    slice of the weight in [block_k/2, block_n] uint8 tiles (rows of block_n contiguous bytes), unpacks both
-    nibbles with shifts and masks and accumulates, per group g of rows, s_g (x_g . q_g - z_g sum x_g) in
-    float32. mode "fma" (default for one row): float32 products reduced over the tile; "dot" (default for
-    more rows): bfloat16 x (rounded) times the levels on the tensor cores, x padded to 16 rows. convert
-    "magic": levels made by integer ops on float bit patterns (2^23 + q), "cast": int-to-float conversions.
-    The K splits' partial sums are added by XLA (combine "sum") or atomically into a zeroed output
-    ("atomic"). options: see ``gemv_plan``; shapes it cannot tile fall back to dequantize + matmul.
-    ``interpret``: the same kernel in the Pallas interpreter (CPU)."""
+    slice of the weight in [block_k/8, block_n] tiles of words (rows of 4 block_n contiguous bytes), takes
+    the eight nibbles apart with shifts and masks and accumulates, per group g of rows, s_g (x_g . q_g - z_g
+    sum x_g) in float32. mode "fma": float32 multiply-adds; "dot": x rounded to bfloat16, padded to 16 rows,
+    times the levels on the tensor cores. The K splits' partial sums are added by XLA (combine "sum") or
+    atomically into a zeroed output ("atomic"). options: see ``gemv_plan``; shapes it cannot tile (and uint8
+    storage) fall back to dequantize + matmul. ``interpret``: the same kernel in the Pallas interpreter (CPU)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     one = x.ndim == 1
     x2 = x.reshape(1, -1) if one else x
     m, k = x2.shape
-    half_k, n = packed.shape
-    if 2 * half_k != k or scale.shape != (k // group, n):
-        raise ValueError(f"int4_gemv: x has {k} inputs but the weight packs {2 * half_k} (scale {scale.shape}, "
-                         f"group {group}); give x [..., {2 * half_k}].")
-    plan = gemv_plan(m, k, n, group, **options)
+    n = packed.shape[-1]
+    if scale.shape != (k // group, n) or packed.shape[0] * (8 if packed.dtype == jnp.uint32 else 2) != k:
+        raise ValueError(f"int4_gemv: x has {k} inputs but the weight is packed {packed.shape} {packed.dtype} with "
+                         f"scale {scale.shape} (group {group}); give x [..., K] of the weight's K.")
+    plan = gemv_plan(m, k, n, group, **options) if packed.dtype == jnp.uint32 else None
     if plan is None:
         y = x2.astype(jnp.float32) @ Int4(packed, scale, zero, 4, group).dequantize()
         return y[0] if one else y
     rows, block_n, splits = plan["rows"], plan["block_n"], plan["splits"]
-    # x as [2, rows, K/2]: even inputs (low nibbles) then odd ones (high nibbles), rows padded with zeros
-    xs = jnp.pad(x2, ((0, rows - m), (0, 0))).reshape(rows, half_k, 2).transpose(2, 0, 1)
+    # x as [8, rows, K/8]: [j, :, i] is input 8i + j (nibble j of word row i); rows padded with zeros
+    xs = jnp.pad(x2, ((0, rows - m), (0, 0))).reshape(rows, k // 8, 8).transpose(2, 0, 1)
+    xs = xs.astype(jnp.bfloat16 if plan["mode"] == "dot" else jnp.float32)
+    bits_one = jnp.asarray([0x3F80 if plan["mode"] == "dot" else 0x3F800000], jnp.uint32)  # 1.0's bits
     groups = k // group
-    in_specs = [pl.BlockSpec((2, rows, half_k), lambda j, s: (0, 0, 0)),
-                pl.BlockSpec((half_k, block_n), lambda j, s: (0, j)),
+    in_specs = [pl.BlockSpec((1,), lambda j, s: (0,)),
+                pl.BlockSpec((8, rows, k // 8), lambda j, s: (0, 0, 0)),
+                pl.BlockSpec((k // 8, block_n), lambda j, s: (0, j)),
                 pl.BlockSpec((groups, block_n), lambda j, s: (0, j)),
                 pl.BlockSpec((groups, block_n), lambda j, s: (0, j))]
-    args = [xs, packed, scale, zero]
+    args = [bits_one, xs, packed, scale, zero]
     kernel = functools.partial(_gemv_kernel, plan=plan, group=group)
     params = None if interpret else plgpu.CompilerParams(num_warps=plan["num_warps"], num_stages=plan["num_stages"])
     call = functools.partial(pl.pallas_call, kernel, grid=(plan["blocks"], splits), interpret=interpret,
@@ -261,12 +268,17 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
     if plan["combine"] == "atomic":  # every split adds into one zeroed output
         spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
         out = call(out_shape=jax.ShapeDtypeStruct((rows, n), jnp.float32), in_specs=in_specs + [spec],
-                   out_specs=spec, input_output_aliases={4: 0})(*args, jnp.zeros((rows, n), jnp.float32))
+                   out_specs=spec, input_output_aliases={5: 0})(*args, jnp.zeros((rows, n), jnp.float32))
     else:
         out = call(out_shape=jax.ShapeDtypeStruct((splits * rows, n), jnp.float32), in_specs=in_specs,
                    out_specs=pl.BlockSpec((rows, block_n), lambda j, s: (s, j)))(*args)
         out = out.reshape(splits, rows, n).sum(0)
     return out[0] if one else out[:m]
+
+
+def _per_word(n_in: int) -> int:
+    """4-bit values per packed word: 8 (uint32) when they fill whole words, else 2 (uint8)."""
+    return 8 if n_in % 8 == 0 else 2
 
 
 def check_group(n_in: int, group: int, what: str = "a weight") -> None:
@@ -299,7 +311,7 @@ def _pack(w, ratio, bits, group):
     r = ratio if np.ndim(ratio) == 0 else jnp.asarray(ratio)[..., None, :]
     s, z = quant.asymmetric_params(wg, bits, axis=-2, ratio=r)
     q = quant.asymmetric(wg, s, z, bits).reshape(*lead, n_in, out)
-    return Int4(quant.pack_nibbles(q, len(lead)), s[..., 0, :].astype(jnp.float16), z[..., 0, :].astype(jnp.float16),
+    return Int4(quant.pack_nibbles(q, len(lead), _per_word(n_in)), s[..., 0, :].astype(jnp.float16), z[..., 0, :].astype(jnp.float16),
                 bits, group)
 
 
@@ -540,7 +552,7 @@ def gptq_levels(w: np.ndarray, x: np.ndarray, *, bits: int, group: int, damp: fl
 
 def from_levels(levels, scale, zero, bits: int, group: int) -> Int4:
     """``Int4`` from integer levels [..., in, out] and per-group scale, zero [..., in/group, out]."""
-    return Int4(quant.pack_nibbles(jnp.asarray(levels, jnp.uint8), np.ndim(levels) - 2),
+    return Int4(quant.pack_nibbles(jnp.asarray(levels, jnp.uint8), np.ndim(levels) - 2, _per_word(np.shape(levels)[-2])),
                 jnp.asarray(scale, jnp.float16), jnp.asarray(zero, jnp.float16), bits, group)
 
 
