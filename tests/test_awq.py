@@ -25,6 +25,13 @@ def test_packing_round_trips():
     np.testing.assert_array_equal(quant.pack_nibbles(jnp.asarray([[1], [2]], jnp.uint8), 0), [[0x21]])
     with pytest.raises(ValueError, match="even"):
         quant.pack_nibbles(jnp.zeros((3, 2), jnp.uint8), 0)
+    q = rng.integers(0, 16, (3, 16, 5), dtype=np.uint8)  # eight per uint32 word: word i = sum_j q[8i + j] << 4j
+    p = quant.pack_nibbles(jnp.asarray(q), 1, 8)
+    assert p.dtype == jnp.uint32 and p.shape == (3, 2, 5)
+    np.testing.assert_array_equal(quant.unpack_nibbles(p, 1), q)
+    np.testing.assert_array_equal(quant.pack_nibbles(jnp.arange(8, dtype=jnp.uint8), 0, 8), [0x76543210])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quant.pack_nibbles(jnp.zeros((12, 2), jnp.uint8), 0, 8)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -32,7 +39,7 @@ def test_packed_weight_matches_the_numpy_quantizer_and_every_form(bits):
     rng = np.random.default_rng(bits)
     w = rng.normal(size=(2, 64, 24)).astype(np.float32)  # [experts, in, out], groups of 16
     packed = awq.pack(jnp.asarray(w), bits, 16)
-    assert packed.packed.shape == (2, 32, 24) and packed.scale.shape == (2, 4, 24)
+    assert packed.packed.shape == (2, 8, 24) and packed.packed.dtype == jnp.uint32 and packed.scale.shape == (2, 4, 24)
     # float64 NumPy: asymmetric levels per (group, column), with the stored float16 scale and zero
     wg = w.astype(np.float64).reshape(2, 4, 16, 24)
     lo, hi = np.minimum(wg.min(2, keepdims=True), 0), np.maximum(wg.max(2, keepdims=True), 0)
@@ -44,6 +51,9 @@ def test_packed_weight_matches_the_numpy_quantizer_and_every_form(bits):
     want = ((q - z) * np.asarray(packed.scale, np.float64)[:, :, None]).reshape(2, 64, 24)
     got = packed.dequantize()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    pairs = packed.replace(packed=quant.pack_nibbles(quant.unpack_nibbles(packed.packed, 1), 1, 2))  # uint8 storage
+    np.testing.assert_array_equal(pairs.dequantize(), got)
+    assert pairs.num_params() == packed.num_params() == w.size
     assert np.max(np.abs(np.asarray(got) - w)) <= 0.51 * np.max(s) * (1 + 1e-3)  # round to nearest
     x = rng.normal(size=(3, 2, 5, 64)).astype(np.float32)
     np.testing.assert_allclose(packed.matmul(jnp.asarray(x), weights.Dot("experts")),
@@ -85,7 +95,7 @@ def tiny_model():
     return cfg, params, calib
 
 
-def test_awq_folds_exactly_and_beats_rtn_on_held_out_tokens(tiny_model):
+def test_awq_folds_exactly_and_beats_rtn_on_held_out_tokens(tiny_model, tmp_path):
     """Every fold (norms, W_up's columns for W_down, W_v's for W_o, the router, per-expert W_down) leaves the
     float function unchanged; the packed AWQ model's logits on held-out tokens are closer to the float
     model's than RTN's (measured 0.109 vs 0.114, group 16, int4)."""
@@ -104,11 +114,20 @@ def test_awq_folds_exactly_and_beats_rtn_on_held_out_tokens(tiny_model):
     e_rtn, e_awq = helpers.rel_err(fwd(rtn, held), ref), helpers.rel_err(fwd(ap, held), ref)
     assert e_awq < e_rtn < 0.2, (e_awq, e_rtn)
     down = ap["layers"]["moe"]["w_down"]
-    assert isinstance(down, awq.Int4) and down.packed.shape == (1, cfg.num_experts, cfg.d_ff // 2, cfg.d_model)
+    assert isinstance(down, awq.Int4) and down.packed.shape == (1, cfg.num_experts, cfg.d_ff // 8, cfg.d_model)
     assert jax.tree.structure(ap) == jax.tree.structure(aa, is_leaf=weights.is_axes)
     mem, dense = quant.memory_report(ap), quant.memory_report(params)
     assert mem["linear_params"] == dense["linear_params"]
     assert mem["bytes_per_linear_param"] == pytest.approx(0.5 + 4 / 16)  # nibble + float16 scale and zero per 16
+    from train import compress  # safetensors + compress.json round trip keeps the words and the static fields
+    compress.save(tmp_path, ap, cfg, {"method": "awq"})
+    _, _, loaded, _ = compress.load(tmp_path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(ap)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(ap)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    one = helpers.tokens(61, b=8, s=1, seed=4)  # 8 rows of one token: the dense linears run the fused kernel
+    np.testing.assert_allclose(fwd(awq.with_kernel(ap, "interpret"), one), fwd(ap, one), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input_is_refused(tiny_model):
@@ -125,17 +144,37 @@ def test_bad_input_is_refused(tiny_model):
         awq.quantize(params, axes, cfg, no_inputs, group=16)
 
 
+GEMV_CASES = [  # (K, N, group, x's leading shape, tile options): the tiling each exercises
+    (1024, 64, 128, (1, 1), {}),  # decoding's call: one row, 8 K splits of one group each
+    (512, 128, 64, (3,), dict(block_k=128, splits=2, combine="atomic")),  # 2 groups per load, atomic split sums
+    (1024, 64, 128, (2, 3), dict(block_n=32, splits=2, convert="cast")),  # 6 rows: tensor-core dots, 2 K steps
+    (512, 64, 64, (1,), dict(block_k=32, splits=1, convert="cast")),  # half a group per load, no split
+    (256, 24, 64, (1,), {}),  # N not a multiple of 16: dequantize + matmul
+]
+
+
 def test_fused_int4_gemv_kernel_in_interpret_mode():
-    """The Pallas batch-1 kernel (run by the interpreter on CPU) against float64 NumPy on the dequantized
-    weight, through ``Int4.matmul`` as decoding calls it: x [1, 1, K] with K split into 4 x 2 groups."""
+    """The Pallas kernel (run by the interpreter on CPU) against float64 NumPy on the dequantized weight, through
+    ``Int4.matmul`` as decoding calls it, for one to six rows, groups of 64 and 128, several K splits, loads of
+    part of a group and of two groups, both level conversions, both ways of adding the splits, and a shape
+    without a fused path. x is bfloat16-exact (the tensor-core path rounds it to bfloat16)."""
     rng = np.random.default_rng(5)
-    w = rng.normal(size=(1024, 64)).astype(np.float32)
-    x = rng.normal(size=(1, 1, 1024)).astype(np.float32)
-    q = awq.pack(jnp.asarray(w), 4, 128)
-    want = x[0, 0].astype(np.float64) @ np.asarray(q.dequantize(), np.float64)
-    got = jax.jit(lambda wt, a: wt.matmul(a, weights.Dot()))(awq.with_kernel(q, "interpret"), jnp.asarray(x))
-    assert got.shape == (1, 1, 64)
-    np.testing.assert_allclose(got[0, 0], want, rtol=1e-5, atol=1e-4)
+    matmul = jax.jit(lambda wt, a: wt.matmul(a, weights.Dot()))
+    for k, n, group, lead, opts in GEMV_CASES:
+        q = awq.pack(jnp.asarray(rng.normal(size=(k, n)).astype(np.float32)), 4, group)
+        x = np.asarray(jnp.asarray(rng.normal(size=(*lead, k)), jnp.bfloat16), np.float32)
+        want = x.astype(np.float64) @ np.asarray(q.dequantize(), np.float64)
+        got = matmul(awq.with_kernel(q, "interpret", **opts), jnp.asarray(x))
+        assert got.shape == (*lead, n) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=str((k, n, opts)))
+    plan = awq.gemv_plan(1, 5632, 2048, 128)  # the 1.26B config's W_down: 8 column blocks x 22 splits
+    assert (plan["block_n"], plan["splits"], plan["per"], plan["mode"]) == (256, 22, 2, "fma")
+    assert awq.gemv_plan(4, 2048, 2048, 128)["mode"] == "dot" and awq.gemv_plan(9, 2048, 2048, 128) is None
+    assert awq.kernel_options("pallas:block_n=128,mode=dot") == ("pallas", {"block_n": 128, "mode": "dot"})
+    with pytest.raises(ValueError, match="unknown int4_gemv option"):
+        awq.with_kernel(q, "pallas", block=4)
+    with pytest.raises(ValueError, match="combine"):
+        awq.gemv_plan(1, 1024, 64, 128, combine="max")
 
 
 def test_gptq_baseline():
