@@ -1,20 +1,31 @@
 """Speed and memory of the quantized weight types on one GPU, for the 1.26B config (experiments/bench_llama_1b.py).
 
-    python experiments/bench_quant.py [--out results.json] [--sections memory,linear,decode] [--new_tokens 256]
+    python experiments/bench_quant.py [--out results.json] [--sections memory,linear,gemv,decode] [--new_tokens 256]
+                                      [--gemv 'block_n=256,splits=8'] [--gemv_rows 1,8] [--tiny]
 
-Prints four Markdown tables:
+Prints Markdown tables:
   1. ceilings measured in the same job: bf16 matmul TFLOP/s, int8 TOP/s (8192^3), copy GB/s;
   2. memory: bytes of the block linears and of the whole model for bfloat16, W8A8 (int8 + float32 scales)
      and int4 (group 128, float16 scales and zeros: 0.5 + 4/128 bytes per parameter, 0.27x bf16);
   3. one linear at prefill sizes (tokens x in -> out): bf16 ``jnp.dot``, the int8 x int8 -> int32 product
      alone, W8A8 O1 (per-token dynamic activation quantization + the int8 product + rescale), W8A8 O3
      (static scale), int4 weight-only (dequantize, then bf16 matmul);
-  4. greedy decoding at batch 1 (prompt 512, --new_tokens): bf16 weights, W8A8 O1 and int4 weights through
+  4. gemv: the fused int4 kernel ``awq.int4_gemv`` at decoding sizes (rows = 1 and 8 by default) for the
+     1.26B config's shapes (2048x2048: W_q, W_k, W_v, W_o; 2048x5632: W_gate, W_up; 5632x2048: W_down;
+     2048x32000: the head, kept in bf16 by the compression, for reference), a small set of tile settings
+     against the bf16 product of the same shape and against XLA's dequantize + matmul. Each row times
+     ``COPIES`` distinct weights (more bytes than the L2 cache holds) called back to back in one program,
+     so a time is per call, launch gaps included, as in decoding. GB/s: bytes of packed words + scales +
+     zeros (bf16: the weight) per call time; "vs bf16": bf16 time / this time; "err": max |y - y_ref| /
+     max |y_ref| against x @ dequantize() in float32 (a wrong kernel shows here). A variant that fails to
+     compile or run is an error row.
+  5. greedy decoding at batch 1 (prompt 512, --new_tokens): bf16 weights, W8A8 O1 and int4 weights through
      ``models.generate``; decode step time = (time for N new tokens - time for 1) / (N - 1), prefill excluded.
      Weight bytes per step / step time is the effective bandwidth. "int4 g128" lets XLA dequantize into a
-     bf16 copy before the matmul (not expected to beat bf16); "int4 g128 fused" runs single rows through
-     the Pallas kernel ``awq.int4_gemv`` (reads the packed bytes once); the byte ratio bounds its speedup
-     near 3.3x. Table 3 also has a batch-1 row (tokens = 1) with the fused kernel alone.
+     bf16 copy before the matmul (not expected to beat bf16); "int4 g128 fused" runs the rows through the
+     Pallas kernel ``awq.int4_gemv`` with its default tiles (``--gemv`` sets others); the byte ratio bounds
+     its speedup near 3.3x, less the decode step's work that is not weight traffic (attention, norms,
+     launches).
 """
 from __future__ import annotations
 
@@ -38,6 +49,9 @@ timed = functools.partial(bench.median_seconds, reps=20)
 
 
 TINY = False  # --tiny: small sizes, a CPU check of the code paths
+
+
+GEMV_OPTIONS: dict = {}  # --gemv: tile settings of the "int4 g128 fused" decode variant
 
 
 def kernel_name() -> str:
@@ -72,7 +86,7 @@ def model_variants():
 
     w4, _ = weights.wrap(params, axes, int4, smoothquant.is_block_linear)
     return transformer, mcfg, {"bf16": params, "W8A8": w8, "int4 g128": w4,
-                               "int4 g128 fused": awq.with_kernel(w4, kernel_name())}
+                               "int4 g128 fused": awq.with_kernel(w4, kernel_name(), **GEMV_OPTIONS)}
 
 
 def memory(variants: dict) -> list:
@@ -109,17 +123,81 @@ def linears() -> list:
                 "W8A8 O3": timed(jax.jit(lambda wt, a: wt.matmul(a, weights.Dot())), o3, x),
                 "int4 (dequantize + bf16)": timed(jax.jit(lambda wt, a: wt.matmul(a, weights.Dot())), i4, x),
             }
-            if m == 1:  # the fused batch-1 kernel (awq.int4_gemv)
-                try:
-                    t["int4 fused"] = timed(jax.jit(lambda wt, a: wt.matmul(a, weights.Dot())),
-                                            awq.with_kernel(i4, kernel_name()), x)
-                except Exception as e:  # a kernel that does not compile here: say so, keep the other numbers
-                    print(f"int4 fused kernel failed at {k}x{n}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    t["int4 fused"] = float("nan")
             rows.append({"tokens": m, "in": k, "out": n, **{f"{name} ms": 1e3 * v for name, v in t.items()},
                          **{f"{name} TFLOP/s": 2 * m * k * n / v / 1e12 for name, v in t.items()}})
             print(rows[-1], flush=True)
     return rows
+
+
+GEMV_SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048), (2048, 32000))
+GEMV_VARIANTS = (  # (name, int4_gemv options): the default, then one change each
+    ("default", {}),
+    ("convert=cast", dict(convert="cast")),
+    ("combine=atomic", dict(combine="atomic")),
+    ("block_n=128", dict(block_n=128)),
+    ("block_n=512 warps=8", dict(block_n=512, num_warps=8)),
+    ("warps=2", dict(num_warps=2)),
+    ("warps=8", dict(num_warps=8)),
+    ("stages=1", dict(num_stages=1)),
+    ("block_k=256", dict(block_k=256)),
+    ("splits=4", dict(splits=4)),
+    ("splits=1", dict(splits=1)),
+    ("mode=fma", dict(mode="fma")),
+    ("mode=dot", dict(mode="dot")),
+)
+
+
+def gemv(rows_list=(1, 8)) -> list:
+    """The fused int4 kernel's variants vs bf16 and XLA's dequantize + matmul at decoding sizes (table 4)."""
+    from models import awq
+
+    shapes = ((256, 512), (512, 256)) if TINY else GEMV_SHAPES
+    out = []
+    for k, n in shapes:
+        group = 128
+        words = (k // 8) * n * 4 + 2 * 2 * (k // group) * n  # packed uint32 + float16 scale and zero
+        copies = 2 if TINY else min(64, max(8, -(-(128 << 20) // words)))  # 128 MB: over twice the L2 cache
+        keys = jax.random.split(jax.random.PRNGKey(k + n), copies)
+        packed = [jax.random.bits(kk, (k // 8, n), jnp.uint32) for kk in keys]
+        scale = [jax.random.uniform(kk, (k // group, n), jnp.float16, 0.001, 0.01) for kk in keys]
+        zero = [jnp.round(jax.random.uniform(kk, (k // group, n), jnp.float32, 0, 15)).astype(jnp.float16)
+                for kk in jax.random.split(keys[0], copies)]
+        dense = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys]
+        for m in rows_list:
+            x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+            ref = np.asarray(x.astype(jnp.float32) @ awq.Int4(packed[0], scale[0], zero[0], 4, group).dequantize())
+
+            def per_call(f, *ws):
+                run = jax.jit(lambda a, *w: [f(a, *[c[i] for c in w]) for i in range(copies)])
+                return timed(run, x, *ws) / copies
+
+            base = {"rows": m, "in": k, "out": n, "copies": copies}
+            t_bf16 = per_call(lambda a, w: a @ w, dense)
+            out.append({**base, "variant": "bf16 (XLA)", "us": 1e6 * t_bf16, "GB/s": k * n * 2 / t_bf16 / 1e9,
+                        "vs bf16": 1.0})
+            t_xla = per_call(lambda a, p, s, z: a @ awq.Int4(p, s, z, 4, group).dequantize(a.dtype), packed, scale,
+                             zero)
+            out.append({**base, "variant": "int4 XLA dequantize", "us": 1e6 * t_xla, "GB/s": words / t_xla / 1e9,
+                        "vs bf16": t_bf16 / t_xla})
+            print(out[-2], out[-1], sep="\n", flush=True)
+            for name, opts in GEMV_VARIANTS:
+                plan = awq.gemv_plan(m, k, n, group, **opts)
+                row = {**base, "variant": name, "tiles": "fallback" if plan is None else
+                       "bn={block_n} bk={block_k} splits={splits} warps={num_warps} stages={num_stages} {mode} "
+                       "{convert} {combine}".format(**plan)}
+                try:
+                    def f(a, p, s, z, opts=opts):
+                        return awq.int4_gemv(a, p, s, z, group=group, interpret=TINY, **opts)
+
+                    got = np.asarray(jax.jit(f)(x, packed[0], scale[0], zero[0]))
+                    t = per_call(f, packed, scale, zero)
+                    row.update({"us": 1e6 * t, "GB/s": words / t / 1e9, "vs bf16": t_bf16 / t,
+                                "err": float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))})
+                except Exception as e:  # a variant that does not compile or run here: an error row
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                out.append(row)
+                print(row, flush=True)
+    return out
 
 
 def decode(model, mcfg, variants: dict, new_tokens: int, prompt_len: int = 512, reps: int = 3) -> list:
@@ -160,8 +238,8 @@ def ok_kernel(params) -> bool:
     w = params["layers"]["wq"]
     try:
         one = jax.tree.map(lambda a: a[0], w)
-        jax.block_until_ready(awq.int4_gemv(jnp.ones((one.packed.shape[0] * 2,), jnp.bfloat16), one.packed,
-                                            one.scale, one.zero, group=one.group, interpret=TINY))
+        jax.block_until_ready(awq.int4_gemv(jnp.ones((one.scale.shape[0] * one.group,), jnp.bfloat16), one.packed,
+                                            one.scale, one.zero, group=one.group, interpret=TINY, **GEMV_OPTIONS))
         return True
     except Exception as e:
         print(f"int4 fused kernel unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -179,12 +257,16 @@ def md(rows: list, cols: list) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="")
-    p.add_argument("--sections", default="memory,linear,decode")
+    p.add_argument("--sections", default="memory,linear,gemv,decode")
+    p.add_argument("--gemv", default="", help="tile settings of the fused decode variant, 'block_n=256,splits=8'")
+    p.add_argument("--gemv_rows", default="1,8", help="rows of x in the gemv table")
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--tiny", action="store_true", help="small sizes: a quick check of the code paths on CPU")
     args = p.parse_args()
-    global TINY
+    global TINY, GEMV_OPTIONS
     TINY = args.tiny
+    from models import awq
+    GEMV_OPTIONS = awq.kernel_options("pallas:" + args.gemv)[1]
     sections = set(args.sections.split(","))
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     results = {"ceilings": ceilings()}
@@ -199,6 +281,10 @@ def main():
         results["linear"] = linears()
         cols = ["tokens", "in", "out"] + [c for c in results["linear"][0] if c.endswith("ms")]
         print(md(results["linear"], cols), flush=True)
+    if "gemv" in sections:
+        results["gemv"] = gemv(tuple(int(r) for r in args.gemv_rows.split(",")))
+        print(md(results["gemv"], ["rows", "in", "out", "variant", "us", "GB/s", "vs bf16", "err", "tiles", "error"]),
+              flush=True)
     if "decode" in sections:
         results["decode"] = decode(model, mcfg, variants, args.new_tokens)
         print(md(results["decode"], ["variant", "decode_step_ms", "decode_tokens_per_s", "GB/s", "speedup_vs_bf16",
