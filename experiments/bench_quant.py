@@ -137,6 +137,7 @@ GEMV_VARIANTS = (  # (name, int4_gemv options): the default, then one change eac
     ("block_n=128", dict(block_n=128)),
     ("block_n=512 warps=8", dict(block_n=512, num_warps=8)),
     ("warps=2", dict(num_warps=2)),
+    ("warps=4", dict(num_warps=4)),
     ("warps=8", dict(num_warps=8)),
     ("stages=1", dict(num_stages=1)),
     ("block_k=256", dict(block_k=256)),

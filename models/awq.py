@@ -56,7 +56,7 @@ class Int4(weights.Weight):
     zero: Any
     bits: int = flax.struct.field(pytree_node=False, default=4)
     group: int = flax.struct.field(pytree_node=False, default=128)
-    kernel: str = flax.struct.field(pytree_node=False, default="")  # "", "pallas" or "interpret" (see matmul)
+    kernel: str = flax.struct.field(pytree_node=False, default="")  # "", "pallas[:tiles]", "interpret" (matmul)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The weight [..., in, out] in ``dtype``."""
@@ -108,7 +108,8 @@ def kernel_options(kernel: str) -> tuple[str, dict]:
     for item in filter(None, rest.split(",")):
         k, _, v = item.partition("=")
         if k not in GEMV_OPTIONS:
-            raise ValueError(f"unknown int4_gemv option {k!r} in kernel {kernel!r}; use some of {sorted(GEMV_OPTIONS)}.")
+            raise ValueError(f"unknown int4_gemv option {k!r} in kernel {kernel!r}; use some of "
+                             f"{sorted(GEMV_OPTIONS)}.")
         opts[k] = GEMV_OPTIONS[k](v)
     return name, opts
 
@@ -122,14 +123,16 @@ def _pow2_divisor(n: int, at_most: int) -> int:
 
 
 def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 256, block_k: int = 0, splits: int = 0,
-              num_warps: int = 4, num_stages: int = 3, mode: str = "", combine: str = "sum",
+              num_warps: int = 0, num_stages: int = 3, mode: str = "", combine: str = "sum",
               convert: str = "magic") -> dict | None:
     """The tiling ``int4_gemv`` runs for x [m, K] times a [K, N] word-packed weight in groups of ``group``, or
     None when the shape has no fused path (then the weight is dequantized). Requested sizes are upper bounds
     fitted to the shape: block_n becomes the largest power of two <= it dividing N; block_k (K rows per load,
     default one group) a power of two dividing the group, or a multiple of the group dividing the split;
     splits (K slices; default about two programs per SM, at least one group each) a divisor of the group
-    count. mode: "fma" (default for one row) or "dot" (default for more; needs loads of >= 128 rows)."""
+    count. mode: "fma" (default for one or two rows) or "dot" (default for more; needs loads of >= 128 rows).
+    num_warps: default 4 for "fma", 8 for "dot" (whose [16, block_n] accumulators take 255 registers a thread
+    with 4 warps, one program per SM)."""
     if mode not in ("", "fma", "dot") or combine not in ("sum", "atomic") or convert not in ("magic", "cast"):
         raise ValueError(f"int4_gemv: mode {mode!r}, combine {combine!r}, convert {convert!r}; use mode 'fma' or "
                          f"'dot' (or '' to choose), combine 'sum' or 'atomic', convert 'magic' or 'cast'.")
@@ -148,12 +151,13 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 256, block_k
     else:
         block_k = group * max(d for d in range(1, min(block_k // group, per) + 1) if per % d == 0)
     sub = min(block_k, group)  # K rows per load: sub / 8 rows of words
-    mode = mode or ("fma" if m == 1 or sub < 128 else "dot")
+    mode = mode or ("fma" if m <= 2 or sub < 128 else "dot")
     if mode == "dot" and sub < 128:  # tensor-core products contract over >= 16 rows of words
         return None
     rows = 16 if mode == "dot" else 1 << (m - 1).bit_length()  # x rows, padded: powers of two, 16 for dots
     return dict(m=m, rows=rows, block_n=block_n, blocks=blocks, splits=splits, per=per, block_k=block_k, sub=sub,
-                parts=max(1, block_k // group), steps=per * group // block_k, num_warps=num_warps,
+                parts=max(1, block_k // group), steps=per * group // block_k,
+                num_warps=num_warps or (8 if mode == "dot" else 4),
                 num_stages=num_stages, mode=mode, combine=combine if splits > 1 else "sum", convert=convert)
 
 
@@ -192,10 +196,11 @@ def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: 
             s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
             z = z_ref[pl.ds(g, 1), :].astype(jnp.float32) + c
             if dot_mode:  # eight [16, sub/8] x [sub/8, block_n] products on the tensor cores
-                d, xs = 0.0, 0.0
+                d, xs = None, 0.0
                 for j in range(8):
                     xj = x_ref[j, :, pl.ds(r, wrows)].astype(jnp.bfloat16)
-                    d = d + jnp.dot(xj, values(w, j), preferred_element_type=jnp.float32)
+                    dj = jnp.dot(xj, values(w, j), preferred_element_type=jnp.float32)
+                    d = dj if d is None else dj + d
                     xs = xs + jnp.sum(xj.astype(jnp.float32), axis=1, keepdims=True)
                 acc = acc + s * (16.0 * d - z * xs)
             else:  # a multiply-add per weight and row, then one reduction over the tile's word rows
@@ -231,7 +236,7 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
     A Pallas (Triton) kernel over a grid (column blocks, K splits): each program reads its [K/splits, block_n]
     slice of the weight in [block_k/8, block_n] tiles of words (rows of 4 block_n contiguous bytes), takes
     the eight nibbles apart with shifts and masks and accumulates, per group g of rows, s_g (x_g . q_g - z_g
-    sum x_g) in float32. mode "fma": float32 multiply-adds; "dot": x rounded to bfloat16, padded to 16 rows,
+    sum x_g) in float32. mode "fma": float32 multiply-adds, per row; "dot": x rounded to bfloat16, padded to 16 rows,
     times the levels on the tensor cores. The K splits' partial sums are added by XLA (combine "sum") or
     atomically into a zeroed output ("atomic"). options: see ``gemv_plan``; shapes it cannot tile (and uint8
     storage) fall back to dequantize + matmul. ``interpret``: the same kernel in the Pallas interpreter (CPU)."""
@@ -311,8 +316,8 @@ def _pack(w, ratio, bits, group):
     r = ratio if np.ndim(ratio) == 0 else jnp.asarray(ratio)[..., None, :]
     s, z = quant.asymmetric_params(wg, bits, axis=-2, ratio=r)
     q = quant.asymmetric(wg, s, z, bits).reshape(*lead, n_in, out)
-    return Int4(quant.pack_nibbles(q, len(lead), _per_word(n_in)), s[..., 0, :].astype(jnp.float16), z[..., 0, :].astype(jnp.float16),
-                bits, group)
+    return Int4(quant.pack_nibbles(q, len(lead), _per_word(n_in)), s[..., 0, :].astype(jnp.float16),
+                z[..., 0, :].astype(jnp.float16), bits, group)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "grid"))
@@ -552,7 +557,8 @@ def gptq_levels(w: np.ndarray, x: np.ndarray, *, bits: int, group: int, damp: fl
 
 def from_levels(levels, scale, zero, bits: int, group: int) -> Int4:
     """``Int4`` from integer levels [..., in, out] and per-group scale, zero [..., in/group, out]."""
-    return Int4(quant.pack_nibbles(jnp.asarray(levels, jnp.uint8), np.ndim(levels) - 2, _per_word(np.shape(levels)[-2])),
+    per = _per_word(np.shape(levels)[-2])
+    return Int4(quant.pack_nibbles(jnp.asarray(levels, jnp.uint8), np.ndim(levels) - 2, per),
                 jnp.asarray(scale, jnp.float16), jnp.asarray(zero, jnp.float16), bits, group)
 
 
