@@ -11,9 +11,10 @@ Prints Markdown tables:
      alone, W8A8 O1 (per-token dynamic activation quantization + the int8 product + rescale), W8A8 O3
      (static scale), int4 weight-only (dequantize, then bf16 matmul);
   4. gemv: the fused int4 kernel ``awq.int4_gemv`` at decoding sizes (rows = 1 and 8 by default) for the
-     1.26B config's shapes (2048x2048: W_q, W_k, W_v, W_o; 2048x5632: W_gate, W_up; 5632x2048: W_down;
-     2048x32000: the head, kept in bf16 by the compression, for reference), a small set of tile settings
-     against the bf16 product of the same shape and against XLA's dequantize + matmul. Each row times
+     1.26B config's decoding shapes (``decode_params`` joins W_q, W_k, W_v into 2048x6144 and W_gate, W_up
+     into 2048x11264; W_o 2048x2048, W_down 5632x2048; the head 2048x32000, kept in bf16 by the
+     compression, for reference), a small set of tile settings (fewer for 8 rows) against the bf16
+     product of the same shape (``layers.linear``, the model's path) and XLA's dequantize + matmul. Each row times
      ``COPIES`` distinct weights (more bytes than the L2 cache holds) called back to back in one program,
      so a time is per call, launch gaps included, as in decoding. GB/s: bytes of packed words + scales +
      zeros (bf16: the weight) per call time; "vs bf16": bf16 time / this time; "err": max |y - y_ref| /
@@ -129,7 +130,8 @@ def linears() -> list:
     return rows
 
 
-GEMV_SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048), (2048, 32000))
+GEMV_SHAPES = ((2048, 6144), (2048, 2048), (2048, 11264), (5632, 2048), (2048, 32000))  # decode_params' fused
+# W_qkv, W_o, fused W_gate_up, W_down, and the head (kept in bf16 by the compression, for reference)
 GEMV_VARIANTS = (  # (name, int4_gemv options): the default, then one change each
     ("default", {}),
     ("convert=cast", dict(convert="cast")),
@@ -146,11 +148,12 @@ GEMV_VARIANTS = (  # (name, int4_gemv options): the default, then one change eac
     ("mode=fma", dict(mode="fma")),
     ("mode=dot", dict(mode="dot")),
 )
+MANY_ROWS = ("default", "combine=atomic", "block_n=128", "warps=4", "stages=1", "splits=4", "mode=fma")  # rows > 2
 
 
 def gemv(rows_list=(1, 8)) -> list:
     """The fused int4 kernel's variants vs bf16 and XLA's dequantize + matmul at decoding sizes (table 4)."""
-    from models import awq
+    from models import awq, layers
 
     shapes = ((256, 512), (512, 256)) if TINY else GEMV_SHAPES
     out = []
@@ -173,7 +176,7 @@ def gemv(rows_list=(1, 8)) -> list:
                 return timed(run, x, *ws) / copies
 
             base = {"rows": m, "in": k, "out": n, "copies": copies}
-            t_bf16 = per_call(lambda a, w: a @ w, dense)
+            t_bf16 = per_call(lambda a, w: layers.linear(w, a), dense)  # the model's path (one row: 2-row GEMM)
             out.append({**base, "variant": "bf16 (XLA)", "us": 1e6 * t_bf16, "GB/s": k * n * 2 / t_bf16 / 1e9,
                         "vs bf16": 1.0})
             t_xla = per_call(lambda a, p, s, z: a @ awq.Int4(p, s, z, 4, group).dequantize(a.dtype), packed, scale,
@@ -182,6 +185,8 @@ def gemv(rows_list=(1, 8)) -> list:
                         "vs bf16": t_bf16 / t_xla})
             print(out[-2], out[-1], sep="\n", flush=True)
             for name, opts in GEMV_VARIANTS:
+                if m > 2 and name not in MANY_ROWS:
+                    continue
                 plan = awq.gemv_plan(m, k, n, group, **opts)
                 row = {**base, "variant": name, "tiles": "fallback" if plan is None else
                        "bn={block_n} bk={block_k} splits={splits} warps={num_warps} stages={num_stages} {mode} "

@@ -57,6 +57,7 @@ class Int4(weights.Weight):
     bits: int = flax.struct.field(pytree_node=False, default=4)
     group: int = flax.struct.field(pytree_node=False, default=128)
     kernel: str = flax.struct.field(pytree_node=False, default="")  # "", "pallas[:tiles]", "interpret" (matmul)
+    out_last = True  # packed, scale and zero all end in the output axis: columns join (decode_params' W_qkv)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The weight [..., in, out] in ``dtype``."""

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import awq, quant, weights
+from models import awq, generate, quant, weights
 from models import transformer as T
 from tests import helpers
 
@@ -126,8 +126,13 @@ def test_awq_folds_exactly_and_beats_rtn_on_held_out_tokens(tiny_model, tmp_path
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(ap)):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
-    one = helpers.tokens(61, b=8, s=1, seed=4)  # 8 rows of one token: the dense linears run the fused kernel
-    np.testing.assert_allclose(fwd(awq.with_kernel(ap, "interpret"), one), fwd(ap, one), rtol=1e-4, atol=1e-4)
+    dec = T.decode_params(ap, cfg)["layers"][0]  # decoding joins W_q, W_k, W_v (and W_gate, W_up) columns
+    assert isinstance(dec["wqkv"], awq.Int4) and "wq" not in dec
+    np.testing.assert_array_equal(dec["wqkv"].dequantize(), np.concatenate(
+        [ap["layers"]["dense"][n].dequantize()[0, 0] for n in ("wq", "wk", "wv")], axis=-1))
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]  # greedy decoding with the fused kernel (interpreted): same tokens
+    assert (generate.greedy(T, awq.with_kernel(ap, "interpret"), cfg, prompts, max_new_tokens=3, max_len=8)
+            == generate.greedy(T, ap, cfg, prompts, max_new_tokens=3, max_len=8))
 
 
 def test_bad_input_is_refused(tiny_model):
