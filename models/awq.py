@@ -155,7 +155,7 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 256, block_k
     mode = mode or ("fma" if m <= 2 or sub < 128 else "dot")
     if mode == "dot" and sub < 128:  # tensor-core products contract over >= 16 rows of words
         return None
-    rows = 16 if mode == "dot" else 1 << (m - 1).bit_length()  # x rows, padded: powers of two, 16 for dots
+    rows = 16 if mode == "dot" else m  # x rows (tensor-core products take 16: x is padded)
     return dict(m=m, rows=rows, block_n=block_n, blocks=blocks, splits=splits, per=per, block_k=block_k, sub=sub,
                 parts=max(1, block_k // group), steps=per * group // block_k,
                 num_warps=num_warps or (8 if mode == "dot" else 4),
@@ -164,8 +164,8 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 256, block_k
 
 def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: int):
     """One (column block, K split) program: sum over its K rows of x_k q_k, loading [sub/8, block_n] tiles of
-    uint32 words (nibble j of word row i is input row 8i + j; x_ref [8, rows, K/8] holds x's rows 8i + j at
-    [j, :, i]), folded per group g as s_g (x_g . q_g - z_g sum x_g); float32 accumulators o [rows, block_n].
+    uint32 words (nibble j of word row i is input row 8i + j, read from x_ref [rows, K] with stride 8), folded
+    per group g as s_g (x_g . q_g - z_g sum x_g); float32 accumulators o [rows, block_n].
     one_ref [1] holds the bits of 1.0 (read at run time, so that mask and OR compile to one LOP3)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -196,24 +196,27 @@ def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: 
             w = p_ref[pl.ds(r, wrows), :]
             s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)
             z = z_ref[pl.ds(g, 1), :].astype(jnp.float32) + c
+            k0 = pl.multiple_of(8 * r, 8 * wrows)  # first input row of this load
             if dot_mode:  # eight [16, sub/8] x [sub/8, block_n] products on the tensor cores
-                d, xs = None, 0.0
+                d = None
                 for j in range(8):
-                    xj = x_ref[j, :, pl.ds(r, wrows)].astype(jnp.bfloat16)
+                    xj = x_ref[:, pl.ds(k0 + j, wrows, stride=8)].astype(jnp.bfloat16)
                     dj = jnp.dot(xj, values(w, j), preferred_element_type=jnp.float32)
                     d = dj if d is None else dj + d
-                    xs = xs + jnp.sum(xj.astype(jnp.float32), axis=1, keepdims=True)
+                xs = jnp.sum(x_ref[:, pl.ds(k0, 8 * wrows)].astype(jnp.bfloat16).astype(jnp.float32), axis=1,
+                             keepdims=True)
                 acc = acc + s * (16.0 * d - z * xs)
             else:  # a multiply-add per weight and row, then one reduction over the tile's word rows
                 prods = [None] * rows
                 for j in range(8):
                     v = values(w, j)
                     for row in range(rows):
-                        xj = x_ref[j, row, pl.ds(r, wrows)].astype(jnp.float32)[:, None]
+                        xj = x_ref[pl.ds(row, 1), pl.ds(k0 + j, wrows, stride=8)].astype(jnp.float32)
+                        xj = xj.reshape(wrows, 1)
                         prods[row] = xj * v if j == 0 else xj * v + prods[row]
                 new = []
                 for row in range(rows):
-                    xs = jnp.sum(x_ref[:, row, pl.ds(r, wrows)].astype(jnp.float32))
+                    xs = jnp.sum(x_ref[pl.ds(row, 1), pl.ds(k0, 8 * wrows)].astype(jnp.float32))
                     new.append(acc[row] + s * (16.0 * jnp.sum(prods[row], axis=0, keepdims=True) - z * xs))
                 acc = tuple(new)
         return acc
@@ -237,8 +240,9 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
     A Pallas (Triton) kernel over a grid (column blocks, K splits): each program reads its [K/splits, block_n]
     slice of the weight in [block_k/8, block_n] tiles of words (rows of 4 block_n contiguous bytes), takes
     the eight nibbles apart with shifts and masks and accumulates, per group g of rows, s_g (x_g . q_g - z_g
-    sum x_g) in float32. mode "fma": float32 multiply-adds, per row; "dot": x rounded to bfloat16, padded to 16 rows,
-    times the levels on the tensor cores. The K splits' partial sums are added by XLA (combine "sum") or
+    sum x_g) in float32; x is read as it is (stride-8 loads), so no XLA op runs before the kernel. mode "fma":
+    float32 multiply-adds, row by row; "dot": x rounded to bfloat16 and padded to 16 rows, times the levels
+    on the tensor cores. The K splits' partial sums are added by XLA (combine "sum") or
     atomically into a zeroed output ("atomic"). options: see ``gemv_plan``; shapes it cannot tile (and uint8
     storage) fall back to dequantize + matmul. ``interpret``: the same kernel in the Pallas interpreter (CPU)."""
     from jax.experimental import pallas as pl
@@ -256,13 +260,11 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
         y = x2.astype(jnp.float32) @ Int4(packed, scale, zero, 4, group).dequantize()
         return y[0] if one else y
     rows, block_n, splits = plan["rows"], plan["block_n"], plan["splits"]
-    # x as [8, rows, K/8]: [j, :, i] is input 8i + j (nibble j of word row i); rows padded with zeros
-    xs = jnp.pad(x2, ((0, rows - m), (0, 0))).reshape(rows, k // 8, 8).transpose(2, 0, 1)
-    xs = xs.astype(jnp.bfloat16 if plan["mode"] == "dot" else jnp.float32)
+    xs = jnp.pad(x2, ((0, rows - m), (0, 0))) if rows > m else x2  # read as is: no XLA op before the kernel
     bits_one = jnp.asarray([0x3F80 if plan["mode"] == "dot" else 0x3F800000], jnp.uint32)  # 1.0's bits
     groups = k // group
     in_specs = [pl.BlockSpec((1,), lambda j, s: (0,)),
-                pl.BlockSpec((8, rows, k // 8), lambda j, s: (0, 0, 0)),
+                pl.BlockSpec((rows, k), lambda j, s: (0, 0)),
                 pl.BlockSpec((k // 8, block_n), lambda j, s: (0, j)),
                 pl.BlockSpec((groups, block_n), lambda j, s: (0, j)),
                 pl.BlockSpec((groups, block_n), lambda j, s: (0, j))]
