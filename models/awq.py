@@ -123,43 +123,63 @@ def _pow2_divisor(n: int, at_most: int) -> int:
     return d
 
 
-def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 256, block_k: int = 0, splits: int = 0,
+def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: int = 0, splits: int = 0,
               num_warps: int = 0, num_stages: int = 3, mode: str = "", combine: str = "sum",
-              convert: str = "magic") -> dict | None:
+              convert: str = "") -> dict | None:
     """The tiling ``int4_gemv`` runs for x [m, K] times a [K, N] word-packed weight in groups of ``group``, or
     None when the shape has no fused path (then the weight is dequantized). Requested sizes are upper bounds
-    fitted to the shape: block_n becomes the largest power of two <= it dividing N; block_k (K rows per load,
-    default one group) a power of two dividing the group, or a multiple of the group dividing the split;
-    splits (K slices; default about two programs per SM, at least one group each) a divisor of the group
-    count. mode: "fma" (default for one or two rows) or "dot" (default for more; needs loads of >= 128 rows).
-    num_warps: default 4 for "fma", 8 for "dot" (whose [16, block_n] accumulators take 255 registers a thread
-    with 4 warps, one program per SM)."""
-    if mode not in ("", "fma", "dot") or combine not in ("sum", "atomic") or convert not in ("magic", "cast"):
+    fitted to the shape: block_n becomes the largest power of two <= it dividing N; block_k (K rows per loop
+    step) a power of two dividing the group, or a multiple of the group dividing the split; splits (K slices)
+    a divisor of the group count. mode: "fma" (default for one or two rows) or "dot" (default for more; needs
+    loads of >= 128 rows). convert: "cast" (default for "fma") or "magic" (default for "dot").
+
+    Defaults for one or two rows (decoding at batch 1), per shape: one loop step per program (all its loads
+    issued at once: block_k = its whole split), block_n 512 with 8 warps, halved (4 warps) down to 128 while
+    the grid has fewer programs than SMs, and splits = the group count, fewer while the grid exceeds four
+    programs per SM (the 1.26B config: W_qkv 12 x 16, W_o 16 x 16, W_gate_up 22 x 16, W_down 4 x 44). On the
+    H200 a program's time grew by about 3.8 us a loop step and 512 columns with 8 warps beat 256 with 4
+    (bench_quant.py's gemv table). For more rows ("dot"): block_n 256, about two programs per SM, one group
+    per step, 8 warps (whose [16, block_n] accumulators take 255 registers a thread with 4)."""
+    if (mode not in ("", "fma", "dot") or combine not in ("sum", "atomic")
+            or convert not in ("", "magic", "cast")):
         raise ValueError(f"int4_gemv: mode {mode!r}, combine {combine!r}, convert {convert!r}; use mode 'fma' or "
-                         f"'dot' (or '' to choose), combine 'sum' or 'atomic', convert 'magic' or 'cast'.")
+                         f"'dot' (or '' to choose), combine 'sum' or 'atomic', convert 'magic' or 'cast' (or '').")
     if not 1 <= m <= GEMV_ROWS or group < 16 or group & (group - 1) or k % group or n % 16:
         return None
     groups = k // group
-    block_n = _pow2_divisor(n, max(block_n, 16))
+    sub = min(block_k or group, group)  # K rows per load
+    mode = mode or ("fma" if m <= 2 or sub < 128 else "dot")
+    tuned = mode == "fma"  # the per-shape defaults above
+    block_n = _pow2_divisor(n, max(block_n or (512 if tuned else 256), 16))
+    if tuned and not splits:
+        while block_n > 128 and (n // block_n) * groups < _SMS:
+            block_n //= 2
     blocks = n // block_n
     if not splits:
-        splits = max(1, min(groups, 2 * _SMS // blocks))
+        splits = groups if tuned else max(1, min(groups, 2 * _SMS // blocks))
+        while tuned and blocks * splits > 4 * _SMS and splits > 1:  # fewer, larger K slices
+            splits = max(d for d in range(1, splits) if groups % d == 0)
     splits = max(d for d in range(1, min(splits, groups) + 1) if groups % d == 0)
     per = groups // splits  # groups per program
-    block_k = block_k or group
+    block_k = block_k or group * (_divisor(per, 4) if tuned else 1)
     if block_k <= group:
         block_k = _pow2_divisor(group, max(block_k, 16))
     else:
-        block_k = group * max(d for d in range(1, min(block_k // group, per) + 1) if per % d == 0)
-    sub = min(block_k, group)  # K rows per load: sub / 8 rows of words
-    mode = mode or ("fma" if m <= 2 or sub < 128 else "dot")
+        block_k = group * _divisor(per, block_k // group)
+    sub = min(block_k, group)
     if mode == "dot" and sub < 128:  # tensor-core products contract over >= 16 rows of words
         return None
     rows = 16 if mode == "dot" else m  # x rows (tensor-core products take 16: x is padded)
-    return dict(m=m, rows=rows, block_n=block_n, blocks=blocks, splits=splits, per=per, block_k=block_k, sub=sub,
+    return dict(m=m, words=k // 8, rows=rows, block_n=block_n, blocks=blocks, splits=splits, per=per, block_k=block_k, sub=sub,
                 parts=max(1, block_k // group), steps=per * group // block_k,
-                num_warps=num_warps or (8 if mode == "dot" else 4),
-                num_stages=num_stages, mode=mode, combine=combine if splits > 1 else "sum", convert=convert)
+                num_warps=num_warps or (8 if mode == "dot" or block_n >= 512 else 4),
+                num_stages=num_stages, mode=mode, combine=combine if splits > 1 else "sum",
+                convert=convert or ("cast" if mode == "fma" else "magic"))
+
+
+def _divisor(n: int, at_most: int) -> int:
+    """The largest divisor of n that is <= at_most (at least 1)."""
+    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
 
 
 def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: int):
@@ -177,17 +197,17 @@ def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: 
     one = one_ref[0]
 
     def values(w, j):
-        """Nibble j of the words w as (q + c) / 16: ``magic`` (c = 16) puts q in the mantissa of 1.0 with a shift
-        and a mask (1 + q/16, exact, no int-to-float conversion); ``cast`` (c = 0) converts."""
+        """Nibble j of the words w as (q + c) / unit: ``magic`` (c = unit = 16) puts q in the mantissa of 1.0 with
+        a shift and a mask (1 + q/16, exact, no int-to-float conversion); ``cast`` (c = 0, unit = 1) converts."""
         if magic and dot_mode:  # bfloat16 1.0 is 0x3F80: q into bits 3-6
             b = w >> (4 * j - 3) if j else w << 3
             return jax.lax.bitcast_convert_type(((b & 0x78) | one).astype(jnp.uint16), jnp.bfloat16)
         if magic:  # float32 1.0 is 0x3F800000: q into bits 19-22
             b = w << (19 - 4 * j) if 4 * j <= 19 else w >> (4 * j - 19)
             return jax.lax.bitcast_convert_type((b & 0x780000) | one, jnp.float32)
-        return ((w >> (4 * j)) & 0xF).astype(jnp.bfloat16 if dot_mode else jnp.float32) * (1 / 16)
+        return ((w >> (4 * j)) & 0xF).astype(jnp.bfloat16 if dot_mode else jnp.float32)
 
-    c = 16.0 if magic else 0.0  # x . q = 16 x . v - c sum x
+    c, unit = (16.0, 16.0) if magic else (0.0, 1.0)  # x . q = unit x . v - c sum x
 
     def body(i, acc):
         for t in range(parts):
@@ -205,25 +225,24 @@ def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: 
                     d = dj if d is None else dj + d
                 xs = jnp.sum(x_ref[:, pl.ds(k0, 8 * wrows)].astype(jnp.bfloat16).astype(jnp.float32), axis=1,
                              keepdims=True)
-                acc = acc + s * (16.0 * d - z * xs)
+                acc = acc + s * (unit * d - z * xs)
             else:  # a multiply-add per weight and row, then one reduction over the tile's word rows
                 prods = [None] * rows
                 for j in range(8):
                     v = values(w, j)
-                    for row in range(rows):
-                        xj = x_ref[pl.ds(row, 1), pl.ds(k0 + j, wrows, stride=8)].astype(jnp.float32)
-                        xj = xj.reshape(wrows, 1)
+                    for row in range(rows):  # x as [rows K/8, 8]: column j of the word rows is a [wrows, 1] load
+                        xj = x_ref[pl.ds(row * plan["words"] + r, wrows), pl.ds(j, 1)].astype(jnp.float32)
                         prods[row] = xj * v if j == 0 else xj * v + prods[row]
                 new = []
                 for row in range(rows):
-                    xs = jnp.sum(x_ref[pl.ds(row, 1), pl.ds(k0, 8 * wrows)].astype(jnp.float32))
-                    new.append(acc[row] + s * (16.0 * jnp.sum(prods[row], axis=0, keepdims=True) - z * xs))
+                    xs = jnp.sum(x_ref[pl.ds(row * plan["words"] + r, wrows), :].astype(jnp.float32))
+                    new.append(acc[row] + s * (unit * jnp.sum(prods[row], axis=0, keepdims=True) - z * xs))
                 acc = tuple(new)
         return acc
 
     zero = jnp.zeros((1, plan["block_n"]), jnp.float32)
     init = jnp.zeros((rows, plan["block_n"]), jnp.float32) if dot_mode else (zero,) * rows
-    acc = jax.lax.fori_loop(0, plan["steps"], body, init)
+    acc = body(0, init) if plan["steps"] == 1 else jax.lax.fori_loop(0, plan["steps"], body, init)
     for row in range(1 if dot_mode else rows):
         val, where = (acc, (slice(None), slice(None))) if dot_mode else (acc[row], (pl.ds(row, 1), slice(None)))
         if plan["combine"] == "atomic":
@@ -260,11 +279,14 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
         y = x2.astype(jnp.float32) @ Int4(packed, scale, zero, 4, group).dequantize()
         return y[0] if one else y
     rows, block_n, splits = plan["rows"], plan["block_n"], plan["splits"]
-    xs = jnp.pad(x2, ((0, rows - m), (0, 0))) if rows > m else x2  # read as is: no XLA op before the kernel
+    if plan["mode"] == "dot":  # [16, K]: tensor-core products take 16 rows
+        xs, x_block = jnp.pad(x2, ((0, rows - m), (0, 0))), (rows, k)
+    else:  # [m K/8, 8] (a free reshape): row i holds the inputs of word row i's eight nibbles
+        xs, x_block = x2.reshape(m * k // 8, 8), (m * k // 8, 8)
     bits_one = jnp.asarray([0x3F80 if plan["mode"] == "dot" else 0x3F800000], jnp.uint32)  # 1.0's bits
     groups = k // group
     in_specs = [pl.BlockSpec((1,), lambda j, s: (0,)),
-                pl.BlockSpec((rows, k), lambda j, s: (0, 0)),
+                pl.BlockSpec(x_block, lambda j, s: (0, 0)),
                 pl.BlockSpec((k // 8, block_n), lambda j, s: (0, j)),
                 pl.BlockSpec((groups, block_n), lambda j, s: (0, j)),
                 pl.BlockSpec((groups, block_n), lambda j, s: (0, j))]
@@ -272,7 +294,7 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
     kernel = functools.partial(_gemv_kernel, plan=plan, group=group)
     params = None if interpret else plgpu.CompilerParams(num_warps=plan["num_warps"], num_stages=plan["num_stages"])
     call = functools.partial(pl.pallas_call, kernel, grid=(plan["blocks"], splits), interpret=interpret,
-                             compiler_params=params, name="int4_gemv")
+                             compiler_params=params, name=f"int4_gemv_{k}x{n}")  # a profile tells shapes apart
     if plan["combine"] == "atomic":  # every split adds into one zeroed output
         spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
         out = call(out_shape=jax.ShapeDtypeStruct((rows, n), jnp.float32), in_specs=in_specs + [spec],

@@ -172,8 +172,18 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
         got = matmul(awq.with_kernel(q, "interpret", **opts), jnp.asarray(x))
         assert got.shape == (*lead, n) and got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=str((k, n, opts)))
-    plan = awq.gemv_plan(1, 5632, 2048, 128)  # the 1.26B config's W_down: 8 column blocks x 22 splits
-    assert (plan["block_n"], plan["splits"], plan["per"], plan["mode"]) == (256, 22, 2, "fma")
+    # batch-1 decoding of the 1.26B config (decode_params' W_qkv, W_o, W_gate_up, W_down): every linear fused,
+    # one loop step per program, at least one program per SM of an H200, at most four
+    grids = {}
+    for k, n in ((2048, 6144), (2048, 2048), (2048, 11264), (5632, 2048)):
+        plan = awq.gemv_plan(1, k, n, 128)
+        assert plan["mode"] == "fma" and plan["steps"] == 1 and plan["convert"] == "cast", (k, n, plan)
+        assert 132 <= plan["blocks"] * plan["splits"] <= 4 * 132, (k, n, plan)
+        grids[k, n] = (plan["block_n"], plan["splits"], plan["num_warps"])
+    assert grids == {(2048, 6144): (512, 16, 8), (2048, 2048): (128, 16, 4), (2048, 11264): (512, 16, 8),
+                     (5632, 2048): (512, 44, 8)}
+    plan = awq.gemv_plan(1, 5632, 2048, 128, block_n=256, splits=22)  # requested sizes: one load, two groups
+    assert (plan["block_n"], plan["splits"], plan["per"], plan["block_k"], plan["steps"]) == (256, 22, 2, 256, 1)
     assert awq.gemv_plan(4, 2048, 2048, 128)["mode"] == "dot" and awq.gemv_plan(9, 2048, 2048, 128) is None
     assert awq.kernel_options("pallas:block_n=128,mode=dot") == ("pallas", {"block_n": 128, "mode": "dot"})
     with pytest.raises(ValueError, match="unknown int4_gemv option"):
