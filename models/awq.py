@@ -134,12 +134,13 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
     loads of >= 128 rows). convert: "cast" (default for "fma") or "magic" (default for "dot").
 
     Defaults for one or two rows (decoding at batch 1), per shape: one loop step per program (all its loads
-    issued at once: block_k = its whole split), block_n 512 with 8 warps, halved (4 warps) down to 128 while
-    the grid has fewer programs than SMs, and splits = the group count, fewer while the grid exceeds four
-    programs per SM (the 1.26B config: W_qkv 12 x 16, W_o 16 x 16, W_gate_up 22 x 16, W_down 4 x 44). On the
-    H200 a program's time grew by about 3.8 us a loop step and 512 columns with 8 warps beat 256 with 4
-    (bench_quant.py's gemv table). For more rows ("dot"): block_n 256, about two programs per SM, one group
-    per step, 8 warps (whose [16, block_n] accumulators take 255 registers a thread with 4)."""
+    issued at once: block_k = its whole split), splits = the group count (fewer while the grid exceeds four
+    programs per SM), block_n 512 with 8 warps, halved (4 warps) down to 16 while the grid has fewer programs
+    than SMs (the 1.26B config: W_qkv 12 x 16 programs, W_o 16 x 16, W_gate_up 22 x 16, W_down 4 x 44; with
+    splits=1, no split sums: 192 x 1, 128 x 1, 176 x 1, 128 x 1). On the H200 a program's time grew by about
+    3.8 us a loop step and 512 columns with 8 warps beat 256 with 4 (bench_quant.py's gemv table). For more
+    rows ("dot"): block_n 256, about two programs per SM, one group per step, 8 warps (whose [16, block_n]
+    accumulators take 255 registers a thread with 4)."""
     if (mode not in ("", "fma", "dot") or combine not in ("sum", "atomic")
             or convert not in ("", "magic", "cast")):
         raise ValueError(f"int4_gemv: mode {mode!r}, combine {combine!r}, convert {convert!r}; use mode 'fma' or "
@@ -150,18 +151,20 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
     sub = min(block_k or group, group)  # K rows per load
     mode = mode or ("fma" if m <= 2 or sub < 128 else "dot")
     tuned = mode == "fma"  # the per-shape defaults above
+    asked = splits
+    splits = _divisor(groups, splits) if splits else groups
+    fit_n = tuned and not block_n  # block_n chosen here: halved while the grid is too small
     block_n = _pow2_divisor(n, max(block_n or (512 if tuned else 256), 16))
-    if tuned and not splits:
-        while block_n > 128 and (n // block_n) * groups < _SMS:
-            block_n //= 2
+    while fit_n and block_n > 16 and (n // block_n) * splits < _SMS:
+        block_n //= 2
     blocks = n // block_n
-    if not splits:
-        splits = groups if tuned else max(1, min(groups, 2 * _SMS // blocks))
-        while tuned and blocks * splits > 4 * _SMS and splits > 1:  # fewer, larger K slices
-            splits = max(d for d in range(1, splits) if groups % d == 0)
-    splits = max(d for d in range(1, min(splits, groups) + 1) if groups % d == 0)
+    if not asked and tuned:  # fewer, larger K slices while the grid exceeds four programs per SM
+        while blocks * splits > 4 * _SMS and splits > 1:
+            splits = _divisor(groups, splits - 1)
+    elif not asked:
+        splits = _divisor(groups, max(1, 2 * _SMS // blocks))
     per = groups // splits  # groups per program
-    block_k = block_k or group * (_divisor(per, 4) if tuned else 1)
+    block_k = block_k or group * (per if tuned else 1)
     if block_k <= group:
         block_k = _pow2_divisor(group, max(block_k, 16))
     else:
@@ -170,9 +173,11 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
     if mode == "dot" and sub < 128:  # tensor-core products contract over >= 16 rows of words
         return None
     rows = 16 if mode == "dot" else m  # x rows (tensor-core products take 16: x is padded)
-    return dict(m=m, words=k // 8, rows=rows, block_n=block_n, blocks=blocks, splits=splits, per=per, block_k=block_k, sub=sub,
+    return dict(m=m, words=k // 8, rows=rows, block_n=block_n, blocks=blocks, splits=splits, per=per,
+                block_k=block_k, sub=sub,
                 parts=max(1, block_k // group), steps=per * group // block_k,
-                num_warps=num_warps or (8 if mode == "dot" or block_n >= 512 else 4),
+                num_warps=num_warps or (8 if mode == "dot" or block_n >= 512 else  # [16, 16] words: 2 warps
+                                        max(1, min(4, sub // 8 * block_n // 128))),
                 num_stages=num_stages, mode=mode, combine=combine if splits > 1 else "sum",
                 convert=convert or ("cast" if mode == "fma" else "magic"))
 
@@ -184,8 +189,9 @@ def _divisor(n: int, at_most: int) -> int:
 
 def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: int):
     """One (column block, K split) program: sum over its K rows of x_k q_k, loading [sub/8, block_n] tiles of
-    uint32 words (nibble j of word row i is input row 8i + j, read from x_ref [rows, K] with stride 8), folded
-    per group g as s_g (x_g . q_g - z_g sum x_g); float32 accumulators o [rows, block_n].
+    uint32 words (nibble j of word row i is input row 8i + j), folded per group g as s_g (x_g . q_g - z_g sum
+    x_g). "fma": x_ref [rows K/8, 8], float32 accumulators [sub/8, block_n] per row, summed over their word
+    rows at the end; "dot": x_ref [16, K] (read with stride 8), accumulators [16, block_n]; o [rows, block_n].
     one_ref [1] holds the bits of 1.0 (read at run time, so that mask and OR compile to one LOP3)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
@@ -226,25 +232,27 @@ def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: 
                 xs = jnp.sum(x_ref[:, pl.ds(k0, 8 * wrows)].astype(jnp.bfloat16).astype(jnp.float32), axis=1,
                              keepdims=True)
                 acc = acc + s * (unit * d - z * xs)
-            else:  # a multiply-add per weight and row, then one reduction over the tile's word rows
-                prods = [None] * rows
-                for j in range(8):
-                    v = values(w, j)
-                    for row in range(rows):  # x as [rows K/8, 8]: column j of the word rows is a [wrows, 1] load
-                        xj = x_ref[pl.ds(row * plan["words"] + r, wrows), pl.ds(j, 1)].astype(jnp.float32)
-                        prods[row] = xj * v if j == 0 else xj * v + prods[row]
-                new = []
-                for row in range(rows):
-                    xs = jnp.sum(x_ref[pl.ds(row * plan["words"] + r, wrows), :].astype(jnp.float32))
-                    new.append(acc[row] + s * (unit * jnp.sum(prods[row], axis=0, keepdims=True) - z * xs))
-                acc = tuple(new)
+            else:  # a multiply-add per weight and row; the tile's word rows are summed once, after the loop
+                for row in range(rows):  # x as [rows K/8, 8]: column j of the word rows is a [wrows, 1] load
+                    base = row * plan["words"] + r
+                    prod = xr = None
+                    for j in range(8):
+                        xj = x_ref[pl.ds(base, wrows), pl.ds(j, 1)].astype(jnp.float32)
+                        prod = xj * values(w, j) if j == 0 else xj * values(w, j) + prod
+                        xr = xj if j == 0 else xr + xj  # sum of each word row's eight inputs
+                    acc = acc[:row] + (acc[row] + s * (unit * prod - z * xr),) + acc[row + 1:]
         return acc
 
-    zero = jnp.zeros((1, plan["block_n"]), jnp.float32)
-    init = jnp.zeros((rows, plan["block_n"]), jnp.float32) if dot_mode else (zero,) * rows
+    if dot_mode:
+        init = jnp.zeros((rows, plan["block_n"]), jnp.float32)
+    else:  # per row, [wrows, block_n] elementwise partial sums (no reduction across threads inside the loop)
+        init = (jnp.zeros((wrows, plan["block_n"]), jnp.float32),) * rows
     acc = body(0, init) if plan["steps"] == 1 else jax.lax.fori_loop(0, plan["steps"], body, init)
     for row in range(1 if dot_mode else rows):
-        val, where = (acc, (slice(None), slice(None))) if dot_mode else (acc[row], (pl.ds(row, 1), slice(None)))
+        if dot_mode:
+            val, where = acc, (slice(None), slice(None))
+        else:
+            val, where = jnp.sum(acc[row], axis=0, keepdims=True), (pl.ds(row, 1), slice(None))
         if plan["combine"] == "atomic":
             plgpu.atomic_add(o_ref, where, val)
         else:

@@ -150,10 +150,11 @@ def test_bad_input_is_refused(tiny_model):
 
 
 GEMV_CASES = [  # (K, N, group, x's leading shape, tile options): the tiling each exercises
-    (1024, 64, 128, (1, 1), {}),  # decoding's call: one row, 8 K splits of one group each
+    (1024, 64, 128, (1, 1), {}),  # decoding's call: one row, 8 K splits of one group each, 4 column blocks
     (512, 128, 64, (3,), dict(block_k=128, splits=2, combine="atomic")),  # 2 groups per load, atomic split sums
     (1024, 64, 128, (2, 3), dict(block_n=32, splits=2, convert="cast")),  # 6 rows: tensor-core dots, 2 K steps
     (512, 64, 64, (1,), dict(block_k=32, splits=1, convert="cast")),  # half a group per load, no split
+    (512, 64, 64, (2,), dict(splits=1, convert="magic")),  # 2 rows, no split: eight groups in one step
     (256, 24, 64, (1,), {}),  # N not a multiple of 16: dequantize + matmul
 ]
 
