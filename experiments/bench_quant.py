@@ -254,12 +254,13 @@ def decode(model, mcfg, variants: dict, new_tokens: int, prompt_len: int = 512, 
         rows.append({"variant": name, "decode_step_ms": 1e3 * step, "decode_tokens_per_s": 1 / step,
                      "prefill_s": prefill, "weight_bytes_per_step": step_bytes, "GB/s": step_bytes / step / 1e9})
         print(rows[-1], flush=True)
-        if profile:  # 32 steps traced (new_tokens >= 33 compiles nothing new): device kernels per step
+        if profile:  # up to 32 steps traced (the same compiled loop): device kernels per step
+            n = min(33, new_tokens)
             logdir = os.path.join(profile, name.replace(" ", "_").replace("=", "").replace(",", "_"))
             os.makedirs(logdir, exist_ok=True)
             with jax.profiler.trace(logdir):
-                generate.greedy(model, p, mcfg, prompts, max_new_tokens=33, max_len=prompt_len + new_tokens)
-            print(f"{name}: prefill + 32 steps\n" + train_bench.kernel_table(logdir, 32), flush=True)
+                run(n)
+            print(f"{name}: prefill + {n - 1} steps\n" + train_bench.kernel_table(logdir, n - 1), flush=True)
     base = rows[0]["decode_step_ms"]
     for r in rows:
         r["speedup_vs_bf16" if "bf16" in variants else "vs_first"] = base / r["decode_step_ms"]

@@ -200,7 +200,7 @@ def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: 
     wrows, parts, rows, gw = plan["sub"] // 8, plan["parts"], plan["rows"], group // 8
     dot_mode, magic = plan["mode"] == "dot", plan["convert"] == "magic"
     first = pl.program_id(1) * (plan["per"] * gw)  # this split's first word row
-    one = one_ref[0]
+    one = one_ref[0] if magic else None
 
     def values(w, j):
         """Nibble j of the words w as (q + c) / unit: ``magic`` (c = unit = 16) puts q in the mantissa of 1.0 with
@@ -267,9 +267,10 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
     A Pallas (Triton) kernel over a grid (column blocks, K splits): each program reads its [K/splits, block_n]
     slice of the weight in [block_k/8, block_n] tiles of words (rows of 4 block_n contiguous bytes), takes
     the eight nibbles apart with shifts and masks and accumulates, per group g of rows, s_g (x_g . q_g - z_g
-    sum x_g) in float32; x is read as it is (stride-8 loads), so no XLA op runs before the kernel. mode "fma":
-    float32 multiply-adds, row by row; "dot": x rounded to bfloat16 and padded to 16 rows, times the levels
-    on the tensor cores. The K splits' partial sums are added by XLA (combine "sum") or
+    sum x_g) in float32. mode "fma": float32 multiply-adds, row by row, x viewed as [M K/8, 8] (a free
+    reshape: word row i's eight inputs in one row, so each nibble's inputs are a column load, no XLA op
+    before the kernel); "dot": x rounded to bfloat16 and padded to 16 rows (read with stride 8), times the
+    levels on the tensor cores. The K splits' partial sums are added by XLA (combine "sum") or
     atomically into a zeroed output ("atomic"). options: see ``gemv_plan``; shapes it cannot tile (and uint8
     storage) fall back to dequantize + matmul. ``interpret``: the same kernel in the Pallas interpreter (CPU)."""
     from jax.experimental import pallas as pl
