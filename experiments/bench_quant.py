@@ -163,6 +163,7 @@ GEMV_SHAPES = "2048x6144,2048x2048,2048x11264,5632x2048,2048x32000"  # decode_pa
 GEMV_VARIANTS = (  # (name, int4_gemv options): the per-shape default, then one change each
     ("default", {}),
     ("block_n=512 warps=8", dict(block_n=512, num_warps=8)),
+    ("block_n=256", dict(block_n=256)),
     ("block_n=128", dict(block_n=128)),
     ("convert=magic", dict(convert="magic")),
     ("combine=atomic", dict(combine="atomic")),
