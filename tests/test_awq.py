@@ -193,6 +193,39 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
         awq.gemv_plan(1, 1024, 64, 128, combine="max")
 
 
+def _eqns(jaxpr, inside_while: bool = False):
+    """(equation, inside a while loop's body) for every equation of ``jaxpr`` and its sub-jaxprs, a
+    ``pallas_call``'s kernel not looked into."""
+    import jax.extend.core as jex
+
+    for e in jaxpr.eqns:
+        yield e, inside_while
+        if e.primitive.name == "pallas_call":
+            continue
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(sub, (jex.ClosedJaxpr, jex.Jaxpr)):
+                    yield from _eqns(getattr(sub, "jaxpr", sub), inside_while or e.primitive.name == "while")
+
+
+def test_decoding_runs_every_block_linear_through_the_fused_kernel_and_joins_weights_once():
+    """The traced greedy decoding of an int4 model with the Pallas kernel (no GPU needed to trace): inside the
+    decode loop, each layer's four linears (W_qkv, W_o, W_gate_up, W_down) are fused kernels and no packed
+    weight is concatenated; ``decode_params`` joins the columns once, before the loop."""
+    cfg = helpers.tiny("transformer", n_layers=2)
+    q, _, _ = awq.quantize(helpers.random_params(cfg), T.param_axes(cfg), cfg, bits=4, group=16, method="rtn")
+    toks, pos, seg = generate.left_pad([[5, 6, 7]], 8)
+    jaxpr = jax.make_jaxpr(lambda p: generate.decode_padded(T, p, cfg, toks, pos, seg, None, 3, width=4)[0])(
+        awq.with_kernel(q, "pallas"))
+    kernels = [(str(getattr(n, "name", n)), looped) for e, looped in _eqns(jaxpr.jaxpr)
+               if e.primitive.name == "pallas_call" for n in [e.params["name"]]]
+    assert sorted(name for name, looped in kernels if looped) == sorted(
+        ["int4_gemv_32x64", "int4_gemv_32x32", "int4_gemv_32x96", "int4_gemv_48x32"] * cfg.n_layers)
+    joins = [looped for e, looped in _eqns(jaxpr.jaxpr) if e.primitive.name == "concatenate"
+             and e.invars[0].aval.dtype == jnp.uint32]
+    assert joins and not any(joins)  # W_qkv and W_gate_up words per layer, outside the loop only
+
+
 def test_gptq_baseline():
     """GPTQ with an identity Hessian (x^T x proportional to I) is RTN exactly; on correlated inputs with
     salient channels it beats RTN on the calibration inputs and on held-out ones (measured 0.073 vs 0.090
