@@ -20,7 +20,7 @@ Prints Markdown tables:
      called back to back in one program, so a time is per call, launch gaps included. GB/s: bytes of packed
      words + scales + zeros (bf16: the weight) per call time; "vs bf16": bf16 time / this time; "err": max
      |y - y_ref| / max |y_ref| against x @ dequantize() in float32 (a wrong kernel shows here). A variant that
-     fails to compile or run is an error row. One shape takes about 15 s.
+     fails to compile or run is an error row. Expect roughly 20-25 s a shape (not yet timed on the H200).
   5. greedy decoding at batch 1 (prompt 512, --new_tokens) of the variants named in --decode ("bf16",
      "W8A8" (O1), "int4 g128" (XLA dequantizes into a bf16 copy before each matmul), "int4 g128 fused" (rows
      through ``awq.int4_gemv`` with its per-shape default tiles, or --gemv's)) and, in the same process, one
