@@ -123,19 +123,31 @@ def asymmetric(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> ja
 
 # ----------------------------------------------------------------------------- packing
 
-def pack_nibbles(q: jax.Array, axis: int) -> jax.Array:
-    """Two 4-bit values per byte along ``axis`` (even length): byte i = q[2i] | q[2i+1] << 4, uint8."""
-    q = jnp.moveaxis(q.astype(jnp.uint8), axis, 0)
-    if q.shape[0] % 2:
-        raise ValueError(f"cannot pack {q.shape[0]} 4-bit values two per byte; the axis length must be even.")
-    packed = (q[0::2] & 0xF) | ((q[1::2] & 0xF) << 4)
-    return jnp.moveaxis(packed, 0, axis)
+_WORDS = {2: jnp.uint8, 8: jnp.uint32}  # 4-bit values per word -> word type
+
+
+def pack_nibbles(q: jax.Array, axis: int, per: int = 2) -> jax.Array:
+    """``per`` 4-bit values per word along ``axis`` (length divisible by per): 2 per uint8 byte (byte i =
+    q[2i] | q[2i+1] << 4) or 8 per uint32 word (word i = sum_j q[8i+j] << 4j)."""
+    if per not in _WORDS:
+        raise ValueError(f"per is {per}; pack 2 values per uint8 or 8 per uint32.")
+    q = jnp.moveaxis(q.astype(jnp.uint32), axis, 0)
+    if q.shape[0] % per:
+        raise ValueError(f"cannot pack {q.shape[0]} 4-bit values {per} per word; the axis length must be "
+                         f"{'even' if per == 2 else f'a multiple of {per}'}.")
+    q = q.reshape(q.shape[0] // per, per, *q.shape[1:])
+    packed = q[:, 0] & 0xF
+    for j in range(1, per):
+        packed = packed | ((q[:, j] & 0xF) << (4 * j))
+    return jnp.moveaxis(packed.astype(_WORDS[per]), 0, axis)
 
 
 def unpack_nibbles(p: jax.Array, axis: int) -> jax.Array:
-    """The inverse of ``pack_nibbles``: uint8 [..., n/2, ...] -> uint8 [..., n, ...] along ``axis``."""
+    """The inverse of ``pack_nibbles`` (2 or 8 values per word by p's dtype, uint8 or uint32): uint8
+    [..., n/per, ...] -> uint8 [..., n, ...] along ``axis``."""
+    per = 8 if p.dtype == jnp.uint32 else 2
     p = jnp.moveaxis(p, axis, 0)
-    both = jnp.stack([p & 0xF, p >> 4], axis=1)  # [n/2, 2, ...]
+    both = jnp.stack([(p >> (4 * j)) & 0xF for j in range(per)], axis=1).astype(jnp.uint8)  # [n/per, per, ...]
     return jnp.moveaxis(both.reshape(-1, *p.shape[1:]), 0, axis)
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 import models
-from models import capture, layers, moe
+from models import capture, layers, moe, weights
 from models.attention import IMPLEMENTATIONS, attention
 from models.layers import REMAT_POLICIES
 from parallel import ring_attention
@@ -515,16 +515,21 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
     weight where it lies instead of slicing it out of the stacked array again. With ``fuse``,
     dense W_q, W_k, W_v become one ``wqkv`` [d_model, (heads + 2 kv_heads) head_dim] and, in
     dense layers, W_gate, W_up one ``w_gate_up`` [d_model, 2 d_ff]: one wider matmul each per
-    step. Expert weights, and weights of a ``weights.Weight`` type, stay as they are.
+    step. Expert weights, and weights of a ``weights.Weight`` type that cannot join columns
+    (``weights.join_out``), stay as they are.
     """
     per_layer = []
     for p in _unstack(params["layers"], cfg):  # fresh dicts: popping leaves params alone
         p = dict(p)
         dense_mlp = "router" not in p
-        if fuse and all(isinstance(p[n], jax.Array) for n in ("wq", "wk", "wv") + ("w_gate", "w_up") * dense_mlp):
-            p["wqkv"] = jnp.concatenate([p.pop("wq"), p.pop("wk"), p.pop("wv")], axis=1)
+        qkv = weights.join_out([p[n] for n in ("wq", "wk", "wv")]) if fuse else None
+        gate_up = weights.join_out([p[n] for n in ("w_gate", "w_up")]) if fuse and dense_mlp else None
+        if qkv is not None and (gate_up is not None or not dense_mlp):
+            p["wqkv"] = qkv
+            del p["wq"], p["wk"], p["wv"]
             if dense_mlp:
-                p["w_gate_up"] = jnp.concatenate([p.pop("w_gate"), p.pop("w_up")], axis=1)
+                p["w_gate_up"] = gate_up
+                del p["w_gate"], p["w_up"]
         per_layer.append(p)
     return {**params, "layers": tuple(per_layer)}
 

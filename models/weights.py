@@ -48,6 +48,9 @@ class Dot(NamedTuple):
 class Weight:
     """Base of weight types: pytree nodes (e.g. ``flax.struct.dataclass``) with ``matmul`` and ``rows``."""
 
+    out_last = False  # every part's last axis is the output axis: weights of one type and static fields join
+    #                   along it (``join_out``) into the weight of the joined columns
+
     def matmul(self, x: jax.Array, dot: Dot) -> jax.Array:
         raise NotImplementedError
 
@@ -77,6 +80,17 @@ class LoRA(Weight):
         base = _rows(self.base, tokens, dtype)
         delta = jnp.take(self.a, tokens, axis=0).astype(jnp.float32) @ self.b.astype(jnp.float32)
         return base + (self.scale * delta).astype(dtype)
+
+
+def join_out(ws: list):
+    """The weights ``ws`` [..., in, out_i] joined along the output axis ([..., in, sum out_i]): plain arrays, or
+    weights of one ``out_last`` type with equal static fields; None when they cannot be joined."""
+    if all(isinstance(w, jax.Array) for w in ws):
+        return jnp.concatenate(ws, axis=-1)
+    kinds = {jax.tree.structure(w) for w in ws}
+    if len(kinds) == 1 and isinstance(ws[0], Weight) and ws[0].out_last:
+        return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=-1), *ws)
+    return None
 
 
 def _matmul(w, x, dot: Dot):

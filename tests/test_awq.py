@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import awq, quant, weights
+from models import awq, generate, quant, weights
 from models import transformer as T
 from tests import helpers
 
@@ -25,6 +25,13 @@ def test_packing_round_trips():
     np.testing.assert_array_equal(quant.pack_nibbles(jnp.asarray([[1], [2]], jnp.uint8), 0), [[0x21]])
     with pytest.raises(ValueError, match="even"):
         quant.pack_nibbles(jnp.zeros((3, 2), jnp.uint8), 0)
+    q = rng.integers(0, 16, (3, 16, 5), dtype=np.uint8)  # eight per uint32 word: word i = sum_j q[8i + j] << 4j
+    p = quant.pack_nibbles(jnp.asarray(q), 1, 8)
+    assert p.dtype == jnp.uint32 and p.shape == (3, 2, 5)
+    np.testing.assert_array_equal(quant.unpack_nibbles(p, 1), q)
+    np.testing.assert_array_equal(quant.pack_nibbles(jnp.arange(8, dtype=jnp.uint8), 0, 8), [0x76543210])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quant.pack_nibbles(jnp.zeros((12, 2), jnp.uint8), 0, 8)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -32,7 +39,7 @@ def test_packed_weight_matches_the_numpy_quantizer_and_every_form(bits):
     rng = np.random.default_rng(bits)
     w = rng.normal(size=(2, 64, 24)).astype(np.float32)  # [experts, in, out], groups of 16
     packed = awq.pack(jnp.asarray(w), bits, 16)
-    assert packed.packed.shape == (2, 32, 24) and packed.scale.shape == (2, 4, 24)
+    assert packed.packed.shape == (2, 8, 24) and packed.packed.dtype == jnp.uint32 and packed.scale.shape == (2, 4, 24)
     # float64 NumPy: asymmetric levels per (group, column), with the stored float16 scale and zero
     wg = w.astype(np.float64).reshape(2, 4, 16, 24)
     lo, hi = np.minimum(wg.min(2, keepdims=True), 0), np.maximum(wg.max(2, keepdims=True), 0)
@@ -44,6 +51,9 @@ def test_packed_weight_matches_the_numpy_quantizer_and_every_form(bits):
     want = ((q - z) * np.asarray(packed.scale, np.float64)[:, :, None]).reshape(2, 64, 24)
     got = packed.dequantize()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    pairs = packed.replace(packed=quant.pack_nibbles(quant.unpack_nibbles(packed.packed, 1), 1, 2))  # uint8 storage
+    np.testing.assert_array_equal(pairs.dequantize(), got)
+    assert pairs.num_params() == packed.num_params() == w.size
     assert np.max(np.abs(np.asarray(got) - w)) <= 0.51 * np.max(s) * (1 + 1e-3)  # round to nearest
     x = rng.normal(size=(3, 2, 5, 64)).astype(np.float32)
     np.testing.assert_allclose(packed.matmul(jnp.asarray(x), weights.Dot("experts")),
@@ -85,7 +95,7 @@ def tiny_model():
     return cfg, params, calib
 
 
-def test_awq_folds_exactly_and_beats_rtn_on_held_out_tokens(tiny_model):
+def test_awq_folds_exactly_and_beats_rtn_on_held_out_tokens(tiny_model, tmp_path):
     """Every fold (norms, W_up's columns for W_down, W_v's for W_o, the router, per-expert W_down) leaves the
     float function unchanged; the packed AWQ model's logits on held-out tokens are closer to the float
     model's than RTN's (measured 0.109 vs 0.114, group 16, int4)."""
@@ -104,11 +114,25 @@ def test_awq_folds_exactly_and_beats_rtn_on_held_out_tokens(tiny_model):
     e_rtn, e_awq = helpers.rel_err(fwd(rtn, held), ref), helpers.rel_err(fwd(ap, held), ref)
     assert e_awq < e_rtn < 0.2, (e_awq, e_rtn)
     down = ap["layers"]["moe"]["w_down"]
-    assert isinstance(down, awq.Int4) and down.packed.shape == (1, cfg.num_experts, cfg.d_ff // 2, cfg.d_model)
+    assert isinstance(down, awq.Int4) and down.packed.shape == (1, cfg.num_experts, cfg.d_ff // 8, cfg.d_model)
     assert jax.tree.structure(ap) == jax.tree.structure(aa, is_leaf=weights.is_axes)
     mem, dense = quant.memory_report(ap), quant.memory_report(params)
     assert mem["linear_params"] == dense["linear_params"]
     assert mem["bytes_per_linear_param"] == pytest.approx(0.5 + 4 / 16)  # nibble + float16 scale and zero per 16
+    from train import compress  # safetensors + compress.json round trip keeps the words and the static fields
+    compress.save(tmp_path, ap, cfg, {"method": "awq"})
+    _, _, loaded, _ = compress.load(tmp_path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(ap)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(ap)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    dec = T.decode_params(ap, cfg)["layers"][0]  # decoding joins W_q, W_k, W_v (and W_gate, W_up) columns
+    assert isinstance(dec["wqkv"], awq.Int4) and "wq" not in dec
+    np.testing.assert_array_equal(dec["wqkv"].dequantize(), np.concatenate(
+        [ap["layers"]["dense"][n].dequantize()[0, 0] for n in ("wq", "wk", "wv")], axis=-1))
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]  # greedy decoding with the fused kernel (interpreted): same tokens
+    assert (generate.greedy(T, awq.with_kernel(ap, "interpret"), cfg, prompts, max_new_tokens=3, max_len=8)
+            == generate.greedy(T, ap, cfg, prompts, max_new_tokens=3, max_len=8))
 
 
 def test_bad_input_is_refused(tiny_model):
@@ -125,17 +149,81 @@ def test_bad_input_is_refused(tiny_model):
         awq.quantize(params, axes, cfg, no_inputs, group=16)
 
 
+GEMV_CASES = [  # (K, N, group, x's leading shape, tile options): the tiling each exercises
+    (1024, 64, 128, (1, 1), {}),  # decoding's call: one row, 8 K splits of one group each, 4 column blocks
+    (512, 128, 64, (3,), dict(block_k=128, splits=2, combine="atomic")),  # 2 groups per load, atomic split sums
+    (1024, 64, 128, (2, 3), dict(block_n=32, splits=2, convert="cast")),  # 6 rows: tensor-core dots, 2 K steps
+    (512, 64, 64, (1,), dict(block_k=32, splits=1, convert="cast")),  # half a group per load, no split
+    (512, 64, 64, (2,), dict(splits=1, convert="magic")),  # 2 rows, no split: eight groups in one step
+    (256, 24, 64, (1,), {}),  # N not a multiple of 16: dequantize + matmul
+]
+
+
 def test_fused_int4_gemv_kernel_in_interpret_mode():
-    """The Pallas batch-1 kernel (run by the interpreter on CPU) against float64 NumPy on the dequantized
-    weight, through ``Int4.matmul`` as decoding calls it: x [1, 1, K] with K split into 4 x 2 groups."""
+    """The Pallas kernel (run by the interpreter on CPU) against float64 NumPy on the dequantized weight, through
+    ``Int4.matmul`` as decoding calls it, for one to six rows, groups of 64 and 128, several K splits, loads of
+    part of a group and of two groups, both level conversions, both ways of adding the splits, and a shape
+    without a fused path. x is bfloat16-exact (the tensor-core path rounds it to bfloat16)."""
     rng = np.random.default_rng(5)
-    w = rng.normal(size=(1024, 64)).astype(np.float32)
-    x = rng.normal(size=(1, 1, 1024)).astype(np.float32)
-    q = awq.pack(jnp.asarray(w), 4, 128)
-    want = x[0, 0].astype(np.float64) @ np.asarray(q.dequantize(), np.float64)
-    got = jax.jit(lambda wt, a: wt.matmul(a, weights.Dot()))(awq.with_kernel(q, "interpret"), jnp.asarray(x))
-    assert got.shape == (1, 1, 64)
-    np.testing.assert_allclose(got[0, 0], want, rtol=1e-5, atol=1e-4)
+    matmul = jax.jit(lambda wt, a: wt.matmul(a, weights.Dot()))
+    for k, n, group, lead, opts in GEMV_CASES:
+        q = awq.pack(jnp.asarray(rng.normal(size=(k, n)).astype(np.float32)), 4, group)
+        x = np.asarray(jnp.asarray(rng.normal(size=(*lead, k)), jnp.bfloat16), np.float32)
+        want = x.astype(np.float64) @ np.asarray(q.dequantize(), np.float64)
+        got = matmul(awq.with_kernel(q, "interpret", **opts), jnp.asarray(x))
+        assert got.shape == (*lead, n) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=str((k, n, opts)))
+    # batch-1 decoding of the 1.26B config (decode_params' W_qkv, W_o, W_gate_up, W_down): every linear fused,
+    # one loop step per program, at least one program per SM of an H200, at most four
+    grids = {}
+    for k, n in ((2048, 6144), (2048, 2048), (2048, 11264), (5632, 2048)):
+        plan = awq.gemv_plan(1, k, n, 128)
+        assert plan["mode"] == "fma" and plan["steps"] == 1 and plan["convert"] == "cast", (k, n, plan)
+        assert 132 <= plan["blocks"] * plan["splits"] <= 4 * 132, (k, n, plan)
+        grids[k, n] = (plan["block_n"], plan["splits"], plan["num_warps"])
+    assert grids == {(2048, 6144): (512, 16, 8), (2048, 2048): (128, 16, 4), (2048, 11264): (512, 16, 8),
+                     (5632, 2048): (512, 44, 8)}
+    plan = awq.gemv_plan(1, 5632, 2048, 128, block_n=256, splits=22)  # requested sizes: one load, two groups
+    assert (plan["block_n"], plan["splits"], plan["per"], plan["block_k"], plan["steps"]) == (256, 22, 2, 256, 1)
+    assert awq.gemv_plan(4, 2048, 2048, 128)["mode"] == "dot" and awq.gemv_plan(9, 2048, 2048, 128) is None
+    assert awq.kernel_options("pallas:block_n=128,mode=dot") == ("pallas", {"block_n": 128, "mode": "dot"})
+    with pytest.raises(ValueError, match="unknown int4_gemv option"):
+        awq.with_kernel(q, "pallas", block=4)
+    with pytest.raises(ValueError, match="combine"):
+        awq.gemv_plan(1, 1024, 64, 128, combine="max")
+
+
+def _eqns(jaxpr, inside_while: bool = False):
+    """(equation, inside a while loop's body) for every equation of ``jaxpr`` and its sub-jaxprs, a
+    ``pallas_call``'s kernel not looked into."""
+    import jax.extend.core as jex
+
+    for e in jaxpr.eqns:
+        yield e, inside_while
+        if e.primitive.name == "pallas_call":
+            continue
+        for v in e.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(sub, (jex.ClosedJaxpr, jex.Jaxpr)):
+                    yield from _eqns(getattr(sub, "jaxpr", sub), inside_while or e.primitive.name == "while")
+
+
+def test_decoding_runs_every_block_linear_through_the_fused_kernel_and_joins_weights_once():
+    """The traced greedy decoding of an int4 model with the Pallas kernel (no GPU needed to trace): inside the
+    decode loop, each layer's four linears (W_qkv, W_o, W_gate_up, W_down) are fused kernels and no packed
+    weight is concatenated; ``decode_params`` joins the columns once, before the loop."""
+    cfg = helpers.tiny("transformer", n_layers=2)
+    q, _, _ = awq.quantize(helpers.random_params(cfg), T.param_axes(cfg), cfg, bits=4, group=16, method="rtn")
+    toks, pos, seg = generate.left_pad([[5, 6, 7]], 8)
+    jaxpr = jax.make_jaxpr(lambda p: generate.decode_padded(T, p, cfg, toks, pos, seg, None, 3, width=4)[0])(
+        awq.with_kernel(q, "pallas"))
+    kernels = [(str(getattr(n, "name", n)), looped) for e, looped in _eqns(jaxpr.jaxpr)
+               if e.primitive.name == "pallas_call" for n in [e.params["name"]]]
+    assert sorted(name for name, looped in kernels if looped) == sorted(
+        ["int4_gemv_32x64", "int4_gemv_32x32", "int4_gemv_32x96", "int4_gemv_48x32"] * cfg.n_layers)
+    joins = [looped for e, looped in _eqns(jaxpr.jaxpr) if e.primitive.name == "concatenate"
+             and e.invars[0].aval.dtype == jnp.uint32]
+    assert joins and not any(joins)  # W_qkv and W_gate_up words per layer, outside the loop only
 
 
 def test_gptq_baseline():
