@@ -2,7 +2,7 @@
 
     python -m experiments.bench_mamba_scan                   # b8 L2048 E4096 N16, bf16 x/dt/B/C, f32 A
     python -m experiments.bench_mamba_scan --skip-reference  # the sequential lax.scan is slow
-    python -m experiments.bench_mamba_scan --sweep           # also pallas block sizes / warps / chunk
+    python -m experiments.bench_mamba_scan --sweep [fwd|bwd]  # also pallas block sizes / warps / chunk
     python -m experiments.bench_mamba_scan --quick           # tiny shape, CPU (interpreted kernels), seconds
     python -m experiments.bench_mamba_scan --splits 1,2,4,8,16,0  # only pallas sequence splits (0: auto)
 
@@ -95,7 +95,7 @@ def rel_err(a, b):
 def split_table(shapes, splits, runs, dtype, quick):
     """Rows per (shape, P): the Pallas scan with ``seq_splits=P`` (0: auto); returns {(shape, P): max rel err}."""
     kw = dict(chunk=4, block_e=16, bwd_block_e=16) if quick else {}
-    be, bbe = kw.get("block_e", 64), kw.get("bwd_block_e", 32)
+    be, bbe = kw.get("block_e", 64), kw.get("bwd_block_e", 16)
     sms = getattr(jax.devices()[0], "core_count", None) or 132
     errs = {}
     print(f"\n{'b x L x E x N':<20}{'splits':>7}{'programs f/b':>14}{'fwd ms':>9}{'f+b ms':>9}"
@@ -131,7 +131,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape (CPU smoke run)")
     parser.add_argument("--skip-reference", action="store_true", help="skip the slow sequential lax.scan")
-    parser.add_argument("--sweep", action="store_true", help="also time pallas block sizes, warps and chunk")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=("all", "fwd", "bwd"),
+                        help="also time pallas block sizes, warps and chunk (of the forward, backward or both)")
     parser.add_argument("--runs", type=int, default=None, help="timed calls per entry (default 20; --quick 2)")
     parser.add_argument("--splits", default=None, help="comma-separated seq_splits (0: auto): only the split table")
     parser.add_argument("--shapes", default="1x32768x2048x16,8x2048x4096x16", help="BxLxExN,... for --splits")
@@ -173,14 +174,14 @@ def main(argv=None):
     if args.sweep:  # forward: block_e, num_warps; backward: bwd_block_e, bwd_num_warps; both: chunk, prefetch
         print("\npallas sweep")
         fwd_configs = [(8, 32, 1), (8, 32, 2), (8, 64, 2), (8, 64, 4), (8, 128, 4), (16, 64, 4), (4, 64, 4)]
-        bwd_configs = [(8, 16, 1), (8, 16, 2), (8, 32, 2), (8, 32, 4), (8, 64, 4), (8, 64, 8), (16, 32, 4),
-                       (4, 32, 4)]
+        bwd_configs = [(8, 8, 1), (8, 16, 1), (8, 32, 1), (4, 16, 1), (16, 16, 1), (8, 16, 2), (8, 32, 2),
+                       (8, 32, 4), (8, 64, 4)]
         for prefetch in (False, True):
-            for chunk, be, warps in fwd_configs:
+            for chunk, be, warps in fwd_configs if args.sweep in ("all", "fwd") else ():
                 fwd, _ = functions("pallas", chunk=chunk, block_e=be, num_warps=warps, prefetch=prefetch)
                 print(f"  fwd      chunk={chunk:<3} block_e={be:<4} warps={warps} prefetch={prefetch:d}: "
                       f"{median_ms(fwd, input_sets, runs):8.3f} ms")
-            for chunk, be, warps in bwd_configs:
+            for chunk, be, warps in bwd_configs if args.sweep in ("all", "bwd") else ():
                 _, fwd_bwd = functions("pallas", chunk=chunk, bwd_block_e=be, bwd_num_warps=warps, prefetch=prefetch)
                 print(f"  fwd+bwd  chunk={chunk:<3} bwd_block_e={be:<4} warps={warps} prefetch={prefetch:d}: "
                       f"{median_ms(fwd_bwd, input_sets, runs):8.3f} ms")

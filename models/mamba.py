@@ -30,8 +30,8 @@ no token at all; padding after real tokens reaches the next ones' convolution as
 Decoding carries the conv buffer and the SSM state (``init_cache``): O(1) per token. ``decode_params``
 gives per-layer weights that run in a Python loop, each layer replacing its slot of the stacked
 cache in place; a one-token step's state update is then one fused kernel (``step_kernel``: h read
-and written once) when ``use_step_kernel(cfg)`` (``model.decode="pallas"``, or "auto" on a GPU;
-the default is "xla" until the kernels are measured there).
+and written once) when ``use_step_kernel(cfg)`` (``model.decode="pallas"``, or the default "auto" on a GPU: 1.37x
+the XLA step at batch 64 on an H200).
 """
 from __future__ import annotations
 
@@ -76,8 +76,7 @@ class Config:
     scan: str = "chunked"  # or "reference" (sequential), "pallas" (GPU kernels)
     chunk_size: int = 64  # of the chunked scan
     scan_splits: int = 0  # pallas: pieces each sequence is cut into (scan_kernel seq_splits); 0: auto, 1: none
-    decode: str = "xla"  # one-token cached steps: "xla", "pallas" (step_kernel), or "auto" (pallas on GPU);
-    # "xla" by default until the kernels are measured on a GPU
+    decode: str = "auto"  # one-token cached steps: "xla", "pallas" (step_kernel), or "auto" (pallas on GPU)
 
     def __post_init__(self):
         if self.dt_rank == 0 and isinstance(self.d_model, int) and self.d_model > 0:

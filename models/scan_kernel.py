@@ -345,7 +345,7 @@ def auto_splits(b: int, s: int, E: int, block_e: int, sm_count: int, *, target: 
 
 
 def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8, block_e: int = 64,
-                          num_warps: int = 4, bwd_block_e: int = 32, bwd_num_warps: int = 4, prefetch: bool = False,
+                          num_warps: int = 4, bwd_block_e: int = 16, bwd_num_warps: int = 1, prefetch: bool = False,
                           seq_splits: int | None = None, interpret=None):
     """(y [b, s, E] float32 = C_t . h_t, h_last [b, E, N] float32); differentiable in x, dt, A, B, C, h0.
 

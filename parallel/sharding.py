@@ -255,11 +255,16 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules
             for k, v in local_batch.items()}
 
 
-def batch_multiple() -> int:
-    """Rows per batch must be a multiple of the mesh axes that ``batch`` maps to in the active
-    layout (1 without one)."""
+def logical_size(name: str) -> int:
+    """How many devices the logical axis ``name`` is split over in the active layout (1 without one)."""
     layout = active()
     if layout is None:
         return 1
     mesh, rules = layout
-    return _axes_size(mesh, _targets(logical_to_spec(("batch",), rules)[0]))
+    return _axes_size(mesh, _targets(logical_to_spec((name,), rules)[0]))
+
+
+def batch_multiple() -> int:
+    """Rows per batch must be a multiple of the mesh axes that ``batch`` maps to in the active
+    layout (1 without one)."""
+    return logical_size("batch")

@@ -2,6 +2,7 @@
 generators checked by an independent decoding of their text, the held-out stream, refusals, the
 pipeline's loss mask, accuracy against a NumPy computation for a scripted model, chunked equal to
 whole-sequence evaluation, and a few trainer steps of a Mamba synthetic config."""
+import dataclasses
 import re
 import types
 
@@ -207,6 +208,13 @@ def test_chunked_evaluation_equals_whole_sequences(family):
     logits = helpers.jit(model.apply, static_argnums=2)(params, jnp.asarray(inputs), mcfg)[0]
     np.testing.assert_array_equal(whole, np.argmax(np.asarray(logits)[:, 40:45], axis=-1))
     np.testing.assert_array_equal(chunked, whole)
+    if family == "transformer":  # a context ring of 2 pads the 45 tokens to 48 (a multiple of 2 x 2)
+        from parallel import mesh as pmesh, sharding
+
+        ring = dataclasses.replace(mcfg, attention="ring")
+        with sharding.activate(pmesh.make_mesh({"context": 2}, jax.devices()[:2]), sharding.DEFAULT_RULES):
+            on_ring = evaluate.completion_predictions(model, ring, params, inputs, 40, 5, rows=2, multiple=4)
+        np.testing.assert_array_equal(on_ring, whole)
 
 
 @pytest.mark.timeout(240)
