@@ -1,0 +1,240 @@
+"""Attention of a few new tokens over the KV cache as one Pallas (Triton) kernel (plus a combine for split-K).
+
+The cached decoding step of ``models/attention.py`` (same arguments, same result as ``reference``):
+for query row i at cache index p_i = q_start + i and the cache slots j,
+
+    s_ij = q_i . k_j / sqrt(d)   where j <= p_i and kv_seg_j == q_seg_i (else masked)
+    o_i  = sum_j softmax_j(s_ij) v_j                    (float32 softmax, o in q's dtype)
+
+Grouped-query attention (Ainslie et al. 2023): one program takes all g = heads / kv_heads query heads
+of one kv head (and all q_len tokens), so each key and value is read once, as the rows of one
+[g q_len, d] query tile (padded to a power of two of at least 16 rows: Triton's smallest dot).
+Split-K, the flash-decoding way (Dao et al. 2023, "Flash-Decoding for long-context inference"):
+when batch x kv_heads programs cannot fill the GPU, the visible key tiles of each (batch row, kv
+head) are cut into ``splits`` contiguous ranges, one program each; each writes its running max m,
+denominator l and unnormalised output acc (float32), and a second kernel combines them:
+
+    M = max_s m_s    o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s   (m in log2 units)
+
+Only key tiles that hold a slot <= q_start + q_len - 1 are visited (the cache is allocated at its
+full length and filled from the front); the rest are never read. The split into ranges is made at
+run time from q_start, so every split has work at any fill level.
+
+The cache may be passed stacked over layers, k, v [layers, b, max_len, kv_heads, d] with the layer
+index a runtime operand (``layer``): the kernel reads that layer where it lies, nothing is sliced
+or copied before the call (a dynamic slice of the cache before a custom call would copy it).
+
+Shapes: q [b, q_len, heads, d]; k, v [b, max_len, kv_heads, d] or [layers, b, max_len, kv_heads, d],
+any dtype (cast to q's in the kernel, as the XLA path casts the cache); q_seg [b, q_len] and kv_seg
+[b, max_len] int32, or both None (no segment mask). A row that sees no key gets 0 (``reference``
+would average every slot; decoding never asks for it: a token always sees its own slot). On a GPU
+head_dim must be a power of two from 16 to 256 (``supports``). ``interpret=True`` (the default off
+GPU) runs the same kernels in the Pallas interpreter (tests on CPU).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+F32 = jnp.float32
+LOG2E = 1.4426950408889634
+NEG_INF = -jnp.inf
+SMS = 132  # streaming multiprocessors of an H100/H200: the programs split-K aims to fill
+
+
+class Config(NamedTuple):
+    """Tile size and launch parameters (hashable: a static argument)."""
+    block_k: int = 64     # cache slots per loop step (a power of two of at least 16)
+    splits: int = 0       # key ranges per (batch row, kv head); 0: ``auto_splits``
+    max_splits: int = 16
+    num_warps: int = 4
+    num_stages: int = 2
+    combine_num_warps: int = 4
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def supports(head_dim: int) -> bool:
+    """Whether the Triton kernel takes this head_dim (a power of two from 16 to 256: Triton's tiles)."""
+    return _pow2(head_dim) and 16 <= head_dim <= 256
+
+
+def auto_splits(batch: int, kv_heads: int, max_len: int, config: Config = Config()) -> int:
+    """The largest power of two S <= max_splits (and <= the number of key tiles) with batch x kv_heads x S
+    programs still within one wave of ``SMS``; 1 when batch x kv_heads fills the GPU already."""
+    tiles = -(-max_len // config.block_k)
+    s = 1
+    while s * 2 <= min(config.max_splits, tiles) and batch * kv_heads * s * 2 <= SMS:
+        s *= 2
+    return s
+
+
+def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float, has_seg: bool):
+    """One (batch row, kv head, split). refs: q_start [1], layer [1]; q [Rp, d] (rows: token-major, then the
+    g heads; padding rows after); k, v [layers, b, max_len, kv_heads, d] (whole); q_seg [b, sq]?,
+    kv_seg [b, max_len]? (whole) -> with one split o [b, kv_heads, g sq, d] (whole, rows of this program
+    stored), else acc [Rp, d], m [Rp], l [Rp] float32."""
+    qs_ref, layer_ref, q_ref, k_ref, v_ref, *refs = refs
+    qseg_ref, kseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+    bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q_start, layer = qs_ref[0], layer_ref[0]
+    q = q_ref[...]
+    rp = q.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (rp,), 0)
+    token = rows // g
+    q_pos = jnp.where(rows < sq * g, q_start + token, -1)  # padding rows see nothing
+    if has_seg:
+        q_seg = jnp.zeros((rp,), jnp.int32)
+        for i in range(sq):
+            q_seg = jnp.where(token == i, qseg_ref[bi, i], q_seg)
+    n_vis = jnp.minimum((q_start + sq - 1) // tk + 1, -(-max_len // tk))  # tiles holding a visible slot
+    per = (n_vis + splits - 1) // splits
+    lo = jnp.minimum(si * per, n_vis)
+    hi_t = jnp.minimum(lo + per, n_vis)
+    ragged = max_len % tk != 0
+
+    def body(j, carry):
+        m, l, acc = carry
+        start = j * tk
+        k_pos = start + jax.lax.broadcasted_iota(jnp.int32, (tk,), 0)
+        sl = pl.ds(pl.multiple_of(start, tk), tk)
+        at_k, at_v = k_ref.at[layer, bi, sl, hi, :], v_ref.at[layer, bi, sl, hi, :]
+        if ragged:  # the last tile runs past the cache: masked loads
+            inside = k_pos < max_len
+            k = plgpu.load(at_k, mask=inside[:, None], other=0)
+            v = plgpu.load(at_v, mask=inside[:, None], other=0)
+        else:
+            k, v = at_k[...], at_v[...]
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=F32)  # [Rp, tk]
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if has_seg:
+            at_s = kseg_ref.at[bi, sl]
+            k_seg = plgpu.load(at_s, mask=inside, other=0) if ragged else at_s[...]
+            mask = mask & (k_seg[None, :] == q_seg[:, None])
+        s = jnp.where(mask, s * c, NEG_INF)  # log2 units
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        p = jnp.exp2(s - m_safe[:, None])
+        alpha = jnp.exp2(m - m_safe)
+        acc = acc * alpha[:, None] + jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                         preferred_element_type=F32)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+    d = q.shape[1]
+    init = (jnp.full((rp,), NEG_INF, F32), jnp.zeros((rp,), F32), jnp.zeros((rp, d), F32))
+    m, l, acc = jax.lax.fori_loop(lo, hi_t, body, init)
+    if splits == 1:
+        (o_ref,) = refs
+        o = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+        _store_rows(o_ref, bi, hi, o, g * sq)
+    else:
+        acc_ref, m_ref, l_ref = refs
+        acc_ref[...] = acc
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+def _store_rows(o_ref, bi, hi, o, r: int):
+    """Store the first r rows of o [Rp, d] at o_ref[bi, hi] ([b, kv_heads, r, d], whole)."""
+    rp = o.shape[0]
+    if r == rp:
+        o_ref[bi, hi, :, :] = o.astype(o_ref.dtype)
+    else:
+        rows = jax.lax.broadcasted_iota(jnp.int32, (rp,), 0)
+        plgpu.store(o_ref.at[bi, hi, pl.ds(0, rp), :], o.astype(o_ref.dtype), mask=(rows < r)[:, None])
+
+
+def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, r: int):
+    """One (batch row, kv head): acc [S, Rp, d], m, l [S, Rp] float32 -> o rows [r, d] (whole o, rows stored)."""
+    m = m_ref[...]
+    big = jnp.max(m, axis=0)
+    big = jnp.where(big == NEG_INF, 0.0, big)
+    w = jnp.exp2(m - big[None, :])  # [S, Rp]; an empty split (m = -inf) weighs 0
+    l = jnp.sum(w * l_ref[...], axis=0)
+    o = jnp.sum(w[:, :, None] * acc_ref[...], axis=0) / jnp.where(l == 0.0, 1.0, l)[:, None]
+    _store_rows(o_ref, pl.program_id(0), pl.program_id(1), o, r)
+
+
+@functools.lru_cache(maxsize=None)
+def _calls(b: int, kvh: int, g: int, sq: int, max_len: int, d: int, has_seg: bool, splits: int, config: Config,
+           dtype, interpret: bool):
+    r = g * sq
+    rp = max(16, pl.next_power_of_2(r))
+    tk = config.block_k
+    scalar = pl.BlockSpec((1,), lambda bi, hi, si: (0,))
+    in_specs = [scalar, scalar, pl.BlockSpec((None, None, rp, d), lambda bi, hi, si: (bi, hi, 0, 0)),
+                pl.BlockSpec(), pl.BlockSpec()] + [pl.BlockSpec(), pl.BlockSpec()] * has_seg
+    out = jax.ShapeDtypeStruct((b, kvh, r, d), dtype)
+    kernel = functools.partial(_kernel, g=g, sq=sq, tk=tk, max_len=max_len, splits=splits, c=d ** -0.5 * LOG2E,
+                               has_seg=has_seg)
+    params = None if interpret else plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    if splits == 1:
+        return pl.pallas_call(kernel, grid=(b, kvh, 1), in_specs=in_specs, out_specs=pl.BlockSpec(), out_shape=out,
+                              interpret=interpret, compiler_params=params, name="decode_attention"), None
+    stat = pl.BlockSpec((None, None, None, rp), lambda bi, hi, si: (bi, hi, si, 0))
+    main = pl.pallas_call(
+        kernel, grid=(b, kvh, splits), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, None, rp, d), lambda bi, hi, si: (bi, hi, si, 0, 0)), stat, stat],
+        out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, rp, d), F32)] + [jax.ShapeDtypeStruct((b, kvh, splits, rp), F32)] * 2,
+        interpret=interpret, compiler_params=params, name="decode_attention_split")
+    stat = pl.BlockSpec((None, None, splits, rp), lambda bi, hi: (bi, hi, 0, 0))
+    combine = pl.pallas_call(
+        functools.partial(_combine_kernel, r=r), grid=(b, kvh),
+        in_specs=[pl.BlockSpec((None, None, splits, rp, d), lambda bi, hi: (bi, hi, 0, 0, 0)), stat, stat],
+        out_specs=pl.BlockSpec(), out_shape=out, interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=config.combine_num_warps),
+        name="decode_attention_combine")
+    return main, combine
+
+
+def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, config: Config = Config(),
+                     interpret=None):
+    """softmax(q k^T / sqrt(d) + mask) v over the cache: [b, q_len, heads, d] in q's dtype (module docstring).
+
+    q_start: the cache index of the first query (an int or int32 scalar, traced or not); ``layer``:
+    k, v are stacked [layers, b, max_len, kv_heads, d] and this layer (int or int32 scalar) is read.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    b, sq, h, d = q.shape
+    if layer is None:
+        k, v, layer = k[None], v[None], 0
+    if k.ndim != 5 or k.shape[1] != b or k.shape[-1] != d or v.shape != k.shape:
+        raise ValueError(f"k, v are {k.shape}, {v.shape}; they must be [(layers,) batch={b}, max_len, kv_heads, "
+                         f"head_dim={d}], both the same shape.")
+    max_len, kvh = k.shape[2], k.shape[3]
+    if h % kvh:
+        raise ValueError(f"heads={h} is not a multiple of kv_heads={kvh}.")
+    if (q_seg is None) != (kv_seg is None):
+        raise ValueError("q_seg and kv_seg must both be given or both be None.")
+    tk = config.block_k
+    if not (_pow2(tk) and tk >= 16):
+        raise ValueError(f"Config.block_k is {tk}; it must be a power of two of at least 16.")
+    if not interpret and not supports(d):
+        raise ValueError(f"head_dim is {d}; the Triton decode-attention kernel takes a power of two from 16 to 256.")
+    g = h // kvh
+    splits = config.splits or auto_splits(b, kvh, max_len, config)
+    if not _pow2(splits):
+        raise ValueError(f"Config.splits is {splits}; it must be a power of two (or 0: automatic).")
+    has_seg = q_seg is not None
+    main, combine = _calls(b, kvh, g, sq, max_len, d, has_seg, splits, config, jnp.dtype(q.dtype), bool(interpret))
+    r = g * sq
+    rp = max(16, pl.next_power_of_2(r))
+    # rows of one kv head: (token, head of the group), padded to rp; a reshape alone when q_len = 1
+    qr = q.reshape(b, sq, kvh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, r, d)
+    if rp != r:
+        qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
+    args = [jnp.reshape(jnp.asarray(q_start, jnp.int32), (1,)), jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
+            qr, k, v]
+    if has_seg:
+        args += [q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)]
+    o = main(*args) if combine is None else combine(*main(*args))
+    return o.reshape(b, kvh, sq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, sq, h, d)
