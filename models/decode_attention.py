@@ -85,8 +85,8 @@ def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float
     qseg_ref, kseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
     bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q_start, layer = qs_ref[0], layer_ref[0]
-    q = q_ref[...]
-    rp = q.shape[0]
+    rp = pl.next_power_of_2(max(16, g * sq))
+    q = _load_rows(q_ref, (bi, hi), g * sq, rp)
     rows = jax.lax.broadcasted_iota(jnp.int32, (rp,), 0)
     token = rows // g
     q_pos = jnp.where(rows < sq * g, q_start + token, -1)  # padding rows see nothing
@@ -134,33 +134,51 @@ def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float
     if splits == 1:
         (o_ref,) = refs
         o = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
-        _store_rows(o_ref, bi, hi, o, g * sq)
+        _store_rows(o_ref, (bi, hi), o, g * sq)
     else:
         acc_ref, m_ref, l_ref = refs
-        acc_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
+        for ref, x in ((acc_ref, acc), (m_ref, m), (l_ref, l)):
+            _store_rows(ref, (bi, hi, si), x, g * sq)
 
 
-def _store_rows(o_ref, bi, hi, o, r: int):
-    """Store the first r rows of o [Rp, d] at o_ref[bi, hi] ([b, kv_heads, r, d], whole)."""
-    rp = o.shape[0]
+def _rows_view(ref, index, rp: int, axis: int):
+    """ref.at[index] with its row axis (``axis`` of what is left, r long) read as rp rows from 0; a mask of rows < r."""
+    rest = ref.shape[len(index):]
+    sl = [slice(None)] * len(rest)
+    sl[axis] = pl.ds(0, rp)
+    view = ref.at[(*index, *sl)]
+    return view, rest[axis]
+
+
+def _load_rows(ref, index, r: int, rp: int, axis: int = 0):
+    """The r rows of ref.at[index] (on ``axis``) as rp rows, those past r zero (masked: never read)."""
+    view, _ = _rows_view(ref, index, rp, axis)
     if r == rp:
-        o_ref[bi, hi, :, :] = o.astype(o_ref.dtype)
+        return view[...]
+    shape = tuple(rp if i == axis else n for i, n in enumerate(ref.shape[len(index):]))
+    return plgpu.load(view, mask=jax.lax.broadcasted_iota(jnp.int32, shape, axis) < r, other=0)
+
+
+def _store_rows(ref, index, x, r: int, axis: int = 0):
+    """Store the first r rows (on ``axis``) of x at ref.at[index] (whose row axis is r long): masked past r."""
+    view, _ = _rows_view(ref, index, x.shape[axis], axis)
+    x = x.astype(ref.dtype)
+    if r == x.shape[axis]:
+        view[...] = x
     else:
-        rows = jax.lax.broadcasted_iota(jnp.int32, (rp,), 0)
-        plgpu.store(o_ref.at[bi, hi, pl.ds(0, rp), :], o.astype(o_ref.dtype), mask=(rows < r)[:, None])
+        plgpu.store(view, x, mask=jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) < r)
 
 
-def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, r: int):
-    """One (batch row, kv head): acc [S, Rp, d], m, l [S, Rp] float32 -> o rows [r, d] (whole o, rows stored)."""
-    m = m_ref[...]
+def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, r: int, rp: int):
+    """One (batch row, kv head): acc [S, r, d], m, l [S, r] float32 (whole arrays) -> o [r, d] (stored in the whole o)."""
+    index = (pl.program_id(0), pl.program_id(1))
+    m = _load_rows(m_ref, index, r, rp, axis=1)
     big = jnp.max(m, axis=0)
     big = jnp.where(big == NEG_INF, 0.0, big)
     w = jnp.exp2(m - big[None, :])  # [S, Rp]; an empty split (m = -inf) weighs 0
-    l = jnp.sum(w * l_ref[...], axis=0)
-    o = jnp.sum(w[:, :, None] * acc_ref[...], axis=0) / jnp.where(l == 0.0, 1.0, l)[:, None]
-    _store_rows(o_ref, pl.program_id(0), pl.program_id(1), o, r)
+    l = jnp.sum(w * _load_rows(l_ref, index, r, rp, axis=1), axis=0)
+    o = jnp.sum(w[:, :, None] * _load_rows(acc_ref, index, r, rp, axis=1), axis=0)
+    _store_rows(o_ref, index, o / jnp.where(l == 0.0, 1.0, l)[:, None], r)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,8 +188,7 @@ def _calls(b: int, kvh: int, g: int, sq: int, max_len: int, d: int, has_seg: boo
     rp = max(16, pl.next_power_of_2(r))
     tk = config.block_k
     scalar = pl.BlockSpec((1,), lambda bi, hi, si: (0,))
-    in_specs = [scalar, scalar, pl.BlockSpec((None, None, rp, d), lambda bi, hi, si: (bi, hi, 0, 0)),
-                pl.BlockSpec(), pl.BlockSpec()] + [pl.BlockSpec(), pl.BlockSpec()] * has_seg
+    in_specs = [scalar, scalar] + [pl.BlockSpec()] * (3 + 2 * has_seg)  # whole arrays: the kernel indexes them
     out = jax.ShapeDtypeStruct((b, kvh, r, d), dtype)
     kernel = functools.partial(_kernel, g=g, sq=sq, tk=tk, max_len=max_len, splits=splits, c=d ** -0.5 * LOG2E,
                                has_seg=has_seg)
@@ -179,16 +196,12 @@ def _calls(b: int, kvh: int, g: int, sq: int, max_len: int, d: int, has_seg: boo
     if splits == 1:
         return pl.pallas_call(kernel, grid=(b, kvh, 1), in_specs=in_specs, out_specs=pl.BlockSpec(), out_shape=out,
                               interpret=interpret, compiler_params=params, name="decode_attention"), None
-    stat = pl.BlockSpec((None, None, None, rp), lambda bi, hi, si: (bi, hi, si, 0))
     main = pl.pallas_call(
-        kernel, grid=(b, kvh, splits), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, None, rp, d), lambda bi, hi, si: (bi, hi, si, 0, 0)), stat, stat],
-        out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, rp, d), F32)] + [jax.ShapeDtypeStruct((b, kvh, splits, rp), F32)] * 2,
+        kernel, grid=(b, kvh, splits), in_specs=in_specs, out_specs=[pl.BlockSpec()] * 3,
+        out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, r, d), F32)] + [jax.ShapeDtypeStruct((b, kvh, splits, r), F32)] * 2,
         interpret=interpret, compiler_params=params, name="decode_attention_split")
-    stat = pl.BlockSpec((None, None, splits, rp), lambda bi, hi: (bi, hi, 0, 0))
     combine = pl.pallas_call(
-        functools.partial(_combine_kernel, r=r), grid=(b, kvh),
-        in_specs=[pl.BlockSpec((None, None, splits, rp, d), lambda bi, hi: (bi, hi, 0, 0, 0)), stat, stat],
+        functools.partial(_combine_kernel, r=r, rp=rp), grid=(b, kvh), in_specs=[pl.BlockSpec()] * 3,
         out_specs=pl.BlockSpec(), out_shape=out, interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=config.combine_num_warps),
         name="decode_attention_combine")
@@ -226,12 +239,8 @@ def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, c
         raise ValueError(f"Config.splits is {splits}; it must be a power of two (or 0: automatic).")
     has_seg = q_seg is not None
     main, combine = _calls(b, kvh, g, sq, max_len, d, has_seg, splits, config, jnp.dtype(q.dtype), bool(interpret))
-    r = g * sq
-    rp = max(16, pl.next_power_of_2(r))
-    # rows of one kv head: (token, head of the group), padded to rp; a reshape alone when q_len = 1
-    qr = q.reshape(b, sq, kvh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, r, d)
-    if rp != r:
-        qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
+    # the rows of one kv head: (token, head of its group); a reshape alone when q_len = 1
+    qr = q.reshape(b, sq, kvh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, g * sq, d)
     args = [jnp.reshape(jnp.asarray(q_start, jnp.int32), (1,)), jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
             qr, k, v]
     if has_seg:
