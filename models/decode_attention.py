@@ -77,10 +77,10 @@ def auto_splits(batch: int, kv_heads: int, max_len: int, config: Config = Config
 
 
 def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float, has_seg: bool):
-    """One (batch row, kv head, split). refs: q_start [1], layer [1]; q [Rp, d] (rows: token-major, then the
-    g heads; padding rows after); k, v [layers, b, max_len, kv_heads, d] (whole); q_seg [b, sq]?,
-    kv_seg [b, max_len]? (whole) -> with one split o [b, kv_heads, g sq, d] (whole, rows of this program
-    stored), else acc [Rp, d], m [Rp], l [Rp] float32."""
+    """One (batch row, kv head, split). refs: q_start [1], layer [1]; whole arrays: q [b, kv_heads, g sq, d]
+    (rows token-major, then the g heads of the group; read as Rp rows, those past g sq masked); k, v [layers,
+    b, max_len, kv_heads, d]; q_seg [b, sq]?, kv_seg [b, max_len]? -> with one split o [b, kv_heads, g sq, d],
+    else acc [b, kv_heads, splits, g sq, d], m, l [b, kv_heads, splits, g sq] float32 (this program's rows)."""
     qs_ref, layer_ref, q_ref, k_ref, v_ref, *refs = refs
     qseg_ref, kseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
     bi, hi, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -95,9 +95,7 @@ def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float
         for i in range(sq):
             q_seg = jnp.where(token == i, qseg_ref[bi, i], q_seg)
     n_vis = jnp.minimum((q_start + sq - 1) // tk + 1, -(-max_len // tk))  # tiles holding a visible slot
-    per = (n_vis + splits - 1) // splits
-    lo = jnp.minimum(si * per, n_vis)
-    hi_t = jnp.minimum(lo + per, n_vis)
+    lo, hi_t = si * n_vis // splits, (si + 1) * n_vis // splits  # the visible tiles, evenly over the splits
     ragged = max_len % tk != 0
 
     def body(j, carry):
