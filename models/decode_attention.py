@@ -29,7 +29,10 @@ any dtype (cast to q's in the kernel, as the XLA path casts the cache); q_seg [b
 [b, max_len] int32, or both None (no segment mask). A row that sees no key gets 0 (``reference``
 would average every slot; decoding never asks for it: a token always sees its own slot). On a GPU
 head_dim must be a power of two from 16 to 256 (``supports``). ``interpret=True`` (the default off
-GPU) runs the same kernels in the Pallas interpreter (tests on CPU).
+GPU) runs the same kernels in the Pallas interpreter (tests on CPU). Under an active mesh
+(``parallel.sharding.activate``) the kernels run in ``shard_map``, each device on its rows (``batch``)
+and heads (``heads`` and ``kv_heads``, which must map to the same mesh axes) of the cache, whose
+``layers`` axis is whole on every device.
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+from parallel import sharding
 
 F32 = jnp.float32
 LOG2E = 1.4426950408889634
@@ -213,6 +219,30 @@ def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, c
     q_start: the cache index of the first query (an int or int32 scalar, traced or not); ``layer``:
     k, v are stacked [layers, b, max_len, kv_heads, d] and this layer (int or int32 scalar) is read.
     """
+    active = sharding.active()
+    if active is None:
+        return _decode_attention(q, k, v, q_start, q_seg, kv_seg, layer=layer, config=config, interpret=interpret)
+    mesh, rules = active
+    spec = lambda *names: sharding.logical_to_spec(names, rules)  # noqa: E731
+    if spec("heads") != spec("kv_heads"):
+        raise ValueError(f"the rules shard heads as {spec('heads')} and kv_heads as {spec('kv_heads')}; the decode "
+                         "kernel needs both on the same mesh axes (each device holds whole groups).")
+    stacked = layer is not None
+    rows, q_spec = spec("batch", None), spec("batch", None, "heads", None)
+    kv_spec = spec(*((None,) * stacked), "batch", None, "kv_heads", None)
+    segs = () if q_seg is None else (q_seg, kv_seg)
+    scalars = (jnp.asarray(q_start, jnp.int32), jnp.asarray(0 if layer is None else layer, jnp.int32))
+
+    def run(q, k, v, q_start, layer_index, *segs):
+        return _decode_attention(q, k, v, q_start, *(segs or (None, None)), layer=layer_index if stacked else None,
+                                 config=config, interpret=interpret)
+
+    return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(), P(), *(rows,) * len(segs)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, *scalars, *segs)
+
+
+def _decode_attention(q, k, v, q_start, q_seg, kv_seg, *, layer, config: Config, interpret):
+    """``decode_attention`` on one device's arrays."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     b, sq, h, d = q.shape

@@ -1,6 +1,6 @@
 """The fused decode-attention kernel (Pallas, interpreted on CPU) against ``attention.reference``: MHA and GQA,
 batch 1 and more, q_start at 0, mid-cache and at the last slot, empty and packed slots, split-K on and off,
-tiles that do not divide the cache, tiles past the last query never read; its dispatch (``pallas_decode``);
+tiles that do not divide the cache, tiles past the last query never read; its dispatch (``pallas_decode``), also under a mesh;
 greedy decoding of a tiny Transformer through it equal to XLA's; the Triton lowering for an H200."""
 import contextlib
 import jax
@@ -12,6 +12,9 @@ import models
 from models import attention as A
 from models import decode_attention as DA
 from models import generate as G
+from parallel import mesh as pmesh
+from parallel import sharding
+from parallel.sharding import DEFAULT_RULES
 from tests import helpers
 from tests.helpers import jit, rel_err
 
@@ -62,10 +65,13 @@ def test_kernel_equals_reference(name):
     want = A.reference(q, ck[LAYER], cv[LAYER], q_segment_ids=segs[0], kv_segment_ids=segs[1], q_start=q_start)
     assert got.shape == q.shape and got.dtype == q.dtype
     assert rel_err(got, want) < 1e-5, name
-    if name == "gqa_b3_mid_no_split":  # the same through the dispatch, stacked cache in place and sliced
-        got = jit(lambda *a: A.attention(*a[:3], implementation="pallas_decode", q_segment_ids=a[3],
-                                         kv_segment_ids=a[4], q_start=a[5], kv_layer=LAYER))(q, ck, cv, *segs, q_start)
+    if name == "gqa_b2_last_slot_split2":  # the same through the dispatch, under a mesh (rows and heads split)
+        with sharding.activate(pmesh.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]), DEFAULT_RULES):
+            got = jit(lambda *a: A.attention(*a[:3], implementation="pallas_decode", q_segment_ids=a[3],
+                                             kv_segment_ids=a[4], q_start=a[5], kv_layer=LAYER))(q, ck, cv, *segs,
+                                                                                                q_start)
         assert rel_err(got, want) < 1e-5
+    if name == "gqa_b3_mid_no_split":
         assert DA.auto_splits(1, 16, 768) == 8 and DA.auto_splits(64, 16, 768) == 1 and DA.auto_splits(1, 4, 40, DA.Config(block_k=16)) == 2
 
 
