@@ -146,20 +146,18 @@ def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float
 
 
 def _rows_view(ref, index, rp: int, axis: int):
-    """ref.at[index] with its row axis (``axis`` of what is left, r long) read as rp rows from 0; a mask of rows < r."""
-    rest = ref.shape[len(index):]
-    sl = [slice(None)] * len(rest)
-    sl[axis] = pl.ds(0, rp)
-    view = ref.at[(*index, *sl)]
-    return view, rest[axis]
+    """(ref.at[index] with its row axis, ``axis`` of the remaining ones, cut to rows [0, rp), that view's shape)."""
+    shape = list(ref.shape[len(index):])
+    sl = [slice(None)] * len(shape)
+    sl[axis], shape[axis] = pl.ds(0, rp), rp
+    return ref.at[(*index, *sl)], tuple(shape)
 
 
 def _load_rows(ref, index, r: int, rp: int, axis: int = 0):
     """The r rows of ref.at[index] (on ``axis``) as rp rows, those past r zero (masked: never read)."""
-    view, _ = _rows_view(ref, index, rp, axis)
+    view, shape = _rows_view(ref, index, rp, axis)
     if r == rp:
         return view[...]
-    shape = tuple(rp if i == axis else n for i, n in enumerate(ref.shape[len(index):]))
     return plgpu.load(view, mask=jax.lax.broadcasted_iota(jnp.int32, shape, axis) < r, other=0)
 
 
