@@ -3,6 +3,7 @@
     python experiments/bench_quant.py [--out results.json] [--sections memory,linear,gemv,decode,ops]
         [--gemv_shapes 2048x6144,2048x2048] [--gemv_rows 1] [--decode 'bf16,int4 g128 fused']
         [--decode_ab 'block_n=512,num_warps=8'] [--gemv 'block_n=256'] [--new_tokens 256] [--profile DIR] [--tiny]
+        [--attention pallas_decode]
 
 Prints Markdown tables:
   1. ceilings measured in the same job: bf16 matmul TFLOP/s, int8 TOP/s (8192^3), copy GB/s;
@@ -58,6 +59,7 @@ timed = functools.partial(bench.median_seconds, reps=20)
 
 
 TINY = False  # --tiny: small sizes, a CPU check of the code paths
+ATTENTION = ""  # --attention: model.attention of every variant (empty: the config's)
 
 
 GEMV_OPTIONS: dict = {}  # --gemv: tile settings of the "int4 g128 fused" decode variant
@@ -87,6 +89,7 @@ def model_variants(names=("bf16", "W8A8", "int4 g128", "int4 g128 fused"), abstr
     c.model.param_dtype = "bfloat16"
     if TINY:
         c.model.update(vocab_size=1000, d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512)
+    c.model.attention = ATTENTION or c.model.attention
     mcfg = transformer.from_config(c.model)
     params = (jax.eval_shape(lambda: transformer.init(mcfg, jax.random.PRNGKey(0))) if abstract else
               jax.jit(transformer.init, static_argnums=0)(mcfg, jax.random.PRNGKey(0)))
@@ -366,9 +369,11 @@ def main():
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--profile", default="", help="decode: trace 32 steps of each variant here, tabulate kernels")
     p.add_argument("--tiny", action="store_true", help="small sizes: a quick check of the code paths on CPU")
+    p.add_argument("--attention", default="", help="model.attention of every variant, e.g. pallas_decode (the fused "
+                   "decode-attention kernel for cached steps); empty: the config's")
     args = p.parse_args()
-    global TINY, GEMV_OPTIONS
-    TINY = args.tiny
+    global TINY, GEMV_OPTIONS, ATTENTION
+    TINY, ATTENTION = args.tiny, args.attention
     from models import awq
     GEMV_OPTIONS = awq.kernel_options("pallas:" + args.gemv)[1]
     sections = set(args.sections.split(","))

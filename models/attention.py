@@ -14,6 +14,11 @@ Implementations:
              NVIDIA GPUs, bf16/fp16 only.
   auto       cudnn on GPU for half-precision inputs where cuDNN takes them, xla otherwise
              (``auto_choice``).
+  pallas_decode  for cached decoding steps (a few new tokens, q_len <= ``DECODE_MAX_Q``, against a
+             longer cache) the fused Pallas kernel of ``models/decode_attention.py``: one kernel per
+             layer (two with split-K), the stacked cache read in place (``kv_layer``); on GPU where
+             the kernel takes the head_dim, in the Pallas interpreter elsewhere; ``auto`` for every
+             other call (training, prefill).
   ring       Ring Attention (``parallel/ring_attention.py``): the sequence split along the mesh axis
              the ``seq`` rule maps to (``context``), keys and values passed around the ring; on one
              device the blockwise kernel of ``models/block_attention.py``.
@@ -80,6 +85,37 @@ def _auto(q, k, v, **kw):
     return IMPLEMENTATIONS[auto_choice(q, k, on_gpu=jax.default_backend() == "gpu", **kw)](q, k, v, **kw)
 
 
+# The implementation ``auto`` takes for cached decoding steps on GPU: "xla", or "pallas_decode" once timed.
+AUTO_DECODE = "xla"
+DECODE_MAX_Q = 16  # the most new tokens per row that ``pallas_decode`` sends to the kernel
+
+
+def is_decode_step(q, k) -> bool:
+    """Whether a call is a cached decoding step: at most DECODE_MAX_Q queries against a longer key axis (the cache)."""
+    return q.shape[1] <= DECODE_MAX_Q and k.shape[-3] > q.shape[1]
+
+
+def _one_layer(k, v, kv_layer, dtype):
+    """k, v of layer ``kv_layer`` of a stacked cache (as they are when None), in ``dtype``."""
+    if kv_layer is not None:
+        k, v = (jax.lax.dynamic_index_in_dim(t, kv_layer, 0, keepdims=False) for t in (k, v))
+    return k.astype(dtype), v.astype(dtype)
+
+
+def _pallas_decode(q, k, v, *, kv_layer=None, gpu_only: bool = False, **kw):
+    """The decode kernel for a cached step (on GPU with a head_dim it takes; off GPU in the interpreter unless
+    ``gpu_only``), ``auto`` otherwise."""
+    from models import decode_attention  # imported on use: Pallas only when selected
+
+    on_gpu = jax.default_backend() == "gpu"
+    usable = decode_attention.supports(q.shape[-1]) if on_gpu else not gpu_only
+    if usable and is_decode_step(q, k):
+        q_seg = kw.get("q_segment_ids")
+        return decode_attention.decode_attention(q, k, v, kw.get("q_start", 0), q_seg,
+                                                 None if q_seg is None else kw.get("kv_segment_ids"), layer=kv_layer)
+    return _auto(q, *_one_layer(k, v, kv_layer, q.dtype), **kw)
+
+
 def _ring(q, k, v, **kw):
     from parallel import ring_attention  # imported on use: parallel/ builds on models/
 
@@ -91,12 +127,21 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "xla": _library("xla"),
     "cudnn": _library("cudnn"),
     "auto": _auto,
+    "pallas_decode": _pallas_decode,
     "ring": _ring,
 }
 
 
-def attention(q, k, v, *, implementation: str = "auto", q_segment_ids=None, kv_segment_ids=None, q_start=0):
-    """Dispatch to ``IMPLEMENTATIONS[implementation]``; returns [batch, q_len, heads, head_dim]."""
-    return IMPLEMENTATIONS[implementation](
-        q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_start=q_start
-    )
+def attention(q, k, v, *, implementation: str = "auto", q_segment_ids=None, kv_segment_ids=None, q_start=0,
+              kv_layer=None):
+    """Dispatch to ``IMPLEMENTATIONS[implementation]``; returns [batch, q_len, heads, head_dim].
+
+    ``kv_layer`` (int or int32 scalar): k, v are a stacked cache [layers, batch, kv_len, kv_heads,
+    head_dim] and that layer is read (by ``pallas_decode`` in place, sliced out for the others); k, v
+    are cast to q's dtype."""
+    kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_start=q_start)
+    if implementation == "auto" and AUTO_DECODE == "pallas_decode":
+        return _pallas_decode(q, k, v, kv_layer=kv_layer, gpu_only=True, **kw)
+    if implementation == "pallas_decode":
+        return _pallas_decode(q, k, v, kv_layer=kv_layer, **kw)
+    return IMPLEMENTATIONS[implementation](q, *_one_layer(k, v, kv_layer, q.dtype), **kw)

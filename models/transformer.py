@@ -336,14 +336,13 @@ def decoder_layer(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=
             new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], t.astype(cache[name].dtype),
                                                                    cache_index, axis=1)
                          for name, t in (("k", k), ("v", v))}
-            k_all, v_all = new_cache["k"], new_cache["v"]
         else:
             start = (cache_layer, 0, cache_index, 0, 0)
             new_cache = {name: jax.lax.dynamic_update_slice(cache[name], t[None].astype(cache[name].dtype), start)
                          for name, t in (("k", k), ("v", v))}
-            k_all, v_all = (jax.lax.dynamic_index_in_dim(new_cache[n], cache_layer, 0, keepdims=False) for n in "kv")
-        o = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), implementation=cfg.attention,
-                      q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids, q_start=cache_index)
+        # with cache_layer, attention reads that layer of the stacked cache (sliced, or in place by a kernel)
+        o = attention(q, new_cache["k"], new_cache["v"], implementation=cfg.attention, q_segment_ids=segment_ids,
+                      kv_segment_ids=cache_segment_ids, q_start=cache_index, kv_layer=cache_layer)
     x = x + layers.linear(p["wo"], o.reshape(b, s, cfg.n_heads * cfg.head_dim), name="wo")
     x = constrain(x, ("batch", "seq", "embed"))
     n = layers.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
