@@ -33,8 +33,9 @@ import math
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from experiments import jobs
 from experiments.jobs import cell
 
 CONSTITUTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "constitutions", "arith.json")
@@ -53,12 +54,10 @@ def config(name: str, seed: int, overrides: list[str], **train):
 
 
 def stage(c, workdir: str, start: str = ""):
-    """Train ``c`` in ``workdir`` (from the parameters of the run in the workdir ``start`` when given:
-    ``train.init_from``); its parameters."""
-    from train import cai, trainer
+    """``jobs.stage``, then the run's parameters."""
+    from train import cai
 
-    c.train.init_from = start
-    trainer.run(c, workdir)
+    jobs.stage(c, workdir, start)
     return cai.load_params(c, workdir)
 
 
@@ -245,4 +244,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("heldout", 256, "Held-out questions for the checked metric (a multiple of 8).")
     flags.DEFINE_integer("ppo_steps", 100, "PPO iterations against the preference model (0: no PPO stage).")
     flags.DEFINE_multi_string("set", [], "Config overrides for every stage, as section.key=value.")
-    app.run(main)
+    from train import cli
+
+    cli.run(main)

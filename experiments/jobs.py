@@ -1,7 +1,8 @@
 """Training jobs as subprocesses, for the scripts that run an experiment at several seeds
 (``cot_run``, ``switch_run``, ``synthetic_run``): one ``python -m train`` per (config, seed), then optionally one
 ``python -m train.evaluate``, each logged to ``ROOT/NAME/seedS/log.txt``; ``run_all`` runs several at once,
-``define_flags`` declares the flags the scripts share."""
+``define_flags`` declares the flags the scripts share. ``stage`` trains one config in this process, for the
+runners whose stages chain (``orpo_run``, ``cai_run``)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -55,6 +56,20 @@ def job(name: str, seed: int, root: str, overrides: list[str], mem_fraction: flo
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def stage(c, workdir: str, start: str = "") -> dict:
+    """Train ``c`` in ``workdir`` (``trainer.run``: resumes, or returns at once when finished there), from the
+    parameters of the run in the workdir ``start`` when given (``train.init_from``); the run's last metrics.
+    ValueError naming the workdir when the run stopped before ``train.steps`` (preempted): a rerun resumes it."""
+    from train import trainer
+
+    c.train.init_from = start
+    last = trainer.run(c, workdir)
+    if not os.path.exists(os.path.join(workdir, "results.json")):
+        raise ValueError(f"the run in {workdir} stopped at step {last.get('step')} of {c.train.steps} "
+                         f"(preempted); run the same command again to resume it.")
+    return last
 
 
 def define_flags(root: str) -> None:

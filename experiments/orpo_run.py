@@ -27,9 +27,17 @@ import importlib
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
+from experiments import jobs
 from experiments.jobs import cell
+
+def _is_lr(text: str) -> bool:
+    try:
+        return 0 < float(text) < 1
+    except ValueError:
+        return False
+
 
 def dpo_label(lr: float) -> str:
     return f"SFT + DPO (lr {lr:g})"
@@ -73,12 +81,8 @@ def config(name: str, seed: int, overrides: list[str], **train):
 
 
 def stage(c, workdir: str, start: str = "") -> dict:
-    """Train ``c`` in ``workdir`` (from the parameters of the run in the workdir ``start`` when given:
-    ``train.init_from``); its results.json."""
-    from train import trainer
-
-    c.train.init_from = start
-    trainer.run(c, workdir)
+    """``jobs.stage``, then the run's results.json."""
+    jobs.stage(c, workdir, start)
     with open(os.path.join(workdir, "results.json")) as f:
         return json.load(f)
 
@@ -157,6 +161,8 @@ def main(argv):
     del argv
     F = flags.FLAGS
     root, seeds = os.path.abspath(F.root), [int(s) for s in F.seeds]
+    if not 0 <= F.corrupt <= 1:
+        raise ValueError(f"--corrupt is {F.corrupt}; use a share in [0, 1].")
     dpo_lrs = [float(x) for x in F.dpo_lrs]
     per_seed = [run_seed(root, s, F.base_steps, F.steps, F.corrupt, dpo_lrs, F.set) for s in seeds]
     text = tables(per_seed, seeds)
@@ -172,5 +178,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("steps", 400, "Fine-tuning steps of each method (SFT + DPO: half each).")
     flags.DEFINE_float("corrupt", 0.5, "Share of the base mix's chains of thought that are corrupted.")
     flags.DEFINE_list("dpo_lrs", ["3e-4", "3e-5"], "DPO's peak learning rates (each its own run from one SFT model).")
+    flags.register_validator("dpo_lrs", lambda v: all(_is_lr(x) for x in v), "--dpo_lrs: use learning rates in (0, 1), "
+                             "comma-separated, e.g. 3e-4,3e-5.")
     flags.DEFINE_multi_string("set", [], "Config overrides for every stage, as section.key=value.")
-    app.run(main)
+    from train import cli
+
+    cli.run(main)
