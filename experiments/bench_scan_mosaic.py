@@ -6,8 +6,9 @@
 
 Needs jax >= 0.11 (``models/scan_kernel_mosaic.py``). Forward only: (y, h_last) without gradient, no resets,
 h0 = 0. Rows: 'triton P=1' (``selective_scan_pallas``, block_e 64, 4 warps, chunk 8, no sequence split: the
-same grid as the prototype), 'triton auto' (its default sequence split), and 'mosaic chunk=c' (one
-warpgroup per (row, 64 channels)). Each time is the median of ``--runs`` calls after a warm-up, rotating
+same grid as the prototype), 'triton auto' (its default sequence split), 'mosaic chunk=c' (one
+warpgroup per (row, 64 channels)), and the first chunk again with the store barriers Mosaic GPU inserts
+by default ('barriers') or with ``ex2.approx.ftz`` for exp2 ('approx_math'). Each time is the median of ``--runs`` calls after a warm-up, rotating
 among 3 input sets; the error column is the largest relative error of y and h_last against 'triton P=1' on
 the same inputs. A variant that fails to compile or run is an error row (its message is the finding).
 """
@@ -32,12 +33,14 @@ def variants(chunks, quick):
         return lambda inp: scan_kernel.selective_scan_pallas(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
                                                              seq_splits=P, **kw)
 
-    def mosaic(c):
+    def mosaic(c, **kw):
         return lambda inp: scan_kernel_mosaic.selective_scan_mosaic(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
-                                                                    chunk=c)
+                                                                    chunk=c, **kw)
 
     out = [("triton P=1", be, triton(1))] + ([] if quick else [("triton auto", None, triton(None))])
-    return out + [(f"mosaic chunk={c}", scan_kernel_mosaic.BLOCK_E, mosaic(c)) for c in chunks]
+    out += [(f"mosaic chunk={c}", scan_kernel_mosaic.BLOCK_E, mosaic(c)) for c in chunks]
+    return out + [(f"mosaic chunk={chunks[0]} {name}", scan_kernel_mosaic.BLOCK_E, mosaic(chunks[0], **{name: True}))
+                  for name in ("barriers", "approx_math")]
 
 
 def main(argv=None):
@@ -53,7 +56,7 @@ def main(argv=None):
     chunks = [4] if args.quick else [int(c) for c in args.chunks.split(",")]
     runs = args.runs or (1 if args.quick else 20)
     print(f"jax {jax.__version__}  devices: {jax.devices()}  x/dt/B/C bfloat16, A float32, forward only")
-    print(f"\n{'b x L x E x N':<20}{'kernel':<18}{'programs':>9}{'fwd ms':>10}{'vs triton P=1':>15}{'max rel err':>13}")
+    print(f"\n{'b x L x E x N':<20}{'kernel':<28}{'programs':>9}{'fwd ms':>10}{'vs triton P=1':>15}{'max rel err':>13}")
     results = {}
     for b, s, E, N in shapes:
         name = f"{b}x{s}x{E}x{N}"
@@ -68,11 +71,11 @@ def main(argv=None):
                 t = median_ms(f, input_sets, runs)
                 base_t = t if base_t is None else base_t
                 programs = "auto" if per_program is None else b * E // per_program
-                print(f"{name:<20}{label:<18}{programs!s:>9}{t:>10.3f}{t / base_t:>15.2f}{err:>13.1e}")
+                print(f"{name:<20}{label:<28}{programs!s:>9}{t:>10.3f}{t / base_t:>15.2f}{err:>13.1e}")
                 results[(name, label)] = (t, err)
             except Exception as e:  # noqa: BLE001 (an error row, then the next variant)
                 msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-                print(f"{name:<20}{label:<18}  error: {type(e).__name__}: {msg}")
+                print(f"{name:<20}{label:<28}  error: {type(e).__name__}: {msg}")
                 results[(name, label)] = None
     return results
 

@@ -73,22 +73,27 @@ def _fwd_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, hl_ref, *, T,
 
 
 @functools.lru_cache(maxsize=None)
-def _make(shape, N, chunk, interpret):
+def _make(shape, N, chunk, barriers, approx_math, interpret):
     b, S, E = shape
     kernel = functools.partial(_fwd_kernel, T=chunk, n=S // chunk)
-    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                  unsafe_no_auto_barriers=not barriers, approx_math=approx_math)
     return plgpu.kernel(kernel, out_type=(jax.ShapeDtypeStruct((b, S, E), F32), jax.ShapeDtypeStruct((b, E, N), F32)),
                         grid=(b, E // BLOCK_E), grid_names=("b", "e"), compiler_params=params,
                         interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
-def selective_scan_mosaic(x, dt, A, B, C, *, h0=None, chunk: int = 8, interpret=None):
+def selective_scan_mosaic(x, dt, A, B, C, *, h0=None, chunk: int = 8, barriers: bool = False,
+                          approx_math: bool = False, interpret=None):
     """(y [b, s, E] float32, h_last [b, E, N] float32), forward only (no gradient, no resets).
 
     x, dt [b, s, E] and B, C [b, s, N] in any float dtype; A [E, N]; h0 [b, E, N] or None (zeros). Needs
     s % chunk == 0, E % 64 == 0 and N % 8 == 0 (the WGMMA register layout's tile): a prototype for timing
-    against ``selective_scan_pallas``, which pads instead. ``interpret`` (default: not on a GPU) runs the kernel
-    in the Mosaic GPU interpreter on CPU."""
+    against ``selective_scan_pallas``, which pads instead. ``barriers``: keep the warpgroup barrier Mosaic GPU
+    puts before and after every store (two ``bar.sync`` per step, for the y row); they order a thread's
+    reads and writes of one memory region, and this kernel never reads what it writes, so they are off by
+    default (``CompilerParams.unsafe_no_auto_barriers``). ``approx_math``: ``ex2.approx.ftz`` for exp2.
+    ``interpret`` (default: not on a GPU) runs the kernel in the Mosaic GPU interpreter on CPU."""
     if not AVAILABLE:
         raise RuntimeError(f"the Mosaic GPU scan needs jax >= 0.11 (jax.experimental.pallas.mosaic_gpu with "
                            f"InterpretGPUParams); this is jax {jax.__version__}.")
@@ -100,4 +105,4 @@ def selective_scan_mosaic(x, dt, A, B, C, *, h0=None, chunk: int = 8, interpret=
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     h0 = jnp.zeros((b, E, N), F32) if h0 is None else h0.astype(F32)
-    return _make((b, s, E), N, int(chunk), bool(interpret))(x, dt, A.astype(F32), B, C, h0)
+    return _make((b, s, E), N, int(chunk), bool(barriers), bool(approx_math), bool(interpret))(x, dt, A.astype(F32), B, C, h0)
