@@ -8,9 +8,10 @@ Needs jax >= 0.11 (``models/scan_kernel_mosaic.py``). Forward only: (y, h_last) 
 h0 = 0. Rows: 'triton P=1' (``selective_scan_pallas``, block_e 64, 4 warps, chunk 8, no sequence split: the
 same grid as the prototype), 'triton auto' (its default sequence split), 'mosaic chunk=c' (one
 warpgroup per (row, 64 channels)), and the first chunk again with the store barriers Mosaic GPU inserts
-by default ('barriers') or with ``ex2.approx.ftz`` for exp2 ('approx_math'). Each time is the median of ``--runs`` calls after a warm-up, rotating
-among 3 input sets; the error column is the largest relative error of y and h_last against 'triton P=1' on
-the same inputs. A variant that fails to compile or run is an error row (its message is the finding).
+by default ('barriers') or with ``ex2.approx.ftz`` for exp2 ('approx_math'). Each time is the median of
+``--runs`` calls after a warm-up, rotating among 3 input sets; the error column is the largest relative
+error of y and h_last against 'triton P=1' on the same inputs. A variant that fails to compile or run is
+an error row (its message is the finding).
 """
 from __future__ import annotations
 

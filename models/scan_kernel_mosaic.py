@@ -14,8 +14,9 @@ CUDA block running one warpgroup (128 threads) that executes array code in locks
 is h [64, N] (N % 8 == 0): channels on the 64 MMA rows (two per thread, replicated over 4 lanes), the state
 on the columns; ``sum(h * C, axis=1)`` reduces across those 4 lanes, and x, dt [64] (row vectors) and
 B, C [N] (column vectors) broadcast into h for free. This is the same tile and thread count as the Triton
-kernel's default (block_e 64, 4 warps); smaller channel blocks (the Triton backward's 16) cannot be
-expressed in these layouts.
+kernel's default (block_e 64, 4 warps); smaller channel blocks (the Triton backward's 16 on 1 warp) cannot be
+expressed in these layouts, and a sum over channels (axis 0, as the backward's dB and dC need) crosses the 4
+warps: a shared-memory scratch and two warpgroup barriers per reduction.
 
 Grid (b, E / 64), one program per (row, channel block). Inputs stay in global memory (a whole [S, 64] block
 of x alone is 256 KiB in bf16 at S = 2048, more than an SM's 227 KiB of shared memory) and each step reads
@@ -105,4 +106,5 @@ def selective_scan_mosaic(x, dt, A, B, C, *, h0=None, chunk: int = 8, barriers: 
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     h0 = jnp.zeros((b, E, N), F32) if h0 is None else h0.astype(F32)
-    return _make((b, s, E), N, int(chunk), bool(barriers), bool(approx_math), bool(interpret))(x, dt, A.astype(F32), B, C, h0)
+    scan = _make((b, s, E), N, int(chunk), bool(barriers), bool(approx_math), bool(interpret))
+    return scan(x, dt, A.astype(F32), B, C, h0)

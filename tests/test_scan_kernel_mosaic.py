@@ -15,7 +15,7 @@ from tests.helpers import rel_err
 from tests.test_scan_kernel import _h200
 
 pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not KM.AVAILABLE, reason=f"Mosaic GPU prototype needs jax >= 0.11 ({jax.__version__})")]
+              pytest.mark.skipif(not KM.AVAILABLE, reason=f"the Mosaic GPU scan needs jax >= 0.11 ({jax.__version__})")]
 
 
 def numpy_scan(x, dt, A, B, C, h0):
