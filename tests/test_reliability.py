@@ -382,12 +382,12 @@ def cli_overrides(config):
 
 @pytest.mark.timeout(300)
 def test_sigint_saves_exits_0_and_resumes_with_bitwise_equal_losses(tmp_path):
-    c = tiny_train_config(steps=50, ckpt_every=10)
+    c = tiny_train_config(steps=100, ckpt_every=20)
     cmd = [sys.executable, "-m", "train", "--config", "experiments/arith_cot.py", "--workdir", str(tmp_path / "int"),
            *cli_overrides(c)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 200
-    while not (tmp_path / "int" / "checkpoints" / "10").exists() and time.time() < deadline and proc.poll() is None:
+    while not (tmp_path / "int" / "checkpoints" / "20").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[0]
     proc.send_signal(signal.SIGINT)
@@ -395,13 +395,13 @@ def test_sigint_saves_exits_0_and_resumes_with_bitwise_equal_losses(tmp_path):
     assert proc.returncode == 0, out
     assert "SIGINT: saving a checkpoint after this step" in out
     interrupted = max(losses(tmp_path / "int"))
-    ckpt = checkpoint.Checkpointer(str(tmp_path / "int" / "checkpoints"), every=10, keep=3, read_only=True)
-    assert ckpt.latest_step() == interrupted and 10 <= interrupted < 50
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "int" / "checkpoints"), every=20, keep=3, read_only=True)
+    assert ckpt.latest_step() == interrupted and 20 <= interrupted < 100
     ckpt.close()
     assert not (tmp_path / "int" / "results.json").exists()
     trainer.run(c, str(tmp_path / "int"))
     trainer.run(c, str(tmp_path / "straight"))
-    assert sorted(losses(tmp_path / "int")) == list(range(1, 51))
+    assert sorted(losses(tmp_path / "int")) == list(range(1, 101))
     assert losses(tmp_path / "int") == losses(tmp_path / "straight")  # bitwise
 
 
