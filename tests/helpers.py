@@ -6,6 +6,7 @@ which cuts their compile time several-fold (run time does not matter at these si
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,12 @@ import models
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
+# XLA's default CPU code generation (its fusion emitters), which tests/conftest.py switches off on jaxlib
+# < 0.11 for compile speed. The older emitter may round differently in different programs (by an ulp), so
+# a check that two *different* programs agree bitwise or to float32 rounding compiles both with these.
+DEFAULT_CODEGEN = ({"xla_cpu_use_fusion_emitters": True}
+                   if "--xla_cpu_use_fusion_emitters=false" in os.environ.get("XLA_FLAGS", "") else {})
 
 # Float32 compute so that comparisons against references are tight.
 TINY = {

@@ -22,6 +22,16 @@ TINY = ["--config.model.d_model=64", "--config.model.n_layers=2", "--config.mode
         "--config.train.seq_len=64"]
 
 
+@pytest.fixture(autouse=True)
+def no_tpu_programs_in_the_compilation_cache():
+    """The suite's persistent compilation cache (tests/conftest.py) cannot load a TPU program back without a
+    TPU client, so none is written: a later compile of the same program would warn and compile again."""
+    old = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
+
+
 def tiny_config(**mesh):
     c = arith_cot.get_config()
     c.model.update(d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=128)
@@ -107,7 +117,8 @@ def test_other_generations():
 
 
 def _command(*args):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the command picks the CPU itself
+    # the command picks the CPU itself; no compilation cache (its TPU programs could not be loaded back)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")}
     return subprocess.run([sys.executable, "-m", "train.aot", "--config", "experiments/arith_cot.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
 

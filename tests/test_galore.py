@@ -14,6 +14,7 @@ import pytest
 
 from parallel import mesh as mesh_lib
 from parallel import sharding
+from tests.conftest import xla_flags
 from tests.helpers import jit, tiny_train_config
 from train import bench, galore, metrics
 from train import config as config_lib
@@ -278,7 +279,7 @@ def test_trainer_command_line(tmp_path):
                  [f"--config.train.{k}={v}" for k, v in train.items()] +
                  [f"--config.optim.{k}={v}" for k, v in optim_.items()])
     cmd = [sys.executable, "-m", "train", "--config", "experiments/arith_cot.py", "--workdir", str(tmp_path)]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(cmd + overrides, cwd=ROOT, capture_output=True, text=True, timeout=110, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     records = metrics.read_jsonl(str(tmp_path))

@@ -22,6 +22,7 @@ from parallel import mesh as pmesh
 from parallel import sharding
 from parallel.sharding import DEFAULT_RULES
 from tests import parallel_worker as W
+from tests.conftest import xla_flags
 from train import step as tstep
 
 pytestmark = pytest.mark.timeout(40)
@@ -286,9 +287,8 @@ def test_two_processes_match_one_process(tmp_path):
     address = f"localhost:{_free_port()}"
     base = {k: v for k, v in os.environ.items() if k not in (pmesh.ENV_COORDINATOR, pmesh.ENV_NUM_PROCESSES,
                                                            pmesh.ENV_PROCESS_ID)}
-    # Backend optimisation level 0 halves the workers' compile time; losses agree to ~1e-7.
-    base.update(XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
-                JAX_PLATFORMS="cpu")
+    # The suite's compile settings (tests/conftest.py) with 4 devices each; losses agree to ~1e-7.
+    base.update(XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     setups = [(dict(coordinator_address=address, num_processes=2, process_id=0), base),
               ({}, {**base, pmesh.ENV_COORDINATOR: address, pmesh.ENV_NUM_PROCESSES: "2",
                     pmesh.ENV_PROCESS_ID: "1"})]
