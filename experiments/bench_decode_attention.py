@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from models import attention as A  # noqa: E402
 from models import decode_attention as DA  # noqa: E402
+from train.bench import median_seconds  # noqa: E402
 
 
 def parse_config(spec: str) -> DA.Config:
@@ -41,16 +40,6 @@ def parse_config(spec: str) -> DA.Config:
             raise ValueError(f"--configs: {key!r} is not a decode_attention.Config field; use {DA.Config._fields}.")
         fields[key] = int(value)
     return DA.Config(**fields)
-
-
-def median_s(f, *args, reps: int) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def step_program(layers: int, implementation: str, config: DA.Config | None):
@@ -97,7 +86,7 @@ def main(argv=None) -> int:
             try:
                 f = step_program(layers, "xla", config)
                 out = f(*inputs)
-                s = median_s(f, *inputs, reps=args.reps) / layers
+                s = median_seconds(f, *inputs, reps=args.reps) / layers
             except Exception as e:  # one failing variant (a tile Triton refuses) leaves the others' rows
                 print(f"{name:<34}{b:>6}  error: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                 continue

@@ -12,7 +12,7 @@ Prints Markdown tables:
   3. one linear at prefill sizes (tokens x in -> out): bf16 ``jnp.dot``, the int8 x int8 -> int32 product
      alone, W8A8 O1 (per-token dynamic activation quantization + the int8 product + rescale), W8A8 O3
      (static scale), int4 weight-only (dequantize, then bf16 matmul);
-  4. gemv: the fused int4 kernel ``awq.int4_gemv`` at decoding sizes (--gemv_rows, default one row) for the
+  4. gemv: the fused int4 kernel ``int4_kernel.int4_gemv`` at decoding sizes (--gemv_rows, default one row) for the
      1.26B config's decoding shapes (--gemv_shapes, default all five: ``decode_params`` joins W_q, W_k, W_v
      into 2048x6144 and W_gate, W_up into 2048x11264; W_o 2048x2048, W_down 5632x2048; the head 2048x32000,
      kept in bf16 by the compression, for reference): its per-shape default tiles and one change each
@@ -24,7 +24,7 @@ Prints Markdown tables:
      fails to compile or run is an error row. Expect roughly 20-25 s a shape (not yet timed on the H200).
   5. greedy decoding at batch 1 (prompt 512, --new_tokens) of the variants named in --decode ("bf16",
      "W8A8" (O1), "int4 g128" (XLA dequantizes into a bf16 copy before each matmul), "int4 g128 fused" (rows
-     through ``awq.int4_gemv`` with its per-shape default tiles, or --gemv's)) and, in the same process, one
+     through ``int4_kernel.int4_gemv`` with its per-shape default tiles, or --gemv's)) and, in the same process, one
      more fused variant per --decode_ab tile setting (an A/B of the kernel's tiles); through
      ``models.generate``; decode step time = (time for N new tokens - time for 1) / (N - 1), prefill
      excluded. Weight bytes per step / step time is the effective bandwidth; the byte ratio bounds int4's
@@ -83,7 +83,7 @@ def model_variants(names=("bf16", "W8A8", "int4 g128", "int4 g128 fused"), abstr
     (XLA dequantize), "int4 g128 fused" (the fused kernel, --gemv tiles) and "int4 fused OPTS" (those tiles);
     ``abstract``: shapes only (``jax.eval_shape``), no device memory."""
     from experiments import bench_llama_1b
-    from models import awq, smoothquant, transformer, weights
+    from models import awq, int4_kernel, smoothquant, transformer, weights
 
     c = bench_llama_1b.get_config()
     c.model.param_dtype = "bfloat16"
@@ -113,7 +113,7 @@ def model_variants(names=("bf16", "W8A8", "int4 g128", "int4 g128 fused"), abstr
             elif name == "int4 g128 fused":
                 out[name] = awq.with_kernel(w4, kernel_name(), **GEMV_OPTIONS)
             elif name.startswith("int4 fused "):
-                out[name] = awq.with_kernel(w4, kernel_name(), **awq.kernel_options("x:" + name[11:])[1])
+                out[name] = awq.with_kernel(w4, kernel_name(), **int4_kernel.kernel_options("x:" + name[11:])[1])
             else:
                 raise ValueError(f"unknown variant {name!r}")
         else:
@@ -178,7 +178,7 @@ MANY_ROWS = ("default", "combine=atomic", "block_n=128", "splits=4")  # rows > 2
 def gemv(rows_list=(1,), shapes=GEMV_SHAPES) -> list:
     """The fused int4 kernel's variants vs bf16 and XLA's dequantize + matmul at decoding sizes (table 4);
     shapes "KxN,KxN"."""
-    from models import awq, layers
+    from models import awq, int4_kernel, layers
 
     shapes = ((256, 512), (512, 256)) if TINY else [tuple(int(d) for d in kn.split("x")) for kn in shapes.split(",")]
     out = []
@@ -212,13 +212,13 @@ def gemv(rows_list=(1,), shapes=GEMV_SHAPES) -> list:
             for name, opts in GEMV_VARIANTS:
                 if m > 2 and name not in MANY_ROWS:
                     continue
-                plan = awq.gemv_plan(m, k, n, group, **opts)
+                plan = int4_kernel.gemv_plan(m, k, n, group, **opts)
                 row = {**base, "variant": name, "tiles": "fallback" if plan is None else
                        "bn={block_n} bk={block_k} splits={splits} warps={num_warps} stages={num_stages} {mode} "
                        "{convert} {combine}".format(**plan)}
                 try:
                     def f(a, p, s, z, opts=opts):
-                        return awq.int4_gemv(a, p, s, z, group=group, interpret=TINY, **opts)
+                        return int4_kernel.int4_gemv(a, p, s, z, group=group, interpret=TINY, **opts)
 
                     got = np.asarray(jax.jit(f)(x, packed[0], scale[0], zero[0]))
                     t = per_call(f, packed, scale, zero)
@@ -273,15 +273,15 @@ def decode(model, mcfg, variants: dict, new_tokens: int, prompt_len: int = 512, 
 
 def ok_kernel(params) -> bool:
     """Whether the fused int4 kernel compiles and runs here with ``params``' tiles (printed reason when not)."""
-    from models import awq
+    from models import int4_kernel
 
     w = params["layers"]["wq"]
     try:
         one = jax.tree.map(lambda a: a[0], w)
-        name, opts = awq.kernel_options(one.kernel)
-        jax.block_until_ready(awq.int4_gemv(jnp.ones((one.scale.shape[0] * one.group,), jnp.bfloat16), one.packed,
-                                            one.scale, one.zero, group=one.group, interpret=name == "interpret",
-                                            **opts))
+        name, opts = int4_kernel.kernel_options(one.kernel)
+        x = jnp.ones((one.scale.shape[0] * one.group,), jnp.bfloat16)
+        jax.block_until_ready(int4_kernel.int4_gemv(x, one.packed, one.scale, one.zero, group=one.group,
+                                                    interpret=name == "interpret", **opts))
         return True
     except Exception as e:
         print(f"int4 fused kernel unavailable: {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -296,7 +296,7 @@ def ops(names) -> list:
 
     import jax.extend.core as jex
 
-    from models import awq
+    from models import int4_kernel
 
     model, mcfg, variants = model_variants(names, abstract=True)
     tok = jax.ShapeDtypeStruct((1, 1), jnp.int32)
@@ -333,8 +333,8 @@ def ops(names) -> list:
         tiles = []
         for (kname, grid), n in collections.Counter(kernels).items():
             k, n_out = (int(d) for d in kname.rsplit("_", 1)[1].split("x"))
-            opts = awq.kernel_options(p["layers"]["wq"].kernel)[1]
-            plan = awq.gemv_plan(1, k, n_out, 128, **opts)
+            opts = int4_kernel.kernel_options(p["layers"]["wq"].kernel)[1]
+            plan = int4_kernel.gemv_plan(1, k, n_out, 128, **opts)
             tiles.append(f"{n} x {k}x{n_out} grid {grid[0]}x{grid[1]} bn={plan['block_n']} bk={plan['block_k']} "
                          f"steps={plan['steps']} warps={plan['num_warps']} {plan['convert']} {plan['combine']}")
         rows.append({"variant": name, "ops_per_step": sum(acc.values()), "pallas_calls": acc["pallas_call"],
@@ -374,8 +374,8 @@ def main():
     args = p.parse_args()
     global TINY, GEMV_OPTIONS, ATTENTION
     TINY, ATTENTION = args.tiny, args.attention
-    from models import awq
-    GEMV_OPTIONS = awq.kernel_options("pallas:" + args.gemv)[1]
+    from models import int4_kernel
+    GEMV_OPTIONS = int4_kernel.kernel_options("pallas:" + args.gemv)[1]
     sections = set(args.sections.split(","))
     decode_names = [n.strip() for n in args.decode.split(",") if n.strip()]
     decode_names += [f"int4 fused {o.strip()}" for o in args.decode_ab.split(";") if o.strip()]

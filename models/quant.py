@@ -153,6 +153,16 @@ def unpack_nibbles(p: jax.Array, axis: int) -> jax.Array:
 
 # ----------------------------------------------------------------------------- memory
 
+def dequantize_groups(packed: jax.Array, scale: jax.Array, zero: jax.Array, group: int, dtype=jnp.float32) -> jax.Array:
+    """W [..., in, out] = (q - zero) * scale per group of ``group`` input rows, from nibbles packed along the
+    input axis (``pack_nibbles``) and scale, zero [..., in/group, out]."""
+    q = unpack_nibbles(packed, packed.ndim - 2).astype(jnp.float32)
+    *lead, n_in, out = q.shape
+    qg = q.reshape(*lead, n_in // group, group, out)
+    w = (qg - zero.astype(jnp.float32)[..., None, :]) * scale.astype(jnp.float32)[..., None, :]
+    return w.reshape(*lead, n_in, out).astype(dtype)
+
+
 def tree_bytes(tree) -> int:
     """Bytes held by every array leaf of ``tree`` (weight types count their parts)."""
     return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)

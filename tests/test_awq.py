@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import awq, generate, quant, weights
+from models import awq, generate, int4_kernel, quant, weights
 from models import transformer as T
 from tests import helpers
 
@@ -177,20 +177,20 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
     # one loop step per program, at least one program per SM of an H200, at most four
     grids = {}
     for k, n in ((2048, 6144), (2048, 2048), (2048, 11264), (5632, 2048)):
-        plan = awq.gemv_plan(1, k, n, 128)
+        plan = int4_kernel.gemv_plan(1, k, n, 128)
         assert plan["mode"] == "fma" and plan["steps"] == 1 and plan["convert"] == "cast", (k, n, plan)
         assert 132 <= plan["blocks"] * plan["splits"] <= 4 * 132, (k, n, plan)
         grids[k, n] = (plan["block_n"], plan["splits"], plan["num_warps"])
     assert grids == {(2048, 6144): (512, 16, 8), (2048, 2048): (128, 16, 4), (2048, 11264): (512, 16, 8),
                      (5632, 2048): (512, 44, 8)}
-    plan = awq.gemv_plan(1, 5632, 2048, 128, block_n=256, splits=22)  # requested sizes: one load, two groups
+    plan = int4_kernel.gemv_plan(1, 5632, 2048, 128, block_n=256, splits=22)  # requested sizes: one load, two groups
     assert (plan["block_n"], plan["splits"], plan["per"], plan["block_k"], plan["steps"]) == (256, 22, 2, 256, 1)
-    assert awq.gemv_plan(4, 2048, 2048, 128)["mode"] == "dot" and awq.gemv_plan(9, 2048, 2048, 128) is None
-    assert awq.kernel_options("pallas:block_n=128,mode=dot") == ("pallas", {"block_n": 128, "mode": "dot"})
+    assert int4_kernel.gemv_plan(4, 2048, 2048, 128)["mode"] == "dot" and int4_kernel.gemv_plan(9, 2048, 2048, 128) is None
+    assert int4_kernel.kernel_options("pallas:block_n=128,mode=dot") == ("pallas", {"block_n": 128, "mode": "dot"})
     with pytest.raises(ValueError, match="unknown int4_gemv option"):
         awq.with_kernel(q, "pallas", block=4)
     with pytest.raises(ValueError, match="combine"):
-        awq.gemv_plan(1, 1024, 64, 128, combine="max")
+        int4_kernel.gemv_plan(1, 1024, 64, 128, combine="max")
 
 
 def _eqns(jaxpr, inside_while: bool = False):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import mamba as M
+from models import mamba as M, ssm_scan
 from models import scan_kernel as K
 from tests.helpers import rel_err
 
@@ -45,7 +45,7 @@ def test_outputs_and_gradients_match_sequential_scan(resets, prefetch):
     pallas = lambda x, dt, A, B, C, keep, h0: K.selective_scan_pallas(  # noqa: E731
         x, dt, A, B, C, keep=keep, h0=h0, prefetch=prefetch, **KW)
     grad = lambda scan: jit(jax.grad(functools.partial(loss, scan=scan), has_aux=True))(inp)  # noqa: E731
-    (g_ref, (y_ref, h_ref)), (g, (y, h)) = grad(M._scan_reference), grad(pallas)
+    (g_ref, (y_ref, h_ref)), (g, (y, h)) = grad(ssm_scan._scan_reference), grad(pallas)
     assert rel_err(y, y_ref) < 1e-6 and rel_err(h, h_ref) < 1e-6
     for name in inp:
         assert rel_err(g[name], g_ref[name]) < 1e-5, name
@@ -214,7 +214,7 @@ def split_case():
         return jit(jax.grad(loss, has_aux=True))(inp)
 
     keeps = {False: None, True: 1.0 - jnp.asarray(reset, jnp.float32)}
-    return inp, keeps, grad, {r: grad(M._scan_reference, keeps[r]) for r in (False, True)}
+    return inp, keeps, grad, {r: grad(ssm_scan._scan_reference, keeps[r]) for r in (False, True)}
 
 
 @pytest.mark.parametrize("resets,splits", [(False, 3), (True, 3), (True, 4)])
