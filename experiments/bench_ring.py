@@ -50,14 +50,12 @@ import jax.numpy as jnp  # noqa: E402
 from train import bench  # noqa: E402
 
 GiB = 1 << 30
-# flash_kernel.Config() first, then the fused backward (dq by atomic adds in the dk/dv kernel). The kernels'
-# choices vary together (backward ms = f+b ms - fwd ms). For sm_90 by Triton 3.7 all fit the shared memory;
-# the two-kernel ones spill at most 28 bytes of registers, the fused dk/dv kernel (five wgmma matmuls)
-# none at 64x64 and 64x32, 148 bytes at 128x16 and 516 at 128x32 (its float32 dk, dv of 128 keys take 128
-# of 255 registers). Pallas orders the atomic adds acquire-release (a GPU-wide barrier per vector atomic).
-# -g4: the same kernels launched tile-major over groups of 4 (batch row, head) pairs.
-PALLAS = ("128x64w8s3-128x32w8s3-128x64w8s2,128x64w8s3-128x32w8s3-128x64w8s2-g4,128x64w8s3-64x64w8s2-atomic,"
-          "128x64w8s3-64x64w8s2-atomic-g4,64x64w4s3-64x32w8s3-atomic,128x64w8s3-128x16w8s3-atomic")
+# flash_kernel.Config() first (its tiles from the sweep in experiments/BENCHMARKS.md), then the tiles it
+# replaced, then the fused backward (dq by atomic adds in the dk/dv kernel, measured 2-3x slower). The
+# kernels' choices vary together (backward ms = f+b ms - fwd ms). -g4: the same kernels launched tile-major
+# over groups of 4 (batch row, head) pairs.
+PALLAS = ("128x64w8s3-128x64w8s3-128x32w8s3,128x64w8s3-128x32w8s3-128x64w8s2,128x64w8s3-128x64w8s3-128x32w8s3-g4,"
+          "128x64w8s3-64x64w8s2-atomic")
 
 
 # ----------------------------------------------------------------------------- kernel speed
@@ -71,7 +69,7 @@ def pallas_variants(spec: str) -> list:
     for v in filter(None, (x.strip() for x in spec.split(","))):
         m = re.fullmatch(f"{tile}-{tile}-(?:{tile}|(atomic))(?:-g(\\d+))?", v)
         if not m:
-            raise SystemExit(f"--pallas variant {v!r} does not read like 128x64w8s3-128x32w8s3-128x64w8s2 (forward, "
+            raise SystemExit(f"--pallas variant {v!r} does not read like 128x64w8s3-128x64w8s3-128x32w8s3 (forward, "
                              f"dk/dv and dq kernels: outer tile x inner step, warps, stages; 'atomic' "
                              f"for the dq part: dq added by the dk/dv kernel; a suffix -gG: programs "
                              f"tile-major over groups of G (batch row, head) pairs).")

@@ -69,13 +69,13 @@ class Config(NamedTuple):
     num_warps: int = 8
     num_stages: int = 3
     dkdv_block_k: int = 128   # dk, dv: key rows per program
-    dkdv_block_q: int = 32    # dk, dv: query rows per loop step
+    dkdv_block_q: int = 64    # dk, dv: query rows per loop step
     dkdv_num_warps: int = 8
     dkdv_num_stages: int = 3
     dq_block_q: int = 128     # dq: query rows per program
-    dq_block_k: int = 64      # dq: key rows per loop step
+    dq_block_k: int = 32      # dq: key rows per loop step
     dq_num_warps: int = 8
-    dq_num_stages: int = 2
+    dq_num_stages: int = 3
     fused_dq: str = ""        # "atomic": dq by atomic adds in the dk, dv kernel (dq_* unused)
     group: int = 0            # > 0: programs tile-major over groups of this many (batch row, head) pairs
 
