@@ -14,8 +14,9 @@
 #   orpo    ORPO vs SFT vs SFT + DPO, seeds SEEDS (default "0 1") in parallel (experiments/orpo_run.py)
 #   cai     Constitutional AI end to end, seeds SEEDS in parallel (experiments/cai_run.py; CAI_FLAGS adds its flags)
 #   ring    induction heads at 32768 tokens with Ring Attention over every GPU (context = the GPU count,
-#           at least 2): transformer_induction at 256 tokens, then ring_induction from it (train.init_from),
-#           then the length evaluation at 32766 tokens (runs/ring/lengths.json)
+#           at least 2): the length curriculum of experiments/ring_induction.py (256, 2k and 8k tokens on
+#           one GPU, then 32k on the ring, each from the one before), then the length evaluation at 32766
+#           tokens (runs/ring/lengths.json)
 #   compress  SmoothQuant, AWQ and pruning (PRUNE_DROPS) of the galore group's AdamW lr 1e-3 seed 0 model
 #           (the dense_stdlib config), started when that run has finished
 # Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,
@@ -93,12 +94,17 @@ for g in $groups; do case $g in
              python3 -m experiments.${g}_run --root "$runs/$g" --seeds "${seeds// /,}" $extra >"$runs/${g}_run.txt" 2>&1 \
                && echo "${g}_run done at $SECONDS s") & ;;
   ring) (ring=(--config experiments/ring_induction.py --config.mesh.context="$ngpu" --config.train.progress=False)
-         python3 -m train --config experiments/transformer_induction.py --workdir "$runs/ring/ind256" \
-           --config.train.progress=False >"$runs/ring_run.txt" 2>&1 \
-         && python3 -m train "${ring[@]}" --workdir "$runs/ring/ring" --config.train.init_from="$runs/ring/ind256" \
+         r=$runs/ring; short=(--config.train.progress=False)
+         python3 -m train --config experiments/transformer_induction.py --workdir "$r/ind256" "${short[@]}" \
+           >"$runs/ring_run.txt" 2>&1 \
+         && python3 -m train --config experiments/ring_induction.py:2k --workdir "$r/ind2k" "${short[@]}" \
+           --config.train.init_from="$r/ind256" >>"$runs/ring_run.txt" 2>&1 \
+         && python3 -m train --config experiments/ring_induction.py:8k --workdir "$r/ind8k" "${short[@]}" \
+           --config.train.init_from="$r/ind2k" >>"$runs/ring_run.txt" 2>&1 \
+         && python3 -m train "${ring[@]}" --workdir "$r/ring" --config.train.init_from="$r/ind8k" \
            >>"$runs/ring_run.txt" 2>&1 \
-         && python3 -m train.evaluate "${ring[@]}" --workdir "$runs/ring/ring" --task length_generalization \
-           --out "$runs/ring/lengths.json" >>"$runs/ring_run.txt" 2>&1 && echo "ring_run done at $SECONDS s") & ;;
+         && python3 -m train.evaluate "${ring[@]}" --workdir "$r/ring" --task length_generalization \
+           --out "$r/lengths.json" >>"$runs/ring_run.txt" 2>&1 && echo "ring_run done at $SECONDS s") & ;;
   compress) (src=$runs/galore/lr0.001/galore_adamw_stdlib/seed0
              while [ ! -e "$src/train.json" ]; do sleep 10; done
              echo "compress: source trained at $SECONDS s"

@@ -115,3 +115,16 @@ def test_a_finished_job_is_reused_only_with_the_same_overrides(tmp_path):
     with pytest.raises(ValueError, match=r"holds a finished run with overrides \['train.steps=10'\], not "
                                          r"\['train.steps=20'\]; use another --root"):
         jobs.job("arith_cot", 0, str(tmp_path), ["train.steps=20"], 0.5, eval_task="exact_match")
+
+
+def test_ring_induction_curriculum_stages():
+    from experiments import ring_induction
+    lengths = []
+    for stage in ("2k", "8k", "32k"):
+        c = ring_induction.get_config(stage)
+        config_lib.validate(c)
+        lengths.append(c.train.seq_len)
+        assert (c.model.attention == "ring") == (stage == "32k") and c.data.eval_lengths == (c.data.task_length,)
+    assert lengths == [2048, 8192, 32768]
+    with pytest.raises(ValueError, match=r"stage '16k'; use one of \['2k', '8k', '32k'\]"):
+        ring_induction.get_config("16k")

@@ -101,8 +101,14 @@ CHECKED = {norm(c): reason for c, reason in [
      "one process of a multi-host run (a template: NAME is checked as arith_cot)"),
     ("python -m train --config experiments/arith_cot.py --workdir runs/pipe --config.mesh.stage=2 "
      "--config.pipeline.microbatches=4", "needs 2 devices (tests/test_pipeline.py runs the pipeline on 8 CPU devices)"),
-    ("python -m train --config experiments/ring_induction.py --workdir runs/ring_induction",
-     "needs 8 devices and 32768-token sequences (a GPU host)"),
+    ("python -m train --config experiments/transformer_induction.py --workdir runs/ind256",
+     "4000 steps (minutes on a GPU; tests/test_experiments.py trains this config a few steps)"),
+    ("python -m train --config experiments/ring_induction.py:2k --workdir runs/ind2k "
+     "--config.train.init_from=runs/ind256", "2048-token rows, a stage of the GPU curriculum"),
+    ("python -m train --config experiments/ring_induction.py:8k --workdir runs/ind8k "
+     "--config.train.init_from=runs/ind2k", "8192-token rows, a stage of the GPU curriculum"),
+    ("python -m train --config experiments/ring_induction.py --workdir runs/ring_induction "
+     "--config.train.init_from=runs/ind8k", "needs 8 devices and 32768-token sequences (a GPU host)"),
     ("STEPS=5 WARMUP=2 bash experiments/bench_multi_gpu.sh OUT scaling pipeline ring expert multiprocess",
      "a multi-GPU job script; checked: it parses, has the sections and reads the variables"),
     ("python -m train.ppo --config experiments/cai_ppo.py --workdir runs/cai_ppo",
