@@ -47,10 +47,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 F32 = jnp.float32
+PIECE_STATES = "ssm_piece_states"  # the checkpoint name of the split scan's states before each piece
 LOG2E = 1.4426950408889634  # exp(v) = exp2(v log2 e): exp2 is one fast instruction on NVIDIA GPUs
 
 
@@ -302,6 +304,9 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         (h_end,) = forward(xf, dtf, A, Bf, Cf, kf, jnp.zeros((b * (P - 1), E, N), F32), save=False, emit_y=False,
                            rows=pieces_but(b, 0))
         h_init = combine(piece_decay(dt, A, keep)[:, :-1], h_end.reshape(b, P - 1, E, N), h0, reverse=False)
+        # [b, P, E, N]: a remat policy that keeps this name (layers.REMAT_POLICIES "dots") spares the
+        # backward's recomputation pass 1, whose only product it is
+        h_init = checkpoint_name(h_init, PIECE_STATES)
         # Pass 2: each piece from its true initial state.
         out = forward(xf, dtf, A, Bf, Cf, kf, h_init.reshape(b * P, E, N), save=save)
         y, h_last = out[0].reshape(b, S, E), out[1].reshape(b, P, E, N)[:, -1]

@@ -236,6 +236,24 @@ def test_sequence_split_matches_sequential_scan(split_case, resets, splits):
         np.testing.assert_array_equal(h2, h)
 
 
+def test_dots_remat_keeps_the_piece_states(split_case, capsys):
+    """Under the "dots" remat policy the split scan's states before each piece are kept (so the backward's
+    recomputation skips pass 1, whose only product they are), and the gradients are those without remat."""
+    from models import layers
+    inp, keeps, grad, _ = split_case
+
+    def pallas(x, dt, A, B, C, keep, h0):
+        return K.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0, seq_splits=3, **KW)
+
+    remat = jax.checkpoint(pallas, policy=layers.REMAT_POLICIES["dots"])
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")] + [keeps[True], inp["h0"]]
+    jax.ad_checkpoint.print_saved_residuals(lambda *a: jnp.sum(remat(*a)[0]), *args)
+    assert f"f32[2,3,16,4] named '{K.PIECE_STATES}'" in capsys.readouterr().out
+    (g, _), (g_remat, _) = grad(pallas, keeps[True]), grad(remat, keeps[True])
+    for name in inp:
+        assert rel_err(g_remat[name], g[name]) < 1e-6, name
+
+
 def test_sequence_split_lowers_to_triton():
     """Split in 4: the forward is two kernel calls (pieces from zero, then from their true states); the
     gradient adds the adjoint-only kernel and the backward (4 calls). The choice: split only while the
