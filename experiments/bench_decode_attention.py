@@ -6,9 +6,9 @@
 One jitted program runs the attention of all 22 layers of one decode step (one new token per row, 16
 heads = 16 kv heads of 128, bf16, the stacked cache [22, batch, max_len, 16, 128] read by layer as
 ``transformer.decoder_layer`` does, q_start = the cache index, every slot up to it in segment 1): with
-``model.attention='xla'`` (the layer sliced out of the stacked cache, XLA's kernels) and with
-``'pallas_decode'`` for each --configs entry (``decode_attention.Config`` fields; splits=0 is the
-automatic split-K). Prints per variant and batch: the median time of the program divided by the layers
+``model.attention='xla'`` (the layer sliced out of the stacked cache, XLA's kernels) and with the kernel
+that ``'pallas_decode'`` runs (``decode_attention.decode_attention``, called directly) for each --configs
+entry (``decode_attention.Config`` fields; splits=0 is the automatic split-K). Prints per variant and batch: the median time of the program divided by the layers
 (us per layer), the bytes the attention must read (the q_start + 1 filled slots of k and v, bf16) per
 second, the split count, and the largest absolute difference from XLA's output. The mean cache index
 of ``train.bench``'s decoding (512-token prompt, 256 new tokens) is 640, its cache 768 slots.
@@ -42,13 +42,14 @@ def parse_config(spec: str) -> DA.Config:
     return DA.Config(**fields)
 
 
-def step_program(layers: int, implementation: str, config: DA.Config | None):
-    """All layers' attention of one step: q [layers, b, 1, h, d] against the stacked cache -> [layers, b, 1, h, d]."""
+def step_program(layers: int, config: DA.Config | None):
+    """All layers' attention of one step: q [layers, b, 1, h, d] against the stacked cache -> [layers, b, 1, h, d];
+    XLA's (``attention="xla"``, the layer sliced out) when ``config`` is None, else the kernel with ``config``."""
     def run(q, k, v, q_start, q_seg, kv_seg):
         outs = []
         for layer in range(layers):
             if config is None:
-                outs.append(A.attention(q[layer], k, v, implementation=implementation, q_segment_ids=q_seg,
+                outs.append(A.attention(q[layer], k, v, implementation="xla", q_segment_ids=q_seg,
                                         kv_segment_ids=kv_seg, q_start=q_start, kv_layer=layer))
             else:
                 outs.append(DA.decode_attention(q[layer], k, v, q_start, q_seg, kv_seg, layer=layer, config=config))
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         want = None
         for name, config in [("xla", None)] + [(f"pallas {spec or 'default'}", c) for spec, c in configs]:
             try:
-                f = step_program(layers, "xla", config)
+                f = step_program(layers, config)
                 out = f(*inputs)
                 s = median_seconds(f, *inputs, reps=args.reps) / layers
             except Exception as e:  # one failing variant (a tile Triton refuses) leaves the others' rows

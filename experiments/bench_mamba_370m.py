@@ -30,7 +30,7 @@ state of 48 x 64 x (2048 x 16 float32 + 3 x 2048 bf16), 440 MB; the Transformer:
         --new_tokens 256 --out llama_350m_decode.json
 
 A 4096-token prompt (``--prompt_len 4096``) may not fit the Transformer's prefill at batch 64:
-attention over a cache never takes cuDNN (``models.attention._auto``), and XLA's attention holds
+attention over a cache never takes cuDNN (``models.attention.auto_choice``), and XLA's attention holds
 float32 scores [64, 16, 4096, 4352], 73 GB, for one layer at a time (19 GB at prompt 2048).
 
 No length field is needed for either family at 32k: the Transformer's RoPE is computed from the

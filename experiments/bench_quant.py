@@ -1,4 +1,4 @@
-"""Speed and memory of the quantized weight types on one GPU, for the 1.26B config (experiments/bench_quant.py).
+"""Speed and memory of the quantized weight types on one GPU, for the 1.26B config (experiments/bench_llama_1b.py).
 
     python experiments/bench_quant.py [--out results.json] [--sections memory,linear,gemv,decode,ops]
         [--gemv_shapes 2048x6144,2048x2048] [--gemv_rows 1] [--decode 'bf16,int4 g128 fused']
@@ -163,7 +163,8 @@ def linears() -> list:
 
 GEMV_SHAPES = "2048x6144,2048x2048,2048x11264,5632x2048,2048x32000"  # decode_params' fused W_qkv, W_o, fused
 # W_gate_up, W_down, and the head (kept in bf16 by the compression, for reference)
-GEMV_VARIANTS = (  # (name, int4_gemv options): the per-shape default, then one change each
+GEMV_VARIANTS = (  # (name, int4_gemv options): the per-shape default, then one requested change each (the
+    # plan fits the rest to the shape: e.g. with splits=4 it may still halve block_n; the tiles column shows it)
     ("default", {}),
     ("block_n=512 warps=8", dict(block_n=512, num_warps=8)),
     ("block_n=256", dict(block_n=256)),
@@ -265,7 +266,7 @@ def decode(model, mcfg, variants: dict, new_tokens: int, prompt_len: int = 512, 
             with jax.profiler.trace(logdir):
                 run(n)
             print(f"{name}: prefill + {n - 1} steps\n" + train_bench.kernel_table(logdir, n - 1), flush=True)
-    base = rows[0]["decode_step_ms"]
+    base = next((r for r in rows if r["variant"] == "bf16"), rows[0])["decode_step_ms"]
     for r in rows:
         r["speedup_vs_bf16" if "bf16" in variants else "vs_first"] = base / r["decode_step_ms"]
     return rows
@@ -309,11 +310,9 @@ def ops(names) -> list:
                 name = e.params.get("name") or e.params.get("name_and_src_info")
                 kernels.append((str(getattr(name, "name", name)), tuple(e.params["grid_mapping"].grid)))
                 continue
-            subs = [v for v in e.params.values() if isinstance(v, (jex.ClosedJaxpr, jex.Jaxpr))]
-            subs += [b for v in e.params.values() if isinstance(v, (tuple, list)) for b in v
-                     if isinstance(b, (jex.ClosedJaxpr, jex.Jaxpr))]
+            subs = list(jex.jaxprs_in_params(e.params))
             for sub in subs:
-                count(getattr(sub, "jaxpr", sub), acc, kernels)
+                count(sub, acc, kernels)
             if not subs or e.primitive.name not in ("pjit", "jit", "closed_call", "custom_jvp_call",
                                                     "custom_vjp_call"):
                 acc[e.primitive.name] += 1

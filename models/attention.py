@@ -12,8 +12,9 @@ Implementations:
   xla        ``jax.nn.dot_product_attention(implementation="xla")``.
   cudnn      ``jax.nn.dot_product_attention(implementation="cudnn")``: flash attention on
              NVIDIA GPUs, bf16/fp16 only.
-  auto       cached decoding steps on GPU: the ``pallas_decode`` kernel; otherwise cudnn on GPU for
-             half-precision inputs where cuDNN takes them, xla elsewhere (``auto_choice``).
+  auto       cached decoding steps on GPU: the ``pallas_decode`` kernel (where it takes the head_dim and
+             the active layout); otherwise cudnn on GPU for half-precision inputs where cuDNN takes
+             them, xla elsewhere (``auto_choice``).
   pallas_decode  for cached decoding steps (a few new tokens, q_len <= ``DECODE_MAX_Q``, against a
              longer cache) the fused Pallas kernel of ``models/decode_attention.py``: one kernel per
              layer (two with split-K), the stacked cache read in place (``kv_layer``); on GPU where
@@ -25,6 +26,7 @@ Implementations:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -72,17 +74,13 @@ def _library(implementation):
 
 
 def auto_choice(q, k, *, on_gpu: bool, q_segment_ids=None, q_start=0, **_) -> str:
-    """The implementation ``auto`` takes: cuDNN flash attention for half-precision training and
-    prefill on GPU; XLA otherwise. That includes cached decoding (cuDNN would take its mask over the
-    cache as a dense bias) and a segment mask over an odd length, which cuDNN refuses in training."""
+    """The implementation ``auto`` takes outside cached decoding steps on GPU: cuDNN flash attention for
+    half-precision training and prefill on GPU; XLA otherwise (a cached call, where cuDNN would take its mask
+    over the cache as a dense bias, and a segment mask over an odd length, which cuDNN refuses in training)."""
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     uncached = q.shape[1] == k.shape[1] and isinstance(q_start, int)
     even = q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0
     return "cudnn" if on_gpu and half and uncached and (even or _plain_causal(q, k, q_segment_ids, q_start)) else "xla"
-
-
-def _auto(q, k, v, **kw):
-    return IMPLEMENTATIONS[auto_choice(q, k, on_gpu=jax.default_backend() == "gpu", **kw)](q, k, v, **kw)
 
 
 DECODE_MAX_Q = 16  # the most new tokens per row that ``pallas_decode`` sends to the kernel
@@ -100,18 +98,23 @@ def _one_layer(k, v, kv_layer, dtype):
     return k.astype(dtype), v.astype(dtype)
 
 
-def _pallas_decode(q, k, v, *, kv_layer=None, gpu_only: bool = False, **kw):
-    """The decode kernel for a cached step (on GPU with a head_dim it takes; off GPU in the interpreter unless
-    ``gpu_only``), ``auto`` otherwise."""
+def _decode_or_auto(q, k, v, *, kv_layer=None, gpu_only: bool, **kw):
+    """``auto`` (gpu_only) and ``pallas_decode``: a cached decoding step through the decode kernel (on GPU
+    where it takes the head_dim and the active layout; off GPU in the interpreter unless ``gpu_only``);
+    every other call cuDNN or XLA by ``auto_choice``."""
     from models import decode_attention  # imported on use: Pallas only when selected
 
-    on_gpu = jax.default_backend() == "gpu"
-    usable = decode_attention.supports(q.shape[-1]) if on_gpu else not gpu_only
+    if jax.default_backend() == "gpu":
+        usable = decode_attention.supports(q.shape[-1]) and (
+            not gpu_only or decode_attention.shardable(q.shape[0], q.shape[2], k.shape[-2]))
+    else:
+        usable = not gpu_only
     if usable and is_decode_step(q, k):
         q_seg = kw.get("q_segment_ids")
         return decode_attention.decode_attention(q, k, v, kw.get("q_start", 0), q_seg,
                                                  None if q_seg is None else kw.get("kv_segment_ids"), layer=kv_layer)
-    return _auto(q, *_one_layer(k, v, kv_layer, q.dtype), **kw)
+    k, v = _one_layer(k, v, kv_layer, q.dtype)
+    return IMPLEMENTATIONS[auto_choice(q, k, on_gpu=jax.default_backend() == "gpu", **kw)](q, k, v, **kw)
 
 
 def _ring(q, k, v, **kw):
@@ -124,10 +127,12 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "reference": reference,
     "xla": _library("xla"),
     "cudnn": _library("cudnn"),
-    "auto": _auto,
-    "pallas_decode": _pallas_decode,
+    # the decode kernel on GPU only (H200, 1.26B: 1.14x the XLA step at batch 1, 1.26x at batch 64)
+    "auto": functools.partial(_decode_or_auto, gpu_only=True),
+    "pallas_decode": functools.partial(_decode_or_auto, gpu_only=False),
     "ring": _ring,
 }
+READS_STACKED = ("auto", "pallas_decode")  # the implementations that take ``kv_layer`` (a stacked cache)
 
 
 def attention(q, k, v, *, implementation: str = "auto", q_segment_ids=None, kv_segment_ids=None, q_start=0,
@@ -138,7 +143,6 @@ def attention(q, k, v, *, implementation: str = "auto", q_segment_ids=None, kv_s
     head_dim] and that layer is read (by ``pallas_decode`` in place, sliced out for the others); k, v
     are cast to q's dtype."""
     kw = dict(q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_start=q_start)
-    if implementation in ("auto", "pallas_decode"):  # auto: the decode kernel on GPU only (H200, 1.26B: 1.14x
-        # the XLA step at batch 1, 1.26x at batch 64)
-        return _pallas_decode(q, k, v, kv_layer=kv_layer, gpu_only=implementation == "auto", **kw)
+    if implementation in READS_STACKED:
+        return IMPLEMENTATIONS[implementation](q, k, v, kv_layer=kv_layer, **kw)
     return IMPLEMENTATIONS[implementation](q, *_one_layer(k, v, kv_layer, q.dtype), **kw)

@@ -67,17 +67,18 @@ class Int4(weights.Weight):
         """x times the dequantized weight; with ``kernel`` "pallas" ("interpret": the same kernel on CPU; tile
         options after a colon, see ``with_kernel``) up to ``int4_kernel.GEMV_ROWS`` rows (decoding, dense form) run
         ``int4_kernel.int4_gemv``, which never writes the float weight."""
-        rows = x.size // x.shape[-1] if x.ndim else 0
-        if (self.kernel and dot.form == "dense" and not dot.transpose and 1 <= rows <= int4_kernel.GEMV_ROWS
-                and self.packed.ndim == 2):
+        if (self.kernel and dot.form == "dense" and not dot.transpose and x.ndim and self.packed.ndim == 2
+                and self.packed.dtype == jnp.uint32):
             name, opts = int4_kernel.kernel_options(self.kernel)
-            y = int4_kernel.int4_gemv(x.reshape(rows, -1), self.packed, self.scale, self.zero, group=self.group,
-                          interpret=name == "interpret", **opts)
-            return y.reshape(*x.shape[:-1], -1).astype(dot.out_dtype or x.dtype)
-        return dot(x, self.dequantize(x.dtype))
+            rows = x.size // x.shape[-1]
+            if int4_kernel.gemv_plan(rows, x.shape[-1], self.packed.shape[-1], self.group, **opts) is not None:
+                y = int4_kernel.int4_gemv(x.reshape(rows, -1), self.packed, self.scale, self.zero, group=self.group,
+                                          interpret=name == "interpret", **opts)
+                return y.reshape(*x.shape[:-1], -1).astype(dot.out_dtype or x.dtype)
+        return dot(x, self.dequantize(x.dtype))  # shapes the kernel cannot tile, and more than GEMV_ROWS rows
 
     def num_params(self) -> int:
-        return int(np.prod(self.packed.shape)) * (8 if self.packed.dtype == jnp.uint32 else 2)
+        return int(np.prod(self.packed.shape)) * quant.nibbles_per_word(self.packed.dtype)
 
 
 def with_kernel(params, kernel: str = "pallas", **options):
@@ -85,10 +86,10 @@ def with_kernel(params, kernel: str = "pallas", **options):
     ``int4_kernel.GEMV_ROWS`` rows (decoding); ``options``: tile settings of ``int4_kernel.int4_gemv``
     (block_n=256, splits=8, ...),
     kept in the weight's static ``kernel`` string ("pallas:block_n=256,splits=8")."""
-    for name in options:
-        if name not in int4_kernel.GEMV_OPTIONS:
-            raise ValueError(f"unknown int4_gemv option {name!r}; use some of {sorted(int4_kernel.GEMV_OPTIONS)}.")
-    spec = kernel + (":" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) if options and kernel else "")
+    if options and not kernel:
+        raise ValueError(f"int4_gemv options {sorted(options)} need a kernel: 'pallas' (or 'interpret' on CPU).")
+    spec = kernel + (":" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) if options else "")
+    int4_kernel.kernel_options(spec)  # refuses an unknown option by name
     return jax.tree.map(lambda w: w.replace(kernel=spec) if isinstance(w, Int4) else w, params,
                         is_leaf=lambda w: isinstance(w, Int4))
 

@@ -18,7 +18,8 @@ denominator l and unnormalised output acc (float32), and a second kernel combine
 
 Only key tiles that hold a slot <= q_start + q_len - 1 are visited (the cache is allocated at its
 full length and filled from the front); the rest are never read. The split into ranges is made at
-run time from q_start, so every split has work at any fill level.
+run time from q_start: the visible tiles are spread evenly over the splits (while fewer tiles than
+splits are visible, some splits get none and the combine gives them weight 0).
 
 The cache may be passed stacked over layers, k, v [layers, b, max_len, kv_heads, d] with the layer
 index a runtime operand (``layer``): the kernel reads that layer where it lies, nothing is sliced
@@ -45,11 +46,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
+from models.flash_kernel import F32, LOG2E, NEG_INF, _dot, _dot_t, _interpret, _params, _pow2
 from parallel import sharding
 
-F32 = jnp.float32
-LOG2E = 1.4426950408889634
-NEG_INF = -jnp.inf
 SMS = 132  # streaming multiprocessors of an H100/H200: the programs split-K aims to fill
 
 
@@ -61,10 +60,6 @@ class Config(NamedTuple):
     num_warps: int = 4
     num_stages: int = 2
     combine_num_warps: int = 4
-
-
-def _pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
 
 
 def supports(head_dim: int) -> bool:
@@ -117,7 +112,7 @@ def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float
         else:
             k, v = at_k[...], at_v[...]
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=F32)  # [Rp, tk]
+        s = _dot_t(q, k)  # [Rp, tk]
         mask = k_pos[None, :] <= q_pos[:, None]
         if has_seg:
             at_s = kseg_ref.at[bi, sl]
@@ -128,8 +123,7 @@ def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         p = jnp.exp2(s - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
-        acc = acc * alpha[:, None] + jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                         preferred_element_type=F32)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     d = q.shape[1]
@@ -194,7 +188,7 @@ def _calls(b: int, kvh: int, g: int, sq: int, max_len: int, d: int, has_seg: boo
     out = jax.ShapeDtypeStruct((b, kvh, r, d), dtype)
     kernel = functools.partial(_kernel, g=g, sq=sq, tk=tk, max_len=max_len, splits=splits, c=d ** -0.5 * LOG2E,
                                has_seg=has_seg)
-    params = None if interpret else plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    params = _params(interpret, config.num_warps, config.num_stages)
     if splits == 1:
         return pl.pallas_call(kernel, grid=(b, kvh, 1), in_specs=in_specs, out_specs=pl.BlockSpec(), out_shape=out,
                               interpret=interpret, compiler_params=params, name="decode_attention"), None
@@ -208,6 +202,19 @@ def _calls(b: int, kvh: int, g: int, sq: int, max_len: int, d: int, has_seg: boo
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=config.combine_num_warps),
         name="decode_attention_combine")
     return main, combine
+
+
+def shardable(batch: int, heads: int, kv_heads: int) -> bool:
+    """Whether ``decode_attention`` can run under the active layout (always without one): ``heads`` and
+    ``kv_heads`` on the same mesh axes, and the rows and both head counts divisible by the devices they
+    are split over."""
+    active = sharding.active()
+    if active is None:
+        return True
+    _, rules = active
+    spec = lambda name: sharding.logical_to_spec((name,), rules)[0]  # noqa: E731
+    heads_n, rows_n = sharding.logical_size("heads"), sharding.logical_size("batch")
+    return spec("heads") == spec("kv_heads") and not (heads % heads_n or kv_heads % heads_n or batch % rows_n)
 
 
 def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, config: Config = Config(),
@@ -241,8 +248,7 @@ def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, c
 
 def _decode_attention(q, k, v, q_start, q_seg, kv_seg, *, layer, config: Config, interpret):
     """``decode_attention`` on one device's arrays."""
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = _interpret(interpret)
     b, sq, h, d = q.shape
     if layer is None:
         k, v, layer = k[None], v[None], 0

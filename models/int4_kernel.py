@@ -196,7 +196,7 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
     x2 = x.reshape(1, -1) if one else x
     m, k = x2.shape
     n = packed.shape[-1]
-    if scale.shape != (k // group, n) or packed.shape[0] * (8 if packed.dtype == jnp.uint32 else 2) != k:
+    if scale.shape != (k // group, n) or packed.shape[0] * quant.nibbles_per_word(packed.dtype) != k:
         raise ValueError(f"int4_gemv: x has {k} inputs but the weight is packed {packed.shape} {packed.dtype} with "
                          f"scale {scale.shape} (group {group}); give x [..., K] of the weight's K.")
     plan = gemv_plan(m, k, n, group, **options) if packed.dtype == jnp.uint32 else None

@@ -126,6 +126,11 @@ def asymmetric(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> ja
 _WORDS = {2: jnp.uint8, 8: jnp.uint32}  # 4-bit values per word -> word type
 
 
+def nibbles_per_word(dtype) -> int:
+    """4-bit values per packed word of ``dtype``: 2 (uint8) or 8 (uint32)."""
+    return 2 * jnp.dtype(dtype).itemsize
+
+
 def pack_nibbles(q: jax.Array, axis: int, per: int = 2) -> jax.Array:
     """``per`` 4-bit values per word along ``axis`` (length divisible by per): 2 per uint8 byte (byte i =
     q[2i] | q[2i+1] << 4) or 8 per uint32 word (word i = sum_j q[8i+j] << 4j)."""
@@ -145,7 +150,7 @@ def pack_nibbles(q: jax.Array, axis: int, per: int = 2) -> jax.Array:
 def unpack_nibbles(p: jax.Array, axis: int) -> jax.Array:
     """The inverse of ``pack_nibbles`` (2 or 8 values per word by p's dtype, uint8 or uint32): uint8
     [..., n/per, ...] -> uint8 [..., n, ...] along ``axis``."""
-    per = 8 if p.dtype == jnp.uint32 else 2
+    per = nibbles_per_word(p.dtype)
     p = jnp.moveaxis(p, axis, 0)
     both = jnp.stack([(p >> (4 * j)) & 0xF for j in range(per)], axis=1).astype(jnp.uint8)  # [n/per, per, ...]
     return jnp.moveaxis(both.reshape(-1, *p.shape[1:]), 0, axis)

@@ -518,17 +518,15 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
     (``weights.join_out``), stay as they are.
     """
     per_layer = []
-    for p in _unstack(params["layers"], cfg):  # fresh dicts: popping leaves params alone
+    for p in _unstack(params["layers"], cfg):  # fresh dicts: deleting leaves params alone
         p = dict(p)
-        dense_mlp = "router" not in p
-        qkv = weights.join_out([p[n] for n in ("wq", "wk", "wv")]) if fuse else None
-        gate_up = weights.join_out([p[n] for n in ("w_gate", "w_up")]) if fuse and dense_mlp else None
-        if qkv is not None and (gate_up is not None or not dense_mlp):
-            p["wqkv"] = qkv
-            del p["wq"], p["wk"], p["wv"]
-            if dense_mlp:
-                p["w_gate_up"] = gate_up
-                del p["w_gate"], p["w_up"]
+        groups = (("wqkv", ("wq", "wk", "wv")),) + ((("w_gate_up", ("w_gate", "w_up")),) if "router" not in p else ())
+        for fused, names in groups if fuse else ():
+            joined = weights.join_out([p[n] for n in names])
+            if joined is not None:
+                p[fused] = joined
+                for n in names:
+                    del p[n]
         per_layer.append(p)
     return {**params, "layers": tuple(per_layer)}
 

@@ -152,7 +152,8 @@ def test_bad_input_is_refused(tiny_model):
 GEMV_CASES = [  # (K, N, group, x's leading shape, tile options): the tiling each exercises
     (1024, 64, 128, (1, 1), {}),  # decoding's call: one row, 8 K splits of one group each, 4 column blocks
     (512, 128, 64, (3,), dict(block_k=128, splits=2, combine="atomic")),  # 2 groups per load, atomic split sums
-    (1024, 64, 128, (2, 3), dict(block_n=32, splits=2, convert="cast")),  # 6 rows: tensor-core dots, 2 K steps
+    (1024, 64, 128, (2, 3), dict(block_n=32, splits=2, convert="cast")),  # 6 rows: tensor-core dots, 4 K steps
+    (1024, 64, 128, (4,), dict(block_n=32)),  # 4 rows: tensor-core dots, levels by the bfloat16 bit trick
     (512, 64, 64, (1,), dict(block_k=32, splits=1, convert="cast")),  # half a group per load, no split
     (512, 64, 64, (2,), dict(splits=1, convert="magic")),  # 2 rows, no split: eight groups in one step
     (256, 24, 64, (1,), {}),  # N not a multiple of 16: dequantize + matmul
@@ -167,6 +168,8 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
     rng = np.random.default_rng(5)
     matmul = jax.jit(lambda wt, a: wt.matmul(a, weights.Dot()))
     for k, n, group, lead, opts in GEMV_CASES:
+        plan = int4_kernel.gemv_plan(int(np.prod(lead)), k, n, group, **opts)
+        assert (plan is None) == (n % 16 != 0), (k, n, opts)  # the fused path runs, but where it cannot tile
         q = awq.pack(jnp.asarray(rng.normal(size=(k, n)).astype(np.float32)), 4, group)
         x = np.asarray(jnp.asarray(rng.normal(size=(*lead, k)), jnp.bfloat16), np.float32)
         want = x.astype(np.float64) @ np.asarray(q.dequantize(), np.float64)
@@ -189,6 +192,8 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
     assert int4_kernel.kernel_options("pallas:block_n=128,mode=dot") == ("pallas", {"block_n": 128, "mode": "dot"})
     with pytest.raises(ValueError, match="unknown int4_gemv option"):
         awq.with_kernel(q, "pallas", block=4)
+    with pytest.raises(ValueError, match="need a kernel"):
+        awq.with_kernel(q, "", block_n=64)
     with pytest.raises(ValueError, match="combine"):
         int4_kernel.gemv_plan(1, 1024, 64, 128, combine="max")
 
@@ -196,16 +201,13 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
 def _eqns(jaxpr, inside_while: bool = False):
     """(equation, inside a while loop's body) for every equation of ``jaxpr`` and its sub-jaxprs, a
     ``pallas_call``'s kernel not looked into."""
-    import jax.extend.core as jex
+    from jax.extend.core import jaxprs_in_params
 
     for e in jaxpr.eqns:
         yield e, inside_while
-        if e.primitive.name == "pallas_call":
-            continue
-        for v in e.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-                if isinstance(sub, (jex.ClosedJaxpr, jex.Jaxpr)):
-                    yield from _eqns(getattr(sub, "jaxpr", sub), inside_while or e.primitive.name == "while")
+        if e.primitive.name != "pallas_call":
+            for sub in jaxprs_in_params(e.params):
+                yield from _eqns(sub, inside_while or e.primitive.name == "while")
 
 
 def test_decoding_runs_every_block_linear_through_the_fused_kernel_and_joins_weights_once():

@@ -134,3 +134,20 @@ def test_triton_lowering_for_cuda_without_a_gpu():
                 q, k, v, start, qs, ks, layer=5, interpret=False)).trace(*args).lower(
                 lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == calls, (b, sq, t)
+
+
+def test_auto_takes_the_kernel_on_gpu_only_where_the_layout_allows(monkeypatch):
+    """``auto`` on a GPU (traced, not run) sends a cached step to the kernel under a layout it can run in, and to
+    XLA where heads and kv_heads lie on different mesh axes or the rows do not divide over their devices."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    mesh = pmesh.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
+    apart = tuple((name, None if name == "kv_heads" else target) for name, target in DEFAULT_RULES)
+
+    def kernels(rules, b):
+        q, k = jnp.zeros((b, 1, 4, 16), jnp.bfloat16), jnp.zeros((2, b, 256, 2, 16), jnp.bfloat16)
+        with sharding.activate(mesh, rules):
+            fn = lambda q, k: A.attention(q, k, k, implementation="auto", q_start=5, kv_layer=1)  # noqa: E731
+            return str(jax.make_jaxpr(fn)(q, k)).count("pallas_call"), DA.shardable(b, 4, 2)
+
+    assert kernels(DEFAULT_RULES, 2) == (2, True)  # split-K: the kernel and its combine
+    assert kernels(apart, 2) == (0, False) and kernels(DEFAULT_RULES, 1) == (0, False)
