@@ -21,6 +21,7 @@ fails to compile or run is an error row.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 
@@ -95,7 +96,8 @@ def rel_err(a, b):
 def split_table(shapes, splits, runs, dtype, quick):
     """Rows per (shape, P): the Pallas scan with ``seq_splits=P`` (0: auto); returns {(shape, P): max rel err}."""
     kw = dict(chunk=4, block_e=16, bwd_block_e=16) if quick else {}
-    be, bbe = kw.get("block_e", 64), kw.get("bwd_block_e", 16)
+    defaults = inspect.signature(scan_kernel.selective_scan_pallas).parameters
+    be, bbe = (kw.get(name, defaults[name].default) for name in ("block_e", "bwd_block_e"))
     sms = getattr(jax.devices()[0], "core_count", None) or 132
     errs = {}
     print(f"\n{'b x L x E x N':<20}{'splits':>7}{'programs f/b':>14}{'fwd ms':>9}{'f+b ms':>9}"

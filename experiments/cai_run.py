@@ -28,7 +28,6 @@ model's agreement on held-out response pairs the program separates (flawed vs. g
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 
@@ -133,9 +132,11 @@ def run_seed(root: str, seed: int, base_steps: int, n_prompts: int, n_heldout: i
     f = lambda name: os.path.join(out, "data", name)  # noqa: E731
     constitution = cai.load_constitution(CONSTITUTION)
     summary_path = os.path.join(out, "summary.json")
-    if os.path.exists(summary_path):
-        with open(summary_path) as fh:
-            return json.load(fh)
+    args = dict(base_steps=base_steps, n_prompts=n_prompts, n_heldout=n_heldout, overrides=list(overrides),
+                ppo_steps=ppo_steps)
+    done = jobs.finished_seed(summary_path, args)  # a finished seed: nothing rerun
+    if done is not None:
+        return done
     base_c = config("cai_base", seed, overrides, steps=base_steps, eval_every=base_steps)
     if not os.path.exists(f("corpus.jsonl")):
         n = 64 * base_steps // 4 + 1
@@ -203,8 +204,7 @@ def run_seed(root: str, seed: int, base_steps: int, n_prompts: int, n_heldout: i
                          pm_workdir=os.path.join(out, "pm"), reward_token=pm_c.train.reward_token)
         ppo.run(ppo_c, os.path.join(out, "ppo"))
         results["RL-CAI (PPO)"] = checked(gen(cai.load_params(ppo_c, os.path.join(out, "ppo"))), heldout, seed)
-    with open(summary_path, "w") as fh:
-        json.dump(results, fh, indent=1)
+    jobs.save_seed(summary_path, results, args)
     return results
 
 

@@ -14,9 +14,9 @@
 #   orpo    ORPO vs SFT vs SFT + DPO, seeds SEEDS (default "0 1") in parallel (experiments/orpo_run.py)
 #   cai     Constitutional AI end to end, seeds SEEDS in parallel (experiments/cai_run.py; CAI_FLAGS adds its flags)
 #   ring    induction heads at 32768 tokens with Ring Attention over every GPU (context = the GPU count,
-#           at least 2): the length curriculum of experiments/ring_induction.py (256, 2k and 8k tokens on
-#           one GPU, then 32k on the ring, each from the one before), then the length evaluation at 32766
-#           tokens (runs/ring/lengths.json)
+#           at least 2): the length curriculum of experiments/ring_induction.py (256, 2k and 8k tokens
+#           data-parallel over the GPUs, then 32k on the ring, each from the one before), then the length
+#           evaluation at 32766 tokens (runs/ring/lengths.json)
 #   compress  SmoothQuant, AWQ and pruning (PRUNE_DROPS) of the galore group's AdamW lr 1e-3 seed 0 model
 #           (the dense_stdlib config), started when that run has finished
 # Checkpoints stay in /tmp/runs. Every run's small files (metrics.jsonl, results.json, plots,

@@ -66,10 +66,29 @@ def stage(c, workdir: str, start: str = "") -> dict:
 
     c.train.init_from = start
     last = trainer.run(c, workdir)
-    if not os.path.exists(os.path.join(workdir, "results.json")):
+    if last.get("step", 0) < c.train.steps:  # (a results.json there may be an earlier, shorter run's)
         raise ValueError(f"the run in {workdir} stopped at step {last.get('step')} of {c.train.steps} "
                          f"(preempted); run the same command again to resume it.")
     return last
+
+
+def finished_seed(path: str, args: dict) -> dict | None:
+    """The results a runner saved for a finished seed at ``path`` (``save_seed``), or None when there are none.
+    ValueError when they were made with other ``args`` (the runner's flags): refused, not reused."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    if done.get("args") != args:
+        raise ValueError(f"{path} holds results made with {done.get('args')}, not {args}; use another --root or "
+                         f"remove it.")
+    return done["results"]
+
+
+def save_seed(path: str, results: dict, args: dict) -> None:
+    """Save a finished seed's ``results`` with the ``args`` that made them (``finished_seed`` reads them)."""
+    with open(path, "w") as f:
+        json.dump({"args": args, "results": results}, f, indent=1)
 
 
 def define_flags(root: str) -> None:

@@ -24,7 +24,6 @@ method, mean [min, max] over seeds; and ORPO's held-out log odds ratio during tr
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 from absl import flags
@@ -80,22 +79,16 @@ def config(name: str, seed: int, overrides: list[str], **train):
     return override(c, overrides)
 
 
-def stage(c, workdir: str, start: str = "") -> dict:
-    """``jobs.stage``, then the run's results.json."""
-    jobs.stage(c, workdir, start)
-    with open(os.path.join(workdir, "results.json")) as f:
-        return json.load(f)
-
-
 def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, dpo_lrs: list[float],
              overrides: list[str]) -> dict:
     from train import cai, data, orpo
     import models
 
     out = os.path.join(root, f"seed{seed}")
-    if os.path.exists(os.path.join(out, "summary.json")):  # a finished seed: its results, nothing rerun
-        with open(os.path.join(out, "summary.json")) as f:
-            return json.load(f)
+    args = dict(base_steps=base_steps, steps=steps, corrupt=corrupt, dpo_lrs=list(dpo_lrs), overrides=list(overrides))
+    done = jobs.finished_seed(os.path.join(out, "summary.json"), args)  # a finished seed: nothing rerun
+    if done is not None:
+        return done
     paths = write_data(os.path.join(out, "data"), seed, n_mix=64 * base_steps, n_pairs=32 * steps, n_heldout=512,
                        corrupt=corrupt)
     half = max(steps // 2, 1)
@@ -103,14 +96,14 @@ def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, 
     base_c = config("orpo_base", seed, overrides, steps=base_steps, exact_match_every=base_steps,
                     eval_every=base_steps)
     base_c.data.update(paths=[paths["mix"]], eval_paths=[paths["heldout"]])
-    results = {"base": stage(base_c, os.path.join(out, "base"))}
+    results = {"base": jobs.stage(base_c, os.path.join(out, "base"))}
     base = os.path.join(out, "base")
     orpo_c = config("orpo_arith", seed, overrides, steps=steps, exact_match_every=steps, eval_every=every)
-    results["ORPO"] = stage(orpo_c, os.path.join(out, "orpo"), base)
+    results["ORPO"] = jobs.stage(orpo_c, os.path.join(out, "orpo"), base)
     sft_c = config("orpo_sft", seed, overrides, steps=steps, exact_match_every=steps, eval_every=steps)
-    results["SFT"] = stage(sft_c, os.path.join(out, "sft"), base)
+    results["SFT"] = jobs.stage(sft_c, os.path.join(out, "sft"), base)
     half_c = config("orpo_sft", seed, overrides, steps=half, exact_match_every=half, eval_every=half)
-    stage(half_c, os.path.join(out, "sft_half"), base)
+    jobs.stage(half_c, os.path.join(out, "sft_half"), base)
     ref = cai.load_params(half_c, os.path.join(out, "sft_half"))
     model, mcfg = models.get(half_c.model.family), models.get(half_c.model.family).from_config(half_c.model)
     tok = data.make_tokenizer(half_c.data)
@@ -125,7 +118,7 @@ def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, 
         dpo_c.data.update(paths=[paths["pairs"].replace(".jsonl", "_ref.jsonl")],
                           eval_paths=[paths["heldout_pairs"].replace(".jsonl", "_ref.jsonl")])
         sub = f"dpo_lr{lr:g}"
-        results[dpo_label(lr)] = stage(dpo_c, os.path.join(out, sub), os.path.join(out, "sft_half"))
+        results[dpo_label(lr)] = jobs.stage(dpo_c, os.path.join(out, sub), os.path.join(out, "sft_half"))
         workdirs[dpo_label(lr)] = (dpo_c, sub)
     heldout = data.read_preference_jsonl([paths["heldout_pairs"]])
     for label, (c, sub) in workdirs.items():
@@ -134,8 +127,7 @@ def run_seed(root: str, seed: int, base_steps: int, steps: int, corrupt: float, 
     from train import metrics
     results["curve"] = [(r["step"], r["eval_log_odds_ratio"]) for r in metrics.read_jsonl(os.path.join(out, "orpo"))
                         if "eval_log_odds_ratio" in r]
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    jobs.save_seed(os.path.join(out, "summary.json"), results, args)
     return results
 
 

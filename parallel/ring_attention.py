@@ -351,14 +351,19 @@ def ring_axis():
         return None, None, None, 1
     mesh, rules = layout
     axes = sharding._targets(sharding.logical_to_spec(("seq",), rules)[0])
-    size = sharding._axes_size(mesh, axes) if axes else 1
-    return mesh, rules, (axes[0] if len(axes) == 1 else tuple(axes)) if axes else None, size
+    return mesh, rules, (axes[0] if len(axes) == 1 else tuple(axes)) if axes else None, sharding.logical_size("seq")
+
+
+def length_multiple(n: int, layout: str = "zigzag") -> int:
+    """What a ring of ``n`` devices needs the sequence length to be a multiple of: 2 n chunks in the balanced
+    zigzag layout, n in the contiguous one (1 without a ring)."""
+    return 1 if n <= 1 else 2 * n if layout == "zigzag" else n
 
 
 def check_length(seq_len: int, n: int, layout: str = "zigzag", what: str = "train.seq_len") -> None:
     """ValueError unless a ring of ``n`` devices can split ``seq_len`` in ``layout``."""
-    parts = 2 * n if layout == "zigzag" else n
-    if n > 1 and seq_len % parts:
+    parts = length_multiple(n, layout)
+    if seq_len % parts:
         why = (f"2 x the {n} devices of the context ring: the balanced zigzag layout gives each device two chunks"
                if layout == "zigzag" else f"the {n} devices of the context ring")
         raise ValueError(f"{what} ({seq_len}) is not divisible by {parts} ({why}); make it a multiple of {parts}.")

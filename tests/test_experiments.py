@@ -5,6 +5,7 @@ import os
 import pytest
 
 from train import config as config_lib
+from experiments import jobs
 from train import trainer
 
 MODULES = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "experiments"))
@@ -105,8 +106,6 @@ def test_arith_table_per_operation_count():
 def test_a_finished_job_is_reused_only_with_the_same_overrides(tmp_path):
     import json
 
-    from experiments import jobs
-
     workdir = tmp_path / "arith_cot" / "seed0"
     workdir.mkdir(parents=True)
     (workdir / "exact_match.json").write_text(json.dumps({"exact_match": 0.5, "overrides": ["train.steps=10"]}))
@@ -128,3 +127,15 @@ def test_ring_induction_curriculum_stages():
     assert lengths == [2048, 8192, 32768]
     with pytest.raises(ValueError, match=r"stage '16k'; use one of \['2k', '8k', '32k'\]"):
         ring_induction.get_config("16k")
+
+
+def test_a_stage_stopped_early_is_refused_even_beside_an_older_results_file(tmp_path, monkeypatch):
+    """``jobs.stage`` goes by the step the run reached, not by a results.json an earlier, shorter run left."""
+    c = get("arith_cot")
+    c.train.steps = 50
+    (tmp_path / "results.json").write_text('{"step": 20}')
+    monkeypatch.setattr(trainer, "run", lambda config, workdir: {"step": 30, "preempted": True})
+    with pytest.raises(ValueError, match=r"stopped at step 30 of 50 \(preempted\)"):
+        jobs.stage(c, str(tmp_path))
+    monkeypatch.setattr(trainer, "run", lambda config, workdir: {"step": 50, "loss": 1.0})
+    assert jobs.stage(c, str(tmp_path))["loss"] == 1.0

@@ -213,7 +213,7 @@ def test_chunked_evaluation_equals_whole_sequences(family):
 
         ring = dataclasses.replace(mcfg, attention="ring")
         with sharding.activate(pmesh.make_mesh({"context": 2}, jax.devices()[:2]), sharding.DEFAULT_RULES):
-            on_ring = evaluate.completion_predictions(model, ring, params, inputs, 40, 5, rows=2, multiple=4)
+            on_ring = evaluate.completion_predictions(model, ring, params, inputs, 40, 5, rows=2)
         np.testing.assert_array_equal(on_ring, whole)
 
 

@@ -192,7 +192,7 @@ def bench(config, steps: int, warmup: int, split: bool = True, mesh=None, profil
         if profile_dir:
             split_row.update(collective_share(compiled, state, batch, profile_dir))
         if split:
-            split_row = _bench_split(setup, state, batch, steps, warmup)  # donates the state
+            split_row.update(_bench_split(setup, state, batch, steps, warmup))  # donates the state
             del state
     step_s = statistics.median(times)
     tokens_per_s = t.batch_size * t.seq_len / step_s

@@ -125,17 +125,21 @@ def arithmetic_cot(model, mcfg, params, tokenizer, config) -> dict[str, float]:
 
 
 def completion_predictions(model, mcfg, params, inputs: np.ndarray, start: int, width: int, rows: int,
-                           chunk: int = 0, multiple: int = 1) -> np.ndarray:
+                           chunk: int = 0) -> np.ndarray:
     """Teacher-forced argmax predictions int32 [n, width] at input positions start..start+width-1.
 
     ``inputs`` [n, seq] goes through ``model.apply`` ``rows`` rows at a time (the last batch filled
     up with copies of row 0, so every batch has one shape). With ``0 < chunk < seq`` each batch
     goes through in pieces of ``chunk`` tokens that continue the model's cache (``init_cache``:
     a KV cache, or Mamba's recurrent state), so attention holds [chunk, seq] scores instead of
-    [seq, seq]; the sequence is padded at its end to a multiple of ``chunk``, or else of ``multiple``
-    (a ring of N devices splits it in 2N; causal models never let those pads reach the positions read)."""
+    [seq, seq]; the sequence is padded at its end to a multiple of ``chunk``, or else of what the active
+    layout's context ring needs (``ring_attention.length_multiple``; causal models never let those pads
+    reach the positions read)."""
+    from parallel import ring_attention
+
     n, seq = inputs.shape
     chunked = 0 < chunk < seq
+    multiple = ring_attention.length_multiple(sharding.logical_size("seq"), getattr(mcfg, "ring_layout", "zigzag"))
     padded = -(-seq // chunk) * chunk if chunked else -(-seq // multiple) * multiple
 
     @jax.jit
@@ -190,7 +194,7 @@ def length_generalization(model, mcfg, params, tokenizer, config, *, chunk: int 
     lengths = tuple(d.eval_lengths) or (d.task_length,)
     width = data.synthetic_completion_length(d)
     budget = config.train.batch_size * config.train.seq_len
-    multiple, ring = sharding.batch_multiple(), sharding.logical_size("seq")
+    multiple = sharding.batch_multiple()
     results = {}
     for length in lengths:
         records = data.synthetic_heldout(d, length)
@@ -200,8 +204,7 @@ def length_generalization(model, mcfg, params, tokenizer, config, *, chunk: int 
         inputs, targets = tokens[:, :-1], tokens[:, length + 1:]  # completion token j is read at input length + j
         rows = min(max(1, budget // inputs.shape[1]), len(records))
         rows = -(-rows // multiple) * multiple
-        predicted = completion_predictions(model, mcfg, params, inputs, length, width, rows, chunk,
-                                           multiple=2 * ring if ring > 1 else 1)
+        predicted = completion_predictions(model, mcfg, params, inputs, length, width, rows, chunk)
         results[f"accuracy/{length}"] = float(np.mean(np.all(predicted == targets, axis=1)))
         results[f"token_accuracy/{length}"] = float(np.mean(predicted == targets))
     results["accuracy/mean"] = float(np.mean([results[f"accuracy/{n}"] for n in lengths]))
