@@ -86,6 +86,22 @@ def test_mamba_370m_matches_its_peer():
     assert n == 352_797_696  # the figure in bench_mamba_370m's docstring
 
 
+def test_official_mamba_peer_times_the_same_model_and_refuses_bad_arguments(tmp_path, capsys):
+    """experiments/peers/mamba_official.py (run on a GPU; here: its model and its argument checks)."""
+    from experiments.peers import mamba_official as peer
+    model = bench_mamba_370m.get_config().model
+    assert peer.MODEL == dict(d_model=model.d_model, n_layer=model.n_layers, vocab_size=model.vocab_size)
+    assert peer.parse_shapes("16x2048,4x8192") == [(16, 2048), (4, 8192)]
+    (tmp_path / "mamba" / "csrc" / "selective_scan").mkdir(parents=True)
+    (tmp_path / "mamba" / "mamba_ssm").mkdir()
+    for argv, says in ((["--shapes", "16x"], "--shapes is '16x'"), (["--shapes", "0x8"], "--shapes is '0x8'"),
+                       ([], "has no causal-conv1d/csrc/"), (["--steps", "0"], "--steps 0")):
+        assert peer.main(["--src", str(tmp_path), "--out", str(tmp_path / "o.json"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_split_programs_compose_to_the_train_step():
     """fwd_bwd's gradients, divided by the batch's tokens as the step does, then the optimizer program,
     give the train step's new state: the two timed halves are the step's own computation."""
