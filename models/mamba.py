@@ -379,13 +379,14 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
         y = constrain(y[:, None], names)
     else:
         dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
-        dt_raw = layers.linear(p["dt_proj"], dt_low, out_dtype=jnp.float32, name="dt_proj")
-        dt = jax.nn.softplus(dt_raw + p["dt_bias"].astype(jnp.float32))
+        dt_raw = layers.linear(p["dt_proj"], dt_low, name="dt_proj")
+        # softplus in float32, stored in the compute dtype (as the scan's other inputs; it computes in float32)
+        dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)).astype(dt_type)
         if nonpad is not None:
-            dt = jnp.where(nonpad[..., None], dt, 0.0)  # padding: decay 1, no input
+            dt = jnp.where(nonpad[..., None], dt, 0)  # padding: decay 1, no input
         dt = constrain(dt, names)
-        y, h = selective_scan(xc, dt, A, B, C, p["D"], reset=start, h0=ssm_state,
-                              method=cfg.scan, chunk_size=cfg.chunk_size, splits=cfg.scan_splits)
+        y, h = selective_scan(xc, dt, A, B, C, p["D"], reset=start, h0=ssm_state, method=cfg.scan,
+                              chunk_size=cfg.chunk_size, splits=cfg.scan_splits, y_dtype=dt_type)
         y = constrain((y * jax.nn.silu(z.astype(jnp.float32))).astype(dt_type), names)
         ssm = None if state is None else constrain(h, ("batch", "inner", "state"))
         if layer is not None:

@@ -66,7 +66,8 @@ def _pow2_ceil(n: int) -> int:
 
 def _fwd_kernel(*refs, T, n, has_keep, save, prefetch, emit_y=True):
     """One (batch row, channel block): refs are x, dt [S, be]; A [be, N]; B, C [S, N]; keep [S]?; h0 [be, N]
-    -> y [S, be] f32 (if ``emit_y``), h_last [be, N] f32, and h at each chunk start [n, be, N] f32 if ``save``."""
+    -> y [S, be] (if ``emit_y``; in ``y_dtype``), h_last [be, N] f32, and h at each chunk start [n, be, N] f32
+    if ``save``."""
     x_ref, dt_ref, A_ref, B_ref, C_ref, *refs = refs
     keep_ref = refs.pop(0) if has_keep else None
     h0_ref, *refs = refs
@@ -91,7 +92,7 @@ def _fwd_kernel(*refs, T, n, has_keep, save, prefetch, emit_y=True):
                 decay = decay * keep
             h = decay * h + (dt * x)[:, None] * B[None, :]
             if emit_y:
-                y_ref[c * T + k] = jnp.sum(h * C[None, :], axis=1)
+                y_ref[c * T + k] = jnp.sum(h * C[None, :], axis=1).astype(y_ref.dtype)
         return h, ahead
 
     h, _ = jax.lax.fori_loop(0, n, body, (h0_ref[...].astype(F32), load(0) if prefetch else ()))
@@ -189,7 +190,7 @@ def _specs(S, N, n, be, has_keep, row=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, interpret, splits=1):
+def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, interpret, splits=1, y_dtype=F32):
     """The custom_vjp scan for padded inputs (S % (splits chunk) == 0, E % block sizes == 0, N a power of 2)."""
 
     def params(warps):
@@ -201,7 +202,7 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         N, n, be = A.shape[-1], S // chunk, block_e
         b, row = rows or (b, None)
         ins, seq_e, state, chunks, _ = _specs(S, N, n, be, keep is not None, row)
-        out_shape = [jax.ShapeDtypeStruct((b, S, E), F32)] if emit_y else []
+        out_shape = [jax.ShapeDtypeStruct((b, S, E), y_dtype)] if emit_y else []
         out_shape.append(jax.ShapeDtypeStruct((b, E, N), F32))
         out_specs = ([seq_e] if emit_y else []) + [state]
         if save:
@@ -223,7 +224,7 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
                      jax.ShapeDtypeStruct((b, E, N), F32), jax.ShapeDtypeStruct((b, E // be, S, N), F32),
                      jax.ShapeDtypeStruct((b, E // be, S, N), F32), jax.ShapeDtypeStruct((b, E, N), F32)]
         kernel = functools.partial(_bwd_kernel, T=chunk, n=n, has_keep=keep is not None, prefetch=prefetch)
-        args = [x, dt, A, B, C] + ([keep] if keep is not None else []) + [hc, gy.astype(F32), ghl.astype(F32)]
+        args = [x, dt, A, B, C] + ([keep] if keep is not None else []) + [hc, gy, ghl.astype(F32)]  # gy in y's dtype
         return pl.pallas_call(
             kernel, out_shape=out_shape, grid=(b, E // be), in_specs=ins + [chunks, seq_e, state],
             out_specs=[seq_e, seq_e, state, partial_n, partial_n, state], interpret=interpret,
@@ -237,7 +238,7 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         b, row = rows
         ins, _, state, _, _ = _specs(S, N, n, be, keep is not None, row)
         kernel = functools.partial(_adj_kernel, T=chunk, n=n, has_keep=keep is not None)
-        args = [dt, A, C] + ([keep] if keep is not None else []) + [gy.astype(F32)]
+        args = [dt, A, C] + ([keep] if keep is not None else []) + [gy]
         return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, E, N), F32), grid=(b, E // be),
                               in_specs=[ins[1], ins[2], ins[4]] + ins[5:] + [ins[1]], out_specs=state,
                               interpret=interpret, compiler_params=params(num_warps),
@@ -325,7 +326,7 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         gy, ghl = cts
         b, S, E = x.shape
         N = A.shape[-1]
-        xf, dtf, Bf, Cf, kf, gyf = map(fold, (x, dt, B, C, keep, gy.astype(F32)))
+        xf, dtf, Bf, Cf, kf, gyf = map(fold, (x, dt, B, C, keep, gy))
         # Pass 1: pieces 1..P-1, their adjoints from zero after their ends; then the true adjoint after each piece.
         g_start = adjoint(dtf, A, Cf, kf, gyf, rows=pieces_but(b, 1)).reshape(b, P - 1, E, N)
         g_end = combine(piece_decay(dt, A, keep)[:, 1:], g_start, ghl.astype(F32), reverse=True)
@@ -351,8 +352,8 @@ def auto_splits(b: int, s: int, E: int, block_e: int, sm_count: int, *, target: 
 
 def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8, block_e: int = 64,
                           num_warps: int = 4, bwd_block_e: int = 16, bwd_num_warps: int = 1, prefetch: bool = False,
-                          seq_splits: int | None = None, interpret=None):
-    """(y [b, s, E] float32 = C_t . h_t, h_last [b, E, N] float32); differentiable in x, dt, A, B, C, h0.
+                          seq_splits: int | None = None, y_dtype=F32, interpret=None):
+    """(y [b, s, E] = C_t . h_t in ``y_dtype``, h_last [b, E, N] float32); differentiable in x, dt, A, B, C, h0.
 
     x, dt [b, s, E] and B, C [b, s, N] in any float dtype (read as is, computed in float32);
     A [E, N]; keep [b, s] (1 - reset) or None; h0 [b, E, N] or None (zeros). ``chunk``: steps
@@ -362,6 +363,7 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
     ``prefetch``: load the next chunk's inputs while computing this one's (more registers).
     ``seq_splits``: pieces P each sequence is cut into (module docstring); None chooses it
     (``auto_splits`` on a GPU, 1 in the interpreter); 1 is the plain scan.
+    ``y_dtype``: the dtype y is written in (its gradient is then read in it too; the arithmetic stays float32).
     ``interpret`` (default: not on a GPU) runs the kernels in the Pallas interpreter.
     """
     if interpret is None:
@@ -388,6 +390,7 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
     A = pad(A.astype(F32), Ep - E, Np - N)
     keep = None if keep is None else jnp.pad(keep.astype(F32), [(0, 0), (0, S - s)], constant_values=1.0)
     h0 = jnp.zeros((b, Ep, Np), F32) if h0 is None else pad(h0.astype(F32), 0, Ep - E, Np - N)
-    scan = _make(T, be, int(num_warps), bbe, int(bwd_num_warps), bool(prefetch), bool(interpret), P)
+    scan = _make(T, be, int(num_warps), bbe, int(bwd_num_warps), bool(prefetch), bool(interpret), P,
+                 jnp.dtype(y_dtype))
     y, h_last = scan(x, dt, A, B, C, keep, h0)
     return y[:, :s, :E], h_last[:, :E, :N]

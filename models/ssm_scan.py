@@ -74,12 +74,13 @@ def _scan_chunked(x, dt, A, B, C, keep, h0, chunk_size):
     return jnp.moveaxis(y, 0, 1).reshape(b, n * T, E)[:, :s], h
 
 
-def _scan_pallas(x, dt, A, B, C, keep, h0, splits=0):
+def _scan_pallas(x, dt, A, B, C, keep, h0, splits=0, y_dtype=jnp.float32):
     """``scan_kernel.selective_scan_pallas``; under an active mesh in ``shard_map``, each device
     scanning its rows and channels (by the rules for ``batch`` and ``inner``) over the whole
     sequence: the custom calls of the kernels are opaque to XLA's partitioner."""
     def run(x, dt, A, B, C, keep, h0):
-        return scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0, seq_splits=int(splits) or None)
+        return scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0, seq_splits=int(splits) or None,
+                                                 y_dtype=y_dtype)
 
     active = sharding.active()
     if active is None:
@@ -94,7 +95,7 @@ def _scan_pallas(x, dt, A, B, C, keep, h0, splits=0):
 
 
 def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chunked", chunk_size: int = 64,
-                   splits: int = 0):
+                   splits: int = 0, y_dtype=jnp.float32):
     """y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, in float32.
 
     x, dt: [batch, seq, E] (dt after softplus; dt = 0 leaves the state unchanged); A: [E, N]
@@ -103,14 +104,15 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
     (None: zeros). ``method`` is 'chunked' (associative scan in chunks of ``chunk_size``,
     any length), 'reference' (sequential) or 'pallas' (``scan_kernel``: x, dt, B, C are read
     in their own dtype; a one-token call, a decoding step, takes the sequential update; ``splits``:
-    its sequence split, 0 auto). Returns
+    its sequence split, 0 auto; ``y_dtype``: the dtype it writes C h in, and reads that gradient in: bf16
+    halves that traffic for one more bf16 rounding). Returns
     (y [batch, seq, E] float32, h_last [batch, E, N] float32).
     """
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     keep = None if reset is None else 1.0 - f32(reset)
     if method == "pallas" and x.shape[1] > 1:  # one decoding step: the plain update below, not a padded kernel
-        y, h = _scan_pallas(x, dt, A, B, C, keep, h0, splits)
-        return y + f32(D) * f32(x), h
+        y, h = _scan_pallas(x, dt, A, B, C, keep, h0, splits, y_dtype)
+        return f32(y) + f32(D) * f32(x), h
     x, dt, A, B, C, D = map(f32, (x, dt, A, B, C, D))
     b, _, E = x.shape
     h0 = jnp.zeros((b, E, A.shape[-1]), jnp.float32) if h0 is None else f32(h0)

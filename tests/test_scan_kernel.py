@@ -236,6 +236,26 @@ def test_sequence_split_matches_sequential_scan(split_case, resets, splits):
         np.testing.assert_array_equal(h2, h)
 
 
+def test_bfloat16_y_is_the_float32_y_rounded_and_its_gradient_is_read_as_given(split_case):
+    """y_dtype=bfloat16 (the bf16 Mamba's): y is the float32 kernel's y rounded, and the gradients are the
+    float32 kernel's for the same (bf16) cotangent, split scan included."""
+    inp, keeps, _, _ = split_case
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    w_y = jnp.asarray(np.random.default_rng(4).standard_normal(inp["x"].shape), jnp.bfloat16)
+
+    def grad(y_dtype):
+        def loss(args):
+            y, h = K.selective_scan_pallas(*args, keep=keeps[True], h0=inp["h0"], seq_splits=3, y_dtype=y_dtype, **KW)
+            assert y.dtype == y_dtype
+            return jnp.sum(y * w_y.astype(y_dtype)).astype(jnp.float32) + jnp.sum(h), y
+        return jit(jax.grad(loss, has_aux=True))(args)
+
+    (g16, y16), (g32, y32) = grad(jnp.bfloat16), grad(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(jnp.bfloat16), np.float32))
+    for a, b, name in zip(g16, g32, "x dt A B C".split()):
+        assert rel_err(a, b) < 1e-6, name
+
+
 def test_dots_remat_keeps_the_piece_states(split_case, capsys):
     """Under the "dots" remat policy the split scan's states before each piece are kept (so the backward's
     recomputation skips pass 1, whose only product they are), and the gradients are those without remat."""
