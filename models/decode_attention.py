@@ -44,12 +44,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import PartitionSpec as P
 
-from models.flash_kernel import F32, LOG2E, NEG_INF, _dot, _dot_t, _interpret, _params, _pow2
+from models.flash_kernel import F32, LOG2E, NEG_INF, _dot, _dot_t, _interpret, _params, _pow2, sm_count
 from parallel import sharding
 
-SMS = 132  # streaming multiprocessors of an H100/H200: the programs split-K aims to fill
 
 
 class Config(NamedTuple):
@@ -69,10 +67,10 @@ def supports(head_dim: int) -> bool:
 
 def auto_splits(batch: int, kv_heads: int, max_len: int, config: Config = Config()) -> int:
     """The largest power of two S <= max_splits (and <= the number of key tiles) with batch x kv_heads x S
-    programs still within one wave of ``SMS``; 1 when batch x kv_heads fills the GPU already."""
+    programs still within one wave of the GPU's SMs; 1 when batch x kv_heads fills the GPU already."""
     tiles = -(-max_len // config.block_k)
-    s = 1
-    while s * 2 <= min(config.max_splits, tiles) and batch * kv_heads * s * 2 <= SMS:
+    s, sms = 1, sm_count()
+    while s * 2 <= min(config.max_splits, tiles) and batch * kv_heads * s * 2 <= sms:
         s *= 2
     return s
 
@@ -227,14 +225,13 @@ def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, c
     active = sharding.active()
     if active is None:
         return _decode_attention(q, k, v, q_start, q_seg, kv_seg, layer=layer, config=config, interpret=interpret)
-    mesh, rules = active
-    spec = lambda *names: sharding.logical_to_spec(names, rules)  # noqa: E731
+    spec = lambda name: sharding.logical_to_spec((name,), active[1])  # noqa: E731
     if spec("heads") != spec("kv_heads"):
         raise ValueError(f"the rules shard heads as {spec('heads')} and kv_heads as {spec('kv_heads')}; the decode "
                          "kernel needs both on the same mesh axes (each device holds whole groups).")
     stacked = layer is not None
-    rows, q_spec = spec("batch", None), spec("batch", None, "heads", None)
-    kv_spec = spec(*((None,) * stacked), "batch", None, "kv_heads", None)
+    rows, q_names = ("batch", None), ("batch", None, "heads", None)
+    kv_names = (None,) * stacked + ("batch", None, "kv_heads", None)
     segs = () if q_seg is None else (q_seg, kv_seg)
     scalars = (jnp.asarray(q_start, jnp.int32), jnp.asarray(0 if layer is None else layer, jnp.int32))
 
@@ -242,8 +239,8 @@ def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, c
         return _decode_attention(q, k, v, q_start, *(segs or (None, None)), layer=layer_index if stacked else None,
                                  config=config, interpret=interpret)
 
-    return jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(), P(), *(rows,) * len(segs)),
-                         out_specs=q_spec, check_vma=False)(q, k, v, *scalars, *segs)
+    in_names = (q_names, kv_names, kv_names, (), (), *(rows,) * len(segs))
+    return sharding.per_device(run, in_names, q_names)(q, k, v, *scalars, *segs)
 
 
 def _decode_attention(q, k, v, q_start, q_seg, kv_seg, *, layer, config: Config, interpret):

@@ -146,6 +146,12 @@ def _wrap_specs(specs, wrap):
     return [pl.BlockSpec(s.block_shape, wrap(s.index_map)) for s in specs]
 
 
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device, which the Pallas kernels' grid heuristics aim to fill;
+    132 (an H100's or H200's) where the device reports none (CPU: the interpreter, a lowering for CUDA)."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def _interpret(interpret) -> bool:
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
 

@@ -16,11 +16,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from models import quant
+from models.flash_kernel import sm_count
 
 GEMV_ROWS = 8  # the most rows x [M, K] the fused kernel takes (decoding batches); more rows dequantize + matmul
 GEMV_OPTIONS = {"block_n": int, "block_k": int, "splits": int, "num_warps": int, "num_stages": int, "mode": str,
                 "combine": str, "convert": str}
-_SMS = 132  # streaming multiprocessors of an H200: the default K split aims at about two programs per SM
 
 
 def kernel_options(kernel: str) -> tuple[str, dict]:
@@ -68,7 +68,7 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
                          f"'dot' (or '' to choose), combine 'sum' or 'atomic', convert 'magic' or 'cast' (or '').")
     if not 1 <= m <= GEMV_ROWS or group < 16 or group & (group - 1) or k % group or n % 16:
         return None
-    groups = k // group
+    groups, sms = k // group, sm_count()
     sub = min(block_k or group, group)  # K rows per load
     mode = mode or ("fma" if m <= 2 or sub < 128 else "dot")
     tuned = mode == "fma"  # the per-shape defaults above
@@ -76,14 +76,14 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
     splits = _divisor(groups, splits) if splits else groups
     fit_n = tuned and not block_n  # block_n chosen here: halved while the grid is too small
     block_n = _pow2_divisor(n, max(block_n or (512 if tuned else 256), 16))
-    while fit_n and block_n > 16 and (n // block_n) * splits < _SMS:
+    while fit_n and block_n > 16 and (n // block_n) * splits < sms:
         block_n //= 2
     blocks = n // block_n
     if not asked and tuned:  # fewer, larger K slices while the grid exceeds four programs per SM
-        while blocks * splits > 4 * _SMS and splits > 1:
+        while blocks * splits > 4 * sms and splits > 1:
             splits = _divisor(groups, splits - 1)
     elif not asked:
-        splits = _divisor(groups, max(1, 2 * _SMS // blocks))
+        splits = _divisor(groups, max(1, 2 * sms // blocks))
     per = groups // splits  # groups per program
     block_k = block_k or group * (per if tuned else 1)
     if block_k <= group:

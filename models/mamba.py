@@ -419,21 +419,15 @@ def _kernel_call(fn, kind, state, layer, *args):
     def run(state, *args):
         return fn(state, layer, *args)
 
-    active = sharding.active()
-    if active is None:
-        return run(state, *args)
-    mesh, rules = active
-    spec = lambda *names: sharding.logical_to_spec(names, rules)  # noqa: E731
-    rows_inner, inner, rows = spec("batch", "inner"), spec("inner"), spec("batch")
-    if kind == "conv":  # (a bias of None is an empty pytree: its spec is not used)
-        state_spec = spec(None, "batch", None, "inner")
-        in_specs = (state_spec, rows_inner, spec(None, "inner"), inner, rows, rows)
+    rows_inner, inner, rows = ("batch", "inner"), ("inner",), ("batch",)
+    if kind == "conv":  # (a bias of None is an empty pytree: its names are not used)
+        state_names = (None, "batch", None, "inner")
+        in_names = (state_names, rows_inner, (None, "inner"), inner, rows, rows)
     else:
-        state_spec = spec(None, "batch", "inner", "state")
-        in_specs = (state_spec, rows_inner, rows_inner, spec("batch", None), spec(None, "inner"), inner,
-                    spec("inner", "state"), inner, rows, rows)
-    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(rows_inner, state_spec),
-                         check_vma=False)(state, *args)
+        state_names = (None, "batch", "inner", "state")
+        in_names = (state_names, rows_inner, rows_inner, ("batch", None), (None, "inner"), inner, ("inner", "state"),
+                    inner, rows, rows)
+    return sharding.per_device(run, in_names, (rows_inner, state_names))(state, *args)
 
 
 def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,

@@ -51,6 +51,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from models.flash_kernel import sm_count
+
 F32 = jnp.float32
 PIECE_STATES = "ssm_piece_states"  # the checkpoint name of the split scan's states before each piece
 LOG2E = 1.4426950408889634  # exp(v) = exp2(v log2 e): exp2 is one fast instruction on NVIDIA GPUs
@@ -375,7 +377,7 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
         raise ValueError(f"chunk is {chunk!r}; use a positive integer.")
     be, bbe = (min(_pow2_floor(v), _pow2_ceil(E)) for v in (block_e, bwd_block_e))
     if seq_splits is None:
-        P = 1 if interpret else auto_splits(b, s, E, be, getattr(jax.devices()[0], "core_count", None) or 132)
+        P = 1 if interpret else auto_splits(b, s, E, be, sm_count())
     elif isinstance(seq_splits, bool) or not isinstance(seq_splits, int) or seq_splits <= 0:
         raise ValueError(f"seq_splits is {seq_splits!r}; use a positive integer (1: no split) or None (auto).")
     else:

@@ -82,16 +82,9 @@ def _scan_pallas(x, dt, A, B, C, keep, h0, splits=0, y_dtype=jnp.float32):
         return scan_kernel.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0, seq_splits=int(splits) or None,
                                                  y_dtype=y_dtype)
 
-    active = sharding.active()
-    if active is None:
-        return run(x, dt, A, B, C, keep, h0)
-    mesh, rules = active
-    rows_inner, rows, state = (sharding.logical_to_spec(names, rules) for names in (
-        ("batch", None, "inner"), ("batch", None, None), ("batch", "inner", None)))
-    in_specs = (rows_inner, rows_inner, sharding.logical_to_spec(("inner", None), rules), rows, rows,
-                sharding.logical_to_spec(("batch", None), rules), state)  # keep, h0: None is an empty pytree
-    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=(rows_inner, state),
-                         check_vma=False)(x, dt, A, B, C, keep, h0)
+    rows_inner, rows, state = ("batch", None, "inner"), ("batch", None, None), ("batch", "inner", None)
+    in_names = (rows_inner, rows_inner, ("inner", None), rows, rows, ("batch", None), state)
+    return sharding.per_device(run, in_names, (rows_inner, state))(x, dt, A, B, C, keep, h0)
 
 
 def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chunked", chunk_size: int = 64,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -82,6 +82,21 @@ def active():
     """The active (mesh, rules), or None. Jitted functions that call ``constrain`` and are cached
     across contexts take it as a static argument, so each layout gets its own compilation."""
     return _ACTIVE.get()
+
+
+def per_device(fn: Callable, in_names: Sequence[Sequence[str | None]], out_names) -> Callable:
+    """``fn`` on each device's blocks of its arguments under the active mesh, or ``fn`` itself without one:
+    ``jax.shard_map`` with specs from the logical axis names by the active rules, for kernels XLA cannot
+    partition (custom calls). ``in_names``: one tuple of names per argument (``()``: replicated; any for a
+    None argument, an empty pytree); ``out_names``: one tuple, or a tuple of tuples for several outputs."""
+    current = active()
+    if current is None:
+        return fn
+    mesh, rules = current
+    spec = lambda names: logical_to_spec(names, rules)  # noqa: E731
+    several = bool(out_names) and isinstance(out_names[0], tuple)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, in_names)),
+                         out_specs=tuple(map(spec, out_names)) if several else spec(out_names), check_vma=False)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
