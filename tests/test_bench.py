@@ -86,7 +86,7 @@ def test_mamba_370m_matches_its_peer():
     assert n == 352_797_696  # the figure in bench_mamba_370m's docstring
 
 
-def test_official_mamba_peer_times_the_same_model_and_refuses_bad_arguments(tmp_path, capsys):
+def test_official_mamba_peer_times_the_same_model_and_refuses_bad_arguments(tmp_path, capsys, monkeypatch):
     """experiments/peers/mamba_official.py (run on a GPU; here: its model and its argument checks)."""
     from experiments.peers import mamba_official as peer
     model = bench_mamba_370m.get_config().model
@@ -99,6 +99,19 @@ def test_official_mamba_peer_times_the_same_model_and_refuses_bad_arguments(tmp_
         assert peer.main(["--src", str(tmp_path), "--out", str(tmp_path / "o.json"), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, err
+    # A failed build (on a GPU machine) is one sentence too, and writes no results.
+    import torch
+    (tmp_path / "causal-conv1d" / "csrc").mkdir(parents=True)
+    (tmp_path / "causal-conv1d" / "causal_conv1d").mkdir()
+
+    def fail(paths, build_dir):
+        raise RuntimeError("Error building extension 'selective_scan_cuda'\nninja: build stopped")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(peer, "import_official", fail)
+    assert peer.main(["--src", str(tmp_path), "--out", str(tmp_path / "o.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Error building extension 'selective_scan_cuda'" in err, err
     assert not (tmp_path / "o.json").exists()
 
 

@@ -205,7 +205,13 @@ def main(argv=None) -> int:
         return 2
     start = time.time()
     build_dir = args.build or os.path.join(args.src, "build")
-    MambaLMHeadModel, MambaConfig, selective_scan_fn = import_official(paths, build_dir)
+    try:
+        MambaLMHeadModel, MambaConfig, selective_scan_fn = import_official(paths, build_dir)
+    except Exception as e:  # noqa: BLE001 (a compiler's or an import's failure: one sentence, its first line)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"mamba_official: building or importing the official extensions failed ({type(e).__name__}: {first}); "
+              f"the build's logs are in {build_dir}.", file=sys.stderr)
+        return 1
     results = {"build_s": round(time.time() - start, 1), "gpu": torch.cuda.get_device_name(),
                "torch": torch.__version__, "model": MODEL}
     print(f"built and imported in {results['build_s']} s", flush=True)
