@@ -9,7 +9,11 @@
 #             experiments/bench_mamba_scan.py) or "switch" (Switch 350M vs its dense peer, step split
 #             into forward+backward and optimizer) or "mamba" (Mamba 370M vs the Transformer 350M: training
 #             tokens/s at sequence 2k, 8k and 32k, 32768 tokens per step, then decoding at batch 64 after a
-#             2048-token prompt; commands as in experiments/bench_mamba_370m.py)
+#             2048-token prompt; commands as in experiments/bench_mamba_370m.py) or "mambapeer" (the official
+#             Mamba, experiments/peers/mamba_official.py on checkouts in .peers/mamba and .peers/causal-conv1d,
+#             then loom's 370M at the same three shapes on the same GPU; the first call builds the official
+#             extensions into .peers/build, about 400 s: a later call on the same warm machine reuses them when
+#             it does not carry .peers again)
 set -uo pipefail
 out=${1:-/tmp/bench}; shift; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -46,6 +50,14 @@ for variant in "$@"; do
                | grep --line-buffered -v -i "warn\|^I1"
            done
            continue ;;
+    mambapeer) timeout 560 python3 experiments/peers/mamba_official.py --src .peers --out "$out/mamba_official.json" \
+                 --scan 2>&1 | grep --line-buffered -v -i warn | tail -8
+               V='seq2k:train.batch_size=16,train.seq_len=2048;seq8k:train.batch_size=4,train.seq_len=8192'
+               V="$V;seq32k:train.batch_size=1,train.seq_len=32768"
+               timeout 300 python3 -m train.bench --config experiments/bench_mamba_370m.py --steps 8 --warmup 3 \
+                 --nosplit --variants "$V" --out "$out/mamba_370m_train.json" 2>&1 \
+                 | grep --line-buffered -v -i "warn\|^I1"
+               continue ;;
     hfgen) for cache in ${HF_CACHES:-dynamic static}; do
              timeout 240 python3 experiments/peers/hf_generate.py 1b $cache "$out" 1 64 2>&1 | grep -E "^1b" \
                || echo "hf generate ($cache) failed"

@@ -86,6 +86,8 @@ CHECKED = {norm(c): reason for c, reason in [
      GPU),
     ("DECODE_BATCHES=1,64 HF_CACHES=static bash experiments/bench_h200.sh OUT decode hfgen",
      "an H200 job script (GPU, prebuilt wheels, the peer scripts); checked: it parses and has the variants"),
+    ("bash experiments/bench_h200.sh OUT mambapeer",
+     "an H200 job script (GPU, the official Mamba's checkouts and CUDA build); checked: it parses and has the variant"),
     ('pip install -e ".[aot]"', "installs the TPU compiler; checked: the extra exists"),
     ("python -m train.aot --config experiments/bench_llama_1b.py --topology v5e:4x4 --config.mesh.data=1 "
      "--config.mesh.fsdp=8 --config.mesh.tensor=2",
