@@ -8,7 +8,8 @@ heads = 16 kv heads of 128, bf16, the stacked cache [22, batch, max_len, 16, 128
 ``transformer.decoder_layer`` does, q_start = the cache index, every slot up to it in segment 1): with
 ``model.attention='xla'`` (the layer sliced out of the stacked cache, XLA's kernels) and with the kernel
 that ``'pallas_decode'`` runs (``decode_attention.decode_attention``, called directly) for each --configs
-entry (``decode_attention.Config`` fields; splits=0 is the automatic split-K). Prints per variant and batch: the median time of the program divided by the layers
+entry (``decode_attention.Config`` fields; splits=0 is the automatic split-K). Prints per variant and
+batch: the median time of the program divided by the layers
 (us per layer), the bytes the attention must read (the q_start + 1 filled slots of k and v, bf16) per
 second, the split count, and the largest absolute difference from XLA's output. The mean cache index
 of ``train.bench``'s decoding (512-token prompt, 256 new tokens) is 640, its cache 768 slots.

@@ -31,6 +31,7 @@ import numpy as np
 
 from models import mamba as M
 from models import scan_kernel
+from models.flash_kernel import sm_count
 
 CUDA_MS = {"fwd": 1.19, "fwd+bwd": 1.19 + 4.63}
 HBM_BYTES_PER_S = 4.8e12  # H200
@@ -98,7 +99,7 @@ def split_table(shapes, splits, runs, dtype, quick):
     kw = dict(chunk=4, block_e=16, bwd_block_e=16) if quick else {}
     defaults = inspect.signature(scan_kernel.selective_scan_pallas).parameters
     be, bbe = (kw.get(name, defaults[name].default) for name in ("block_e", "bwd_block_e"))
-    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    sms = sm_count()
     errs = {}
     print(f"\n{'b x L x E x N':<20}{'splits':>7}{'programs f/b':>14}{'fwd ms':>9}{'f+b ms':>9}"
           f"{'fwd/P1':>8}{'f+b/P1':>8}{'max rel err vs P1':>19}")

@@ -112,13 +112,14 @@ def swiglu(p: dict, x: jax.Array) -> jax.Array:
     return linear(p["w_down"], hidden, name="w_down")
 
 
+SCAN_PIECE_STATES = "ssm_piece_states"  # the split selective scan's states before each piece (scan_kernel)
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
     # keep matmul outputs (and the split selective scan's states before each piece, [b, P, E, N]: tiny)
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names("ssm_piece_states")),
+        jax.checkpoint_policies.save_only_these_names(SCAN_PIECE_STATES)),
     "save_qkv_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "mlp_hidden"),
 }
 

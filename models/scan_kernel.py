@@ -52,9 +52,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from models.flash_kernel import sm_count
+from models.layers import SCAN_PIECE_STATES as PIECE_STATES
 
 F32 = jnp.float32
-PIECE_STATES = "ssm_piece_states"  # the checkpoint name of the split scan's states before each piece
 LOG2E = 1.4426950408889634  # exp(v) = exp2(v log2 e): exp2 is one fast instruction on NVIDIA GPUs
 
 
@@ -343,11 +343,11 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
     return split_scan
 
 
-def auto_splits(b: int, s: int, E: int, block_e: int, sm_count: int, *, target: int = 2, min_piece: int = 1024) -> int:
-    """The smallest power of 2 P with b ceil(E / block_e) P >= ``target`` x ``sm_count`` forward programs,
+def auto_splits(b: int, s: int, E: int, block_e: int, sms: int, *, target: int = 2, min_piece: int = 1024) -> int:
+    """The smallest power of 2 P with b ceil(E / block_e) P >= ``target`` x ``sms`` (the GPU's SMs) forward programs,
     keeping pieces of at least ``min_piece`` steps (1 when the rows and channel blocks fill the GPU)."""
     programs, P = b * -(-E // block_e), 1
-    while programs * P < target * sm_count and s // (2 * P) >= min_piece:
+    while programs * P < target * sms and s // (2 * P) >= min_piece:
         P *= 2
     return P
 

@@ -188,7 +188,8 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
                      (5632, 2048): (512, 44, 8)}
     plan = int4_kernel.gemv_plan(1, 5632, 2048, 128, block_n=256, splits=22)  # requested sizes: one load, two groups
     assert (plan["block_n"], plan["splits"], plan["per"], plan["block_k"], plan["steps"]) == (256, 22, 2, 256, 1)
-    assert int4_kernel.gemv_plan(4, 2048, 2048, 128)["mode"] == "dot" and int4_kernel.gemv_plan(9, 2048, 2048, 128) is None
+    assert int4_kernel.gemv_plan(4, 2048, 2048, 128)["mode"] == "dot"
+    assert int4_kernel.gemv_plan(9, 2048, 2048, 128) is None
     assert int4_kernel.kernel_options("pallas:block_n=128,mode=dot") == ("pallas", {"block_n": 128, "mode": "dot"})
     with pytest.raises(ValueError, match="unknown int4_gemv option"):
         awq.with_kernel(q, "pallas", block=4)
