@@ -11,7 +11,8 @@
 #                       causal balanced (zigzag) vs unbalanced (contiguous)
 #             expert    Switch 350M (experiments/bench_switch_350m.py), 1 GPU vs experts over N GPUs
 #             multiprocess  the trainer as N processes (one GPU each, jax.distributed) against 1 process
-#                       over N GPUs: the same losses
+#                       over N GPUs: their losses side by side (each process packs its own share of the
+#                       examples, so the global batches, and the losses, differ a little)
 # Then `python3 -m experiments.multi_gpu_tables OUT` prints the README's tables from OUT/*.json.
 # Environment: STEPS, WARMUP (timed and untimed steps per variant, default 10 and 3), RING_SEQS (default
 # "8192 16384 32768"), PIPELINE_MS (default "1 4 16 32").

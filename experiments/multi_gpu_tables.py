@@ -85,11 +85,9 @@ def pipeline(out: str) -> str:
 def ring(out: str) -> str:
     lines = ["| sequence (GPUs) | per-GPU block | 1 GPU, block alone: step s (cuDNN) | ring step s | measured ratio | "
              "FLOPs ratio | overhead | unbalanced step s | balanced speedup |", "|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(glob.glob(os.path.join(out, "ring_*_*.json"))):
-        m = re.fullmatch(r"ring_(\d+)_(\d+)", os.path.basename(path)[:-5])
-        n, seq = int(m.group(1)), int(m.group(2))
-        if n == 1:
-            continue
+    paths = glob.glob(os.path.join(out, "ring_*_*.json"))
+    runs = (re.fullmatch(r"ring_(\d+)_(\d+)", os.path.basename(p)[:-5]) for p in paths)
+    for n, seq in sorted((int(m.group(1)), int(m.group(2))) for m in runs if m and m.group(1) != "1"):
         block = seq // n
         full = _rows(out, f"ring_1_{block}").get(f"full{block}")
         cudnn = _rows(out, f"ring_1_{block}").get(f"cudnn{block}")

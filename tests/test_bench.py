@@ -138,3 +138,13 @@ def test_split_programs_compose_to_the_train_step():
     assert int(got.step) == int(want.step) == 1
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_exposed_communication_is_what_no_compute_covers():
+    """Communication kernels (c*) against compute (k*), overlapping ones included: [0, 10) is covered by [2, 4)
+    and [3, 6) (4 ns) and [9, 12) (1 ns); [20, 25) by nothing; [30, 31) entirely, by [29, 40)."""
+    events = [("c1", 0, 10), ("k1", 2, 2), ("k2", 3, 3), ("k3", 9, 3), ("c2", 20, 5), ("c3", 22, 1),
+              ("k4", 29, 11), ("c4", 30, 1)]
+    assert bench.exposed_ns(events, lambda n: n.startswith("c")) == 5 + 5 + 0
+    assert bench.exposed_ns(events, lambda n: False) == 0
+    assert bench.exposed_ns([("c", 0, 7)], lambda n: True) == 7

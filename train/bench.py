@@ -164,8 +164,10 @@ def collective_share(compiled, state, batch, logdir: str, steps: int = 3) -> dic
             state, m = compiled(state, batch)
         jax.block_until_ready(m)
     by_name, wall = device_kernels(logdir, gpu=0)
-    comm = sum(t for name, (t, _) in by_name.items() if "nccl" in name.lower())
+    is_comm = lambda name: "nccl" in name.lower()  # noqa: E731
+    comm = sum(t for name, (t, _) in by_name.items() if is_comm(name))
     return {"collective_s": comm / steps / 1e9, "collective_share": comm / wall if wall else None,
+            "collective_exposed_s": exposed_ns(kernel_events(logdir, gpu=0), is_comm) / steps / 1e9,
             "collective_kernels": sorted({name.split("(")[0][:60] for name in by_name if "nccl" in name.lower()})}
 
 
@@ -260,25 +262,54 @@ def cache_nbytes(model, mcfg, batch: int, max_len: int) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
-def device_kernels(logdir: str, gpu: int | None = None) -> tuple[dict[str, tuple[int, int]], int]:
-    """The GPU kernels of the newest trace in ``logdir`` (every GPU's, or GPU ``gpu``'s): ({name: (total ns,
-    launches)}, wall ns from the first kernel's start to the last one's end)."""
+def kernel_events(logdir: str, gpu: int | None = None) -> list[tuple[str, int, int]]:
+    """(name, start ns, duration ns) of every GPU kernel of the newest trace in ``logdir`` (every GPU's, or
+    GPU ``gpu``'s)."""
     from jax._src.profiler import ProfileData  # the trace reader jax ships
 
     path = max(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    by_name, start, end = {}, None, None
-    for plane in ProfileData.from_file(path).planes:
-        if not plane.name.startswith("/device:GPU" if gpu is None else f"/device:GPU:{gpu}"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for ev in line.events:
-                total, count = by_name.get(ev.name, (0, 0))
-                by_name[ev.name] = (total + ev.duration_ns, count + 1)
-                start = ev.start_ns if start is None else min(start, ev.start_ns)
-                end = max(end or 0, ev.start_ns + ev.duration_ns)
-    return by_name, (end - start) if by_name else 0
+    return [(ev.name, ev.start_ns, ev.duration_ns) for plane in ProfileData.from_file(path).planes
+            if plane.name.startswith("/device:GPU" if gpu is None else f"/device:GPU:{gpu}")
+            for line in plane.lines if line.name.startswith("Stream") for ev in line.events]
+
+
+def device_kernels(logdir: str, gpu: int | None = None) -> tuple[dict[str, tuple[int, int]], int]:
+    """The GPU kernels of the newest trace in ``logdir`` (every GPU's, or GPU ``gpu``'s): ({name: (total ns,
+    launches)}, wall ns from the first kernel's start to the last one's end)."""
+    events = kernel_events(logdir, gpu)
+    by_name = {}
+    for name, _, duration in events:
+        total, count = by_name.get(name, (0, 0))
+        by_name[name] = (total + duration, count + 1)
+    wall = max(s + d for _, s, d in events) - min(s for _, s, _ in events) if events else 0
+    return by_name, wall
+
+
+def exposed_ns(events, is_comm) -> int:
+    """Nanoseconds during which a kernel ``is_comm(name)`` runs and no other kernel does (communication that
+    no compute hides), from (name, start, duration) events of one GPU."""
+    def union(spans):
+        merged = []
+        for s, e in sorted(spans):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        return merged
+
+    comm = union([(s, s + d) for n, s, d in events if is_comm(n)])
+    busy = union([(s, s + d) for n, s, d in events if not is_comm(n)])
+    total, j = 0, 0
+    for s, e in comm:
+        covered = 0
+        while j < len(busy) and busy[j][1] <= s:
+            j += 1
+        k = j
+        while k < len(busy) and busy[k][0] < e:
+            covered += min(e, busy[k][1]) - max(s, busy[k][0])
+            k += 1
+        total += (e - s) - covered
+    return total
 
 
 def kernel_table(logdir: str, steps: int, top: int = 25) -> str:
