@@ -4,9 +4,9 @@ Outputs and gradients of the ring (inside ``shard_map`` over a 4-device ``contex
 dense float32 attention (``models.attention.reference`` for the causal mask; the same einsums
 without the causal term otherwise) to 2e-6 relative error (rings of 2 and 3 devices as well), for
 causal and non-causal masks, MHA and GQA, with and without segment ids, in the contiguous and the
-balanced (zigzag) layouts; the blockwise kernel alone with tiles smaller than the block. A Transformer's loss and gradients with
-attention='ring' on a data=2 x context=4 mesh equal full attention on one device. Bad input fails
-with one sentence before compiling.
+balanced (zigzag) layouts; the blockwise kernel alone with tiles smaller than the block. A Transformer's
+loss and gradients with attention='ring' on a data=2 x context=4 mesh equal full attention on one device.
+Bad input fails with one sentence before compiling.
 """
 import dataclasses
 
