@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import statistics
 import time
 
@@ -49,8 +50,8 @@ _DECODE = flags.DEFINE_list("decode_batches", [], "Benchmark greedy decoding at 
 _PROMPT = flags.DEFINE_integer("prompt_len", 512, "Decoding: prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Decoding: new tokens per row.")
 _TRACE = flags.DEFINE_string("trace", "", "Training: also trace 3 steps of each variant into this directory, "
-                             "report GPU 0's collective kernels' time per step and share of the step, and print "
-                             "the device kernels per step.")
+                             "report GPU 0's collective kernels' time per step, share of the step and exposed time "
+                             "(no other kernel beside them), and print GPU 0's kernels per step.")
 _PROFILE = flags.DEFINE_string("decode_profile", "", "Decoding: also trace 32 steps at the first batch size "
                                "into this directory and print the device kernels per step.")
 
@@ -269,7 +270,7 @@ def kernel_events(logdir: str, gpu: int | None = None) -> list[tuple[str, int, i
 
     path = max(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     return [(ev.name, ev.start_ns, ev.duration_ns) for plane in ProfileData.from_file(path).planes
-            if plane.name.startswith("/device:GPU" if gpu is None else f"/device:GPU:{gpu}")
+            if re.match(r"/device:GPU:\d+" if gpu is None else rf"/device:GPU:{gpu}(\D|$)", plane.name)
             for line in plane.lines if line.name.startswith("Stream") for ev in line.events]
 
 
@@ -313,8 +314,8 @@ def exposed_ns(events, is_comm) -> int:
 
 
 def kernel_table(logdir: str, steps: int, top: int = 25) -> str:
-    """Device kernels of the trace in ``logdir`` per step: busy time, launches, the costliest names."""
-    by_name, wall = device_kernels(logdir)
+    """GPU 0's kernels in the trace in ``logdir`` per step: busy time, launches, the costliest names."""
+    by_name, wall = device_kernels(logdir, gpu=0)
     if not by_name:
         return "no device kernels in the trace"
     busy, launches = sum(t for t, _ in by_name.values()), sum(n for _, n in by_name.values())
