@@ -35,8 +35,10 @@ for section in "${sections[@]}"; do
   case "$section" in
     scaling)
       bench scaling_1 1 experiments/bench_llama_1b.py "gpu1:train.batch_size=8"
-      bench scaling_$N "$N" experiments/bench_llama_1b.py \
-        "data$N:mesh.data=$N,mesh.fsdp=1,train.batch_size=$((8 * N));fsdp$N:mesh.data=1,mesh.fsdp=$N,train.batch_size=$((8 * N))" ;;
+      # one process each: a device's peak memory is the process's (train.bench's peak_mem_gb)
+      bench scaling_$N "$N" experiments/bench_llama_1b.py "data$N:mesh.data=$N,mesh.fsdp=1,train.batch_size=$((8 * N))"
+      bench scaling_${N}_fsdp "$N" experiments/bench_llama_1b.py \
+        "fsdp$N:mesh.data=1,mesh.fsdp=$N,train.batch_size=$((8 * N))" ;;
     pipeline)
       for m in llama_350m mamba_370m; do
         bench "pipeline_${m}_1" 1 "experiments/bench_$m.py" "K1:train.batch_size=32,train.seq_len=1024"

@@ -200,6 +200,7 @@ def step_bytes(seq_len: int, context: int, devices, model_overrides=None) -> int
     """Bytes live per device for one compiled train step (nothing is allocated or run)."""
     from parallel import mesh as mesh_lib
     from parallel import sharding
+    from train import aot
     from train.setup import setup_training
 
     config = _config(seq_len, context, model_overrides)
@@ -207,9 +208,7 @@ def step_bytes(seq_len: int, context: int, devices, model_overrides=None) -> int
     setup = setup_training(config, mesh)
     with sharding.activate(mesh, setup.rules):
         compiled = setup.jit_train_step().lower(setup.abstract_state(), setup.abstract_batch()).compile()
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes +
-               m.generated_code_size_in_bytes)
+    return aot.live_bytes(compiled.memory_analysis())
 
 
 def longest(context: int, budget: int, multiple: int, first: int, devices, model_overrides=None, refine: int = 4,

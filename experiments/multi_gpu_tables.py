@@ -54,10 +54,15 @@ def _per_gpu(one: dict | None, rows: dict, n: int | None, extra=lambda row: []) 
 
 def scaling(out: str) -> str:
     n = _gpus(out, "scaling")
+    rows = {**_rows(out, f"scaling_{n}"), **_rows(out, f"scaling_{n}_fsdp")}  # one process each
+
+    def memory(r):
+        planned = r.get("planned_mem_gb")
+        return [f"{r['peak_mem_gb']:.1f}", "-" if planned is None else f"{planned:.1f}"] if r else ["", ""]
+
     return "\n".join(["| 1.26B, 8 x 2048 tokens per GPU | GPUs | tokens/s | tokens/s per GPU | efficiency | "
-                      "peak GB/GPU |", "|---|---|---|---|---|---|",
-                      *_per_gpu(_rows(out, "scaling_1").get("gpu1"), _rows(out, f"scaling_{n}"), n,
-                                lambda r: [f"{r['peak_mem_gb']:.1f}" if r else ""])])
+                      "peak GB/GPU | planned GB/GPU |", "|---|---|---|---|---|---|---|",
+                      *_per_gpu(_rows(out, "scaling_1").get("gpu1"), rows, n, memory)])
 
 
 def pipeline(out: str) -> str:

@@ -71,11 +71,6 @@ def compile_step(config, devices):
     return setup, compiled.memory_analysis()
 
 
-def _total(mem) -> int:
-    return (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-            + mem.generated_code_size_in_bytes)
-
-
 def part_a(devices):
     """Temporaries per device at 32 and 64 rows; the activations of 32 rows are their difference
     (what grows with the batch: weights, gradients and optimizer buffers do not)."""
@@ -100,6 +95,8 @@ def part_a(devices):
 def part_b(devices, hbm_bytes, stages):
     import jax
 
+    from train import aot
+
     results = []
     for k in stages:
         if k > len(devices):
@@ -112,7 +109,7 @@ def part_b(devices, hbm_bytes, stages):
                         stage=k, micro=micro, loss_chunk=512)
             setup, mem = compile_step(c, devices[:k])
             params = sum(x.size for x in jax.tree.leaves(setup.state_shape.params))
-            return _total(mem) <= hbm_bytes, params, _total(mem)
+            return aot.live_bytes(mem) <= hbm_bytes, params, aot.live_bytes(mem)
 
         lo, hi, best = 0, 8, None  # units per stage: find the largest that fits
         while True:

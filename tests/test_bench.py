@@ -37,6 +37,10 @@ def test_bench_reports_step_gradients_and_optimizer(name, make, extra):
     for key in ("step_s", "fwd_bwd_s", "optimizer_s", "tokens_per_s", "compile_s", "split_compile_s"):
         assert row[key] > 0, (name, key)
     assert math.isfinite(row["loss"]) and row["loss"] > 0
+    # The compiled step holds at least the train state it reads (float32 params and two AdamW moments).
+    setup = setup_training(config, one_device(config))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.state_shape))
+    assert state_bytes <= row["planned_mem_gb"] * 1e9 < 20 * state_bytes, (name, row["planned_mem_gb"], state_bytes)
 
 
 def _decode_row(config, batch=2, prompt_len=8, new_tokens=4):

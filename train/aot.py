@@ -203,6 +203,13 @@ class AotReport:
         return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
 
 
+def live_bytes(mem) -> int:
+    """Bytes live at once per device by XLA's ``memory_analysis()`` of a compiled program: arguments +
+    outputs not written in place + temporaries + code (nothing is allocated or run)."""
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+               + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+
+
 def _size(b: int) -> str:
     """'16 GiB', '2.26 GiB', '19.4 MiB'."""
     if b >= GiB:

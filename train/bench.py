@@ -6,7 +6,11 @@
 Each row is one config variant (``--variants 'name:key=value,key=value;...'`` overrides config
 fields per row). Per variant: compile time, median step time over the timed steps, tokens/s,
 MFU against the datasheet peak and against a bf16 matmul ceiling measured in the same process,
-and peak device memory. Batches are random tokens, one causal sequence per row (no packing).
+device memory, and batches of random tokens, one causal sequence per row (no packing). Memory is
+twofold: ``peak_mem_gb`` (``mem GB``), GPU 0's peak in use since the process started, so a variant
+after another in one process reports the larger of the two (one process per variant for its own);
+``planned_mem_gb`` (``plan GB``), the compiled step's bytes live per device by XLA's memory
+analysis (``aot.live_bytes``), the variant's own wherever it runs.
 
 With ``--split`` (the default) two more programs are compiled and timed the same way on the same
 batch and state, to split the step: ``fwd_bwd_s``, the objective the train step differentiates
@@ -34,7 +38,7 @@ from ml_collections import config_flags
 from models import generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
-from train import cli
+from train import aot, cli
 from train import config as config_lib
 from train import metrics
 from train import optim, step as step_lib
@@ -206,6 +210,7 @@ def bench(config, steps: int, warmup: int, split: bool = True, mesh=None, profil
         "flops_per_token": setup.model.flops_per_token(mcfg, t.seq_len),
         "compile_s": compile_s,
         "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9,
+        "planned_mem_gb": aot.live_bytes(compiled.memory_analysis()) / 1e9,
         "loss": float(m["loss"]),
         **split_row,
     }
@@ -393,7 +398,7 @@ def main(argv):
     print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
           f"bf16 matmul ceiling {ceiling / 1e12:.0f} TFLOP/s (8192^3), datasheet {peak and peak / 1e12} TFLOP/s")
     print(f"{'variant':<24}{'step s':>9}{'fwd+bwd s':>11}{'opt s':>9}{'tokens/s':>11}{'MFU(sheet)':>12}"
-          f"{'MFU(meas)':>11}{'mem GB':>8}{'compile s':>11}")
+          f"{'MFU(meas)':>11}{'mem GB':>8}{'plan GB':>9}{'compile s':>11}")
 
     def seconds(value, width):
         return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
@@ -405,7 +410,7 @@ def main(argv):
         sheet = f"{r['mfu_datasheet']:.3f}" if r["mfu_datasheet"] is not None else "-"
         print(f"{name:<24}{r['step_s']:>9.4f}{seconds(r.get('fwd_bwd_s'), 11)}{seconds(r.get('optimizer_s'), 9)}"
               f"{r['tokens_per_s']:>11.0f}{sheet:>12}{r['mfu_measured_ceiling']:>11.3f}"
-              f"{r['peak_mem_gb']:>8.1f}{r['compile_s']:>11.1f}")
+              f"{r['peak_mem_gb']:>8.1f}{r['planned_mem_gb']:>9.1f}{r['compile_s']:>11.1f}")
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "ceiling_flops": ceiling, "rows": rows}, f, indent=1)
