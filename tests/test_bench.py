@@ -152,3 +152,22 @@ def test_exposed_communication_is_what_no_compute_covers():
     assert bench.exposed_ns(events, lambda n: n.startswith("c")) == 5 + 5 + 0
     assert bench.exposed_ns(events, lambda n: False) == 0
     assert bench.exposed_ns([("c", 0, 7)], lambda n: True) == 7
+
+
+@pytest.mark.parametrize("text,match", [
+    ("bad", r"entry 'bad' is not NAME:section.key=value"),
+    ("a:;a:", r"names 'a' twice"),
+    ("x:foo", r"--variants 'x': override 'foo' is not section.key=value"),
+    ("x:train.seq_len=64;y:model.d_modle=8", r"--variants 'y': .*no field model.d_modle; did you mean model.d_model\?"),
+    ("x:modle.d_model=8", r"no field modle.d_model; did you mean model.d_model\?"),
+])
+def test_bad_variants_fail_before_any_runs(text, match):
+    with pytest.raises(ValueError, match=match):
+        bench.parse_variants(text, bench_llama_350m.get_config())
+
+
+def test_variants_parse_names_and_overrides():
+    config = bench_llama_350m.get_config()
+    assert bench.parse_variants("", config) == [("config", "")]
+    assert bench.parse_variants("a:; b:train.seq_len=64,model.remat=none", config) == [
+        ("a", ""), ("b", "train.seq_len=64,model.remat=none")]

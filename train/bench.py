@@ -83,6 +83,26 @@ def apply_overrides(config, spec: str):
     return config_lib.override(config, filter(None, spec.split(",")))
 
 
+def parse_variants(text: str, config) -> list[tuple[str, str]]:
+    """``--variants`` 'name:key=value,...;name2:...' as [(name, overrides)] ([("config", "")] when empty).
+    ValueError naming the variant for a missing name, a repeated one or overrides ``config`` refuses, so a
+    typo in the last variant fails before the first one runs."""
+    variants = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, spec = part.partition(":")
+        if not sep or not name:
+            raise ValueError(f"--variants entry {part!r} is not NAME:section.key=value,...; write e.g. "
+                             f"'base:;long:train.seq_len=4096' (overrides may be empty after the colon).")
+        if name in dict(variants):
+            raise ValueError(f"--variants names {name!r} twice; give each variant its own name.")
+        try:
+            apply_overrides(config, spec)
+        except Exception as e:  # noqa: BLE001 - reported with the variant's name
+            raise ValueError(f"--variants {name!r}: {e}") from e
+        variants.append((name, spec))
+    return variants or [("config", "")]
+
+
 def _timed(run, carry, steps: int, warmup: int):
     """``carry, out = run(carry)`` warmup + steps times, blocking on ``out`` after each timed call.
 
@@ -352,7 +372,7 @@ def profile_decode(config, batch: int, prompt_len: int, logdir: str, steps: int 
 
 def main(argv):
     del argv
-    variants = [v.split(":", 1) for v in _VARIANTS.value.split(";") if v] or [["config", ""]]
+    variants = parse_variants(_VARIANTS.value, _CONFIG.value)
     if _DECODE.value:
         bandwidth = copy_bandwidth()
         rows = [{"variant": name, **bench_decode(apply_overrides(_CONFIG.value, spec), int(b), _PROMPT.value,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import difflib
 import math
 import os
 import re
@@ -261,8 +262,8 @@ def validate(config, platform: str | None = None):
 
 def validate_ring(config) -> None:
     """``model.attention='ring'``: the mesh axes the ``seq`` rule maps to form the ring, and the balanced
-    (zigzag) layout cuts train.seq_len into 2 x (ring size) chunks (the contiguous one into ring size). Axes of size -1 are checked once
-    the devices are known (``ring_attention`` at trace time)."""
+    (zigzag) layout cuts train.seq_len into 2 x (ring size) chunks (the contiguous one into ring size).
+    Axes of size -1 are checked once the devices are known (``ring_attention`` at trace time)."""
     if config.model.get("attention") != "ring":
         return
     axes = dict(tuple(r) for r in config.sharding.rules).get("seq")
@@ -279,8 +280,16 @@ def override(config: ml_collections.ConfigDict, items) -> ml_collections.ConfigD
     others (the cadences follow train.steps) still do, unless set here."""
     config = copy.deepcopy(config)
     for item in items:
-        key, value = item.split("=", 1)
-        section, field = key.split(".", 1)
+        key, equals, value = item.partition("=")
+        section, dot, field = key.strip().partition(".")
+        if not (equals and dot and section and field):
+            raise ValueError(f"override {item!r} is not section.key=value (e.g. train.steps=100).")
+        if section not in config or field not in config[section]:
+            known = section in config
+            near = difflib.get_close_matches(field if known else section, list((config[section] if known else config)
+                                                                               .keys()), n=1)
+            hint = f"; did you mean {section + '.' + near[0] if known else near[0] + '.' + field}?" if near else "."
+            raise ValueError(f"override {item!r}: the config has no field {key.strip()}{hint}")
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
