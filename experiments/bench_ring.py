@@ -287,11 +287,25 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU check of this script: tiny shapes and model")
     p.add_argument("--out", default="", help="write the tables as JSON here")
     args = p.parse_args(argv)
+
+    def positive(text, flag, parts=1):
+        """Comma-separated positive integers (or 'AxB' pairs with parts=2), else one argparse error line."""
+        try:
+            values = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or any(len(v) != parts or min(v) < 1 for v in values):
+            form = "B x S pairs like 4x8192,1x32768" if parts == 2 else "positive integers like 1,2,4"
+            p.error(f"{flag} {text!r} is not a comma-separated list of {form}.")
+        return [v if parts == 2 else v[0] for v in values]
+
+    blocks, shapes, contexts = (positive(args.blocks, "--blocks"), positive(args.shapes, "--shapes", 2),
+                                positive(args.contexts, "--contexts"))
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "n_devices": jax.device_count()}
     print(f"# {out['device']} x {out['n_devices']}, jax {out['jax']}", flush=True)
     if args.what in ("kernel", "all"):
-        blocks = [(int(x), int(x)) for x in args.blocks.split(",")]
-        shapes = [(int(bs.split("x")[0]), int(bs.split("x")[1]), 16, 128) for bs in args.shapes.split(",")]
+        blocks = [(x, x) for x in blocks]
+        shapes = [(b, n, 16, 128) for b, n in shapes]
         pallas = pallas_variants(args.pallas)
         if args.tiny:
             shapes, blocks = [(1, 256, 2, 16)], [(64, 64), (128, 128)]
@@ -300,7 +314,10 @@ def main(argv=None) -> int:
                                      pallas=pallas, kernels_only=args.kernels_only)
         print_kernel(out["kernel"])
     if args.what in ("seqlen", "all"):
-        contexts = [int(x) for x in args.contexts.split(",") if int(x) <= jax.device_count()]
+        if [n for n in contexts if n > jax.device_count()]:
+            print(f"# contexts above the {jax.device_count()} devices skipped: "
+                  f"{[n for n in contexts if n > jax.device_count()]}", flush=True)
+        contexts = [n for n in contexts if n <= jax.device_count()]
         budget = _budget(args.hbm_gib)
         model = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=128, vocab_size=512) if args.tiny else None
         out["seqlen"] = [longest(n, budget, args.multiple, args.first, jax.devices(), model, args.refine) for n in contexts]

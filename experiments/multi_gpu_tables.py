@@ -148,6 +148,9 @@ def multiprocess(out: str) -> str:
 
 
 def main(out: str) -> None:
+    if not glob.glob(os.path.join(out, "*.json")) and not glob.glob(os.path.join(out, "mp_*")):
+        raise SystemExit(f"{out} holds no results of experiments/bench_multi_gpu.sh (no NAME.json, no mp_*); "
+                         f"pass the OUT directory that job wrote.")
     for title, table in (("Data / FSDP scaling", scaling), ("GPipe", pipeline), ("Ring attention", ring),
                          ("Expert parallelism", expert), ("Multi-process", multiprocess)):
         print(f"\n### {title}\n\n{table(out)}")

@@ -1,5 +1,6 @@
 """train.bench at tiny sizes on one CPU device: the split step timings, the decode bench for both
-families (cache bytes from the cache each builds), and the long-sequence benchmark configs validate."""
+families (cache bytes from the cache each builds), and the long-sequence benchmark configs validate;
+the benchmark scripts' argument errors, the exposed-communication measure and the scale-out tables."""
 import math
 
 import jax
@@ -171,3 +172,46 @@ def test_variants_parse_names_and_overrides():
     assert bench.parse_variants("", config) == [("config", "")]
     assert bench.parse_variants("a:; b:train.seq_len=64,model.remat=none", config) == [
         ("a", ""), ("b", "train.seq_len=64,model.remat=none")]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["kernel", "--shapes", "4x"], "--shapes '4x' is not a comma-separated list of B x S pairs"),
+    (["seqlen", "--contexts", "0"], "--contexts '0' is not a comma-separated list of positive integers"),
+    (["kernel", "--blocks", "64,x"], "--blocks '64,x' is not"),
+])
+def test_bench_ring_refuses_bad_lists_in_one_line(args, match, capsys):
+    from experiments import bench_ring
+    with pytest.raises(SystemExit) as exit_info:
+        bench_ring.main(args)
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_multi_gpu_tables_name_an_empty_directory(tmp_path):
+    from experiments import multi_gpu_tables
+    with pytest.raises(SystemExit, match="holds no results of experiments/bench_multi_gpu.sh"):
+        multi_gpu_tables.main(str(tmp_path))
+
+
+def test_multi_gpu_tables_from_rows(tmp_path):
+    """The scaling table joins the data and FSDP processes' rows; ring rows come by ring size, then length."""
+    import json
+
+    from experiments import multi_gpu_tables
+
+    def write(name, rows):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows}))
+
+    row = lambda tps, **kw: {"tokens_per_s": tps, "peak_mem_gb": 39.1, "planned_mem_gb": 30.0, **kw}  # noqa: E731
+    write("scaling_1", {"gpu1": row(100.0)})
+    write("scaling_4", {"data4": row(360.0)})
+    write("scaling_4_fsdp", {"fsdp4": row(380.0)})
+    for n, seq in ((4, 16384), (2, 8192), (4, 8192)):
+        write(f"ring_1_{seq // n}", {f"full{seq // n}": {"step_s": 0.1, "flops_per_token": 1.0}})
+        write(f"ring_{n}_{seq}", {f"ring{seq}": {"step_s": 0.3, "flops_per_token": 1.5},
+                                  f"ring{seq}_unbalanced": {"step_s": 0.39}})
+    scaling = multi_gpu_tables.scaling(str(tmp_path))
+    assert "| data4 | 4 | 360 | 90 | 0.90 | 39.1 | 30.0 |" in scaling and "| fsdp4 | 4 | 380 | 95 | 0.95 |" in scaling
+    ring = [line for line in multi_gpu_tables.ring(str(tmp_path)).splitlines() if line.startswith("| 8192 (")
+            or line.startswith("| 16384 (")]
+    assert [line.split(" |")[0] for line in ring] == ["| 8192 (2)", "| 8192 (4)", "| 16384 (4)"]
+    assert "| 3.00 | 1.50 | +100.0% | 0.3900 | 1.30 |" in ring[0]
