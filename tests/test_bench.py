@@ -215,3 +215,8 @@ def test_multi_gpu_tables_from_rows(tmp_path):
             or line.startswith("| 16384 (")]
     assert [line.split(" |")[0] for line in ring] == ["| 8192 (2)", "| 8192 (4)", "| 16384 (4)"]
     assert "| 3.00 | 1.50 | +100.0% | 0.3900 | 1.30 |" in ring[0]
+
+
+def test_tabulate_sums_kernels_by_name_and_spans_the_wall():
+    assert bench.tabulate([("a", 5, 10), ("b", 7, 2), ("a", 30, 5)]) == ({"a": (15, 2), "b": (2, 1)}, 30)
+    assert bench.tabulate([]) == ({}, 0)

@@ -182,18 +182,20 @@ def random_batch(setup, seed: int = 0) -> dict[str, np.ndarray]:
 
 def collective_share(compiled, state, batch, logdir: str, steps: int = 3) -> dict:
     """Trace ``steps`` calls of the compiled train step; GPU 0's collective kernels (NCCL's: all-to-all,
-    all-reduce, all-gather, reduce-scatter, send/receive) per step, in seconds and as a share of its wall time."""
+    all-reduce, all-gather, reduce-scatter, send/receive) per step: seconds, share of its wall time, and the
+    seconds no other kernel overlaps (``exposed_ns``)."""
     os.makedirs(logdir, exist_ok=True)
     with jax.profiler.trace(logdir):
         for _ in range(steps):
             state, m = compiled(state, batch)
         jax.block_until_ready(m)
-    by_name, wall = device_kernels(logdir, gpu=0)
+    events = kernel_events(logdir, gpu=0)
+    by_name, wall = tabulate(events)
     is_comm = lambda name: "nccl" in name.lower()  # noqa: E731
     comm = sum(t for name, (t, _) in by_name.items() if is_comm(name))
     return {"collective_s": comm / steps / 1e9, "collective_share": comm / wall if wall else None,
-            "collective_exposed_s": exposed_ns(kernel_events(logdir, gpu=0), is_comm) / steps / 1e9,
-            "collective_kernels": sorted({name.split("(")[0][:60] for name in by_name if "nccl" in name.lower()})}
+            "collective_exposed_s": exposed_ns(events, is_comm) / steps / 1e9,
+            "collective_kernels": sorted({name.split("(")[0][:60] for name in by_name if is_comm(name)})}
 
 
 def bench(config, steps: int, warmup: int, split: bool = True, mesh=None, profile_dir: str = "") -> dict:
@@ -300,9 +302,13 @@ def kernel_events(logdir: str, gpu: int | None = None) -> list[tuple[str, int, i
 
 
 def device_kernels(logdir: str, gpu: int | None = None) -> tuple[dict[str, tuple[int, int]], int]:
-    """The GPU kernels of the newest trace in ``logdir`` (every GPU's, or GPU ``gpu``'s): ({name: (total ns,
-    launches)}, wall ns from the first kernel's start to the last one's end)."""
-    events = kernel_events(logdir, gpu)
+    """The GPU kernels of the newest trace in ``logdir`` (every GPU's, or GPU ``gpu``'s): ``tabulate``d."""
+    return tabulate(kernel_events(logdir, gpu))
+
+
+def tabulate(events) -> tuple[dict[str, tuple[int, int]], int]:
+    """({name: (total ns, launches)}, wall ns from the first kernel's start to the last one's end) of
+    ``kernel_events``."""
     by_name = {}
     for name, _, duration in events:
         total, count = by_name.get(name, (0, 0))
