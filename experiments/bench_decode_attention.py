@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from models import attention as A  # noqa: E402
 from models import decode_attention as DA  # noqa: E402
+from train import cli  # noqa: E402
 from train.bench import median_seconds  # noqa: E402
 
 
@@ -68,6 +69,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--tiny", action="store_true", help="small sizes: a quick check of the code paths on CPU")
     args = p.parse_args(argv)
+    try:
+        batches = cli.int_list(args.batches, "--batches")
+    except ValueError as e:
+        p.error(str(e))
     layers, kvh, d = (2, 4, 16) if args.tiny else (22, 16, 128)
     max_len = 40 if args.tiny else args.max_len
     q_start = min(args.q_start, max_len - 1)
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; {layers} layers, {kvh} heads of {d}, "
           f"cache {max_len} slots, q_start {q_start}, bf16")
     print(f"{'variant':<34}{'batch':>6}{'splits':>7}{'us/layer':>10}{'GB/s':>8}{'max |diff|':>12}")
-    for b in (int(x) for x in args.batches.split(",")):
+    for b in batches:
         rng = np.random.default_rng(0)
         q = jnp.asarray(rng.standard_normal((layers, b, 1, kvh, d)), jnp.bfloat16)
         k, v = (jnp.asarray(rng.standard_normal((layers, b, max_len, kvh, d)), jnp.bfloat16) for _ in range(2))

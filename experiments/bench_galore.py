@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from experiments import bench_llama_1b  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from parallel import sharding  # noqa: E402
-from train import bench, galore  # noqa: E402
+from train import bench, cli, galore  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train.setup import setup_training  # noqa: E402
 
@@ -87,8 +87,13 @@ def main():
     parser.add_argument("--set", action="append", default=[],
                         help="config override section.key=value for every row (e.g. a tiny model for a CPU check)")
     args = parser.parse_args()
+    try:
+        ranks = cli.int_list(args.ranks, "--ranks")
+        config_lib.override(bench_llama_1b.get_config(), args.set)
+    except ValueError as e:
+        parser.error(str(e))
     variants = []
-    for r in (int(x) for x in args.ranks.split(",") if x):
+    for r in ranks:
         variants.append((f"galore r={r}", dict(galore_rank=r)))
         if args.randomized:
             variants.append((f"galore r={r} rsvd", dict(galore_rank=r, galore_randomized_svd=True)))

@@ -63,6 +63,7 @@ ATTENTION = ""  # --attention: model.attention of every variant (empty: the conf
 
 
 GEMV_OPTIONS: dict = {}  # --gemv: tile settings of the "int4 g128 fused" decode variant
+SECTIONS = ("memory", "linear", "gemv", "decode", "ops")  # --sections
 
 
 def kernel_name() -> str:
@@ -356,7 +357,7 @@ def md(rows: list, cols: list) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="")
-    p.add_argument("--sections", default="memory,linear,gemv,decode")
+    p.add_argument("--sections", default="memory,linear,gemv,decode", help=f"of {','.join(SECTIONS)}")
     p.add_argument("--gemv", default="", help="tile settings of the 'int4 g128 fused' variant, 'block_n=256,splits=8'"
                    " (default: the kernel's per-shape defaults)")
     p.add_argument("--gemv_rows", default="1", help="rows of x in the gemv table, '1,8'")
@@ -376,6 +377,8 @@ def main():
     from models import int4_kernel
     GEMV_OPTIONS = int4_kernel.kernel_options("pallas:" + args.gemv)[1]
     sections = set(args.sections.split(","))
+    if unknown := sorted(sections - set(SECTIONS)):
+        p.error(f"--sections {args.sections!r} names {unknown}; choose from {','.join(SECTIONS)}.")
     decode_names = [n.strip() for n in args.decode.split(",") if n.strip()]
     decode_names += [f"int4 fused {o.strip()}" for o in args.decode_ab.split(";") if o.strip()]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")

@@ -47,7 +47,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from train import bench  # noqa: E402
+from train import bench, cli  # noqa: E402
 
 GiB = 1 << 30
 # flash_kernel.Config() first (its tiles from the sweep in experiments/BENCHMARKS.md), then the tiles it
@@ -288,19 +288,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="write the tables as JSON here")
     args = p.parse_args(argv)
 
-    def positive(text, flag, parts=1):
-        """Comma-separated positive integers (or 'AxB' pairs with parts=2), else one argparse error line."""
-        try:
-            values = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
-        except ValueError:
-            values = []
-        if not values or any(len(v) != parts or min(v) < 1 for v in values):
-            form = "B x S pairs like 4x8192,1x32768" if parts == 2 else "positive integers like 1,2,4"
-            p.error(f"{flag} {text!r} is not a comma-separated list of {form}.")
-        return [v if parts == 2 else v[0] for v in values]
-
-    blocks, shapes, contexts = (positive(args.blocks, "--blocks"), positive(args.shapes, "--shapes", 2),
-                                positive(args.contexts, "--contexts"))
+    try:
+        blocks, shapes, contexts = (cli.int_list(args.blocks, "--blocks"), cli.int_list(args.shapes, "--shapes", 2),
+                                    cli.int_list(args.contexts, "--contexts"))
+    except ValueError as e:
+        p.error(str(e))
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "n_devices": jax.device_count()}
     print(f"# {out['device']} x {out['n_devices']}, jax {out['jax']}", flush=True)
     if args.what in ("kernel", "all"):

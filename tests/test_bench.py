@@ -175,7 +175,7 @@ def test_variants_parse_names_and_overrides():
 
 
 @pytest.mark.parametrize("args,match", [
-    (["kernel", "--shapes", "4x"], "--shapes '4x' is not a comma-separated list of B x S pairs"),
+    (["kernel", "--shapes", "4x"], "--shapes '4x' is not a comma-separated list of AxB pairs"),
     (["seqlen", "--contexts", "0"], "--contexts '0' is not a comma-separated list of positive integers"),
     (["kernel", "--blocks", "64,x"], "--blocks '64,x' is not"),
 ])
@@ -184,6 +184,28 @@ def test_bench_ring_refuses_bad_lists_in_one_line(args, match, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_ring.main(args)
     assert exit_info.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script,args,match", [
+    ("bench_quant", ["--sections", "memory,nope"], "--sections 'memory,nope' names ['nope']; choose from"),
+    ("bench_decode_attention", ["--batches", "1,x"], "--batches '1,x' is not a comma-separated list"),
+    ("bench_galore", ["--ranks", "0"], "--ranks '0' is not a comma-separated list of positive integers"),
+    ("bench_galore", ["--set", "model.d_modle=8"], "did you mean model.d_model?"),
+])
+def test_benchmark_scripts_refuse_bad_flags_in_one_line(script, args, match, capsys, monkeypatch):
+    import importlib
+    monkeypatch.setattr("sys.argv", [script] + args)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"experiments.{script}").main()
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_int_list():
+    from train import cli
+    assert cli.int_list("1,2,4", "--n") == [1, 2, 4] and cli.int_list("4x8192,1x16", "--s", 2) == [(4, 8192), (1, 16)]
+    for text, parts in (("", 1), ("1,,2", 1), ("0", 1), ("-1", 1), ("4x", 2), ("4", 2), ("4x8x2", 2), ("a", 1)):
+        with pytest.raises(ValueError, match="is not a comma-separated list"):
+            cli.int_list(text, "--n", parts)
 
 
 def test_multi_gpu_tables_name_an_empty_directory(tmp_path):
