@@ -32,6 +32,7 @@ import numpy as np
 from models import mamba as M
 from models import scan_kernel
 from models.flash_kernel import sm_count
+from train import cli
 
 CUDA_MS = {"fwd": 1.19, "fwd+bwd": 1.19 + 4.63}
 HBM_BYTES_PER_S = 4.8e12  # H200
@@ -140,12 +141,15 @@ def main(argv=None):
     parser.add_argument("--splits", default=None, help="comma-separated seq_splits (0: auto): only the split table")
     parser.add_argument("--shapes", default="1x32768x2048x16,8x2048x4096x16", help="BxLxExN,... for --splits")
     args = parser.parse_args(argv)
-    if args.splits is not None:
-        shapes = [(1, 40, 32, 4)] if args.quick else [tuple(int(v) for v in sh.split("x"))
-                                                      for sh in args.shapes.split(",")]
+    try:
+        shapes = cli.int_list(args.shapes, "--shapes", parts=4)
+        splits = None if args.splits is None else cli.int_list(args.splits, "--splits", minimum=0)
+    except ValueError as e:
+        parser.error(str(e))
+    if splits is not None:
+        shapes = [(1, 40, 32, 4)] if args.quick else shapes
         print(f"devices: {jax.devices()}  x/dt/B/C bfloat16, A float32")
-        return split_table(shapes, [int(p) for p in args.splits.split(",")], args.runs or (1 if args.quick else 20),
-                           jnp.bfloat16, args.quick)
+        return split_table(shapes, splits, args.runs or (1 if args.quick else 20), jnp.bfloat16, args.quick)
     b, s, E, N = (1, 24, 32, 4) if args.quick else (8, 2048, 4096, 16)
     runs = args.runs or (2 if args.quick else 20)
     dtype = jnp.bfloat16

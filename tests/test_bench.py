@@ -175,7 +175,7 @@ def test_variants_parse_names_and_overrides():
 
 
 @pytest.mark.parametrize("args,match", [
-    (["kernel", "--shapes", "4x"], "--shapes '4x' is not a comma-separated list of AxB pairs"),
+    (["kernel", "--shapes", "4x"], "--shapes '4x' is not a comma-separated list of AxB groups"),
     (["seqlen", "--contexts", "0"], "--contexts '0' is not a comma-separated list of positive integers"),
     (["kernel", "--blocks", "64,x"], "--blocks '64,x' is not"),
 ])
@@ -191,6 +191,9 @@ def test_bench_ring_refuses_bad_lists_in_one_line(args, match, capsys):
     ("bench_decode_attention", ["--batches", "1,x"], "--batches '1,x' is not a comma-separated list"),
     ("bench_galore", ["--ranks", "0"], "--ranks '0' is not a comma-separated list of positive integers"),
     ("bench_galore", ["--set", "model.d_modle=8"], "did you mean model.d_model?"),
+    ("bench_mamba_scan", ["--shapes", "8x2048x4096"], "--shapes '8x2048x4096' is not a comma-separated list of "
+                                                      "AxBxCxD"),
+    ("bench_mamba_scan", ["--splits", "1,-1"], "--splits '1,-1' is not a comma-separated list of integers >= 0"),
 ])
 def test_benchmark_scripts_refuse_bad_flags_in_one_line(script, args, match, capsys, monkeypatch):
     import importlib
@@ -203,6 +206,7 @@ def test_benchmark_scripts_refuse_bad_flags_in_one_line(script, args, match, cap
 def test_int_list():
     from train import cli
     assert cli.int_list("1,2,4", "--n") == [1, 2, 4] and cli.int_list("4x8192,1x16", "--s", 2) == [(4, 8192), (1, 16)]
+    assert cli.int_list("0,2", "--n", minimum=0) == [0, 2]
     for text, parts in (("", 1), ("1,,2", 1), ("0", 1), ("-1", 1), ("4x", 2), ("4", 2), ("4x8x2", 2), ("a", 1)):
         with pytest.raises(ValueError, match="is not a comma-separated list"):
             cli.int_list(text, "--n", parts)

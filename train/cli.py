@@ -100,17 +100,19 @@ def _unknown_field(error: BaseException, argv) -> str | None:
     return f"{flag} names no field of the config{f' (did you mean {hint.group(1)!r}?)' if hint else ''}."
 
 
-def int_list(text: str, flag: str, parts: int = 1) -> list:
-    """A flag's comma-separated positive integers ('1,2,4'), or with ``parts`` = 2 its 'AxB' pairs ('4x8192')
-    as tuples; ValueError naming ``flag`` otherwise (argparse scripts pass it to ``parser.error``)."""
+def int_list(text: str, flag: str, parts: int = 1, minimum: int = 1) -> list:
+    """A flag's comma-separated integers >= ``minimum`` ('1,2,4'), or with ``parts`` > 1 its 'AxB...' groups
+    ('4x8192') as tuples; ValueError naming ``flag`` otherwise (argparse scripts pass it to ``parser.error``)."""
     try:
         values = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
     except ValueError:
         values = []
-    if not values or any(len(v) != parts or min(v) < 1 for v in values):
-        form = "AxB pairs of positive integers like 4x8192,1x32768" if parts == 2 else "positive integers like 1,2,4"
+    if not values or any(len(v) != parts or min(v) < minimum for v in values):
+        kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+        form = f"{kind} like 1,2,4" if parts == 1 else \
+            f"{'x'.join('ABCDEFGH'[:parts])} groups of {kind} like {'x'.join(['4'] * parts)}"
         raise ValueError(f"{flag} {text!r} is not a comma-separated list of {form}.")
-    return [v if parts == 2 else v[0] for v in values]
+    return [v if parts > 1 else v[0] for v in values]
 
 
 def fail(text: str) -> None:
