@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from experiments.jobs import cell, define_flags, run_all
 
@@ -45,4 +45,6 @@ def main(argv):
 
 if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
     define_flags("runs/arith")
-    app.run(main)
+    from train import cli
+
+    cli.run(main)

@@ -238,7 +238,7 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.DEFINE_string("root", "runs/cai", "Directory for the runs and the tables.")
-    flags.DEFINE_list("seeds", ["0", "1"], "Seeds.")
+    jobs.define_seeds()
     flags.DEFINE_integer("base_steps", 1500, "Steps of base pretraining on the templated corpus.")
     flags.DEFINE_integer("prompts", 2048, "Questions for SL-CAI and for RL-CAI labels.")
     flags.DEFINE_integer("heldout", 256, "Held-out questions for the checked metric (a multiple of 8).")

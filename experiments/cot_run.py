@@ -18,7 +18,7 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.jobs import cell, define_flags, run_all
 from train.config import override
@@ -88,4 +88,6 @@ def main(argv):
 
 if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
     define_flags("runs/cot")
-    app.run(main)
+    from train import cli
+
+    cli.run(main)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import os
 
-from absl import app, flags
+from absl import flags
 
-from experiments.jobs import cell, define_flags, run_all
+from experiments.jobs import cell, define_flags, define_lrs, run_all
 from train import metrics
 
 LRS = {"galore_adamw_stdlib": (1e-3, 3e-3), "galore_stdlib": (5e-3, 1e-2)}
@@ -83,6 +83,8 @@ def main(argv):
 
 if __name__ == "__main__":  # flags here, so that importing this module (tests) defines none
     define_flags("runs/galore")
-    flags.DEFINE_list("adamw_lrs", [f"{x:g}" for x in LRS["galore_adamw_stdlib"]], "AdamW's learning rates.")
-    flags.DEFINE_list("galore_lrs", [f"{x:g}" for x in LRS["galore_stdlib"]], "GaLore's learning rates.")
-    app.run(main)
+    define_lrs("adamw_lrs", [f"{x:g}" for x in LRS["galore_adamw_stdlib"]], "AdamW's learning rates.")
+    define_lrs("galore_lrs", [f"{x:g}" for x in LRS["galore_stdlib"]], "GaLore's learning rates.")
+    from train import cli
+
+    cli.run(main)

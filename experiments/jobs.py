@@ -91,15 +91,44 @@ def save_seed(path: str, results: dict, args: dict) -> None:
         json.dump({"args": args, "results": results}, f, indent=1)
 
 
-def define_flags(root: str) -> None:
-    """--root (default ``root``), --seeds, --parallel, --set: the flags every runner script takes.
-    Called under ``if __name__ == "__main__"``, so that importing a runner (tests) defines none."""
+def define_flags(root: str, flag_values=None) -> None:
+    """--root (default ``root``), --seeds, --parallel, --set: the flags every runner script takes, each
+    checked as it is parsed (a bad value is one line under ``train.cli.run``). Called under
+    ``if __name__ == "__main__"``, so that importing a runner (tests) defines none."""
     from absl import flags
 
-    flags.DEFINE_string("root", root, "Directory for the runs and the tables.")
-    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (config.seed) of every job.")
-    flags.DEFINE_integer("parallel", 1, "Jobs at once (they share the accelerator's memory evenly).")
-    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.")
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_string("root", root, "Directory for the runs and the tables.", flag_values=fv)
+    define_seeds("Seeds (config.seed) of every job.", fv)
+    flags.DEFINE_integer("parallel", 1, "Jobs at once (they share the accelerator's memory evenly).", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_multi_string("set", [], "Config overrides for every job, as section.key=value.", flag_values=fv)
+
+
+def define_seeds(help: str = "Seeds.", flag_values=None) -> None:
+    """--seeds, a list of non-negative integers (default 0,1), checked as it is parsed."""
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_list("seeds", ["0", "1"], help, flag_values=fv)
+    flags.register_validator("seeds", lambda v: bool(v) and all(x.isdigit() for x in v),
+                             "--seeds: use non-negative integers, comma-separated, e.g. 0,1.", flag_values=fv)
+
+
+def define_lrs(name: str, default: list[str], help: str, flag_values=None) -> None:
+    """A list flag of learning rates in (0, 1), checked as it is parsed."""
+    from absl import flags
+
+    def valid(values):
+        try:
+            return bool(values) and all(0 < float(x) < 1 for x in values)
+        except ValueError:
+            return False
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_list(name, default, help, flag_values=fv)
+    flags.register_validator(name, valid, f"--{name}: use learning rates in (0, 1), comma-separated, e.g. "
+                                          f"{','.join(default)}.", flag_values=fv)
 
 
 def run_all(jobs: list[tuple[str, int]], root: str, overrides: list[str], parallel: int,

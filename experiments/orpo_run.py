@@ -31,13 +31,6 @@ from absl import flags
 from experiments import jobs
 from experiments.jobs import cell
 
-def _is_lr(text: str) -> bool:
-    try:
-        return 0 < float(text) < 1
-    except ValueError:
-        return False
-
-
 def dpo_label(lr: float) -> str:
     return f"SFT + DPO (lr {lr:g})"
 
@@ -165,13 +158,11 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.DEFINE_string("root", "runs/orpo", "Directory for the runs and the tables.")
-    flags.DEFINE_list("seeds", ["0", "1"], "Seeds.")
+    jobs.define_seeds()
     flags.DEFINE_integer("base_steps", 1000, "Steps of base pretraining on the corrupted mix.")
     flags.DEFINE_integer("steps", 400, "Fine-tuning steps of each method (SFT + DPO: half each).")
     flags.DEFINE_float("corrupt", 0.5, "Share of the base mix's chains of thought that are corrupted.")
-    flags.DEFINE_list("dpo_lrs", ["3e-4", "3e-5"], "DPO's peak learning rates (each its own run from one SFT model).")
-    flags.register_validator("dpo_lrs", lambda v: all(_is_lr(x) for x in v), "--dpo_lrs: use learning rates in (0, 1), "
-                             "comma-separated, e.g. 3e-4,3e-5.")
+    jobs.define_lrs("dpo_lrs", ["3e-4", "3e-5"], "DPO's peak learning rates (each its own run from one SFT model).")
     flags.DEFINE_multi_string("set", [], "Config overrides for every stage, as section.key=value.")
     from train import cli
 

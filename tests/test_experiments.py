@@ -139,3 +139,21 @@ def test_a_stage_stopped_early_is_refused_even_beside_an_older_results_file(tmp_
         jobs.stage(c, str(tmp_path))
     monkeypatch.setattr(trainer, "run", lambda config, workdir: {"step": 50, "loss": 1.0})
     assert jobs.stage(c, str(tmp_path))["loss"] == 1.0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--seeds", "0,x"], "--seeds: use non-negative integers"),
+    (["--seeds", ""], "--seeds: use non-negative integers"),
+    (["--parallel", "0"], "0 is not a positive integer"),
+    (["--lrs", "3e-4,2"], "--lrs: use learning rates in \\(0, 1\\)"),
+])
+def test_runner_flags_are_checked_as_they_are_parsed(argv, match):
+    from absl import flags
+    fv = flags.FlagValues()
+    jobs.define_flags("runs/x", flag_values=fv)
+    jobs.define_lrs("lrs", ["3e-4"], "rates", flag_values=fv)
+    fv(["prog", "--seeds", "0,3", "--lrs", "1e-3,3e-4"])
+    assert fv.seeds == ["0", "3"] and fv.lrs == ["1e-3", "3e-4"] and fv.parallel == 1
+    fv.unparse_flags()
+    with pytest.raises(flags.IllegalFlagValueError, match=match):
+        fv(["prog"] + argv)
