@@ -16,6 +16,7 @@ as in ``train.bench``.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -87,10 +88,13 @@ def main():
     parser.add_argument("--set", action="append", default=[],
                         help="config override section.key=value for every row (e.g. a tiny model for a CPU check)")
     args = parser.parse_args()
+    if args.steps < 2 or args.warmup < 0 or args.gap < 1:
+        parser.error(f"--steps {args.steps}, --warmup {args.warmup}, --gap {args.gap}: use at least 2 timed steps "
+                     "(the refresh's median skips the first), no negative warm-up and a positive gap.")
     try:
         ranks = cli.int_list(args.ranks, "--ranks")
-        config_lib.override(bench_llama_1b.get_config(), args.set)
-    except ValueError as e:
+        config = config_lib.override(bench_llama_1b.get_config(), args.set)
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
     variants = []
     for r in ranks:
@@ -99,7 +103,7 @@ def main():
             variants.append((f"galore r={r} rsvd", dict(galore_rank=r, galore_randomized_svd=True)))
     rows = {}
     for name, fields in variants + [("adamw", None)]:
-        c = config_lib.override(bench_llama_1b.get_config(), args.set)
+        c = copy.deepcopy(config)
         if fields is not None:
             c.optim.update(name="galore", galore_gap=args.gap, **fields)
         rows[name] = measure(c, args.steps, args.warmup, args.gap)

@@ -357,7 +357,8 @@ def md(rows: list, cols: list) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="")
-    p.add_argument("--sections", default="memory,linear,gemv,decode", help=f"of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default="memory,linear,gemv,decode",
+                   help=f"comma-separated, some of {','.join(SECTIONS)}")
     p.add_argument("--gemv", default="", help="tile settings of the 'int4 g128 fused' variant, 'block_n=256,splits=8'"
                    " (default: the kernel's per-shape defaults)")
     p.add_argument("--gemv_rows", default="1", help="rows of x in the gemv table, '1,8'")

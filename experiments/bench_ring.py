@@ -306,10 +306,10 @@ def main(argv=None) -> int:
                                      pallas=pallas, kernels_only=args.kernels_only)
         print_kernel(out["kernel"])
     if args.what in ("seqlen", "all"):
-        if [n for n in contexts if n > jax.device_count()]:
-            print(f"# contexts above the {jax.device_count()} devices skipped: "
-                  f"{[n for n in contexts if n > jax.device_count()]}", flush=True)
-        contexts = [n for n in contexts if n <= jax.device_count()]
+        skipped = [n for n in contexts if n > jax.device_count()]
+        if skipped:
+            print(f"# contexts above the {jax.device_count()} devices skipped: {skipped}", flush=True)
+            contexts = [n for n in contexts if n not in skipped]
         budget = _budget(args.hbm_gib)
         model = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=128, vocab_size=512) if args.tiny else None
         out["seqlen"] = [longest(n, budget, args.multiple, args.first, jax.devices(), model, args.refine) for n in contexts]

@@ -106,7 +106,7 @@ def _decode_or_auto(q, k, v, *, kv_layer=None, gpu_only: bool, **kw):
 
     if jax.default_backend() == "gpu":
         usable = decode_attention.supports(q.shape[-1]) and (
-            not gpu_only or decode_attention.shardable(q.shape[0], q.shape[2], k.shape[-2]))
+            not gpu_only or decode_attention.layout_problem(q.shape[0], q.shape[2], k.shape[-2]) is None)
     else:
         usable = not gpu_only
     if usable and is_decode_step(q, k):

@@ -202,17 +202,22 @@ def _calls(b: int, kvh: int, g: int, sq: int, max_len: int, d: int, has_seg: boo
     return main, combine
 
 
-def shardable(batch: int, heads: int, kv_heads: int) -> bool:
-    """Whether ``decode_attention`` can run under the active layout (always without one): ``heads`` and
-    ``kv_heads`` on the same mesh axes, and the rows and both head counts divisible by the devices they
-    are split over."""
+def layout_problem(batch: int, heads: int, kv_heads: int) -> str | None:
+    """Why ``decode_attention`` cannot run under the active layout, or None (always None without one): it needs
+    ``heads`` and ``kv_heads`` on the same mesh axes (each device holds whole groups), and the rows and both head
+    counts divisible by the devices they are split over."""
     active = sharding.active()
     if active is None:
-        return True
-    _, rules = active
-    spec = lambda name: sharding.logical_to_spec((name,), rules)[0]  # noqa: E731
+        return None
+    spec = lambda name: sharding.logical_to_spec((name,), active[1])[0]  # noqa: E731
+    if spec("heads") != spec("kv_heads"):
+        return (f"the rules shard heads as {spec('heads')} and kv_heads as {spec('kv_heads')}; the decode kernel "
+                "needs both on the same mesh axes (each device holds whole groups).")
     heads_n, rows_n = sharding.logical_size("heads"), sharding.logical_size("batch")
-    return spec("heads") == spec("kv_heads") and not (heads % heads_n or kv_heads % heads_n or batch % rows_n)
+    if heads % heads_n or kv_heads % heads_n or batch % rows_n:
+        return (f"{batch} rows, {heads} heads and {kv_heads} kv_heads do not divide over the {rows_n} x {heads_n} "
+                "devices the rules split them over, as the decode kernel needs.")
+    return None
 
 
 def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, config: Config = Config(),
@@ -225,10 +230,9 @@ def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, c
     active = sharding.active()
     if active is None:
         return _decode_attention(q, k, v, q_start, q_seg, kv_seg, layer=layer, config=config, interpret=interpret)
-    spec = lambda name: sharding.logical_to_spec((name,), active[1])  # noqa: E731
-    if spec("heads") != spec("kv_heads"):
-        raise ValueError(f"the rules shard heads as {spec('heads')} and kv_heads as {spec('kv_heads')}; the decode "
-                         "kernel needs both on the same mesh axes (each device holds whole groups).")
+    problem = layout_problem(q.shape[0], q.shape[2], k.shape[-2])
+    if problem:
+        raise ValueError(problem)
     stacked = layer is not None
     rows, q_names = ("batch", None), ("batch", None, "heads", None)
     kv_names = (None,) * stacked + ("batch", None, "kv_heads", None)

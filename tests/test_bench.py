@@ -161,6 +161,7 @@ def test_exposed_communication_is_what_no_compute_covers():
     ("x:foo", r"--variants 'x': override 'foo' is not section.key=value"),
     ("x:train.seq_len=64;y:model.d_modle=8", r"--variants 'y': .*no field model.d_modle; did you mean model.d_model\?"),
     ("x:modle.d_model=8", r"no field modle.d_model; did you mean model.d_model\?"),
+    ("x:train.seq_len=abc", r"--variants 'x': .*seq_len"),
 ])
 def test_bad_variants_fail_before_any_runs(text, match):
     with pytest.raises(ValueError, match=match):
@@ -191,6 +192,7 @@ def test_bench_ring_refuses_bad_lists_in_one_line(args, match, capsys):
     ("bench_decode_attention", ["--batches", "1,x"], "--batches '1,x' is not a comma-separated list"),
     ("bench_galore", ["--ranks", "0"], "--ranks '0' is not a comma-separated list of positive integers"),
     ("bench_galore", ["--set", "model.d_modle=8"], "did you mean model.d_model?"),
+    ("bench_galore", ["--steps", "1"], "use at least 2 timed steps"),
     ("bench_mamba_scan", ["--shapes", "8x2048x4096"], "--shapes '8x2048x4096' is not a comma-separated list of "
                                                       "AxBxCxD"),
     ("bench_mamba_scan", ["--splits", "1,-1"], "--splits '1,-1' is not a comma-separated list of integers >= 0"),

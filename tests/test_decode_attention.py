@@ -147,7 +147,12 @@ def test_auto_takes_the_kernel_on_gpu_only_where_the_layout_allows(monkeypatch):
         q, k = jnp.zeros((b, 1, 4, 16), jnp.bfloat16), jnp.zeros((2, b, 256, 2, 16), jnp.bfloat16)
         with sharding.activate(mesh, rules):
             fn = lambda q, k: A.attention(q, k, k, implementation="auto", q_start=5, kv_layer=1)  # noqa: E731
-            return str(jax.make_jaxpr(fn)(q, k)).count("pallas_call"), DA.shardable(b, 4, 2)
+            return str(jax.make_jaxpr(fn)(q, k)).count("pallas_call"), DA.layout_problem(b, 4, 2) is None
 
     assert kernels(DEFAULT_RULES, 2) == (2, True)  # split-K: the kernel and its combine
     assert kernels(apart, 2) == (0, False) and kernels(DEFAULT_RULES, 1) == (0, False)
+    # Asked for by name, the kernel refuses such a layout in one sentence.
+    for rules, b, match in ((apart, 2, "needs both on the same mesh axes"), (DEFAULT_RULES, 1, "do not divide")):
+        q, k = jnp.zeros((b, 1, 4, 16), jnp.bfloat16), jnp.zeros((2, b, 256, 2, 16), jnp.bfloat16)
+        with sharding.activate(mesh, rules), pytest.raises(ValueError, match=match):
+            DA.decode_attention(q, k, k, 5, layer=1)

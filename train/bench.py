@@ -97,7 +97,7 @@ def parse_variants(text: str, config) -> list[tuple[str, str]]:
             raise ValueError(f"--variants names {name!r} twice; give each variant its own name.")
         try:
             apply_overrides(config, spec)
-        except Exception as e:  # noqa: BLE001 - reported with the variant's name
+        except (ValueError, TypeError) as e:  # a malformed or unknown field; a value of the wrong type
             raise ValueError(f"--variants {name!r}: {e}") from e
         variants.append((name, spec))
     return variants or [("config", "")]
@@ -189,7 +189,7 @@ def collective_share(compiled, state, batch, logdir: str, steps: int = 3) -> dic
         for _ in range(steps):
             state, m = compiled(state, batch)
         jax.block_until_ready(m)
-    events = kernel_events(logdir, gpu=0)
+    events = kernel_events(logdir)
     by_name, wall = tabulate(events)
     is_comm = lambda name: "nccl" in name.lower()  # noqa: E731
     comm = sum(t for name, (t, _) in by_name.items() if is_comm(name))
@@ -290,20 +290,14 @@ def cache_nbytes(model, mcfg, batch: int, max_len: int) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
 
-def kernel_events(logdir: str, gpu: int | None = None) -> list[tuple[str, int, int]]:
-    """(name, start ns, duration ns) of every GPU kernel of the newest trace in ``logdir`` (every GPU's, or
-    GPU ``gpu``'s)."""
+def kernel_events(logdir: str, gpu: int = 0) -> list[tuple[str, int, int]]:
+    """(name, start ns, duration ns) of GPU ``gpu``'s kernels in the newest trace in ``logdir``."""
     from jax._src.profiler import ProfileData  # the trace reader jax ships
 
     path = max(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     return [(ev.name, ev.start_ns, ev.duration_ns) for plane in ProfileData.from_file(path).planes
-            if re.match(r"/device:GPU:\d+" if gpu is None else rf"/device:GPU:{gpu}(\D|$)", plane.name)
+            if re.match(rf"/device:GPU:{gpu}(\D|$)", plane.name)
             for line in plane.lines if line.name.startswith("Stream") for ev in line.events]
-
-
-def device_kernels(logdir: str, gpu: int | None = None) -> tuple[dict[str, tuple[int, int]], int]:
-    """The GPU kernels of the newest trace in ``logdir`` (every GPU's, or GPU ``gpu``'s): ``tabulate``d."""
-    return tabulate(kernel_events(logdir, gpu))
 
 
 def tabulate(events) -> tuple[dict[str, tuple[int, int]], int]:
@@ -346,7 +340,7 @@ def exposed_ns(events, is_comm) -> int:
 
 def kernel_table(logdir: str, steps: int, top: int = 25) -> str:
     """GPU 0's kernels in the trace in ``logdir`` per step: busy time, launches, the costliest names."""
-    by_name, wall = device_kernels(logdir, gpu=0)
+    by_name, wall = tabulate(kernel_events(logdir))
     if not by_name:
         return "no device kernels in the trace"
     busy, launches = sum(t for t, _ in by_name.values()), sum(n for _, n in by_name.values())
