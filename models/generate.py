@@ -2,7 +2,7 @@
 
 The loop uses only the protocol: ``model.init_cache(cfg, batch, max_len)``, its logical axes
 ``model.cache_axes(cfg)``, ``model.decode_params(params, cfg)`` and
-``model.apply(params, tokens, cfg, positions=..., segment_ids=..., cache=...)``, which
+``model.apply(params, tokens, cfg, positions=..., segment_ids=..., cache=..., last_only=...)``, which
 returns ``(logits, aux)`` with the updated cache in ``aux['cache']``. It never reads the
 cache itself, so the cache may be any pytree.
 
@@ -18,7 +18,7 @@ within equal segments, so padding is never read by a real token. Positions count
 each prompt's first real token (RoPE sees the same positions as for the unpadded prompt).
 
 One jitted function runs everything: the prefill (one ``apply`` over the padded prompt,
-whose last column holds every row's last real token) and the decode loop (a
+whose last column holds every row's last real token; only that column's logits are computed) and the decode loop (a
 ``lax.while_loop`` of one-token ``apply`` calls on fixed ``[batch, 1]`` shapes that stops
 early once every row has emitted the stop token). ``cfg`` and the model are static; the
 number of new tokens, the stop token, the pad id, the key and the sampling settings
@@ -199,7 +199,8 @@ def _decode(model, params, cfg, tokens, positions, segment_ids, rows, cache, rng
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(rng, step), rows)
         return sample_logits(keys, logits, temperature, top_k, top_p)
 
-    logits, aux = model.apply(params, tokens, cfg, positions=positions, segment_ids=segment_ids, cache=cache)
+    logits, aux = model.apply(params, tokens, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
+                              last_only=True)
     first = pick(0, logits[:, -1])
     generated = jnp.full((b, width), pad_id, jnp.int32).at[:, 0].set(first)
     ones = jnp.ones((b, 1), jnp.int32)

@@ -504,17 +504,18 @@ def cache_axes(cfg: Config) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
-          train: bool = False, rng=None):
+          train: bool = False, rng=None, last_only: bool = False):
     """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], aux).
 
     segment_ids [batch, seq] (0 = padding) keep packed sequences apart; ``positions`` is
     ignored (recurrence needs none). With ``cache`` the tokens continue the cached state (a
     multi-token prefill or one-token steps alike) and ``aux['cache']`` is the advanced cache;
-    padding tokens leave a row's state unchanged.
+    padding tokens leave a row's state unchanged. ``last_only``: logits of the last position only,
+    [batch, 1, vocab] (a prefill needs no more).
     """
     del positions
     x = embed(params, tokens, cfg)
     x, new_cache, aux = blocks(params["layers"], x, cfg, segment_ids=segment_ids, cache=cache, train=train, rng=rng)
     if new_cache is not None:
         aux["cache"] = {**new_cache, "index": cache["index"] + tokens.shape[1]}
-    return head(params, x, cfg), aux
+    return head(params, x[:, -1:] if last_only else x, cfg), aux

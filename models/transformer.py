@@ -556,13 +556,14 @@ def cache_axes(cfg: Config) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segment_ids=None, cache=None,
-          train: bool = False, rng=None):
+          train: bool = False, rng=None, last_only: bool = False):
     """tokens [batch, seq] -> (float32 logits [batch, seq, vocab], aux) = head(blocks(embed(tokens))).
 
     positions [batch, seq] default to 0..seq-1 (offset by the cache index when decoding);
     segment_ids [batch, seq] (0 = padding) keep packed sequences apart. With ``cache`` the
     tokens are appended at ``cache['index']`` and ``aux['cache']`` is the updated cache.
     ``train``/``rng``: MoE training mode (see ``blocks``); aux['losses'], aux['metrics'] as ``blocks``.
+    ``last_only``: logits of the last position only, [batch, 1, vocab] (a prefill needs no more).
     """
     b, s = tokens.shape
     start = cache["index"] if cache is not None else 0
@@ -578,4 +579,4 @@ def apply(params: dict, tokens: jax.Array, cfg: Config, *, positions=None, segme
                                cache=cache, train=train, rng=rng)
     if new_cache is not None:
         aux["cache"] = {**new_cache, "index": start + s}
-    return head(params, x, cfg), aux
+    return head(params, x[:, -1:] if last_only else x, cfg), aux

@@ -1,5 +1,5 @@
 """Conformance of every model family to ``models.ModelFamily``: hooks and signatures, axes trees against
-``init`` and ``init_cache``, apply = head(blocks(embed)), and a slice of the layer stack run with its
+``init`` and ``init_cache``, apply = head(blocks(embed)) (its last_only the last position of it), and a slice of the layer stack run with its
 global ``layer_ids`` equals those units inside the whole stack (per-unit randomness included)."""
 import inspect
 
@@ -82,6 +82,7 @@ def _pieces(name):
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         kw = dict(positions=pos, train=True, rng=rng)
         logits, aux = model.apply(params, tokens, cfg, train=True, rng=rng)
+        last, _ = model.apply(params, tokens, cfg, train=True, rng=rng, last_only=True)
         x = model.embed(params, tokens, cfg)
         whole, none, whole_aux = model.blocks(params["layers"], x, cfg, **kw)
         composed = model.head(params, whole, cfg)
@@ -95,7 +96,7 @@ def _pieces(name):
         per = cfg.moe_every if getattr(cfg, "num_experts", 0) else 1
         one, _, one_aux = model.block(jax.tree.map(lambda a: a[0], stack), x, cfg,
                                       **{**kw, "rng": jax.random.fold_in(rng, per - 1)})
-        return dict(logits=logits, aux=aux, composed=composed, whole=whole, whole_aux=whole_aux, none=none,
+        return dict(logits=logits, last=last, aux=aux, composed=composed, whole=whole, whole_aux=whole_aux, none=none,
                     sliced=y, aux_first=aux_first, aux_rest=aux_rest, one=one, one_aux=one_aux, first_out=y_first)
 
     params = helpers.random_params(cfg)
@@ -107,6 +108,8 @@ def test_apply_is_head_of_blocks_of_embed_and_slices_equal_the_whole_stack(name)
     out = _pieces(name)
     assert out["none"] is None
     np.testing.assert_allclose(out["composed"], out["logits"], rtol=1e-6, atol=1e-6)
+    assert out["last"].shape == (out["logits"].shape[0], 1, out["logits"].shape[2])  # last_only: the last position
+    np.testing.assert_allclose(out["last"], out["logits"][:, -1:], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out["sliced"], out["whole"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["one"], out["first_out"], rtol=1e-6, atol=1e-6)
     assert set(out["aux"]) == {"losses", "metrics"}
