@@ -7,6 +7,8 @@ All functions are pure and work on any leading batch shape. Weights are stored i
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +55,36 @@ def plain_dot(dot: Dot, x: jax.Array, w: jax.Array) -> jax.Array:
         w = w.T
     if x.size == x.shape[-1] and _on_gpu():
         return _vector_times_matrix(x, w, out_dtype)
+    if out_dtype is not None and jnp.dtype(out_dtype).itemsize > x.dtype.itemsize:
+        return _widened_dot(x, w, jnp.dtype(out_dtype), dot.precision)
     return jnp.dot(x, w, preferred_element_type=out_dtype, precision=dot.precision).astype(out_dtype or x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _widened_dot(x, w, out_dtype, precision):
+    """x [..., in] @ w [in, out] with a wider result (float32 logits from bf16 x and w).
+
+    The backward casts the cotangent to x's dtype first, so its two matmuls run at x's precision
+    with float32 accumulation, as mixed-precision training does; JAX's own transpose would multiply
+    the float32 cotangent by the upcast operand (two float32 GEMMs the size of the forward's).
+    """
+    return jnp.dot(x, w, preferred_element_type=out_dtype, precision=precision)
+
+
+def _widened_fwd(x, w, out_dtype, precision):
+    return _widened_dot(x, w, out_dtype, precision), (x, w)
+
+
+def _widened_bwd(out_dtype, precision, res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    lead = tuple(range(x.ndim - 1))
+    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32, precision=precision).astype(x.dtype)
+    dw = jnp.tensordot(x, g, axes=(lead, lead), preferred_element_type=jnp.float32, precision=precision)
+    return dx, dw.astype(w.dtype)
+
+
+_widened_dot.defvjp(_widened_fwd, _widened_bwd)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:

@@ -162,6 +162,28 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(layout):
     assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
 
 
+def test_widened_projection_backward_multiplies_in_the_input_dtype():
+    """linear with a wider out_dtype (the tied LM head: bf16 x and table, float32 logits) computes the
+    float32-accumulated product; its backward rounds the float32 cotangent to bf16 first, so every matmul of
+    the gradient reads bf16 operands (autodiff's own transpose would run two float32 GEMMs): against float64
+    NumPy with the same roundings."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.bfloat16)
+    table, g = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32), rng.normal(size=(2, 5, 32))
+    head = lambda x, table: layers.linear(table, x, out_dtype=jnp.float32, transpose=True)  # noqa: E731
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    xr, tr, gr = f64(x), f64(table.astype(jnp.bfloat16)), f64(jnp.asarray(g, jnp.bfloat16))
+    y, back = jax.vjp(head, x, table)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, xr @ tr.T, rtol=1e-5, atol=1e-5)
+    dx, dtable = back(jnp.asarray(g, jnp.float32))
+    assert dx.dtype == jnp.bfloat16 and dtable.dtype == jnp.float32
+    assert rel_err(dx, gr @ tr) < 4e-3 and rel_err(dtable, np.einsum("bsv,bsd->vd", gr, xr)) < 4e-3
+    grad = jax.make_jaxpr(jax.grad(lambda x, t: jnp.sum(head(x, t) ** 2), (0, 1)))(x, table)
+    dots = [e for e in grad.eqns if e.primitive.name == "dot_general"]  # the backward's (the forward's is inside
+    assert len(dots) == 2 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)  # custom_vjp_call)
+
+
 def test_one_row_projection_on_gpu_is_the_same_product(monkeypatch):
     """The GPU form of a one-row projection (a two-row GEMM behind optimisation barriers) computes
     x @ w, its gradients included, and batch-1 cached decoding through it equals the full forward."""
