@@ -301,6 +301,82 @@ def causal_conv(x, w, bias=None, *, run=None, buffer=None):
     return out, new_buffer
 
 
+@jax.custom_vjp
+def conv_silu(x, w, bias, run):
+    """silu(causal_conv(x, w, bias, run=run)) [b, s, E] in x's dtype: the mixer's conv with no cached buffer.
+
+    The same function as ``causal_conv`` and ``jax.nn.silu``; its backward recomputes the conv and keeps
+    its one [b, s, E] intermediate, the gradient before the silu, in x's dtype (as the official CUDA conv
+    does), where autodiff would write it and the recomputed conv in float32.
+    """
+    return jax.nn.silu(causal_conv(x, w, bias, run=run)[0]).astype(x.dtype)
+
+
+def _conv_silu_fwd(x, w, bias, run):
+    return conv_silu(x, w, bias, run), (x, w, bias, run)
+
+
+def _conv_silu_bwd(res, g):
+    """out[t] = sum_k w[k] x[t-K+1+k] over taps of out's run, so dx[p] = sum_k w[k] dpre[p+K-1-k] over the
+    outputs of p's run, dw[k] = sum_{b,t} x[t-K+1+k] dpre[t] and dbias = sum dpre."""
+    x, w, bias, run = res
+    f32 = jnp.float32
+    b, s, E = x.shape
+    K = w.shape[0]
+    pre = causal_conv(x, w, bias, run=run)[0]
+    sig = jax.nn.sigmoid(pre)
+    dpre = (g.astype(f32) * sig * (1 + pre * (1 - sig))).astype(x.dtype)
+    pad = jnp.zeros((b, K - 1, E), x.dtype)
+    x_ext, d_ext = jnp.concatenate([pad, x], axis=1), jnp.concatenate([dpre, pad], axis=1)
+    if run is not None:  # tap k of output t reads input t-K+1+k only within t's run; inputs before x count as run 0
+        run_ext = jnp.concatenate([jnp.zeros((b, K - 1), run.dtype), run], axis=1)
+        out_run = jnp.concatenate([run, jnp.full((b, K - 1), -1, run.dtype)], axis=1)  # -1: no output there
+    dx = jnp.zeros((b, s, E), f32)
+    dw = []
+    for k in range(K):
+        d_k = d_ext[:, K - 1 - k:K - 1 - k + s].astype(f32)  # dpre of the output that tap k feeds from p
+        x_k = x_ext[:, k:k + s].astype(f32)  # the input tap k of output t reads
+        if run is not None:
+            d_k = jnp.where((out_run[:, K - 1 - k:K - 1 - k + s] == run)[..., None], d_k, 0.0)
+            x_k = jnp.where((run_ext[:, k:k + s] == run)[..., None], x_k, 0.0)
+        dx = dx + w[k].astype(f32) * d_k
+        dw.append(jnp.sum(x_k * dpre.astype(f32), axis=(0, 1)))
+    dbias = None if bias is None else jnp.sum(dpre.astype(f32), axis=(0, 1)).astype(bias.dtype)
+    return dx.astype(x.dtype), jnp.stack(dw).astype(w.dtype), dbias, None
+
+
+conv_silu.defvjp(_conv_silu_fwd, _conv_silu_bwd)
+
+
+@jax.custom_vjp
+def gate(y, x, z, D):
+    """(y + D x) silu(z) [b, s, E] in z's dtype: the scan's output with its skip term, gated (eq. 2b, then the gate).
+
+    Its backward keeps the three [b, s, E] gradients in the inputs' dtypes (bf16 when they are) and sums dD
+    in float32, in one pass; autodiff would materialise x and the gated sum in float32 for the same work.
+    """
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    return ((f32(y) + f32(D) * f32(x)) * jax.nn.silu(f32(z))).astype(z.dtype)
+
+
+def _gate_fwd(y, x, z, D):
+    return gate(y, x, z, D), (y, x, z, D)
+
+
+def _gate_bwd(res, g):
+    y, x, z, D = res
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    g, zf, xf = f32(g), f32(z), f32(x)
+    sig = jax.nn.sigmoid(zf)
+    dsum = g * zf * sig  # the gradient of y + D x
+    dz = g * (f32(y) + f32(D) * xf) * sig * (1 + zf * (1 - sig))
+    dD = jnp.sum(dsum * xf, axis=tuple(range(x.ndim - 1)))
+    return dsum.astype(y.dtype), (f32(D) * dsum).astype(x.dtype), dz.astype(z.dtype), dD.astype(D.dtype)
+
+
+gate.defvjp(_gate_fwd, _gate_bwd)
+
+
 # ----------------------------------------------------------------------------- forward
 
 def embed(params: dict, tokens: jax.Array, cfg: Config) -> jax.Array:
@@ -368,6 +444,8 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
         xc, conv_buffer = _kernel_call(step_kernel.conv_step, "conv", state["conv"], layer,
                                        xi[:, 0].astype(state["conv"].dtype), p["conv_w"], p.get("conv_b"), keep, live)
         xc = constrain(xc[:, None].astype(dt_type), names)
+    elif state is None:  # no cache: the conv with its own backward
+        xc, conv_buffer = constrain(conv_silu(xi, p["conv_w"], p.get("conv_b"), run), names), None
     else:
         xc, conv_buffer = causal_conv(xi, p["conv_w"], p.get("conv_b"), run=run, buffer=conv_state)
         xc = constrain(jax.nn.silu(xc).astype(dt_type), names)
@@ -385,9 +463,9 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
         if nonpad is not None:
             dt = jnp.where(nonpad[..., None], dt, 0)  # padding: decay 1, no input
         dt = constrain(dt, names)
-        y, h = selective_scan(xc, dt, A, B, C, p["D"], reset=start, h0=ssm_state, method=cfg.scan,
+        y, h = selective_scan(xc, dt, A, B, C, None, reset=start, h0=ssm_state, method=cfg.scan,
                               chunk_size=cfg.chunk_size, splits=cfg.scan_splits, y_dtype=dt_type)
-        y = constrain((y * jax.nn.silu(z.astype(jnp.float32))).astype(dt_type), names)
+        y = constrain(gate(y, xc, z.astype(dt_type), p["D"]), names)
         ssm = None if state is None else constrain(h, ("batch", "inner", "state"))
         if layer is not None:
             ssm = state["ssm"].at[layer].set(ssm)

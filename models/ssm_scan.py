@@ -92,7 +92,7 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
     """y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, in float32.
 
     x, dt: [batch, seq, E] (dt after softplus; dt = 0 leaves the state unchanged); A: [E, N]
-    (negative); B, C: [batch, seq, N]; D: [E]; reset: [batch, seq] bool, True where the state
+    (negative); B, C: [batch, seq, N]; D: [E], or None for y_t = C_t h_t (the caller adds D x); reset: [batch, seq] bool, True where the state
     is zeroed before the token (a segment start), or None; h0: [batch, E, N] initial state
     (None: zeros). ``method`` is 'chunked' (associative scan in chunks of ``chunk_size``,
     any length), 'reference' (sequential) or 'pallas' (``scan_kernel``: x, dt, B, C are read
@@ -103,10 +103,11 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
     """
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     keep = None if reset is None else 1.0 - f32(reset)
+    skip = (lambda y: y) if D is None else (lambda y: y + f32(D) * f32(x))  # noqa: E731
     if method == "pallas" and x.shape[1] > 1:  # one decoding step: the plain update below, not a padded kernel
         y, h = _scan_pallas(x, dt, A, B, C, keep, h0, splits, y_dtype)
-        return f32(y) + f32(D) * f32(x), h
-    x, dt, A, B, C, D = map(f32, (x, dt, A, B, C, D))
+        return skip(f32(y)), h
+    x, dt, A, B, C = map(f32, (x, dt, A, B, C))
     b, _, E = x.shape
     h0 = jnp.zeros((b, E, A.shape[-1]), jnp.float32) if h0 is None else f32(h0)
     if method == "reference" or method == "pallas":
@@ -115,4 +116,4 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
         y, h = _scan_chunked(x, dt, A, B, C, keep, h0, chunk_size)
     else:
         raise ValueError(f"selective_scan method is {method!r}; use one of {list(SCANS)}.")
-    return y + D * x, h
+    return skip(y), h
