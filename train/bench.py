@@ -42,7 +42,7 @@ from train import aot, cli
 from train import config as config_lib
 from train import metrics
 from train import optim, step as step_lib
-from train.setup import setup_training
+from train.setup import COMPILER_OPTIONS, setup_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant.")
@@ -140,10 +140,11 @@ def split_programs(setup):
     def optimizer(state, grads):
         return step_lib.apply_gradients(tx, state, grads, frozen)
 
+    options = COMPILER_OPTIONS  # compiled as the train step is
     return (jax.jit(fwd_bwd, in_shardings=(params_sh, setup.batch_sharding, None),
-                    out_shardings=(None, grads_sh)),
+                    out_shardings=(None, grads_sh), compiler_options=options),
             jax.jit(optimizer, in_shardings=(setup.state_shardings, grads_sh),
-                    out_shardings=setup.state_shardings, donate_argnums=(0,)))
+                    out_shardings=setup.state_shardings, donate_argnums=(0,), compiler_options=options))
 
 
 def _bench_split(setup, state, batch, steps: int, warmup: int) -> dict:

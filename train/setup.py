@@ -24,6 +24,13 @@ from train.config import base_config, validate
 from train.objective import Objective
 
 
+# XLA's "excess precision" lets it drop a rounding the program asks for (f32 -> bf16 -> f32) and keep the float32
+# value, so bf16 activations and gradients the model stores become float32 buffers: more bytes for every
+# elementwise pass over them. The train and eval steps compile with the rounding as written (Mamba 370M on an
+# H200: 1.03x tokens/s at 2k and 8k).
+COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
     """Everything the train step is compiled from: model, objective, optimizer, frozen mask, shardings,
@@ -65,12 +72,14 @@ class TrainSetup:
     def jit_train_step(self):
         """The train step jitted with the state's and batch's shardings, the state donated."""
         return jax.jit(self.train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,),
+                       compiler_options=COMPILER_OPTIONS)
 
     def jit_eval_step(self):
         """The objective's eval step (``step.make_eval_step``) jitted with the parameters' shardings."""
         return jax.jit(step_lib.make_eval_step(self.model, self.mcfg, self.objective),
-                       in_shardings=(self.state_shardings.params, self.batch_sharding))
+                       in_shardings=(self.state_shardings.params, self.batch_sharding),
+                       compiler_options=COMPILER_OPTIONS)
 
 
 def _axis_sizes(model, mcfg, config) -> dict:
