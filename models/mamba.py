@@ -22,6 +22,10 @@ state in registers (``models/scan_kernel.py``; interpreted, slowly, off GPU). XL
 partition the kernels, so under an active mesh they run in ``shard_map`` on each device's
 [batch / data, seq, E / tensor] block (rows and channels are independent).
 
+Without a cache (training, evaluation) the conv with its silu and the gated output ``(y + D x) silu(z)``
+are ``conv_silu`` and ``gate``, whose own backward passes keep their [batch, seq, E] gradients in the
+compute dtype, as the official CUDA kernels do.
+
 Packed sequences: ``segment_ids`` [batch, seq] (0 = padding). The first token of a new
 segment resets the state (decay 0) and the convolution never mixes tokens of different
 segments. A padding token does not advance the SSM state (dt = 0) and is a zero input to the
