@@ -92,13 +92,13 @@ def selective_scan(x, dt, A, B, C, D, *, reset=None, h0=None, method: str = "chu
     """y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, in float32.
 
     x, dt: [batch, seq, E] (dt after softplus; dt = 0 leaves the state unchanged); A: [E, N]
-    (negative); B, C: [batch, seq, N]; D: [E], or None for y_t = C_t h_t (the caller adds D x); reset: [batch, seq] bool, True where the state
-    is zeroed before the token (a segment start), or None; h0: [batch, E, N] initial state
-    (None: zeros). ``method`` is 'chunked' (associative scan in chunks of ``chunk_size``,
-    any length), 'reference' (sequential) or 'pallas' (``scan_kernel``: x, dt, B, C are read
-    in their own dtype; a one-token call, a decoding step, takes the sequential update; ``splits``:
-    its sequence split, 0 auto; ``y_dtype``: the dtype it writes C h in, and reads that gradient in: bf16
-    halves that traffic for one more bf16 rounding). Returns
+    (negative); B, C: [batch, seq, N]; D: [E], or None for y_t = C_t h_t (the caller adds D x);
+    reset: [batch, seq] bool, True where the state is zeroed before the token (a segment start), or None;
+    h0: [batch, E, N] initial state (None: zeros). ``method`` is 'chunked' (associative scan in chunks
+    of ``chunk_size``, any length), 'reference' (sequential) or 'pallas' (``scan_kernel``: x, dt, B, C
+    are read in their own dtype; a one-token call, a decoding step, takes the sequential update;
+    ``splits``: its sequence split, 0 auto; ``y_dtype``: the dtype it writes C h in, and reads that
+    gradient in: bf16 halves that traffic for one more bf16 rounding). Returns
     (y [batch, seq, E] float32, h_last [batch, E, N] float32).
     """
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731

@@ -1,6 +1,7 @@
 """Conformance of every model family to ``models.ModelFamily``: hooks and signatures, axes trees against
-``init`` and ``init_cache``, apply = head(blocks(embed)) (its last_only the last position of it), and a slice of the layer stack run with its
-global ``layer_ids`` equals those units inside the whole stack (per-unit randomness included)."""
+``init`` and ``init_cache``, apply = head(blocks(embed)) (with last_only, its last position), and a slice of the
+layer stack run with its global ``layer_ids`` equals those units inside the whole stack (per-unit randomness
+included)."""
 import inspect
 
 import chex
