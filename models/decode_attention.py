@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from models.flash_kernel import F32, LOG2E, NEG_INF, _dot, _dot_t, _interpret, _params, _pow2, sm_count
+from models.flash_kernel import F32, LOG2E, NEG_INF, dot, dot_t, resolve_interpret, compiler_params, is_pow2, sm_count
 from parallel import sharding
 
 
@@ -62,7 +62,7 @@ class Config(NamedTuple):
 
 def supports(head_dim: int) -> bool:
     """Whether the Triton kernel takes this head_dim (a power of two from 16 to 256: Triton's tiles)."""
-    return _pow2(head_dim) and 16 <= head_dim <= 256
+    return is_pow2(head_dim) and 16 <= head_dim <= 256
 
 
 def auto_splits(batch: int, kv_heads: int, max_len: int, config: Config = Config()) -> int:
@@ -110,7 +110,7 @@ def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float
         else:
             k, v = at_k[...], at_v[...]
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        s = _dot_t(q, k)  # [Rp, tk]
+        s = dot_t(q, k)  # [Rp, tk]
         mask = k_pos[None, :] <= q_pos[:, None]
         if has_seg:
             at_s = kseg_ref.at[bi, sl]
@@ -121,7 +121,7 @@ def _kernel(*refs, g: int, sq: int, tk: int, max_len: int, splits: int, c: float
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         p = jnp.exp2(s - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     d = q.shape[1]
@@ -164,7 +164,8 @@ def _store_rows(ref, index, x, r: int, axis: int = 0):
 
 
 def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, r: int, rp: int):
-    """One (batch row, kv head): acc [S, r, d], m, l [S, r] float32 (whole arrays) -> o [r, d] (stored in the whole o)."""
+    """One (batch row, kv head): acc [S, r, d], m, l [S, r] float32 (whole arrays) -> o [r, d] (stored in the
+    whole o)."""
     index = (pl.program_id(0), pl.program_id(1))
     m = _load_rows(m_ref, index, r, rp, axis=1)
     big = jnp.max(m, axis=0)
@@ -186,13 +187,14 @@ def _calls(b: int, kvh: int, g: int, sq: int, max_len: int, d: int, has_seg: boo
     out = jax.ShapeDtypeStruct((b, kvh, r, d), dtype)
     kernel = functools.partial(_kernel, g=g, sq=sq, tk=tk, max_len=max_len, splits=splits, c=d ** -0.5 * LOG2E,
                                has_seg=has_seg)
-    params = _params(interpret, config.num_warps, config.num_stages)
+    params = compiler_params(interpret, config.num_warps, config.num_stages)
     if splits == 1:
         return pl.pallas_call(kernel, grid=(b, kvh, 1), in_specs=in_specs, out_specs=pl.BlockSpec(), out_shape=out,
                               interpret=interpret, compiler_params=params, name="decode_attention"), None
     main = pl.pallas_call(
         kernel, grid=(b, kvh, splits), in_specs=in_specs, out_specs=[pl.BlockSpec()] * 3,
-        out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, r, d), F32)] + [jax.ShapeDtypeStruct((b, kvh, splits, r), F32)] * 2,
+        out_shape=[jax.ShapeDtypeStruct((b, kvh, splits, r, d), F32)]
+        + [jax.ShapeDtypeStruct((b, kvh, splits, r), F32)] * 2,
         interpret=interpret, compiler_params=params, name="decode_attention_split")
     combine = pl.pallas_call(
         functools.partial(_combine_kernel, r=r, rp=rp), grid=(b, kvh), in_specs=[pl.BlockSpec()] * 3,
@@ -249,7 +251,7 @@ def decode_attention(q, k, v, q_start, q_seg=None, kv_seg=None, *, layer=None, c
 
 def _decode_attention(q, k, v, q_start, q_seg, kv_seg, *, layer, config: Config, interpret):
     """``decode_attention`` on one device's arrays."""
-    interpret = _interpret(interpret)
+    interpret = resolve_interpret(interpret)
     b, sq, h, d = q.shape
     if layer is None:
         k, v, layer = k[None], v[None], 0
@@ -262,13 +264,13 @@ def _decode_attention(q, k, v, q_start, q_seg, kv_seg, *, layer, config: Config,
     if (q_seg is None) != (kv_seg is None):
         raise ValueError("q_seg and kv_seg must both be given or both be None.")
     tk = config.block_k
-    if not (_pow2(tk) and tk >= 16):
+    if not (is_pow2(tk) and tk >= 16):
         raise ValueError(f"Config.block_k is {tk}; it must be a power of two of at least 16.")
     if not interpret and not supports(d):
         raise ValueError(f"head_dim is {d}; the Triton decode-attention kernel takes a power of two from 16 to 256.")
     g = h // kvh
     splits = config.splits or auto_splits(b, kvh, max_len, config)
-    if not _pow2(splits):
+    if not is_pow2(splits):
         raise ValueError(f"Config.splits is {splits}; it must be a power of two (or 0: automatic).")
     has_seg = q_seg is not None
     main, combine = _calls(b, kvh, g, sq, max_len, d, has_seg, splits, config, jnp.dtype(q.dtype), bool(interpret))

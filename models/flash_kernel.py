@@ -44,6 +44,10 @@ statistics and all outputs are float32; probabilities enter the second matmul in
 Tiles are powers of two of at least 16 that divide the lengths (``supports``); head_dim is padded
 with zeros to a power of two. ``interpret=True`` (the default off GPU) runs the same kernels in the
 Pallas interpreter (tests on CPU).
+
+The other Pallas kernels (``decode_attention``, ``int4_kernel``, ``scan_kernel``) share this module's small
+helpers: ``dot``, ``dot_t`` (float32-accumulating tile products), ``is_pow2``, ``resolve_interpret``,
+``compiler_params`` and ``sm_count``.
 """
 from __future__ import annotations
 
@@ -84,13 +88,14 @@ def _tile(n: int, block: int) -> int:
     return min(block, n)
 
 
-def _pow2(n: int) -> bool:
+def is_pow2(n: int) -> bool:
+    """Whether n is a power of two (Triton's block shapes must be)."""
     return n >= 1 and n & (n - 1) == 0
 
 
 def _bad_tile(n: int, block: int) -> str | None:
     t = _tile(n, block)
-    if n % t or not _pow2(t) or t < 16:
+    if n % t or not is_pow2(t) or t < 16:
         return f"it cuts a length of {n} into tiles of {t}, not a power of two of at least 16 that divides it"
     return None
 
@@ -152,11 +157,13 @@ def sm_count() -> int:
     return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def _interpret(interpret) -> bool:
+def resolve_interpret(interpret) -> bool:
+    """A kernel's ``interpret`` argument: None runs the Pallas interpreter off GPU, else as given."""
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
 
 
-def _params(interpret: bool, warps: int, stages: int):
+def compiler_params(interpret: bool, warps: int, stages: int):
+    """Triton compiler parameters of a ``pallas_call`` (None in the interpreter)."""
     return None if interpret else plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
@@ -189,17 +196,17 @@ def _query_ranges(q_idx, k_idx, tq: int, tk: int):
     return lo, jnp.maximum(full, lo)
 
 
-def _dot_t(a, b):
+def dot_t(a, b):
     """a [m, d] . b [n, d]^T -> float32 [m, n]."""
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
 
 
-def _dot(a, b):
+def dot(a, b):
     """a [m, n] . b [n, d] -> float32 [m, d]."""
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
 
 
-def _dot_tn(a, b):
+def dot_tn(a, b):
     """a [n, m]^T . b [n, d] -> float32 [m, d]."""
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
@@ -230,7 +237,7 @@ def _fwd_kernel(*refs, nq, tk, c, causal, has_seg, tile_axis):
     def body(j, carry, masked):
         m, l, acc = carry
         sl = pl.ds(j * tk, tk)
-        s = _dot_t(q, k_ref[sl, :])  # unscaled: c > 0 enters the row max and, per score, one multiply-add
+        s = dot_t(q, k_ref[sl, :])  # unscaled: c > 0 enters the row max and, per score, one multiply-add
         mask = _mask(q_pos, ki_ref[sl] if masked else None, q_seg, None if ks_ref is None else ks_ref[sl], masked)
         if mask is not None:
             s = jnp.where(mask, s, NEG_INF)
@@ -240,7 +247,7 @@ def _fwd_kernel(*refs, nq, tk, c, causal, has_seg, tile_axis):
         p = jnp.exp2(s * c - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
         v = v_ref[sl, :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((tq,), NEG_INF, F32), jnp.zeros((tq,), F32), jnp.zeros((tq, d), F32))
@@ -261,7 +268,7 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
             config: Config = Config(), interpret=None):
     """(o float32 [b, sq, heads, d], lse float32 [b, sq, heads]) of one block, as
     ``block_attention.forward``: rows that see no key get o = 0 and lse = -inf."""
-    interpret = _interpret(interpret)
+    interpret = resolve_interpret(interpret)
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -297,7 +304,7 @@ def forward(q, k, v, q_idx, k_idx, q_seg=None, k_seg=None, *, causal: bool = Tru
     o, lse = pl.pallas_call(
         kernel, grid=grid, in_specs=_wrap_specs(in_specs, wrap), out_specs=_wrap_specs(out_specs, wrap),
         out_shape=[jax.ShapeDtypeStruct((b, sq, h, dp), F32), jax.ShapeDtypeStruct((b, h, sq), F32)],
-        interpret=interpret, compiler_params=_params(interpret, config.num_warps, config.num_stages),
+        interpret=interpret, compiler_params=compiler_params(interpret, config.num_warps, config.num_stages),
         name="flash_attention_fwd")(*args)
     return o[..., :d], jnp.swapaxes(lse, 1, 2)
 
@@ -324,7 +331,7 @@ def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq, tile_axis):
         dk, dv = carry
         sl = pl.ds(i * ti, ti)
         q, do = q_ref[sl, gi, :], do_ref[sl, gi, :]
-        p = jnp.exp2(_dot_t(k, q) * c - l_ref[gi, sl][None, :])  # p^T [tk, ti]
+        p = jnp.exp2(dot_t(k, q) * c - l_ref[gi, sl][None, :])  # p^T [tk, ti]
         mask = None  # transposed: keys along rows
         if masked:
             mask = k_pos[:, None] <= qi_ref[sl][None, :]
@@ -333,11 +340,11 @@ def _dkdv_kernel(*refs, g, ti, c, scale, causal, has_seg, fused_dq, tile_axis):
             mask = same if mask is None else mask & same
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do)
-        ds = (p * (_dot_t(v, do) - dl_ref[gi, sl][None, :])).astype(q.dtype)
+        dv = dv + dot(p.astype(do.dtype), do)
+        ds = (p * (dot_t(v, do) - dl_ref[gi, sl][None, :])).astype(q.dtype)
         if fused_dq:  # unscaled: backward multiplies dq by scale once
-            plgpu.atomic_add(dq_ref, (sl, jnp.int32(gi), slice(None)), _dot_tn(k, ds).T)
-        return dk + _dot(ds, q), dv
+            plgpu.atomic_add(dq_ref, (sl, jnp.int32(gi), slice(None)), dot_tn(k, ds).T)
+        return dk + dot(ds, q), dv
 
     if causal:
         t = pl.program_id(tile_axis)
@@ -370,12 +377,12 @@ def _dq_kernel(*refs, nq, ti, c, scale, causal, has_seg, tile_axis):
     def body(j, dq, masked):
         sl = pl.ds(j * ti, ti)
         k, v = k_ref[sl, :], v_ref[sl, :]
-        p = jnp.exp2(_dot_t(q, k) * c - lse2[:, None])
+        p = jnp.exp2(dot_t(q, k) * c - lse2[:, None])
         mask = _mask(q_pos, ki_ref[sl] if masked else None, q_seg, None if ks_ref is None else ks_ref[sl], masked)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        ds = p * (_dot_t(do, v) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        ds = p * (dot_t(do, v) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
 
     dq = jnp.zeros(q.shape, F32)
     if causal:
@@ -392,7 +399,7 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
              scale: float | None = None, config: Config = Config(), interpret=None):
     """(dq, dk, dv), float32, of one block given the global ``lse`` and ``delta`` [b, sq, heads], as
     ``block_attention.backward``."""
-    interpret = _interpret(interpret)
+    interpret = resolve_interpret(interpret)
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
@@ -439,7 +446,7 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
                           fused_dq=bool(config.fused_dq), tile_axis=tile_axis),
         grid=grid, in_specs=_wrap_specs(in_specs, wrap), out_specs=_wrap_specs(out_specs, wrap), out_shape=out_shape,
         input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages),
+        compiler_params=compiler_params(interpret, config.dkdv_num_warps, config.dkdv_num_stages),
         name="flash_attention_dkdv")(*args)
     if config.fused_dq:
         dk, dv, dq = outs
@@ -469,6 +476,6 @@ def backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg=None, k_seg=None, *, c
         grid=grid, in_specs=_wrap_specs(in_specs, wrap),
         out_specs=_wrap_specs([pl.BlockSpec((sqz, to, sqz, dp), lambda i, bi, hi: (bi, rev(i), hi, 0))], wrap)[0],
         out_shape=jax.ShapeDtypeStruct((b, sq, h, dp), F32),
-        interpret=interpret, compiler_params=_params(interpret, config.dq_num_warps, config.dq_num_stages),
+        interpret=interpret, compiler_params=compiler_params(interpret, config.dq_num_warps, config.dq_num_stages),
         name="flash_attention_dq")(*args)
     return dq[..., :d], dk[..., :d], dv[..., :d]

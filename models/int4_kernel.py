@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from models import quant
-from models.flash_kernel import _params, sm_count
+from models.flash_kernel import compiler_params, sm_count
 
 GEMV_ROWS = 8  # the most rows x [M, K] the fused kernel takes (decoding batches); more rows dequantize + matmul
 GEMV_OPTIONS = {"block_n": int, "block_k": int, "splits": int, "num_warps": int, "num_stages": int, "mode": str,
@@ -217,7 +217,7 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
                 pl.BlockSpec((groups, block_n), lambda j, s: (0, j))]
     args = [bits_one, xs, packed, scale, zero]
     kernel = functools.partial(_gemv_kernel, plan=plan, group=group)
-    params = _params(interpret, plan["num_warps"], plan["num_stages"])
+    params = compiler_params(interpret, plan["num_warps"], plan["num_stages"])
     call = functools.partial(pl.pallas_call, kernel, grid=(plan["blocks"], splits), interpret=interpret,
                              compiler_params=params, name=f"int4_gemv_{k}x{n}")  # a profile tells shapes apart
     if plan["combine"] == "atomic":  # every split adds into one zeroed output
