@@ -22,9 +22,9 @@ state in registers (``models/scan_kernel.py``; interpreted, slowly, off GPU). XL
 partition the kernels, so under an active mesh they run in ``shard_map`` on each device's
 [batch / data, seq, E / tensor] block (rows and channels are independent).
 
-Without a cache (training, evaluation) the conv with its silu and the gated output ``(y + D x) silu(z)``
-are ``conv_silu`` and ``gate``, whose own backward passes keep their [batch, seq, E] gradients in the
-compute dtype, as the official CUDA kernels do.
+The segment bookkeeping, the conv and the gated output are ``models/mamba_ops.py``'s; without a cache
+(training, evaluation) the conv with its silu and the gate are ``conv_silu`` and ``gate``, whose own
+backward passes keep their [batch, seq, E] gradients in the compute dtype.
 
 Packed sequences: ``segment_ids`` [batch, seq] (0 = padding). The first token of a new
 segment resets the state (decay 0) and the convolution never mixes tokens of different
@@ -49,6 +49,7 @@ import numpy as np
 import models
 from models import capture, layers, step_kernel
 from models.layers import REMAT_POLICIES
+from models.mamba_ops import causal_conv, conv_silu, gate, segment_info
 from models.ssm_scan import SCANS, selective_scan  # noqa: F401 (selective_scan: mamba's own, public here too)
 from parallel import sharding
 from parallel.sharding import constrain
@@ -251,134 +252,6 @@ def flops_per_token(cfg: Config, seq_len: int) -> float:
     del seq_len
     per_layer = cfg.d_inner * (2 * cfg.d_conv + 9 * cfg.d_state)
     return 6.0 * matmul_params(cfg) + 3.0 * cfg.n_layers * per_layer
-
-
-# ----------------------------------------------------------------------------- segments and conv
-
-def segment_info(segment_ids, last_segment=None):
-    """Where states reset and which conv taps may mix, for segment_ids [batch, seq] (0 = padding).
-
-    last_segment [batch]: the last non-padding id before these tokens (from a cache; None or 0:
-    none). A token starts a new segment when its id is non-zero and differs from the last
-    non-padding id before it, so padding is transparent. Returns (start [b, s] bool,
-    nonpad [b, s] bool, run [b, s] int32 = number of starts so far (0: continues the cached
-    segment), last [b] int32 = the last non-padding id after these tokens).
-    """
-    b, s = segment_ids.shape
-    ids = segment_ids.astype(jnp.int32)
-    prev = jnp.zeros((b,), jnp.int32) if last_segment is None else last_segment.astype(jnp.int32)
-    nonpad = ids != 0
-    where_last = jax.lax.cummax(jnp.where(nonpad, jnp.arange(s, dtype=jnp.int32), -1), axis=1)
-    filled = jnp.where(where_last >= 0, jnp.take_along_axis(ids, jnp.maximum(where_last, 0), axis=1),
-                       prev[:, None])
-    before = jnp.concatenate([prev[:, None], filled[:, :-1]], axis=1)
-    start = nonpad & (ids != before)
-    return start, nonpad, jnp.cumsum(start, axis=1, dtype=jnp.int32), filled[:, -1]
-
-
-def causal_conv(x, w, bias=None, *, run=None, buffer=None):
-    """Depthwise causal conv: out[t] = bias + sum_k w[k] * x[t - (K-1) + k] over taps of the same run.
-
-    x [batch, seq, E] (zero at padding); w [K, E]; bias [E] or None; run [batch, seq] int
-    (``segment_info``; None: one sequence); buffer [batch, K-1, E]: the inputs before x
-    (None: zeros; they count as run 0). Accumulates in float32. Returns (out [b, s, E] float32,
-    new buffer [b, K-1, E] in x's dtype: the last K-1 inputs, zeroed where they belong to an
-    earlier run than the last token).
-    """
-    b, s, E = x.shape
-    K = w.shape[0]
-    if buffer is None:
-        buffer = jnp.zeros((b, K - 1, E), x.dtype)
-    ext = jnp.concatenate([buffer.astype(x.dtype), x], axis=1)  # [b, K-1+s, E]
-    run_ext = None if run is None else jnp.concatenate([jnp.zeros((b, K - 1), run.dtype), run], axis=1)
-    out = jnp.zeros((b, s, E), jnp.float32)
-    for k in range(K):
-        term = ext[:, k:k + s].astype(jnp.float32) * w[k].astype(jnp.float32)
-        if run is not None:
-            term = jnp.where((run_ext[:, k:k + s] == run)[..., None], term, 0.0)
-        out = out + term
-    if bias is not None:
-        out = out + bias.astype(jnp.float32)
-    new_buffer = ext[:, s:]
-    if run is not None:
-        new_buffer = jnp.where((run_ext[:, s:] == run[:, -1:])[..., None], new_buffer, 0)
-    return out, new_buffer
-
-
-@jax.custom_vjp
-def conv_silu(x, w, bias, run):
-    """silu(causal_conv(x, w, bias, run=run)) [b, s, E] in x's dtype: the mixer's conv with no cached buffer.
-
-    The same function as ``causal_conv`` and ``jax.nn.silu``; its backward recomputes the conv and keeps
-    its one [b, s, E] intermediate, the gradient before the silu, in x's dtype (as the official CUDA conv
-    does), where autodiff would write it and the recomputed conv in float32.
-    """
-    return jax.nn.silu(causal_conv(x, w, bias, run=run)[0]).astype(x.dtype)
-
-
-def _conv_silu_fwd(x, w, bias, run):
-    return conv_silu(x, w, bias, run), (x, w, bias, run)
-
-
-def _conv_silu_bwd(res, g):
-    """out[t] = sum_k w[k] x[t-K+1+k] over taps of out's run, so dx[p] = sum_k w[k] dpre[p+K-1-k] over the
-    outputs of p's run, dw[k] = sum_{b,t} x[t-K+1+k] dpre[t] and dbias = sum dpre."""
-    x, w, bias, run = res
-    f32 = jnp.float32
-    b, s, E = x.shape
-    K = w.shape[0]
-    pre = causal_conv(x, w, bias, run=run)[0]
-    sig = jax.nn.sigmoid(pre)
-    dpre = (g.astype(f32) * sig * (1 + pre * (1 - sig))).astype(x.dtype)
-    pad = jnp.zeros((b, K - 1, E), x.dtype)
-    x_ext, d_ext = jnp.concatenate([pad, x], axis=1), jnp.concatenate([dpre, pad], axis=1)
-    if run is not None:  # tap k of output t reads input t-K+1+k only within t's run; inputs before x count as run 0
-        run_ext = jnp.concatenate([jnp.zeros((b, K - 1), run.dtype), run], axis=1)
-        out_run = jnp.concatenate([run, jnp.full((b, K - 1), -1, run.dtype)], axis=1)  # -1: no output there
-    dx = jnp.zeros((b, s, E), f32)
-    dw = []
-    for k in range(K):
-        d_k = d_ext[:, K - 1 - k:K - 1 - k + s].astype(f32)  # dpre of the output that tap k feeds from p
-        x_k = x_ext[:, k:k + s].astype(f32)  # the input tap k of output t reads
-        if run is not None:
-            d_k = jnp.where((out_run[:, K - 1 - k:K - 1 - k + s] == run)[..., None], d_k, 0.0)
-            x_k = jnp.where((run_ext[:, k:k + s] == run)[..., None], x_k, 0.0)
-        dx = dx + w[k].astype(f32) * d_k
-        dw.append(jnp.sum(x_k * dpre.astype(f32), axis=(0, 1)))
-    dbias = None if bias is None else jnp.sum(dpre.astype(f32), axis=(0, 1)).astype(bias.dtype)
-    return dx.astype(x.dtype), jnp.stack(dw).astype(w.dtype), dbias, None
-
-
-conv_silu.defvjp(_conv_silu_fwd, _conv_silu_bwd)
-
-
-@jax.custom_vjp
-def gate(y, x, z, D):
-    """(y + D x) silu(z) [b, s, E] in z's dtype: the scan's output with its skip term, gated (eq. 2b, then the gate).
-
-    Its backward keeps the three [b, s, E] gradients in the inputs' dtypes (bf16 when they are) and sums dD
-    in float32, in one pass; autodiff would materialise x and the gated sum in float32 for the same work.
-    """
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    return ((f32(y) + f32(D) * f32(x)) * jax.nn.silu(f32(z))).astype(z.dtype)
-
-
-def _gate_fwd(y, x, z, D):
-    return gate(y, x, z, D), (y, x, z, D)
-
-
-def _gate_bwd(res, g):
-    y, x, z, D = res
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    g, zf, xf = f32(g), f32(z), f32(x)
-    sig = jax.nn.sigmoid(zf)
-    dsum = g * zf * sig  # the gradient of y + D x
-    dz = g * (f32(y) + f32(D) * xf) * sig * (1 + zf * (1 - sig))
-    dD = jnp.sum(dsum * xf, axis=tuple(range(x.ndim - 1)))
-    return dsum.astype(y.dtype), (f32(D) * dsum).astype(x.dtype), dz.astype(z.dtype), dD.astype(D.dtype)
-
-
-gate.defvjp(_gate_fwd, _gate_bwd)
 
 
 # ----------------------------------------------------------------------------- forward

@@ -15,7 +15,7 @@ index is a runtime operand, so all layers share one compiled kernel). ``interpre
 same kernel on CPU (tests).
 
 ``step_reference`` is the same update in plain XLA (the reference of the tests and the benchmark).
-``conv_step`` is the token's causal depthwise conv and silu (``mamba.causal_conv`` for one token),
+``conv_step`` is the token's causal depthwise conv and silu (``mamba_ops.causal_conv`` for one token),
 shifting the layer's slot of the stacked conv window [layers, b, d_conv - 1, E] in place the same way.
 """
 from __future__ import annotations
@@ -194,7 +194,7 @@ def conv_step(window_all, layer: int, x, w, bias=None, keep=None, live=None, *, 
     [E] or None; keep [b] (0: a segment start, the window counts as zeros); live [b] (0: a padding
     token, a zero input); None: ones. out = bias + sum_k w[k] tap_k over the taps (window..., x), float32.
     Returns (silu(out) [b, E] in x's dtype, window_all with layer ``layer``'s window shifted by x:
-    ``mamba.causal_conv``'s buffer).
+    ``mamba_ops.causal_conv``'s buffer).
     """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"

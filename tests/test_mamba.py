@@ -18,6 +18,7 @@ from models import capture
 from models import generate as G
 from models import hf
 from models import mamba as M
+from models import mamba_ops as ops
 from parallel import mesh as pmesh
 from parallel import sharding
 from tests.helpers import jit, rel_err
@@ -240,18 +241,19 @@ def test_chunked_scan_equals_reference_outputs_and_gradients_long_sequence():
 # ----------------------------------------------------------------------------- segments and padding
 
 def test_conv_silu_and_gate_have_autodiff_gradients():
-    """The mixer's conv_silu and gate, whose backward passes are written by hand, against autodiff of the
+    """mamba_ops' conv_silu and gate, whose backward passes are written by hand, against autodiff of the
     plain formulas (causal_conv then silu; (y + D x) silu(z)): float32 to rounding, with packed segments
-    (taps never cross a segment, in either direction) and without a bias; bf16 inputs give bf16 gradients."""
+    (taps never cross a segment, in either direction) and without a bias; bf16 inputs give bf16 gradients
+    within 1e-2 of the float32 ones (bf16 rounding: about 4e-3)."""
     rng = np.random.default_rng(0)
     b, s, E, K = 2, 11, 6, 4
     x, g, y, z = (jnp.asarray(rng.standard_normal((b, s, E)), jnp.float32) for _ in range(4))
     w, bias, D = jnp.asarray(rng.standard_normal((K, E)), jnp.float32), *(jnp.asarray(
         rng.standard_normal(E), jnp.float32) for _ in range(2))
-    run = M.segment_info(jnp.array([[1, 1, 1, 2, 2, 2, 2, 0, 3, 3, 3], [0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2]]))[2]
+    run = ops.segment_info(jnp.array([[1, 1, 1, 2, 2, 2, 2, 0, 3, 3, 3], [0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2]]))[2]
 
     def plain_conv(x, w, bias, run):
-        return jax.nn.silu(M.causal_conv(x, w, bias, run=run)[0]).astype(x.dtype)
+        return jax.nn.silu(ops.causal_conv(x, w, bias, run=run)[0]).astype(x.dtype)
 
     def vjp(f, *args):
         out, back = jax.vjp(f, *args)
@@ -259,22 +261,22 @@ def test_conv_silu_and_gate_have_autodiff_gradients():
 
     for r in (run, None):
         for bb in (bias, None):
-            got = vjp(lambda x, w, bb, r=r: M.conv_silu(x, w, bb, r), x, w, bb)
+            got = vjp(lambda x, w, bb, r=r: ops.conv_silu(x, w, bb, r), x, w, bb)
             want = vjp(lambda x, w, bb, r=r: plain_conv(x, w, bb, r), x, w, bb)
             chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     # The segments matter: without them the gradients differ.
-    assert rel_err(vjp(lambda x: M.conv_silu(x, w, bias, run), x)[1][0],
-                   vjp(lambda x: M.conv_silu(x, w, bias, None), x)[1][0]) > 1e-2
-    got = vjp(M.gate, y, x, z, D)
+    assert rel_err(vjp(lambda x: ops.conv_silu(x, w, bias, run), x)[1][0],
+                   vjp(lambda x: ops.conv_silu(x, w, bias, None), x)[1][0]) > 1e-2
+    got = vjp(ops.gate, y, x, z, D)
     want = vjp(lambda y, x, z, D: (y + D * x) * jax.nn.silu(z), y, x, z, D)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     bf = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
-    out, grads = vjp(lambda x: M.conv_silu(x, w, bias, run), bf(x))
+    out, grads = vjp(lambda x: ops.conv_silu(x, w, bias, run), bf(x))
     assert out.dtype == grads[0].dtype == jnp.bfloat16
-    assert rel_err(grads[0], vjp(lambda x: plain_conv(x, w, bias, run), x)[1][0]) < 2e-2
-    out, grads = vjp(M.gate, bf(y), bf(x), bf(z), D)
+    assert rel_err(grads[0], vjp(lambda x: plain_conv(x, w, bias, run), x)[1][0]) < 1e-2
+    out, grads = vjp(ops.gate, bf(y), bf(x), bf(z), D)
     assert [a.dtype for a in (out, *grads)] == [jnp.bfloat16] * 4 + [jnp.float32]
-    assert max(rel_err(a, e) for a, e in zip(grads, want[1])) < 2e-2
+    assert max(rel_err(a, e) for a, e in zip(grads, want[1])) < 1e-2
 
 
 def test_packed_segments_reset_state_and_conv():

@@ -9,6 +9,7 @@ import pytest
 
 from models import generate as G
 from models import mamba as M
+from models import mamba_ops
 from models import step_kernel as K
 from parallel import mesh as pmesh
 from parallel import sharding
@@ -60,13 +61,13 @@ def test_step_kernels_equal_xla_and_float64(E, N, R, block_e):
     y_xz, _ = jit(lambda h, args: K.selective_step(h, layer, x, jnp.concatenate([x, z], 1), *args, block_b=2,
                                                    block_e=block_e, interpret=True))(h, args[2:])
     np.testing.assert_allclose(y_xz, y, rtol=1e-6, atol=1e-6)
-    # The conv step (in place on a stacked window, x the first half of [x, z]) against mamba.causal_conv, with a
+    # The conv step (in place on a stacked window, x the first half of [x, z]) against mamba_ops.causal_conv, with a
     # reset row and a padding row (a zero input).
     window, w, conv_b = f(L, b, 3, E), f(4, E), (f(E) if R % N == 0 else None)
     xc, window_all = jit(lambda win, xz: K.conv_step(win, layer, xz, w, conv_b, keep, live, block_b=2,
                                                      block_e=block_e, interpret=True),
                          donate_argnums=0)(jnp.array(window), jnp.concatenate([x, z], 1))
-    out, buffer = jit(M.causal_conv)((x * live[:, None])[:, None], w, conv_b,
+    out, buffer = jit(mamba_ops.causal_conv)((x * live[:, None])[:, None], w, conv_b,
                                      run=(1 - keep).astype(jnp.int32)[:, None], buffer=window[layer])
     np.testing.assert_allclose(xc, jax.nn.silu(out[:, 0]), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(window_all[layer], buffer)
