@@ -10,9 +10,9 @@ layer's dt_proj [R, E] (bf16): 'xla' is the decoding path's XLA step (dt_proj ma
 ``step_kernel.step_reference``, the new state written into its slot); 'pallas bB eE wW' the kernel with
 B rows and E channels per program and W warps. Per layer: microseconds, and bytes (h read and
 written once, the inputs read once) per second against an elementwise copy measured in the same
-process. The state is 8 MB per layer at b64 (16 MB of traffic), so at the copy's 3.3 TB/s a layer
-takes about 5 us. Each kernel row also gives its largest difference from 'xla' (relative to the
-largest |y| and |h|).
+process (``train.bench.copy_bandwidth``). The state is 8 MB per layer at b64 (16 MB of traffic), so at
+the copy's 3.2 TB/s a layer takes about 5 us. Each kernel row also gives its largest difference from
+'xla' (relative to the largest |y| and |h|).
 """
 from __future__ import annotations
 
@@ -25,20 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import step_kernel as K
+from train import bench
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-
-
-def copy_bandwidth(gib: float) -> float:
-    x = jnp.ones((int(gib * 2**30) // 2,), BF16)
-    f = jax.jit(lambda a: a * 2)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * x.nbytes / statistics.median(times)
 
 
 def inputs(L, b, E, N, R, seed=0):
@@ -82,12 +71,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny shape on CPU, interpreted kernel")
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--configs", default="4x32x4,4x64x4,8x32x4,2x64x4,4x128x8,1x128x4",
+    ap.add_argument("--configs", default="1x64x2,4x32x4,4x64x4,8x32x4,2x64x4,4x128x8,1x128x4",
                     help="kernel settings: block_b x block_e x warps, comma-separated")
     args = ap.parse_args()
     L, b, E, N, R = (2, 4, 64, 16, 16) if args.quick else (48, 64, 2048, 16, 64)
     interpret = args.quick or jax.default_backend() != "gpu"
-    copy = copy_bandwidth(0.0625 if args.quick else 2.0)
+    copy = bench.copy_bandwidth(0.0625 if args.quick else 2.0)
     h0, acts, per_layer = inputs(L, b, E, N, R)
     nbytes = L * (2 * h0[0].nbytes + sum(a.nbytes for a in acts.values()) + b * E * 2
                   + sum(v.nbytes for v in per_layer[0].values()))

@@ -239,10 +239,22 @@ def bench(config, steps: int, warmup: int, split: bool = True, mesh=None, profil
     }
 
 
-def copy_bandwidth(gib: float = 2.0, reps: int = 10) -> float:
-    """Measured bytes/s of an elementwise pass (read + write) over a ``gib`` GiB bf16 array."""
+def copy_bandwidth(gib: float = 2.0, passes: int = 20, reps: int = 5) -> float:
+    """Measured bytes/s of an elementwise pass (read + write) over a ``gib`` GiB bf16 array.
+
+    ``passes`` passes run in one program (a loop on the device, an optimisation barrier between passes so
+    none are fused), so no launch gap or host round trip is timed and the device stays busy long enough to
+    hold its clocks; the fastest of ``reps`` calls counts, as a ceiling should. On one H200 this read
+    3.16-3.18 TB/s five times in one process, where one pass a call timed on the host read 2.26-2.95."""
     x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
-    return 2 * x.nbytes / median_seconds(jax.jit(lambda a: a * 2), x, reps=reps)
+    run = jax.jit(lambda a: jax.lax.fori_loop(0, passes, lambda _, b: jax.lax.optimization_barrier(b * 2), a))
+    jax.block_until_ready(run(x))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(run(x))
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes * passes / min(times)
 
 
 def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int = 3, mesh=None) -> dict:
