@@ -111,7 +111,7 @@ def block_size(n: int, most: int) -> int:
 
 
 def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None, *,
-                   block_b: int = 4, block_e: int = 32, num_warps: int = 4, interpret=None):
+                   block_b: int = 1, block_e: int = 64, num_warps: int = 2, interpret=None):
     """The fused step for layer ``layer`` (an int or int32 scalar, read at run time) of h_all [layers, b, E, N] float32.
 
     x [b, E]; z [b, E], or [b, 2E] to read z from its second half (in_xz's output, in place);
