@@ -4,7 +4,7 @@ gated output (y + D x) silu(z).
 
 ``conv_silu`` and ``gate`` have their own backward passes, which keep their [batch, seq, E] gradients in the
 inputs' dtype (bf16 in training) and recompute what they need, as the official CUDA kernels do; the train
-step compiles with XLA's excess precision off (``train.setup.COMPILER_OPTIONS``), so those roundings stay
+step compiles with XLA's excess precision off (``models.COMPILER_OPTIONS``), so those roundings stay
 bf16 buffers.
 """
 from __future__ import annotations
@@ -42,24 +42,34 @@ def causal_conv(x, w, bias=None, *, run=None, buffer=None):
     (None: zeros; they count as run 0). Accumulates in float32. Returns (out [b, s, E] float32,
     new buffer [b, K-1, E] in x's dtype: the last K-1 inputs, zeroed where they belong to an
     earlier run than the last token).
+
+    Each tap is the buffer's rows it needs followed by a slice of x, read once by the sum (never one
+    [b, K-1+s, E] copy of buffer and x: a prefill would write and re-read its whole input for it).
     """
     b, s, E = x.shape
     K = w.shape[0]
     if buffer is None:
         buffer = jnp.zeros((b, K - 1, E), x.dtype)
-    ext = jnp.concatenate([buffer.astype(x.dtype), x], axis=1)  # [b, K-1+s, E]
-    run_ext = None if run is None else jnp.concatenate([jnp.zeros((b, K - 1), run.dtype), run], axis=1)
+    buffer = buffer.astype(x.dtype)
+
+    def ext(a, pre, start, n):  # rows [start, start + n) of concatenate([pre, a], axis=1), no copy of a
+        p = pre.shape[1]
+        parts = [pre[:, start:min(start + n, p)], a[:, max(0, start - p):max(0, start + n - p)]]
+        parts = [q for q in parts if q.shape[1]]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+    run_pre = None if run is None else jnp.zeros((b, K - 1), run.dtype)
     out = jnp.zeros((b, s, E), jnp.float32)
     for k in range(K):
-        term = ext[:, k:k + s].astype(jnp.float32) * w[k].astype(jnp.float32)
+        term = ext(x, buffer, k, s).astype(jnp.float32) * w[k].astype(jnp.float32)
         if run is not None:
-            term = jnp.where((run_ext[:, k:k + s] == run)[..., None], term, 0.0)
+            term = jnp.where((ext(run, run_pre, k, s) == run)[..., None], term, 0.0)
         out = out + term
     if bias is not None:
         out = out + bias.astype(jnp.float32)
-    new_buffer = ext[:, s:]
+    new_buffer = ext(x, buffer, s, K - 1)
     if run is not None:
-        new_buffer = jnp.where((run_ext[:, s:] == run[:, -1:])[..., None], new_buffer, 0)
+        new_buffer = jnp.where((ext(run, run_pre, s, K - 1) == run[:, -1:])[..., None], new_buffer, 0)
     return out, new_buffer
 
 

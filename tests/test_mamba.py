@@ -240,6 +240,31 @@ def test_chunked_scan_equals_reference_outputs_and_gradients_long_sequence():
 
 # ----------------------------------------------------------------------------- segments and padding
 
+@pytest.mark.parametrize("K", [2, 4])
+def test_causal_conv_with_a_buffer_equals_float64(K):
+    """causal_conv over a cached buffer (taps built from the buffer's rows and slices of x, never one copy of
+    both) against a float64 loop over buffer ++ x, for inputs shorter and longer than the buffer, with runs:
+    the outputs and the new buffer (zero where it holds an earlier run than the last token)."""
+    rng = np.random.default_rng(K)
+    b, E = 2, 5
+    for s in (1, K - 1, K + 3):
+        x, buf = rng.normal(size=(b, s, E)), rng.normal(size=(b, K - 1, E))
+        w, bias = rng.normal(size=(K, E)), rng.normal(size=(E,))
+        run = np.cumsum(rng.random((b, s)) < 0.4, axis=1)
+        out, new_buf = ops.causal_conv(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
+                                       jnp.asarray(bias, jnp.float32), run=jnp.asarray(run, jnp.int32),
+                                       buffer=jnp.asarray(buf, jnp.float32))
+        ext, run_ext = np.concatenate([buf, x], 1), np.concatenate([np.zeros((b, K - 1), int), run], 1)
+        want = np.tile(bias, (b, s, 1))
+        for t in range(s):
+            for k in range(K):
+                same = (run_ext[:, t + k] == run[:, t])[:, None]
+                want[:, t] += np.where(same, w[k] * ext[:, t + k], 0.0)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+        want_buf = np.where((run_ext[:, s:] == run[:, -1:])[..., None], ext[:, s:], 0.0)
+        np.testing.assert_allclose(new_buf, want_buf, rtol=1e-6, atol=1e-6)
+
+
 def test_conv_silu_and_gate_have_autodiff_gradients():
     """mamba_ops' conv_silu and gate, whose backward passes are written by hand, against autodiff of the
     plain formulas (causal_conv then silu; (y + D x) silu(z)): float32 to rounding, with packed segments
