@@ -67,7 +67,6 @@ share its keys and are dropped from the result.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -75,6 +74,7 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 
+from models import COMPILER_OPTIONS
 from parallel import sharding
 
 _NO_STOP = -1  # a token id no model emits: sampled ids are never negative
@@ -183,13 +183,15 @@ def decode_padded(model, params, cfg, tokens, positions, segment_ids, cache, max
                                                    np.arange(b) if rows is None else rows)]
     ints = (jnp.int32(a) for a in (max_new_tokens, stop_token, pad_id, top_k))
     floats = (jnp.float32(a) for a in (temperature, top_p))
-    return _decode(model, params, cfg, *arrays, cache, _key_data(0 if rng is None else rng), *ints, *floats,
-                   width=width, layout=sharding.active())
+    key = _key_data(0 if rng is None else rng)
+    # compiler options are for a top-level jit only: inside another trace (a traced input) the plain one
+    traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((params, cache, key, *arrays)))
+    return (_decode_traced if traced else _decode)(model, params, cfg, *arrays, cache, key, *ints, *floats,
+                                                   width=width, layout=sharding.active())
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg", "width", "layout"), donate_argnames=("cache",))
-def _decode(model, params, cfg, tokens, positions, segment_ids, rows, cache, rng, max_new_tokens, stop_token,
-            pad_id, top_k, temperature, top_p, *, width, layout):
+def _decode_loop(model, params, cfg, tokens, positions, segment_ids, rows, cache, rng, max_new_tokens, stop_token,
+                 pad_id, top_k, temperature, top_p, *, width, layout):
     del layout  # the active (mesh, rules) of ``constrain``: part of the compilation key
     b, p = tokens.shape
     params = model.decode_params(params, cfg)  # a layout for decoding, made once outside the loop
@@ -222,6 +224,11 @@ def _decode(model, params, cfg, tokens, positions, segment_ids, rows, cache, rng
              positions[:, -1] + 1)
     steps, _, cache, generated, _, _ = jax.lax.while_loop(keep_going, decode_one, carry)
     return generated, steps, cache
+
+
+_JIT = dict(static_argnames=("model", "cfg", "width", "layout"), donate_argnames=("cache",))
+_decode = jax.jit(_decode_loop, compiler_options=COMPILER_OPTIONS, **_JIT)  # as the train step is compiled
+_decode_traced = jax.jit(_decode_loop, **_JIT)  # called inside another jit, which sets the compiler options
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:

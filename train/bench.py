@@ -35,14 +35,14 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from models import generate
+from models import COMPILER_OPTIONS, generate
 from parallel import mesh as mesh_lib
 from parallel import sharding
 from train import aot, cli
 from train import config as config_lib
 from train import metrics
 from train import optim, step as step_lib
-from train.setup import COMPILER_OPTIONS, setup_training
+from train.setup import setup_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant.")

@@ -17,18 +17,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 import models
-from models import lora
+from models import COMPILER_OPTIONS, lora
 from parallel import pipeline, sharding
 from train import objective as objective_lib, optim, step as step_lib
 from train.config import base_config, validate
 from train.objective import Objective
-
-
-# XLA's "excess precision" lets it drop a rounding the program asks for (f32 -> bf16 -> f32) and keep the float32
-# value, so bf16 activations and gradients the model stores become float32 buffers: more bytes for every
-# elementwise pass over them. The train and eval steps compile with the rounding as written (on an H200: Mamba
-# 370M 1.03x tokens/s at 2k and 8k, Switch 350M 1.03x, the dense Transformer unchanged).
-COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
 
 
 @dataclasses.dataclass(frozen=True)
