@@ -9,10 +9,11 @@ heads = 16 kv heads of 128, bf16, the stacked cache [22, batch, max_len, 16, 128
 ``model.attention='xla'`` (the layer sliced out of the stacked cache, XLA's kernels) and with the kernel
 that ``'pallas_decode'`` runs (``decode_attention.decode_attention``, called directly) for each --configs
 entry (``decode_attention.Config`` fields; splits=0 is the automatic split-K). Prints per variant and
-batch: the median time of the program divided by the layers
-(us per layer), the bytes the attention must read (the q_start + 1 filled slots of k and v, bf16) per
-second, the split count, and the largest absolute difference from XLA's output. The mean cache index
-of ``train.bench``'s decoding (512-token prompt, 256 new tokens) is 640, its cache 768 slots.
+batch: the program's device time (``train.bench.device_seconds``: its kernels in a profiler trace, host
+dispatch not counted) divided by the layers (us per layer), the bytes the attention must read (the
+q_start + 1 filled slots of k and v, bf16) per second, the split count, and the largest absolute
+difference from XLA's output. The mean cache index of ``train.bench``'s decoding (512-token prompt, 256
+new tokens) is 640, its cache 768 slots.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 from models import attention as A  # noqa: E402
 from models import decode_attention as DA  # noqa: E402
 from train import cli  # noqa: E402
-from train.bench import median_seconds  # noqa: E402
+from train.bench import device_seconds  # noqa: E402
 
 
 def parse_config(spec: str) -> DA.Config:
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
             try:
                 f = step_program(layers, config)
                 out = f(*inputs)
-                s = median_seconds(f, *inputs, reps=args.reps) / layers
+                s = device_seconds(lambda: f(*inputs), reps=args.reps) / layers
             except Exception as e:  # one failing variant (a tile Triton refuses) leaves the others' rows
                 print(f"{name:<34}{b:>6}  error: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                 continue

@@ -8,8 +8,9 @@ One call runs the update of every layer in order on the stacked state h [48, b, 
 so each layer's slot is replaced in place), from x, z [b, E], x_proj's output [b, R + 2N] and each
 layer's dt_proj [R, E] (bf16): 'xla' is the decoding path's XLA step (dt_proj matmul, softplus,
 ``step_kernel.step_reference``, the new state written into its slot); 'pallas bB eE wW' the kernel with
-B rows and E channels per program and W warps. Per layer: microseconds, and bytes (h read and
-written once, the inputs read once) per second against an elementwise copy measured in the same
+B rows and E channels per program and W warps. Per layer: microseconds of device kernels
+(``train.bench.device_seconds``: from a profiler trace, so host dispatch is not counted), and bytes (h read
+and written once, the inputs read once) per second against an elementwise copy measured in the same
 process (``train.bench.copy_bandwidth``). The state is 8 MB per layer at b64 (16 MB of traffic), so at
 the copy's 3.2 TB/s a layer takes about 5 us. Each kernel row also gives its largest difference from
 'xla' (relative to the largest |y| and |h|).
@@ -17,8 +18,6 @@ the copy's 3.2 TB/s a layer takes about 5 us. Each kernel row also gives its lar
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -98,17 +97,16 @@ def main():
             else:
                 diffs = tuple(f"{np.abs(np.asarray(g, np.float32) - w).max() / np.abs(w).max():.1e}"
                               for g, w in zip((y, h), want))
-            h = jnp.array(h0)
-            times = []
-            for _ in range(args.runs):
-                t = time.perf_counter()
-                y, h = f(h, acts, per_layer)
-                jax.block_until_ready(h)
-                times.append(time.perf_counter() - t)
+            state = [jnp.array(h0)]
+
+            def call():  # the state is donated: each call takes the last one's
+                state[0] = f(state[0], acts, per_layer)[1]
+                return state[0]
+
+            s = bench.device_seconds(call, reps=args.runs)
         except Exception as e:  # a block setting Triton refuses leaves the other rows
             print(f"{name:<18}failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             continue
-        s = statistics.median(times)
         print(f"{name:<18}{1e6 * s / L:>10.1f}{nbytes / s / 1e12:>8.2f}{nbytes / s / copy:>9.2f}{diffs[0]:>12}"
               f"{diffs[1]:>12}")
 

@@ -18,10 +18,12 @@ Prints Markdown tables:
      kept in bf16 by the compression, for reference): its per-shape default tiles and one change each
      (``GEMV_VARIANTS``) against the bf16 product of the same shape (``layers.linear``, the model's path) and
      XLA's dequantize + matmul. Each row times ``COPIES`` distinct weights (more bytes than the L2 cache holds)
-     called back to back in one program, so a time is per call, launch gaps included. GB/s: bytes of packed
-     words + scales + zeros (bf16: the weight) per call time; "vs bf16": bf16 time / this time; "err": max
-     |y - y_ref| / max |y_ref| against x @ dequantize() in float32 (a wrong kernel shows here). A variant that
-     fails to compile or run is an error row. Expect roughly 20-25 s a shape (not yet timed on the H200).
+     called back to back in one program; a time is the device kernels' time per call
+     (``train.bench.device_seconds``, from a profiler trace: timed on the host, these rows read 3-5x the
+     kernels' time in a decode profile). GB/s: bytes of packed words + scales + zeros (bf16: the weight) per
+     call time; "vs bf16": bf16 time / this time; "err": max |y - y_ref| / max |y_ref| against x @
+     dequantize() in float32 (a wrong kernel shows here). A variant that fails to compile or run is an
+     error row.
   5. greedy decoding at batch 1 (prompt 512, --new_tokens) of the variants named in --decode ("bf16",
      "W8A8" (O1), "int4 g128" (XLA dequantizes into a bf16 copy before each matmul), "int4 g128 fused" (rows
      through ``int4_kernel.int4_gemv`` with its per-shape default tiles, or --gemv's)) and, in the same process, one
@@ -200,7 +202,7 @@ def gemv(rows_list=(1,), shapes=GEMV_SHAPES) -> list:
 
             def per_call(f, *ws):
                 run = jax.jit(lambda a, *w: [f(a, *[c[i] for c in w]) for i in range(copies)])
-                return bench.median_seconds(run, x, *ws, reps=10) / copies
+                return bench.device_seconds(lambda: run(x, *ws), reps=10) / copies
 
             base = {"rows": m, "in": k, "out": n, "copies": copies}
             t_bf16 = per_call(lambda a, w: layers.linear(w, a), dense)  # the model's path (one row: 2-row GEMM)

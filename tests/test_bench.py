@@ -245,6 +245,21 @@ def test_multi_gpu_tables_from_rows(tmp_path):
     assert "| 3.00 | 1.50 | +100.0% | 0.3900 | 1.30 |" in ring[0]
 
 
+def test_device_seconds_times_the_call_and_falls_back_to_the_host_without_gpu_kernels(monkeypatch):
+    """A warm-up, then ``reps`` traced calls; with GPU kernels in the trace their summed durations over reps
+    (stubbed here: a CPU trace has none), without them the host-timed median."""
+    calls = []
+    f = jax.jit(lambda a: a * 2)
+
+    def call():
+        calls.append(1)
+        return f(jax.numpy.ones(8))
+
+    assert bench.device_seconds(call, reps=3) > 0 and len(calls) == 1 + 3 + 1 + 3  # trace, then the host fallback
+    monkeypatch.setattr(bench, "kernel_events", lambda logdir: [("k", 0, 3000), ("k", 5000, 1500)])
+    assert bench.device_seconds(call, reps=3) == pytest.approx(4500e-9 / 3)
+
+
 def test_tabulate_sums_kernels_by_name_and_spans_the_wall():
     assert bench.tabulate([("a", 5, 10), ("b", 7, 2), ("a", 30, 5)]) == ({"a": (15, 2), "b": (2, 1)}, 30)
     assert bench.tabulate([]) == ({}, 0)
