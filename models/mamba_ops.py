@@ -55,7 +55,7 @@ def causal_conv(x, w, bias=None, *, run=None, buffer=None):
     def ext(a, pre, start, n):  # rows [start, start + n) of concatenate([pre, a], axis=1), no copy of a
         p = pre.shape[1]
         parts = [pre[:, start:min(start + n, p)], a[:, max(0, start - p):max(0, start + n - p)]]
-        parts = [q for q in parts if q.shape[1]]
+        parts = [q for q in parts if q.shape[1]] or parts[:1]  # d_conv = 1: no buffer rows
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
     run_pre = None if run is None else jnp.zeros((b, K - 1), run.dtype)

@@ -245,19 +245,22 @@ def test_multi_gpu_tables_from_rows(tmp_path):
     assert "| 3.00 | 1.50 | +100.0% | 0.3900 | 1.30 |" in ring[0]
 
 
-def test_device_seconds_times_the_call_and_falls_back_to_the_host_without_gpu_kernels(monkeypatch):
-    """A warm-up, then ``reps`` traced calls; with GPU kernels in the trace their summed durations over reps
-    (stubbed here: a CPU trace has none), without them the host-timed median."""
+def test_device_seconds_sums_gpu_kernels_and_times_the_host_off_gpu(monkeypatch):
+    """Off a GPU: the host-timed median (one warm-up, ``reps`` calls, nothing traced). On a GPU (stubbed: the
+    backend's name and the trace's kernels): a warm-up, ``reps`` traced calls, the kernels' summed durations
+    over reps."""
     calls = []
     f = jax.jit(lambda a: a * 2)
+    x = jax.numpy.ones(8)
 
     def call():
         calls.append(1)
-        return f(jax.numpy.ones(8))
+        return f(x)
 
-    assert bench.device_seconds(call, reps=3) > 0 and len(calls) == 1 + 3 + 1 + 3  # trace, then the host fallback
+    assert bench.device_seconds(call, reps=3) > 0 and len(calls) == 1 + 3
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(bench, "kernel_events", lambda logdir: [("k", 0, 3000), ("k", 5000, 1500)])
-    assert bench.device_seconds(call, reps=3) == pytest.approx(4500e-9 / 3)
+    assert bench.device_seconds(call, reps=3) == pytest.approx(4500e-9 / 3) and len(calls) == 2 * (1 + 3)
 
 
 def test_tabulate_sums_kernels_by_name_and_spans_the_wall():

@@ -240,7 +240,7 @@ def test_chunked_scan_equals_reference_outputs_and_gradients_long_sequence():
 
 # ----------------------------------------------------------------------------- segments and padding
 
-@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("K", [1, 2, 4])
 def test_causal_conv_with_a_buffer_equals_float64(K):
     """causal_conv over a cached buffer (taps built from the buffer's rows and slices of x, never one copy of
     both) against a float64 loop over buffer ++ x, for inputs shorter and longer than the buffer, with runs:

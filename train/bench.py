@@ -62,22 +62,29 @@ _PROFILE = flags.DEFINE_string("decode_profile", "", "Decoding: also trace 32 st
                                "into this directory and print the device kernels per step.")
 
 
-def median_seconds(f, *args, reps: int = 10) -> float:
-    """Median wall seconds of ``f(*args)`` (blocked on its result) over ``reps`` calls after one warm-up call."""
+def wall_seconds(f, *args, reps: int = 10) -> list[float]:
+    """Wall seconds of ``reps`` calls of ``f(*args)`` (each blocked on its result) after one warm-up call."""
     jax.block_until_ready(f(*args))
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(f, *args, reps: int = 10) -> float:
+    """Median wall seconds of ``f(*args)`` (blocked on its result) over ``reps`` calls after one warm-up call."""
+    return statistics.median(wall_seconds(f, *args, reps=reps))
 
 
 def device_seconds(call, reps: int = 5) -> float:
     """Seconds of GPU kernels per ``call()`` (blocked on its result): the durations of GPU 0's kernels in a
     profiler trace of ``reps`` calls after one untraced warm-up, summed, over reps. Host dispatch and the
     gaps between launches are not counted, so a kernel that takes microseconds is not buried in the host's
-    noise. Without GPU kernels in the trace (a CPU run), the median wall time of ``reps`` calls instead."""
+    noise. Off a GPU (or with no GPU kernels in the trace), the median wall time of ``reps`` calls instead."""
+    if jax.default_backend() != "gpu":
+        return median_seconds(call, reps=reps)
     jax.block_until_ready(call())
     logdir = tempfile.mkdtemp(prefix="device_seconds_")
     try:
@@ -269,13 +276,7 @@ def copy_bandwidth(gib: float = 2.0, passes: int = 20, reps: int = 5) -> float:
     3.16-3.18 TB/s five times in one process, where one pass a call timed on the host read 2.26-2.95."""
     x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
     run = jax.jit(lambda a: jax.lax.fori_loop(0, passes, lambda _, b: jax.lax.optimization_barrier(b * 2), a))
-    jax.block_until_ready(run(x))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(run(x))
-        times.append(time.perf_counter() - t)
-    return 2 * x.nbytes * passes / min(times)
+    return 2 * x.nbytes * passes / min(wall_seconds(run, x, reps=reps))
 
 
 def bench_decode(config, batch: int, prompt_len: int, new_tokens: int, reps: int = 3, mesh=None) -> dict:
