@@ -197,12 +197,13 @@ def gemv(rows_list=(1,), shapes=GEMV_SHAPES) -> list:
                 for kk in jax.random.split(keys[0], copies)]
         dense = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys]
         for m in rows_list:
-            x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.bfloat16)
+            xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in jax.random.split(jax.random.PRNGKey(m), copies)]
+            x = xs[0]
             ref = np.asarray(x.astype(jnp.float32) @ awq.Int4(packed[0], scale[0], zero[0], 4, group).dequantize())
 
-            def per_call(f, *ws):
-                run = jax.jit(lambda a, *w: [f(a, *[c[i] for c in w]) for i in range(copies)])
-                return bench.device_seconds(lambda: run(x, *ws), reps=10) / copies
+            def per_call(f, *ws):  # a distinct x per copy: XLA's dot merger joins products that share an operand
+                run = jax.jit(lambda a, *w: [f(a[i], *[c[i] for c in w]) for i in range(copies)])
+                return bench.device_seconds(lambda: run(xs, *ws), reps=10) / copies
 
             base = {"rows": m, "in": k, "out": n, "copies": copies}
             t_bf16 = per_call(lambda a, w: layers.linear(w, a), dense)  # the model's path (one row: 2-row GEMM)

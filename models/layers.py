@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import capture
+from models.decode_matmul import decode_matmul
 from models.weights import Dot, Weight
+from parallel import sharding
 from parallel.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -53,6 +55,8 @@ def plain_dot(dot: Dot, x: jax.Array, w: jax.Array) -> jax.Array:
         return y.astype(out_dtype or x.dtype)
     if dot.transpose:
         w = w.T
+    elif _decode_kernels() and (y := decode_matmul(x, w, out_dtype)) is not None:
+        return y  # a decoding step's few rows: one kernel that reads w once
     if x.size == x.shape[-1] and _on_gpu():
         return _vector_times_matrix(x, w, out_dtype)
     if out_dtype is not None and jnp.dtype(out_dtype).itemsize > x.dtype.itemsize:
@@ -97,6 +101,12 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Ar
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _decode_kernels() -> bool:
+    """Whether ``decode_matmul`` may take a product: on a GPU, without an active mesh (GSPMD cannot split a
+    Pallas call)."""
+    return _on_gpu() and sharding.active() is None
 
 
 def _vector_times_matrix(x, w, out_dtype):
