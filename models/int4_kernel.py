@@ -52,14 +52,17 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
     fitted to the shape: block_n becomes the largest power of two <= it dividing N; block_k (K rows per loop
     step) a power of two dividing the group, or a multiple of the group dividing the split; splits (K slices)
     a divisor of the group count. mode: "fma" (default for one or two rows) or "dot" (default for more; needs
-    loads of >= 128 rows). convert: "cast" (default for "fma") or "magic" (default for "dot").
+    loads of >= 128 rows). convert: "magic" (default) or "cast".
 
     Defaults for one or two rows (decoding at batch 1), per shape: one loop step per program (all its loads
     issued at once: block_k = its whole split), splits = the group count (fewer while the grid exceeds four
     programs per SM), block_n 512 with 8 warps, halved (4 warps) down to 16 while the grid has fewer programs
     than SMs (the 1.26B config: W_qkv 12 x 16 programs, W_o 16 x 16, W_gate_up 22 x 16, W_down 4 x 44; with
     splits=1, no split sums: 192 x 1, 128 x 1, 176 x 1, 128 x 1). On the H200 a program's time grew by about
-    3.8 us a loop step and 512 columns with 8 warps beat 256 with 4 (bench_quant.py's gemv table). For more
+    3.8 us a loop step and 512 columns with 8 warps beat 256 with 4 (bench_quant.py's gemv table, then timed
+    on the host; timed on the device, 256 columns beat 512 at W_qkv and W_down and lost at W_gate_up, not
+    yet tried in the model). The levels by the bit trick ("magic") made the 1.26B config's batch-1 int4
+    step 1.121 ms against 1.182 and 1.182 with "cast" (one H200, one process: cast, magic, cast). For more
     rows ("dot"): block_n 256, about two programs per SM, one group per step, 8 warps (whose [16, block_n]
     accumulators take 255 registers a thread with 4)."""
     if (mode not in ("", "fma", "dot") or combine not in ("sum", "atomic")
@@ -100,7 +103,7 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
                 num_warps=num_warps or (8 if mode == "dot" or block_n >= 512 else  # [16, 16] words: 2 warps
                                         max(1, min(4, sub // 8 * block_n // 128))),
                 num_stages=num_stages, mode=mode, combine=combine if splits > 1 else "sum",
-                convert=convert or ("cast" if mode == "fma" else "magic"))
+                convert=convert or "magic")
 
 
 def _divisor(n: int, at_most: int) -> int:

@@ -150,7 +150,7 @@ def test_bad_input_is_refused(tiny_model):
 
 
 GEMV_CASES = [  # (K, N, group, x's leading shape, tile options): the tiling each exercises
-    (1024, 64, 128, (1, 1), {}),  # decoding's call: one row, 8 K splits of one group each, 4 column blocks
+    (1024, 64, 128, (1, 1), {}),  # decoding's call: one row, 8 K splits of one group each, levels by the bit trick
     (512, 128, 64, (3,), dict(block_k=128, splits=2, combine="atomic")),  # 2 groups per load, atomic split sums
     (1024, 64, 128, (2, 3), dict(block_n=32, splits=2, convert="cast")),  # 6 rows: tensor-core dots, 4 K steps
     (1024, 64, 128, (4,), dict(block_n=32)),  # 4 rows: tensor-core dots, levels by the bfloat16 bit trick
@@ -181,7 +181,7 @@ def test_fused_int4_gemv_kernel_in_interpret_mode():
     grids = {}
     for k, n in ((2048, 6144), (2048, 2048), (2048, 11264), (5632, 2048)):
         plan = int4_kernel.gemv_plan(1, k, n, 128)
-        assert plan["mode"] == "fma" and plan["steps"] == 1 and plan["convert"] == "cast", (k, n, plan)
+        assert plan["mode"] == "fma" and plan["steps"] == 1 and plan["convert"] == "magic", (k, n, plan)
         assert 132 <= plan["blocks"] * plan["splits"] <= 4 * 132, (k, n, plan)
         grids[k, n] = (plan["block_n"], plan["splits"], plan["num_warps"])
     assert grids == {(2048, 6144): (512, 16, 8), (2048, 2048): (128, 16, 4), (2048, 11264): (512, 16, 8),
