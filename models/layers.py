@@ -56,7 +56,7 @@ def plain_dot(dot: Dot, x: jax.Array, w: jax.Array) -> jax.Array:
     if dot.transpose:
         w = w.T
     elif _decode_kernels() and (y := decode_matmul(x, w, out_dtype)) is not None:
-        return y  # a decoding step's few rows: one kernel that reads w once
+        return y  # a batch-1 decoding step's one row times a wide weight: one kernel that reads w once
     if x.size == x.shape[-1] and _on_gpu():
         return _vector_times_matrix(x, w, out_dtype)
     if out_dtype is not None and jnp.dtype(out_dtype).itemsize > x.dtype.itemsize:
