@@ -379,6 +379,11 @@ def main():
     global TINY, GEMV_OPTIONS, ATTENTION
     TINY, ATTENTION = args.tiny, args.attention
     from models import int4_kernel
+    for flag, spec in [("--gemv", args.gemv)] + [("--decode_ab", o.strip()) for o in args.decode_ab.split(";")]:
+        try:  # option names and values, checked before anything compiles
+            int4_kernel.gemv_plan(1, 2048, 2048, 128, **int4_kernel.kernel_options("pallas:" + spec)[1])
+        except ValueError as e:
+            p.error(f"{flag} {spec!r}: {e}")
     GEMV_OPTIONS = int4_kernel.kernel_options("pallas:" + args.gemv)[1]
     sections = set(args.sections.split(","))
     if unknown := sorted(sections - set(SECTIONS)):
