@@ -381,10 +381,12 @@ def main():
     from models import int4_kernel
     for flag, spec in [("--gemv", args.gemv)] + [("--decode_ab", o.strip()) for o in args.decode_ab.split(";")]:
         try:  # option names and values, checked before anything compiles
-            int4_kernel.gemv_plan(1, 2048, 2048, 128, **int4_kernel.kernel_options("pallas:" + spec)[1])
+            opts = int4_kernel.kernel_options("pallas:" + spec)[1]
+            int4_kernel.gemv_plan(1, 2048, 2048, 128, **opts)
         except ValueError as e:
             p.error(f"{flag} {spec!r}: {e}")
-    GEMV_OPTIONS = int4_kernel.kernel_options("pallas:" + args.gemv)[1]
+        if flag == "--gemv":
+            GEMV_OPTIONS = opts
     sections = set(args.sections.split(","))
     if unknown := sorted(sections - set(SECTIONS)):
         p.error(f"--sections {args.sections!r} names {unknown}; choose from {','.join(SECTIONS)}.")

@@ -10,8 +10,9 @@ equal, and the kernel keeps one.
 
 On an H200 the 1.26B config's batch-1 decoding step (W_qkv, W_gate_up and the LM head here) ran 2.5-4.5%
 faster than with the two-row GEMM. ``plan`` takes only what paid: not more rows (Mamba's and the 350M
-Transformer's batch-64 steps: within 1%), not narrow outputs (they need K split over programs to fill the
-GPU), and ``experiments/BENCHMARKS.md`` has the variants that lost.
+Transformer's batch-64 steps: within 1%), and not narrow outputs, which need K split over programs to fill
+the GPU (alone, with 2-4 splits summed by XLA, the kernel beat the two-row path at W_o and W_down too;
+that form was not tried in the model). ``experiments/BENCHMARKS.md`` has the variants that lost.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from models.flash_kernel import compiler_params, resolve_interpret, sm_count
 
-MIN_N = 3072  # narrower outputs leave SMs idle without a K split (measured: XLA's split product wins there)
+MIN_N = 3072  # narrower outputs leave SMs idle without a K split (the split form is not used: see above)
 
 
 def plan(m: int, k: int, n: int, dtype) -> dict | None:
@@ -65,37 +66,21 @@ def _product(x, w, out_dtype, tiles: dict, interpret: bool):
         name=f"decode_matmul_{k}x{n}")(x, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _matmul(x, w, out_dtype, tiles, interpret):
-    return _product(x, w, out_dtype, dict(tiles), interpret)
-
-
-def _matmul_fwd(x, w, out_dtype, tiles, interpret):
-    return _matmul(x, w, out_dtype, tiles, interpret), (x, w)
-
-
-def _matmul_bwd(out_dtype, tiles, interpret, res, g):  # XLA's two matmuls (the kernel serves decoding)
-    x, w = res
-    g = g.astype(x.dtype)
-    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def decode_matmul(x: jax.Array, w: jax.Array, out_dtype=None, *, interpret=None, **tiles) -> jax.Array | None:
-    """x [..., K] holding one row @ w [K, N] (same dtype), float32 accumulation -> [..., N] in ``out_dtype``
-    (default x's), or None when ``plan`` does not take the shape (the caller multiplies some other way).
-    ``tiles`` override the plan's (block_n, block_k, num_warps, num_stages). ``interpret`` (default: off a
-    GPU) runs the Pallas interpreter. Differentiable: the backward is XLA's two matmuls."""
+def takes(x: jax.Array, w: jax.Array) -> bool:
+    """Whether ``decode_matmul`` multiplies x [..., K] by w [K, N]: same dtype and a shape ``plan`` takes."""
     k, n = w.shape
-    m = x.size // k if x.shape[-1] == k else 0
-    chosen = plan(m, k, n, x.dtype) if x.dtype == w.dtype else None
-    if chosen is None:
-        return None
-    chosen.update(tiles)
-    y = _matmul(x.reshape(1, k), w, jnp.dtype(out_dtype or x.dtype), tuple(sorted(chosen.items())),
-                resolve_interpret(interpret))
+    return x.dtype == w.dtype and x.shape[-1] == k and plan(x.size // k, k, n, x.dtype) is not None
+
+
+def decode_matmul(x: jax.Array, w: jax.Array, out_dtype=None, *, interpret=None, **tiles) -> jax.Array:
+    """x [..., K] holding one row @ w [K, N] (same dtype), float32 accumulation -> [..., N] in ``out_dtype``
+    (default x's), for shapes the kernel ``takes`` (ValueError otherwise). ``tiles`` override the plan's
+    (block_n, block_k, num_warps, num_stages). ``interpret`` (default: off a GPU) runs the Pallas
+    interpreter. The forward only: ``layers.linear``, which calls it, gives it its backward."""
+    if not takes(x, w):
+        raise ValueError(f"decode_matmul takes one bf16/fp16 row x of w's dtype times w [K, N] with N >= {MIN_N} "
+                         f"and K a multiple of 256; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}.")
+    k, n = w.shape
+    chosen = {**plan(1, k, n, x.dtype), **tiles}
+    y = _product(x.reshape(1, k), w, jnp.dtype(out_dtype or x.dtype), chosen, resolve_interpret(interpret))
     return y.reshape(*x.shape[:-1], n)

@@ -60,8 +60,8 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
     than SMs (the 1.26B config: W_qkv 12 x 16 programs, W_o 16 x 16, W_gate_up 22 x 16, W_down 4 x 44; with
     splits=1, no split sums: 192 x 1, 128 x 1, 176 x 1, 128 x 1). On the H200 a program's time grew by about
     3.8 us a loop step and 512 columns with 8 warps beat 256 with 4 (bench_quant.py's gemv table, then timed
-    on the host; timed on the device, 256 columns beat 512 at W_qkv and W_down and lost at W_gate_up, not
-    yet tried in the model). The levels by the bit trick ("magic") made the 1.26B config's batch-1 int4
+    on the host; timed on the device with "cast", 256 columns beat 512 at W_qkv and W_down and lost at
+    W_gate_up, not yet tried in the model). The levels by the bit trick ("magic") made the 1.26B config's batch-1 int4
     step 1.121 ms against 1.182 and 1.182 with "cast" (one H200, one process: cast, magic, cast). For more
     rows ("dot"): block_n 256, about two programs per SM, one group per step, 8 warps (whose [16, block_n]
     accumulators take 255 registers a thread with 4)."""

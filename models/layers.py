@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import capture
-from models.decode_matmul import decode_matmul
+from models import capture, decode_matmul
 from models.weights import Dot, Weight
 from parallel import sharding
 from parallel.sharding import constrain
@@ -55,31 +54,35 @@ def plain_dot(dot: Dot, x: jax.Array, w: jax.Array) -> jax.Array:
         return y.astype(out_dtype or x.dtype)
     if dot.transpose:
         w = w.T
-    elif _decode_kernels() and (y := decode_matmul(x, w, out_dtype)) is not None:
-        return y  # a batch-1 decoding step's one row times a wide weight: one kernel that reads w once
+    elif _decode_kernels() and decode_matmul.takes(x, w):  # a batch-1 step's one row times a wide weight
+        return _mixed_dot(x, w, jnp.dtype(out_dtype or x.dtype), dot.precision, True)
     if x.size == x.shape[-1] and _on_gpu():
         return _vector_times_matrix(x, w, out_dtype)
     if out_dtype is not None and jnp.dtype(out_dtype).itemsize > x.dtype.itemsize:
-        return _widened_dot(x, w, jnp.dtype(out_dtype), dot.precision)
+        return _mixed_dot(x, w, jnp.dtype(out_dtype), dot.precision, False)
     return jnp.dot(x, w, preferred_element_type=out_dtype, precision=dot.precision).astype(out_dtype or x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _widened_dot(x, w, out_dtype, precision):
-    """x [..., in] @ w [in, out] with a wider result (float32 logits from bf16 x and w).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _mixed_dot(x, w, out_dtype, precision, kernel: bool):
+    """x [..., in] @ w [in, out] -> ``out_dtype`` with float32 accumulation: XLA's product (a wider result:
+    float32 logits from bf16 x and w) or, with ``kernel``, ``decode_matmul``'s (one row, read once).
 
     The backward casts the cotangent to x's dtype first, so its two matmuls run at x's precision
     with float32 accumulation, as mixed-precision training does; JAX's own transpose would multiply
-    the float32 cotangent by the upcast operand (two float32 GEMMs the size of the forward's).
+    the float32 cotangent by the upcast operand (two float32 GEMMs the size of the forward's), and has
+    no rule for the Pallas kernel.
     """
+    if kernel:
+        return decode_matmul.decode_matmul(x, w, out_dtype)
     return jnp.dot(x, w, preferred_element_type=out_dtype, precision=precision)
 
 
-def _widened_fwd(x, w, out_dtype, precision):
-    return _widened_dot(x, w, out_dtype, precision), (x, w)
+def _mixed_fwd(x, w, out_dtype, precision, kernel):
+    return _mixed_dot(x, w, out_dtype, precision, kernel), (x, w)
 
 
-def _widened_bwd(out_dtype, precision, res, g):
+def _mixed_bwd(out_dtype, precision, kernel, res, g):
     x, w = res
     g = g.astype(x.dtype)
     lead = tuple(range(x.ndim - 1))
@@ -88,7 +91,7 @@ def _widened_bwd(out_dtype, precision, res, g):
     return dx, dw.astype(w.dtype)
 
 
-_widened_dot.defvjp(_widened_fwd, _widened_bwd)
+_mixed_dot.defvjp(_mixed_fwd, _mixed_bwd)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:

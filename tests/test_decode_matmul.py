@@ -1,6 +1,6 @@
 """The batch-1 decoding matmul kernel (Pallas, interpreted on CPU) against a float64 product: bf16 and fp16,
-float32 output; the shapes it refuses; its gradient (XLA's matmuls); ``layers.linear``'s dispatch to it on a GPU
-(traced) and not under a mesh; greedy decoding through it; the Triton lowering for an H200."""
+float32 output; the shapes it refuses; ``layers.linear``'s dispatch to it on a GPU (traced) and not under a mesh,
+and its gradient there; greedy decoding through it; the Triton lowering for an H200."""
 import contextlib
 
 import jax
@@ -45,22 +45,32 @@ def test_plan_takes_one_wide_row_only():
                            (1, 1000, 4096, jnp.bfloat16)):  # K not a multiple of the K tile
         assert DM.plan(m, k, n, dtype) is None, (m, k, n, dtype)
         x, w = operands(m, k, n, dtype)
-        assert DM.decode_matmul(x, w, interpret=True) is None
+        assert not DM.takes(x, w)
+        with pytest.raises(ValueError, match="decode_matmul takes one bf16/fp16 row"):
+            DM.decode_matmul(x, w, interpret=True)
+    x, w = operands(1, 1024, 4096, jnp.bfloat16)
+    assert DM.takes(x, w) and not DM.takes(x, w.astype(jnp.float16))  # x and w of one dtype
 
 
-def test_gradient_is_xlas():
-    x, w = operands(1, 256, 3072, jnp.float16, seed=3)
-    x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+def test_linear_through_the_kernel_has_the_mixed_precision_gradient(monkeypatch):
+    """``layers.linear`` through the kernel (traced as on a GPU, interpreted) differentiates with linear's one
+    backward (the cotangent in x's dtype, float32-accumulated matmuls): the same gradients as XLA's product
+    (autodiff has no rule for the kernel itself)."""
+    x, w = operands(1, 256, 3072, jnp.bfloat16, seed=3)
     g = jax.random.normal(jax.random.PRNGKey(4), (1, 3072), jnp.float32)
 
-    def loss(f, x, w):
-        return jnp.sum(f(x.astype(jnp.float16), w.astype(jnp.float16)).astype(jnp.float32) * g)
+    def grads():
+        loss = lambda x, w: jnp.sum(layers.linear(w, x, out_dtype=jnp.float32) * g)  # noqa: E731
+        return jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w), jax.grad(loss, (0, 1))(x, w)
 
-    got = jax.grad(lambda x, w: loss(lambda a, b: DM.decode_matmul(a, b, interpret=True, block_n=1024), x, w),
-                   (0, 1))(x, w)
-    ref = jax.grad(lambda x, w: loss(lambda a, b: a @ b, x, w), (0, 1))(x, w)
-    for a, b in zip(got, ref):
-        assert rel_err(a, b) < 2e-3
+    ref_jaxpr, ref = grads()
+    monkeypatch.setattr(DM, "MIN_N", 0)
+    monkeypatch.setattr(layers, "_decode_kernels", lambda: True)
+    got_jaxpr, got = grads()
+    assert "decode_matmul_256x3072" in str(got_jaxpr) and "pallas_call" not in str(ref_jaxpr)
+    for a, b in zip(got, ref):  # one backward from the same residuals: the same numbers
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_linear_takes_the_kernel_on_gpu_without_a_mesh(monkeypatch):
