@@ -34,14 +34,21 @@ def segment_info(segment_ids, last_segment=None):
     return start, nonpad, jnp.cumsum(start, axis=1, dtype=jnp.int32), filled[:, -1]
 
 
+def _rows(a, pre, start: int, n: int):
+    """Rows [start, start + n) of concatenate([pre, a], axis=1) without a copy of a (a slice of each part)."""
+    p = pre.shape[1]
+    parts = [pre[:, start:min(start + n, p)], a[:, max(0, start - p):max(0, start + n - p)]]
+    parts = [q for q in parts if q.shape[1]] or parts[:1]  # d_conv = 1: no buffer rows
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
 def causal_conv(x, w, bias=None, *, run=None, buffer=None):
     """Depthwise causal conv: out[t] = bias + sum_k w[k] * x[t - (K-1) + k] over taps of the same run.
 
     x [batch, seq, E] (zero at padding); w [K, E]; bias [E] or None; run [batch, seq] int
     (``segment_info``; None: one sequence); buffer [batch, K-1, E]: the inputs before x
     (None: zeros; they count as run 0). Accumulates in float32. Returns (out [b, s, E] float32,
-    new buffer [b, K-1, E] in x's dtype: the last K-1 inputs, zeroed where they belong to an
-    earlier run than the last token).
+    new buffer [b, K-1, E]: ``conv_window``).
 
     Each tap is the buffer's rows it needs followed by a slice of x, read once by the sum (never one
     [b, K-1+s, E] copy of buffer and x: a prefill would write and re-read its whole input for it).
@@ -51,26 +58,29 @@ def causal_conv(x, w, bias=None, *, run=None, buffer=None):
     if buffer is None:
         buffer = jnp.zeros((b, K - 1, E), x.dtype)
     buffer = buffer.astype(x.dtype)
-
-    def ext(a, pre, start, n):  # rows [start, start + n) of concatenate([pre, a], axis=1), no copy of a
-        p = pre.shape[1]
-        parts = [pre[:, start:min(start + n, p)], a[:, max(0, start - p):max(0, start + n - p)]]
-        parts = [q for q in parts if q.shape[1]] or parts[:1]  # d_conv = 1: no buffer rows
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-
     run_pre = None if run is None else jnp.zeros((b, K - 1), run.dtype)
     out = jnp.zeros((b, s, E), jnp.float32)
     for k in range(K):
-        term = ext(x, buffer, k, s).astype(jnp.float32) * w[k].astype(jnp.float32)
+        term = _rows(x, buffer, k, s).astype(jnp.float32) * w[k].astype(jnp.float32)
         if run is not None:
-            term = jnp.where((ext(run, run_pre, k, s) == run)[..., None], term, 0.0)
+            term = jnp.where((_rows(run, run_pre, k, s) == run)[..., None], term, 0.0)
         out = out + term
     if bias is not None:
         out = out + bias.astype(jnp.float32)
-    new_buffer = ext(x, buffer, s, K - 1)
+    return out, conv_window(x, buffer, run)
+
+
+def conv_window(x, buffer, run=None):
+    """The inputs the next token's conv reads: the last K-1 rows of concatenate([buffer, x]) [b, K-1, E] in x's
+    dtype, zeroed where they belong to an earlier run than x's last token (x [b, s, E], zero at padding;
+    buffer [b, K-1, E], run 0; run [b, s] or None as in ``causal_conv``)."""
+    b, s, _ = x.shape
+    K = buffer.shape[1] + 1
+    window = _rows(x, buffer.astype(x.dtype), s, K - 1)
     if run is not None:
-        new_buffer = jnp.where((ext(run, run_pre, s, K - 1) == run[:, -1:])[..., None], new_buffer, 0)
-    return out, new_buffer
+        window = jnp.where((_rows(run, jnp.zeros((b, K - 1), run.dtype), s, K - 1) == run[:, -1:])[..., None], window,
+                           0)
+    return window
 
 
 @jax.custom_vjp

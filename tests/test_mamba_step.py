@@ -102,3 +102,82 @@ def test_decode_params_and_generation_with_kernel_equal_xla():
 
     # Generation through the kernel: the tokens of greedy decoding by the full forward pass.
     assert G.greedy(M, params, kernel, PROMPTS, max_new_tokens=NEW) == naive_greedy(params, PROMPTS, NEW)
+
+
+def test_prefill_kernels_equal_xla_and_float64():
+    """The prompt's dt kernel against a float64 softplus (padding rows 0) and its conv kernel against
+    ``causal_conv`` and silu (cached window, a reset mid-block, left padding, x read from [x, z]); interpreted."""
+    rng = np.random.default_rng(3)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    m, R, N, E = 96, 16, 8, 48
+    dbc, dt_proj, dt_bias = f(m, R + 2 * N), f(R, E) / 4, f(E) * 4  # softplus from its series to its linear end
+    live = jnp.asarray(rng.random(m) > 0.2)
+    dt = K.prefill_dt(dbc, dt_proj, dt_bias, live, jnp.float32, block_m=32, block_e=16, interpret=True)
+    want = np.logaddexp(np.asarray(dbc[:, :R], np.float64) @ np.asarray(dt_proj, np.float64) + np.asarray(dt_bias), 0)
+    np.testing.assert_allclose(dt, want * np.asarray(live)[:, None], rtol=1e-5, atol=1e-7)
+    for bad in ((m, 8, E), (40, R, E), (m, R, 40)):  # R not a power of 2 >= 16; rows, channels not multiples of 16
+        assert not K.prefill_dt_takes(*bad)
+    with pytest.raises(ValueError, match="power of 2"):
+        K.prefill_dt(dbc[:, :8 + 2 * N], dt_proj[:8], dt_bias)
+
+    b, s, Kc = 3, 64, 4
+    xz, w, bias, window = f(b, s, 2 * E), f(Kc, E), f(E), f(b, Kc - 1, E)
+    seg = np.ones((b, s), np.int32)
+    seg[0, :21] = 0  # left padding into the second block
+    seg[1, 40:] = 2  # a new segment mid-block
+    seg[2, 31:34] = [0, 3, 3]  # a padding token inside, then a new segment across a block boundary
+    start, nonpad, run, _ = mamba_ops.segment_info(jnp.asarray(seg), jnp.array([1, 1, 1]))
+    x = jnp.where(nonpad[..., None], xz[..., :E], 0)
+    for conv_b, block_t in ((bias, 16), (None, 32)):
+        want, want_window = mamba_ops.causal_conv(x, w, conv_b, run=run, buffer=window)
+        got = K.prefill_conv(xz, w, conv_b, run, nonpad, window, block_t=block_t, block_e=16, interpret=True)
+        np.testing.assert_allclose(got, jax.nn.silu(want), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(mamba_ops.conv_window(x, window, run), want_window)
+    assert not K.prefill_conv_takes(40, E) and not K.prefill_conv_takes(s, 40)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        K.prefill_conv(xz[:, :40], w, bias)
+
+
+def test_prefill_through_the_kernels_equals_xla():
+    """A prompt through a Mamba with dt_rank 16 takes both prefill kernels once a layer (decode "pallas",
+    interpreted): its logits and cache equal XLA's, and greedy decoding gives XLA's tokens."""
+    cfg = M.Config(vocab_size=61, d_model=32, n_layers=2, d_state=8, dt_rank=16, dtype="float32", chunk_size=8)
+    params = params_for(cfg)
+    kernel = dataclasses.replace(cfg, decode="pallas")
+    tokens = np.random.default_rng(1).integers(1, cfg.vocab_size, (2, 32)).astype(np.int32)
+    seg = np.ones((2, 32), np.int32)
+    seg[0, :5] = 0  # left padding
+    seg[1, 20:] = 2  # a second segment
+    prefill = lambda p, c: cached(p, tokens, c, M.init_cache(c, 2), seg)  # noqa: E731
+    names = str(jax.make_jaxpr(lambda p: M.apply(p, tokens, kernel, segment_ids=seg, cache=M.init_cache(kernel, 2)))(
+        M.decode_params(params, cfg)))
+    assert names.count("name=mamba_prefill_dt") == names.count("name=mamba_prefill_conv") == cfg.n_layers
+    want, want_cache = prefill(params, cfg)
+    got, got_cache = prefill(M.decode_params(params, cfg), kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for name in ("conv", "ssm", "segment"):
+        np.testing.assert_allclose(got_cache[name], want_cache[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    prompts = ((5, 17, 3, 9, 22, 41, 8, 1, 30, 2), (8, 1, 33), tuple(range(1, 17)))  # padded to 16 positions
+    assert G.greedy(M, params, kernel, prompts, max_new_tokens=4) == G.greedy(M, params, cfg, prompts,
+                                                                               max_new_tokens=4)
+
+
+def test_prefill_kernels_lower_for_cuda_without_a_gpu():
+    """The 370M config's prefill kernels at a 64 x 2048 prompt lower to one Triton call each for an H200."""
+    import contextlib
+
+    ctx = contextlib.nullcontext()
+    if hasattr(jax.sharding, "AbstractDevice"):  # newer jax takes the GPU model from an abstract mesh
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+        ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+    sd, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+    calls = (
+        (lambda d, w, b, l: K.prefill_dt(d, w, b, l, interpret=False),
+         (sd((131072, 96), bf16), sd((64, 2048), bf16), sd((2048,), jnp.float32), sd((131072,), jnp.bool_))),
+        (lambda x, w, b, r, l, win: K.prefill_conv(x, w, b, r, l, win, interpret=False),
+         (sd((64, 2048, 4096), bf16), sd((4, 2048), bf16), sd((2048,), bf16), sd((64, 2048), jnp.int32),
+          sd((64, 2048), jnp.bool_), sd((64, 3, 2048), bf16))))
+    for fn, args in calls:
+        with ctx:
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1
