@@ -36,7 +36,7 @@ gives per-layer weights that run in a Python loop, each layer replacing its slot
 cache in place; a one-token step's state update is then one fused kernel (``step_kernel``: h read
 and written once) when ``use_step_kernel(cfg)`` (``model.decode="pallas"``, or the default "auto" on a GPU: 1.37x
 the XLA step at batch 64 on an H200), and a prompt's dt and conv are one kernel each (the prefill of
-64 x 2048 tokens 1.1x faster).
+64 x 2048 tokens 1.1x faster). With ``scan="pallas"``, training's dt is one kernel too (``dt_kernel``).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from models import capture, layers, step_kernel
+from models import capture, dt_kernel, layers, step_kernel
 from models.layers import REMAT_POLICIES
 from models.mamba_ops import causal_conv, conv_silu, conv_window, gate, segment_info
 from models.ssm_scan import SCANS, selective_scan  # noqa: F401 (selective_scan: mamba's own, public here too)
@@ -79,7 +79,7 @@ class Config:
     dtype: str = "bfloat16"  # compute dtype; the scan state is always float32
     param_dtype: str = "float32"
     remat: str = "full"
-    scan: str = "chunked"  # or "reference" (sequential), "pallas" (GPU kernels)
+    scan: str = "chunked"  # or "reference" (sequential), "pallas" (GPU kernels: the scan and dt)
     chunk_size: int = 64  # of the chunked scan
     scan_splits: int = 0  # pallas: pieces each sequence is cut into (scan_kernel seq_splits); 0: auto, 1: none
     decode: str = "auto"  # cached steps and prompts: "xla", "pallas" (step_kernel), or "auto" (pallas on GPU)
@@ -340,20 +340,8 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
                               dbc[:, 0], p["dt_proj"], p["dt_bias"], A, p["D"], keep, live)
         y = constrain(y[:, None], names)
     else:
-        dt_low, B, C = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
-        rows, E = dbc.shape[0] * dbc.shape[1], p["dt_bias"].shape[-1]
-        if (state is not None and use_step_kernel(cfg) and isinstance(p["dt_proj"], jax.Array)
-                and step_kernel.prefill_dt_takes(rows, R, E)):  # a prompt: the product and softplus in one kernel
-            live = None if nonpad is None else nonpad.reshape(rows)
-            dt = step_kernel.prefill_dt(dbc.reshape(rows, -1), p["dt_proj"], p["dt_bias"], live, dt_type)
-            dt = dt.reshape(*dbc.shape[:2], E)
-        else:
-            dt_raw = layers.linear(p["dt_proj"], dt_low, name="dt_proj")
-            # softplus in float32, stored in the compute dtype (as the scan's other inputs; it computes in float32)
-            dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)).astype(dt_type)
-            if nonpad is not None:
-                dt = jnp.where(nonpad[..., None], dt, 0)  # padding: decay 1, no input
-        dt = constrain(dt, names)
+        B, C = dbc[..., R:R + N], dbc[..., R + N:]
+        dt = constrain(_dt(p, dbc, nonpad, cfg, prompt=state is not None), names)
         y, h = selective_scan(xc, dt, A, B, C, None, reset=start, h0=ssm_state, method=cfg.scan,
                               chunk_size=cfg.chunk_size, splits=cfg.scan_splits, y_dtype=dt_type)
         y = constrain(gate(y, xc, z.astype(dt_type), p["D"]), names)
@@ -368,6 +356,21 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
             conv_buffer = conv_buffer if layer is None else state["conv"].at[layer].set(conv_buffer)
         new_state = {"conv": conv_buffer, "ssm": ssm}
     return constrain(x, ("batch", "seq", "embed")), new_state
+
+
+def _dt(p: dict, dbc: jax.Array, nonpad, cfg: Config, prompt: bool) -> jax.Array:
+    """dt = softplus(dt_low W_dt + dt_bias) [b, s, E] in the compute dtype, 0 where nonpad [b, s] is False (padding:
+    decay 1, no input); dbc [b, s, R + 2N] is x_proj's output. With the Pallas scan, or for a cached prompt
+    (``prompt``) when ``use_step_kernel(cfg)``, ``dt_kernel.dt`` where it takes the shapes: the product and
+    softplus in one kernel, with its own backward (not under ``capture``, which records dt_proj's input)."""
+    R, E = cfg.dt_rank, p["dt_bias"].shape[-1]
+    if ((cfg.scan == "pallas" or prompt and use_step_kernel(cfg)) and isinstance(p["dt_proj"], jax.Array)
+            and not capture.active() and dt_kernel.takes(dbc.shape[1], R, E)):
+        return dt_kernel.dt(dbc, p["dt_proj"], p["dt_bias"], nonpad, cfg.compute_dtype)
+    dt_raw = layers.linear(p["dt_proj"], dbc[..., :R], name="dt_proj")
+    # softplus in float32, stored in the compute dtype (as the scan's other inputs; it computes in float32)
+    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32)).astype(cfg.compute_dtype)
+    return dt if nonpad is None else jnp.where(nonpad[..., None], dt, 0)
 
 
 def use_step_kernel(cfg: Config) -> bool:

@@ -1,5 +1,5 @@
 """Mamba's generation kernels (Pallas, Triton): the one-token decoding step's selective state update and conv,
-and the prompt's (prefill's) dt and conv.
+and the prompt's (prefill's) conv.
 
 For one layer l of the stacked recurrent state h [layers, b, E, N] float32 and one token per row:
 
@@ -19,10 +19,9 @@ same kernel on CPU (tests).
 ``conv_step`` is the token's causal depthwise conv and silu (``mamba_ops.causal_conv`` for one token),
 shifting the layer's slot of the stacked conv window [layers, b, d_conv - 1, E] in place the same way.
 
-For a prompt (``mamba._layer`` with a cache and more than one token), ``prefill_dt`` computes dt =
-softplus(dt_low W_dt + dt_bias) and ``prefill_conv`` the conv and its silu, each as one kernel where XLA
-wrote and re-read [b, s, E] intermediates; on an H200 they took a 64 x 2048 prompt of the 370M config
-from 400 to 359 ms.
+For a prompt (``mamba._layer`` with a cache and more than one token), ``prefill_conv`` computes the conv
+and its silu as one kernel where XLA read each shifted tap through its own selects; with dt's kernel
+(``models/dt_kernel.py``) it took a 64 x 2048 prompt of the 370M config on an H200 from 400 to 359 ms.
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ from jax.experimental.pallas import triton as plgpu
 
 F32 = jnp.float32
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def _softplus(v):
@@ -215,72 +213,6 @@ def conv_step(window_all, layer: int, x, w, bias=None, keep=None, live=None, *, 
                       jnp.dtype(x.dtype), int(num_warps), bool(interpret))
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     return call(layer, window_all, x, w, *([] if bias is None else [bias]), keep, live)
-
-
-def _asm(op: str, x):
-    """The PTX instruction ``op`` (one float32 operand) elementwise over float32 x."""
-    [y] = plgpu.elementwise_inline_asm(f"{op}.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
-    return y
-
-
-def _fast_softplus(v, approx: bool):
-    """softplus(v) = max(v, 0) + log(1 + e), e = exp(-|v|), from the GPU's approximate base-2 exp and log (PTX
-    ``ex2.approx``, ``lg2.approx``: relative error about 2^-22) when ``approx`` (jnp.exp2 and jnp.log2 when
-    not: the interpreter). For e < 2^-6, log(1 + e) is its series e - e^2/2 + e^3/3 (1 + e would round e
-    away). libdevice's exact expf and logf made the kernel bound by arithmetic, not by its output's bytes."""
-    t = -jnp.abs(v) * LOG2E
-    e = _asm("ex2.approx", t) if approx else jnp.exp2(t)
-    log1pe = (_asm("lg2.approx", 1.0 + e) if approx else jnp.log2(1.0 + e)) * LN2
-    return jnp.maximum(v, 0.0) + jnp.where(e < 2.0 ** -6, e * (1.0 - e * (0.5 - e / 3.0)), log1pe)
-
-
-def _dt_kernel(lo_ref, w_ref, bias_ref, live_ref, o_ref, *, approx: bool):
-    """One [bm rows, be channels] tile: softplus(dt_low [bm, R] @ W_dt [R, be] + bias [be]), 0 where live [bm] is 0."""
-    v = jnp.dot(lo_ref[...], w_ref[...], preferred_element_type=F32) + bias_ref[...].astype(F32)[None, :]
-    o_ref[...] = jnp.where(live_ref[...][:, None] > 0, _fast_softplus(v, approx), 0.0).astype(o_ref.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _dt_call(m: int, R: int, E: int, bm: int, be: int, out_dtype, num_warps: int, interpret: bool):
-    return pl.pallas_call(
-        functools.partial(_dt_kernel, approx=not interpret), out_shape=jax.ShapeDtypeStruct((m, E), out_dtype),
-        grid=(m // bm, E // be),
-        in_specs=[pl.BlockSpec((bm, R), lambda i, j: (i, 0)), pl.BlockSpec((R, be), lambda i, j: (0, j)),
-                  pl.BlockSpec((be,), lambda i, j: (j,)), pl.BlockSpec((bm,), lambda i, j: (i,))],
-        out_specs=pl.BlockSpec((bm, be), lambda i, j: (i, j)),
-        interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
-        name="mamba_prefill_dt")
-
-
-def prefill_dt_takes(m: int, R: int, E: int) -> bool:
-    """Whether ``prefill_dt`` takes m rows of dt_low [m, R] times W_dt [R, E]: R a power of 2 of at least 16, m and
-    E multiples of 16 (a tensor-core product's least depth and sides)."""
-    return R >= 16 and R & (R - 1) == 0 and m % 16 == 0 and E % 16 == 0
-
-
-def prefill_dt(dbc, dt_proj, dt_bias, live=None, out_dtype=None, *, block_m: int = 32, block_e: int = 128,
-               num_warps: int = 4, interpret=None):
-    """dt = softplus(dt_low W_dt + dt_bias) for a prompt's tokens in one kernel, 0 where ``live`` is 0 (padding).
-
-    dbc [m, R + 2N]: x_proj's output (dt_low its first R columns, read in place); dt_proj [R, E] (cast to
-    dbc's dtype); dt_bias [E]; live [m] (None: ones). The product accumulates in float32 and the softplus
-    is float32 (``mamba._layer``'s XLA path rounds the product to the compute dtype first); the result is
-    stored in ``out_dtype`` (default dbc's): [m, E]. Forward only, for generation's prefill, where XLA
-    wrote the product and then read it back for the softplus. A program takes the largest power-of-2
-    blocks of rows and channels dividing m and E up to ``block_m``, ``block_e`` (the defaults were the
-    fastest of five tilings at a 64 x 2048 prompt of the 370M config on an H200: 0.36 ms against XLA's
-    0.71 for the product, softplus and mask). Shapes ``prefill_dt_takes`` (ValueError otherwise).
-    ``interpret`` (default: not on a GPU) runs the Pallas interpreter."""
-    m, R, E = dbc.shape[0], dt_proj.shape[0], dt_proj.shape[1]
-    if not prefill_dt_takes(m, R, E) or dbc.shape[1] < R:
-        raise ValueError(f"prefill_dt takes dbc [m, >= R] and dt_proj [R, E] with R a power of 2 >= 16 and m, E "
-                         f"multiples of 16; got dbc {dbc.shape}, dt_proj {dt_proj.shape}.")
-    blocks = block_size(m, block_m), block_size(E, block_e)
-    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
-    live = jnp.ones((m,), F32) if live is None else live.astype(F32)
-    call = _dt_call(m, R, E, *blocks, jnp.dtype(out_dtype or dbc.dtype), int(num_warps), interpret)
-    return call(dbc, dt_proj.astype(dbc.dtype), dt_bias, live)
 
 
 def _prefill_conv_kernel(*refs, K, has_bias, bt, be):

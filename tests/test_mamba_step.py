@@ -10,6 +10,7 @@ import pytest
 from models import generate as G
 from models import mamba as M
 from models import mamba_ops
+from models import dt_kernel as DK
 from models import step_kernel as K
 from parallel import mesh as pmesh
 from parallel import sharding
@@ -104,22 +105,12 @@ def test_decode_params_and_generation_with_kernel_equal_xla():
     assert G.greedy(M, params, kernel, PROMPTS, max_new_tokens=NEW) == naive_greedy(params, PROMPTS, NEW)
 
 
-def test_prefill_kernels_equal_xla_and_float64():
-    """The prompt's dt kernel against a float64 softplus (padding rows 0) and its conv kernel against
-    ``causal_conv`` and silu (cached window, a reset mid-block, left padding, x read from [x, z]); interpreted."""
+def test_prefill_conv_equals_causal_conv():
+    """The prompt's conv kernel against ``causal_conv`` and silu (cached window, a reset mid-block, left padding,
+    x read from [x, z]); interpreted."""
     rng = np.random.default_rng(3)
     f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
-    m, R, N, E = 96, 16, 8, 48
-    dbc, dt_proj, dt_bias = f(m, R + 2 * N), f(R, E) / 4, f(E) * 4  # softplus from its series to its linear end
-    live = jnp.asarray(rng.random(m) > 0.2)
-    dt = K.prefill_dt(dbc, dt_proj, dt_bias, live, jnp.float32, block_m=32, block_e=16, interpret=True)
-    want = np.logaddexp(np.asarray(dbc[:, :R], np.float64) @ np.asarray(dt_proj, np.float64) + np.asarray(dt_bias), 0)
-    np.testing.assert_allclose(dt, want * np.asarray(live)[:, None], rtol=1e-5, atol=1e-7)
-    for bad in ((m, 8, E), (40, R, E), (m, R, 40)):  # R not a power of 2 >= 16; rows, channels not multiples of 16
-        assert not K.prefill_dt_takes(*bad)
-    with pytest.raises(ValueError, match="power of 2"):
-        K.prefill_dt(dbc[:, :8 + 2 * N], dt_proj[:8], dt_bias)
-
+    E = 48
     b, s, Kc = 3, 64, 4
     xz, w, bias, window = f(b, s, 2 * E), f(Kc, E), f(E), f(b, Kc - 1, E)
     seg = np.ones((b, s), np.int32)
@@ -139,7 +130,7 @@ def test_prefill_kernels_equal_xla_and_float64():
 
 
 def test_prefill_through_the_kernels_equals_xla():
-    """A prompt through a Mamba with dt_rank 16 takes both prefill kernels once a layer (decode "pallas",
+    """A prompt through a Mamba with dt_rank 16 takes the dt and conv kernels once a layer (decode "pallas",
     interpreted): its logits and cache equal XLA's, and greedy decoding gives XLA's tokens."""
     cfg = M.Config(vocab_size=61, d_model=32, n_layers=2, d_state=8, dt_rank=16, dtype="float32", chunk_size=8)
     params = params_for(cfg)
@@ -151,7 +142,7 @@ def test_prefill_through_the_kernels_equals_xla():
     prefill = lambda p, c: cached(p, tokens, c, M.init_cache(c, 2), seg)  # noqa: E731
     names = str(jax.make_jaxpr(lambda p: M.apply(p, tokens, kernel, segment_ids=seg, cache=M.init_cache(kernel, 2)))(
         M.decode_params(params, cfg)))
-    assert names.count("name=mamba_prefill_dt") == names.count("name=mamba_prefill_conv") == cfg.n_layers
+    assert names.count("name=mamba_dt") == names.count("name=mamba_prefill_conv") == cfg.n_layers
     want, want_cache = prefill(params, cfg)
     got, got_cache = prefill(M.decode_params(params, cfg), kernel)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -163,7 +154,8 @@ def test_prefill_through_the_kernels_equals_xla():
 
 
 def test_prefill_kernels_lower_for_cuda_without_a_gpu():
-    """The 370M config's prefill kernels at a 64 x 2048 prompt lower to one Triton call each for an H200."""
+    """The 370M config's dt kernels (forward, gradient) and prefill conv at a 64 x 2048 prompt lower to one Triton
+    call each for an H200."""
     import contextlib
 
     ctx = contextlib.nullcontext()
@@ -171,9 +163,11 @@ def test_prefill_kernels_lower_for_cuda_without_a_gpu():
         device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
         ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
     sd, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
-    calls = (
-        (lambda d, w, b, l: K.prefill_dt(d, w, b, l, interpret=False),
-         (sd((131072, 96), bf16), sd((64, 2048), bf16), sd((2048,), jnp.float32), sd((131072,), jnp.bool_))),
+    dt_args = (sd((64, 2048, 96), bf16), sd((64, 2048), bf16), sd((2048,), jnp.float32), sd((64, 2048), jnp.bool_))
+    calls = (  # (function, arguments): the gradient's program (the forward's output unused) is the gradient kernel
+        (lambda d, w, b, l: DK.dt(d, w, b, l, interpret=False), dt_args),
+        (lambda d, w, b, l: jax.vjp(lambda d: DK.dt(d, w, b, l, interpret=False), d)[1](
+            jnp.ones((64, 2048, 2048), bf16)), dt_args),
         (lambda x, w, b, r, l, win: K.prefill_conv(x, w, b, r, l, win, interpret=False),
          (sd((64, 2048, 4096), bf16), sd((4, 2048), bf16), sd((2048,), bf16), sd((64, 2048), jnp.int32),
           sd((64, 2048), jnp.bool_), sd((64, 3, 2048), bf16))))
