@@ -361,11 +361,12 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
 def _dt(p: dict, dbc: jax.Array, nonpad, cfg: Config, prompt: bool) -> jax.Array:
     """dt = softplus(dt_low W_dt + dt_bias) [b, s, E] in the compute dtype, 0 where nonpad [b, s] is False (padding:
     decay 1, no input); dbc [b, s, R + 2N] is x_proj's output. With the Pallas scan, or for a cached prompt
-    (``prompt``) when ``use_step_kernel(cfg)``, ``dt_kernel.dt`` where it takes the shapes: the product and
+    (``prompt``) when ``use_step_kernel(cfg)``, ``dt_kernel.dt`` where it takes each device's shapes: the product and
     softplus in one kernel, with its own backward (not under ``capture``, which records dt_proj's input)."""
     R, E = cfg.dt_rank, p["dt_bias"].shape[-1]
     if ((cfg.scan == "pallas" or prompt and use_step_kernel(cfg)) and isinstance(p["dt_proj"], jax.Array)
-            and not capture.active() and dt_kernel.takes(dbc.shape[1], R, E)):
+            and not capture.active()
+            and dt_kernel.takes(dbc.shape[1] // sharding.logical_size("seq"), R, E // sharding.logical_size("inner"))):
         return dt_kernel.dt(dbc, p["dt_proj"], p["dt_bias"], nonpad, cfg.compute_dtype)
     dt_raw = layers.linear(p["dt_proj"], dbc[..., :R], name="dt_proj")
     # softplus in float32, stored in the compute dtype (as the scan's other inputs; it computes in float32)

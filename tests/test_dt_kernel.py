@@ -10,6 +10,7 @@ import pytest
 from models import dt_kernel as DK
 from models import mamba as M
 from tests.helpers import jit, rel_err
+from tests.test_mamba import RULES  # channels (inner) over the tensor axis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,7 +58,6 @@ def test_training_through_the_kernel_equals_xla_on_one_device_and_under_a_mesh()
     """The Pallas-scan Mamba's gradients with dt through the kernel (forward and gradient kernels in the layer
     scan's body) equal the chunked scan's with XLA's dt; under a {data 2, tensor 2} mesh (the kernels per device) as well."""
     from parallel import mesh as pmesh, sharding
-    from train.config import DEFAULT_RULES
 
     params = jit(M.init, static_argnums=0)(CFG, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 61, (4, 16)), jnp.int32)
@@ -70,8 +70,25 @@ def test_training_through_the_kernel_equals_xla_on_one_device_and_under_a_mesh()
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert rel_err(a, b) < 1e-5
-    with sharding.activate(pmesh.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]), DEFAULT_RULES):
+    jax.clear_caches()  # traced and compiled programs are cached without the sharding context
+    with sharding.activate(pmesh.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4]), RULES):
+        jaxpr = str(jax.make_jaxpr(lambda p: _grad(CFG, p, tokens, seg))(params))
+        assert "shard_map" in jaxpr and "name=mamba_dt_grad" in jaxpr
         g_mesh, logits_mesh = grad(CFG, params, tokens, seg)
     np.testing.assert_allclose(logits_mesh, logits_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_mesh), jax.tree.leaves(g_ref)):
         assert rel_err(a, b) < 1e-5
+
+
+def test_channels_too_few_per_device_take_xla():
+    """E = 32 split over tensor 4 leaves 8 channels a device, below a tensor-core tile: XLA's dt, not the kernel."""
+    from parallel import mesh as pmesh, sharding
+
+    cfg = dataclasses.replace(CFG, d_model=16)
+    params = jit(M.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.ones((2, 16), jnp.int32)
+    apply = lambda p: M.apply(p, tokens, cfg)[0]  # noqa: E731
+    with sharding.activate(pmesh.make_mesh({"data": 2, "tensor": 4}, jax.devices()[:8]), RULES):
+        assert "name=mamba_dt" not in str(jax.make_jaxpr(apply)(params))
+    jax.clear_caches()  # the layer scan's traced body is cached without the sharding context
+    assert "name=mamba_dt" in str(jax.make_jaxpr(apply)(params))  # one device: all 32 channels
