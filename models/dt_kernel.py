@@ -11,7 +11,7 @@ dt_bias [E]. ``dt`` is differentiable (``jax.custom_vjp``):
 XLA wrote the product [b, s, E], read it back for the softplus and the mask, and remat kept the product
 for the backward. Here the forward writes dt once and nothing [b, s, E] is kept but dt itself (recomputed
 under remat). The softplus and sigmoid use the GPU's approximate base-2 exp and log (PTX ``ex2.approx``,
-``lg2.approx``, relative error about 2^-22): with libdevice's exact ``expf`` and ``logf`` the forward was
+``lg2.approx``; PTX documents errors of about 2^-22): with libdevice's exact ``expf`` and ``logf`` the forward was
 bound by arithmetic and slower than XLA's. On an H200 (jax 0.11.2) the 370M Mamba trained 1.025-1.027x
 faster at 2k, 8k and 32k, and its prefill of 64 x 2048 tokens lost 17 ms (``experiments/BENCHMARKS.md``).
 
@@ -28,13 +28,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from models.flash_kernel import compiler_params, resolve_interpret
+from models.flash_kernel import LN2, LOG2E, compiler_params, resolve_interpret
 from models.step_kernel import block_size
 from parallel import sharding
 
 F32 = jnp.float32
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 BLOCK_ROWS, BLOCK_CHANNELS, WARPS = 32, 128, 4  # fastest of 12 tilings at 64 x 2048 tokens, E 2048 (H200): 0.36 ms
 
 
@@ -74,7 +72,7 @@ def _grad_kernel(lo_ref, w_ref, bias_ref, live_ref, g_ref, o_ref, *, approx: boo
 
 
 @functools.lru_cache(maxsize=None)
-def _call(grad: bool, m: int, c: int, R: int, E: int, out_dtype, interpret: bool):
+def _call(grad: bool, m: int, R: int, E: int, out_dtype, interpret: bool):
     bm, be = block_size(m, BLOCK_ROWS), block_size(E, BLOCK_CHANNELS)
     tile = pl.BlockSpec((bm, be), lambda i, j: (i, j))
     in_specs = [pl.BlockSpec((bm, R), lambda i, j: (i, 0)), pl.BlockSpec((R, be), lambda i, j: (0, j)),
@@ -97,7 +95,7 @@ def _kernel(grad: bool, out_dtype, interpret: bool):
     def run(dbc, w, bias, live, *g):
         b, s, c = dbc.shape
         m, E = b * s, w.shape[1]
-        call = _call(grad, m, c, w.shape[0], E, jnp.dtype(out_dtype), interpret)
+        call = _call(grad, m, w.shape[0], E, jnp.dtype(out_dtype), interpret)
         out = call(dbc.reshape(m, c), w.astype(dbc.dtype), bias, live.reshape(m), *(x.reshape(m, E) for x in g))
         return out.reshape(b, s, E)
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from models.flash_kernel import compiler_params, resolve_interpret
+
 F32 = jnp.float32
 LOG2E = 1.4426950408889634
 
@@ -103,7 +105,7 @@ def _call(shape, R: int, cols: tuple, z_col: int, rb: int, be: int, y_dtype, num
         functools.partial(_kernel, rb=rb, be=be),
         out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, F32)],
         grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, state], input_output_aliases={1: 1},
-        interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
+        interpret=interpret, compiler_params=compiler_params(interpret, num_warps, 3),
         name="mamba_step")
 
 
@@ -128,8 +130,7 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
     power of 2 dividing b, E up to that); on a GPU, R and N must be powers of 2 (Triton blocks).
     ``interpret`` (default: not on a GPU) runs the kernel in the Pallas interpreter.
     """
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = resolve_interpret(interpret)
     L, b, E, N = h_all.shape
     R = dt_proj.shape[0]
     if h_all.dtype != F32:
@@ -186,7 +187,7 @@ def _conv_call(shape, has_bias: bool, rb: int, be: int, y_dtype, num_warps: int,
         functools.partial(_conv_kernel, K=Km1 + 1, has_bias=has_bias, rb=rb, be=be),
         out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, jnp.dtype(y_dtype))],
         grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, window], input_output_aliases={1: 1},
-        interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
+        interpret=interpret, compiler_params=compiler_params(interpret, num_warps, 3),
         name="mamba_conv_step")
 
 
@@ -201,8 +202,7 @@ def conv_step(window_all, layer: int, x, w, bias=None, keep=None, live=None, *, 
     Returns (silu(out) [b, E] in x's dtype, window_all with layer ``layer``'s window shifted by x:
     ``mamba_ops.causal_conv``'s buffer).
     """
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = resolve_interpret(interpret)
     L, b, Km1, E = window_all.shape
     if window_all.dtype != x.dtype:
         raise ValueError(f"the conv window is {window_all.dtype} and x {x.dtype}; they must match.")
@@ -247,7 +247,7 @@ def _prefill_conv_call(b: int, s: int, E: int, K: int, has_bias: bool, bt: int, 
         functools.partial(_prefill_conv_kernel, K=K, has_bias=has_bias, bt=bt, be=be),
         out_shape=jax.ShapeDtypeStruct((b, s, E), dtype), grid=(b, s // bt, E // be),
         in_specs=[whole] * (6 + has_bias), out_specs=pl.BlockSpec((None, bt, be), lambda r, i, j: (r, i, j)),
-        interpret=interpret, compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
+        interpret=interpret, compiler_params=compiler_params(interpret, num_warps, 3),
         name="mamba_prefill_conv")
 
 
@@ -277,7 +277,7 @@ def prefill_conv(x, w, bias=None, run=None, live=None, buffer=None, *, block_t: 
     bt, be = block_size(s, block_t), block_size(E, block_e)
     if K - 1 > bt:
         raise ValueError(f"the conv has {K} taps; prefill_conv takes at most {bt + 1} with blocks of {bt} positions.")
-    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+    interpret = resolve_interpret(interpret)
     run = jnp.zeros((b, s), jnp.int32) if run is None else run.astype(jnp.int32)
     code = run if live is None else jnp.where(live.astype(bool), run, -1)  # a padding input matches no output
     buffer = jnp.zeros((b, K - 1, E), x.dtype) if buffer is None else buffer.astype(x.dtype)
