@@ -79,6 +79,7 @@ class Config:
     dtype: str = "bfloat16"  # compute dtype; the scan state is always float32
     param_dtype: str = "float32"
     remat: str = "full"
+    layer_unroll: int = 1  # layers per iteration of the layer scan; 0: all (``layers.layer_scan``: compiles longer)
     scan: str = "chunked"  # or "reference" (sequential), "pallas" (GPU kernels: the scan and dt)
     chunk_size: int = 64  # of the chunked scan
     scan_splits: int = 0  # pallas: pieces each sequence is cut into (scan_kernel seq_splits); 0: auto, 1: none
@@ -104,6 +105,7 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise ValueError(f"model.{name} is {value!r}; set it to a positive integer.")
+    layers.check_layer_unroll(cfg.layer_unroll)
     if isinstance(cfg.scan_splits, bool) or not isinstance(cfg.scan_splits, (int, np.integer)) or cfg.scan_splits < 0:
         raise ValueError(f"model.scan_splits is {cfg.scan_splits!r}; set it to 0 (auto), 1 (no split) or the "
                          "number of pieces each sequence's scan is cut into.")
@@ -441,9 +443,9 @@ def blocks(layer_params: dict, x: jax.Array, cfg: Config, *, positions=None, seg
             p, state = xs
             return _layer(p, h, cfg, segment_ids=segment_ids, last_segment=last, state=state)
 
-        if cache is None and cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        x, states = jax.lax.scan(body, x, (layer_params, states))
+        if cache is None:
+            body = layers.remat(body, cfg.remat, cfg.layer_unroll)
+        x, states = layers.layer_scan(body, x, (layer_params, states), cfg.layer_unroll)
     if cache is None:
         return x, None, aux
     return x, {**cache, **states, "segment": segment_info(segment_ids, last)[3]}, aux

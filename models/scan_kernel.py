@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from models.flash_kernel import sm_count
-from models.layers import SCAN_PIECE_STATES as PIECE_STATES
+from models.layers import SCAN_PIECE_STATES as PIECE_STATES, SCAN_RESIDUALS as RESIDUALS
 
 F32 = jnp.float32
 LOG2E = 1.4426950408889634  # exp(v) = exp2(v log2 e): exp2 is one fast instruction on NVIDIA GPUs
@@ -254,7 +254,7 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
             return tuple(forward(x, dt, A, B, C, keep, h0, save=False))
 
         def scan_fwd(x, dt, A, B, C, keep, h0):
-            y, h_last, hc = forward(x, dt, A, B, C, keep, h0, save=True)
+            y, h_last, hc = checkpoint_name(forward(x, dt, A, B, C, keep, h0, save=True), RESIDUALS)
             return (y, h_last), (x, dt, A, B, C, keep, hc)
 
         def scan_bwd(res, cts):
@@ -320,7 +320,8 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         return split_forward(x, dt, A, B, C, keep, h0, save=False)
 
     def split_scan_fwd(x, dt, A, B, C, keep, h0):
-        y, h_last, hc = split_forward(x, dt, A, B, C, keep, h0, save=True)
+        # named: a remat policy that keeps them (layers.REMAT_POLICIES "dots_scan") runs no forward in the backward
+        y, h_last, hc = checkpoint_name(split_forward(x, dt, A, B, C, keep, h0, save=True), RESIDUALS)
         return (y, h_last), (x, dt, A, B, C, keep, hc)
 
     def split_scan_bwd(res, cts):

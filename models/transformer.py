@@ -69,6 +69,7 @@ class Config:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "full"
+    layer_unroll: int = 1  # layers per iteration of the layer scan; 0: all (``layers.layer_scan``: compiles longer)
     attention: str = "auto"
     ring_layout: str = "zigzag"  # attention='ring': 'zigzag' (causal load balance) or 'contiguous' (in order)
     # Switch mixture of experts (models/moe.py); num_experts 0 = dense. See ``moe.MoEConfig``.
@@ -133,6 +134,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.head_dim % 2:
         raise ValueError(f"model.head_dim ({cfg.head_dim}) must be even for rotary embeddings.")
+    layers.check_layer_unroll(cfg.layer_unroll)
     for name, choices in (("dtype", layers.DTYPES), ("param_dtype", layers.DTYPES),
                           ("remat", REMAT_POLICIES), ("attention", IMPLEMENTATIONS)):
         if getattr(cfg, name) not in choices:
@@ -443,8 +445,7 @@ def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=No
         out, _, aux = decoder_layer(p, h, cfg, positions=positions, segment_ids=segment_ids, train=train, rng=key)
         return out, aux
 
-    if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    layer = layers.remat(layer, cfg.remat, cfg.layer_unroll)
 
     def body(h, xs):  # one unit: its dense layers, then (with Switch layers) its MoE layer
         p_unit, uid = xs
@@ -453,7 +454,7 @@ def blocks(layer_params, x: jax.Array, cfg: Config, *, positions, segment_ids=No
             h, aux = layer(h, p, uid if per == 1 else uid * per + j)
         return h, aux
 
-    x, moe_aux = jax.lax.scan(body, x, (layer_params, jnp.asarray(ids, jnp.int32)))
+    x, moe_aux = layers.layer_scan(body, x, (layer_params, jnp.asarray(ids, jnp.int32)), cfg.layer_unroll)
     return x, None, standard_aux(moe_aux, np.asarray(ids) * per + per - 1 if moe_aux else [])
 
 

@@ -142,6 +142,7 @@ def test_protocol_shapes_dtypes_and_axes():
     (dict(scan="fast"), r"model.scan is 'fast'; use one of \['chunked', 'pallas', 'reference'\]"),
     (dict(chunk_size=0), "model.chunk_size is 0"),
     (dict(remat="some"), "model.remat is 'some'"),
+    (dict(layer_unroll=True), "model.layer_unroll is True"),
 ])
 def test_config_refusals_name_the_field(changes, words):
     with pytest.raises(ValueError, match=words):

@@ -71,7 +71,10 @@ def test_bf16_inputs_match_float64_numpy():
     np.testing.assert_allclose(h, h64, rtol=1e-5, atol=1e-5)
 
 
-def test_mamba_pallas_equals_chunked_logits_and_gradients():
+@pytest.mark.parametrize("remat,unroll", [("full", 1), ("dots_scan", 0)])
+def test_mamba_pallas_equals_chunked_logits_and_gradients(remat, unroll):
+    """The Pallas scan in the model equals the chunked scan (remat "full", layers in a loop), also with the
+    scan's residuals kept ("dots_scan") and the layers unrolled."""
     cfg = M.Config(vocab_size=61, d_model=16, n_layers=2, d_state=4, dtype="float32", chunk_size=4)
     params = jit(M.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 61, (2, 9)), jnp.int32)
@@ -82,7 +85,8 @@ def test_mamba_pallas_equals_chunked_logits_and_gradients():
         return jnp.mean(logits ** 2), logits
 
     grad = jit(jax.grad(loss, has_aux=True), static_argnums=1)
-    (g, logits), (g_ref, logits_ref) = grad(params, dataclasses.replace(cfg, scan="pallas")), grad(params, cfg)
+    pallas = dataclasses.replace(cfg, scan="pallas", remat=remat, layer_unroll=unroll)
+    (g, logits), (g_ref, logits_ref) = grad(params, pallas), grad(params, cfg)
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert rel_err(a, b) < 1e-5
@@ -256,19 +260,24 @@ def test_bfloat16_y_is_the_float32_y_rounded_and_its_gradient_is_read_as_given(s
         assert rel_err(a, b) < 1e-6, name
 
 
-def test_dots_remat_keeps_the_piece_states(split_case, capsys):
-    """Under the "dots" remat policy the split scan's states before each piece are kept (so the backward's
-    recomputation skips pass 1, whose only product they are), and the gradients are those without remat."""
+@pytest.mark.parametrize("policy", ["dots", "dots_scan"])
+def test_remat_policies_keep_the_scan_states_they_name(split_case, policy, capsys):
+    """Under "dots" the split scan's states before each piece are kept (so the backward's recomputation
+    skips pass 1, whose only product they are); under "dots_scan" also the scan's output and chunk-start
+    states (the backward then runs no forward scan). The gradients are those without remat."""
     from models import layers
     inp, keeps, grad, _ = split_case
 
     def pallas(x, dt, A, B, C, keep, h0):
         return K.selective_scan_pallas(x, dt, A, B, C, keep=keep, h0=h0, seq_splits=3, **KW)
 
-    remat = jax.checkpoint(pallas, policy=layers.REMAT_POLICIES["dots"])
+    remat = jax.checkpoint(pallas, policy=layers.REMAT_POLICIES[policy])
     args = [inp[k] for k in ("x", "dt", "A", "B", "C")] + [keeps[True], inp["h0"]]
     jax.ad_checkpoint.print_saved_residuals(lambda *a: jnp.sum(remat(*a)[0]), *args)
-    assert f"f32[2,3,16,4] named '{K.PIECE_STATES}'" in capsys.readouterr().out
+    saved = capsys.readouterr().out
+    assert f"f32[2,3,16,4] named '{K.PIECE_STATES}'" in saved
+    chunk_states = f"f32[2,{72 // KW['chunk']},16,4] named '{K.RESIDUALS}'"  # 70 steps padded to 3 pieces of chunks
+    assert (chunk_states in saved) == (policy == "dots_scan"), saved
     (g, _), (g_remat, _) = grad(pallas, keeps[True]), grad(remat, keeps[True])
     for name in inp:
         assert rel_err(g_remat[name], g[name]) < 1e-6, name

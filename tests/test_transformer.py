@@ -211,15 +211,23 @@ def test_one_row_projection_on_gpu_is_the_same_product(monkeypatch):
     assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
 
 
-@pytest.mark.parametrize("policy", ["none", "dots", "save_qkv_mlp"])
-def test_remat_policies_give_same_gradients(policy):
-    base, other = tiny(remat="full"), tiny(remat=policy)
+@pytest.mark.parametrize("policy,unroll", [("none", 1), ("dots", 1), ("save_qkv_mlp", 1), ("dots", 0), ("none", 2)])
+def test_remat_policies_and_unrolled_layers_give_same_gradients(policy, unroll):
+    """Every remat policy, the layer scan unrolled (0: straight-line code, no loop; the recomputation keeps
+    its CSE barrier) or 2 layers an iteration: the gradients of remat "full" in a loop."""
+    base, other = tiny(remat="full"), tiny(remat=policy, layer_unroll=unroll)
     params, toks = random_params(base), tokens(base)
 
     def loss(p, cfg):
         return jnp.mean(jax.nn.log_softmax(T.apply(p, toks, cfg)[0])[..., 0])
 
     chex.assert_trees_all_close(jax.grad(loss)(params, base), jax.grad(loss)(params, other), rtol=1e-5, atol=1e-7)
+    if unroll == 0:
+        grad = jax.jit(jax.grad(loss), static_argnums=1)
+        assert "stablehlo.while" not in grad.lower(params, other).as_text()
+        assert "stablehlo.while" in grad.lower(params, base).as_text()
+        text = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, other))
+        assert "prevent_cse=True" in text and "prevent_cse=False" not in text
 
 
 def test_flops_per_token_counts_matmuls_and_attention():
@@ -234,6 +242,7 @@ def test_flops_per_token_counts_matmuls_and_attention():
     ("d_model", 0, "model.d_model"),
     ("attention", "flash", "model.attention"),
     ("remat", "some", "model.remat"),
+    ("layer_unroll", -1, "model.layer_unroll is -1"),
 ])
 def test_invalid_config_names_field(field, value, words):
     with pytest.raises(ValueError, match=words):
