@@ -5,8 +5,8 @@ compute, float32 parameters). The selective scan is the fused Pallas kernel (``m
 ``--variants 'xla:model.scan=chunked'`` for the XLA scan). Activations are not rematerialised (remat
 "none", as the official implementation trains) and the 48 layers are unrolled (``layer_unroll=0``,
 ``layers.layer_scan``): 84.8 GB at 32768 tokens a step, 1.13-1.15x the speed of remat "dots" in a layer
-loop (29.3 GB; ``--variants 'dots:model.remat=dots,model.layer_unroll=1'``), which the Transformer's
-config keeps.
+loop, which takes 29.3 GB (on a GPU of 80 GB: ``--variants 'dots:model.remat=dots,model.layer_unroll=1'``);
+the Transformer's config keeps "dots" in a loop.
 
 Parameters (``init`` under ``jax.eval_shape``): this Mamba 352,797,696 (its tied embedding
 32,768,000 of them; ``matmul_params`` 350,486,528; with the paper's vocabulary of 50280 it would

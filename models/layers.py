@@ -158,18 +158,22 @@ def swiglu(p: dict, x: jax.Array) -> jax.Array:
 
 SCAN_PIECE_STATES = "ssm_piece_states"  # the split selective scan's states before each piece (scan_kernel)
 SCAN_RESIDUALS = "ssm_scan_residuals"  # the Pallas scan's output y and its states at chunk starts (scan_kernel)
+
+
+def _dots_and(*names):
+    """Keep matmul outputs and the values named ``names``."""
+    return jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                                                           jax.checkpoint_policies.save_only_these_names(*names))
+
+
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
     # keep matmul outputs (and the split selective scan's states before each piece, [b, P, E, N]: tiny)
-    "dots": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(SCAN_PIECE_STATES)),
+    "dots": _dots_and(SCAN_PIECE_STATES),
     # "dots" plus the Pallas selective scan's output and chunk states: the backward runs no forward scan
     # (float32 [b, s / 8, E, N] states a layer: the 370M Mamba at 32768 tokens a step plans 63 GB, "dots" 29)
-    "dots_scan": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(SCAN_PIECE_STATES, SCAN_RESIDUALS)),
+    "dots_scan": _dots_and(SCAN_PIECE_STATES, SCAN_RESIDUALS),
     "save_qkv_mlp": jax.checkpoint_policies.save_only_these_names("qkv", "mlp_hidden"),
 }
 
@@ -177,9 +181,9 @@ REMAT_POLICIES = {
 def layer_scan(body, carry, xs, unroll: int):
     """``lax.scan(body, carry, xs)`` over the stacked layers, ``unroll`` (``model.layer_unroll``) layers per
     iteration; 0: all, as straight-line code. A loop stores what the backward reads in stacked [layers, ...]
-    buffers (XLA copies custom calls' outputs into them) and, without remat, every residual; unrolled, each
-    is read where it was written and cheap ones are fused away (the 370M Mamba on an H200: remat "dots"
-    1.01x unrolled; "none" unrolled 1.14x "dots" in a loop, where "none" does not fit)."""
+    buffers (XLA copies custom calls' outputs into them) and, without remat, every residual; unrolled, each is
+    read where it was written (the 370M Mamba on an H200: remat "dots" 1.01x unrolled; "none" unrolled 1.14x
+    "dots" in a loop, and 85 GB where the loop asked for 240)."""
     return jax.lax.scan(body, carry, xs, unroll=unroll or True)
 
 

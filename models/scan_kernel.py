@@ -51,11 +51,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from models.flash_kernel import sm_count
+from models.flash_kernel import F32, LOG2E, sm_count  # exp(v) = exp2(v LOG2E): one fast instruction
 from models.layers import SCAN_PIECE_STATES as PIECE_STATES, SCAN_RESIDUALS as RESIDUALS
-
-F32 = jnp.float32
-LOG2E = 1.4426950408889634  # exp(v) = exp2(v log2 e): exp2 is one fast instruction on NVIDIA GPUs
 
 
 def _pow2_floor(n: int) -> int:

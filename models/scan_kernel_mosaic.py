@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from models.flash_kernel import F32, LOG2E
+
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover
@@ -42,8 +44,6 @@ except ImportError:  # pragma: no cover
 # for ``plgpu.load``.
 AVAILABLE = plgpu is not None and hasattr(plgpu, "InterpretGPUParams")
 
-F32 = jnp.float32
-LOG2E = 1.4426950408889634
 BLOCK_E = 64  # the WGMMA layout's row tile: the smallest channel block one warpgroup can hold as [rows, N]
 
 

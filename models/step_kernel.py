@@ -32,10 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from models.flash_kernel import compiler_params, resolve_interpret
-
-F32 = jnp.float32
-LOG2E = 1.4426950408889634
+from models.flash_kernel import F32, LOG2E, compiler_params, resolve_interpret
 
 
 def _softplus(v):

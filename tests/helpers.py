@@ -1,10 +1,12 @@
-"""Shared test helpers: tiny model configs, random parameters, relative error, tiny train configs.
+"""Shared test helpers: tiny model configs, random parameters, relative error, tiny train configs, an H200
+to lower GPU kernels for without one.
 
 Tests compile many small programs; ``jit`` here uses a low XLA backend optimization level,
 which cuts their compile time several-fold (run time does not matter at these sizes).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -31,6 +33,15 @@ TINY = {
                    num_experts=4, moe_every=2, moe_group_size=8),
 }
 FAMILY = {"transformer": "transformer", "mamba": "mamba", "switch": "transformer"}
+
+
+def h200():
+    """A context in which ``.lower(lowering_platforms=("cuda",))`` targets an H200 without a GPU (newer jax takes
+    the GPU model from an abstract mesh; older jax needs nothing)."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
 
 
 def tiny(name: str = "transformer", **overrides):

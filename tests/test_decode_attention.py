@@ -2,7 +2,6 @@
 batch 1 and more, q_start at 0, mid-cache and at the last slot, empty and packed slots, split-K on and off,
 tiles that do not divide the cache, tiles past the last query never read; its dispatch (``pallas_decode``), also under a mesh;
 greedy decoding of a tiny Transformer through it equal to XLA's; the Triton lowering for an H200."""
-import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,7 @@ from parallel import mesh as pmesh
 from parallel import sharding
 from parallel.sharding import DEFAULT_RULES
 from tests import helpers
-from tests.helpers import jit, rel_err
+from tests.helpers import h200, jit, rel_err
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,15 +120,11 @@ def test_triton_lowering_for_cuda_without_a_gpu():
     GQA with 3 tokens and a cache length no tile divides."""
     sd = jax.ShapeDtypeStruct
     bf, i32 = jnp.bfloat16, jnp.int32
-    ctx = contextlib.nullcontext()
-    if hasattr(jax.sharding, "AbstractDevice"):  # newer jax takes the GPU model from an abstract mesh
-        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
-        ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
     for b, sq, h, kvh, d, t, calls in ((1, 1, 16, 16, 128, 768, 2), (64, 1, 16, 16, 128, 768, 1),
                                        (2, 3, 8, 2, 64, 100, 2)):
         args = (sd((b, sq, h, d), bf), sd((22, b, t, kvh, d), bf), sd((22, b, t, kvh, d), bf), sd((), i32),
                 sd((b, sq), i32), sd((b, t), i32))
-        with ctx:
+        with h200():
             text = jax.jit(lambda q, k, v, start, qs, ks: DA.decode_attention(
                 q, k, v, start, qs, ks, layer=5, interpret=False)).trace(*args).lower(
                 lowering_platforms=("cuda",)).as_text()

@@ -1,7 +1,6 @@
 """The batch-1 decoding matmul kernel (Pallas, interpreted on CPU) against a float64 product: bf16 and fp16,
 float32 output; the shapes it refuses; ``layers.linear``'s dispatch to it on a GPU (traced) and not under a mesh,
 and its gradient there; greedy decoding through it; the Triton lowering for an H200."""
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from models.weights import Dot
 from parallel import mesh as pmesh
 from parallel import sharding
 from parallel.sharding import DEFAULT_RULES
-from tests.helpers import rel_err
+from tests.helpers import h200, rel_err
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,13 +94,9 @@ def test_linear_takes_the_kernel_on_gpu_without_a_mesh(monkeypatch):
 
 def test_triton_lowering_for_cuda_without_a_gpu():
     """The 1.26B config's batch-1 W_qkv, W_gate_up and LM head lower to one Triton call each for an H200."""
-    ctx = contextlib.nullcontext()
-    if hasattr(jax.sharding, "AbstractDevice"):  # newer jax takes the GPU model from an abstract mesh
-        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
-        ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
     sd = jax.ShapeDtypeStruct
     for m, k, n in ((1, 2048, 6144), (1, 2048, 11264), (1, 2048, 32000)):
-        with ctx:
+        with h200():
             text = jax.jit(lambda x, w: DM.decode_matmul(x, w, interpret=False)).trace(
                 sd((m, k), jnp.bfloat16), sd((k, n), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1, (m, k, n)

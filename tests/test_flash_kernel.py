@@ -9,7 +9,6 @@ dimension and uneven tiles; the forward also equals a float64 NumPy formula. The
 kernel='pallas' on a 4-device zigzag ring equals dense attention; both kernels lower to Triton
 calls for an H200 without a GPU.
 """
-import contextlib
 import functools
 
 import jax
@@ -22,7 +21,7 @@ from models import attention as A
 from models import block_attention as blk
 from models import flash_kernel as fk
 from parallel import ring_attention as R
-from tests.helpers import jit, rel_err
+from tests.helpers import h200, jit, rel_err
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,11 +180,7 @@ def test_triton_lowering_for_cuda_without_a_gpu():
         return fk.backward(q, k, v, do, lse, delta, qi, ki, qs if causal else None, ks if causal else None,
                            causal=causal, config=config, interpret=False)
 
-    ctx = contextlib.nullcontext()
-    if hasattr(jax.sharding, "AbstractDevice"):  # newer jax takes the GPU model from an abstract mesh
-        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
-        ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
-    with ctx:
+    with h200():
         for causal in (True, False):
             for fn, calls, config in ((fwd, 1, fk.Config()), (bwd, 2, fk.Config()), (bwd, 1, fk.Config(fused_dq="atomic"))):
                 fn = functools.partial(fn, causal=causal, config=config)

@@ -14,7 +14,7 @@ from models import dt_kernel as DK
 from models import step_kernel as K
 from parallel import mesh as pmesh
 from parallel import sharding
-from tests.helpers import jit
+from tests.helpers import h200, jit
 from tests.test_mamba import B, CFG, NEW, PROMPTS, RULES, cached, naive_greedy, params_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -155,12 +155,6 @@ def test_prefill_through_the_kernels_equals_xla():
 def test_prefill_kernels_lower_for_cuda_without_a_gpu():
     """The 370M config's dt kernels (forward, gradient) and prefill conv at a 64 x 2048 prompt lower to one Triton
     call each for an H200."""
-    import contextlib
-
-    ctx = contextlib.nullcontext()
-    if hasattr(jax.sharding, "AbstractDevice"):  # newer jax takes the GPU model from an abstract mesh
-        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
-        ctx = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
     sd, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
     dt_args = (sd((64, 2048, 96), bf16), sd((64, 2048), bf16), sd((2048,), jnp.float32), sd((64, 2048), jnp.bool_))
     calls = (  # (function, arguments): the gradient's program (the forward's output unused) is the gradient kernel
@@ -171,6 +165,6 @@ def test_prefill_kernels_lower_for_cuda_without_a_gpu():
          (sd((64, 2048, 4096), bf16), sd((4, 2048), bf16), sd((2048,), bf16), sd((64, 2048), jnp.int32),
           sd((64, 2048), jnp.bool_), sd((64, 3, 2048), bf16))))
     for fn, args in calls:
-        with ctx:
+        with h200():
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1

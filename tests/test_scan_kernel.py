@@ -1,7 +1,6 @@
 """Pallas selective scan (models/scan_kernel.py), interpreted on CPU: outputs and gradients against the
 sequential scan and a float64 NumPy loop (with and without resets, padded length, channels and state),
 the Mamba model with scan='pallas', the Triton lowering for CUDA without a GPU, and the benchmark's --quick."""
-import contextlib
 import dataclasses
 import functools
 
@@ -12,7 +11,7 @@ import pytest
 
 from models import mamba as M, ssm_scan
 from models import scan_kernel as K
-from tests.helpers import rel_err
+from tests.helpers import h200, rel_err
 
 pytestmark = pytest.mark.timeout(120)
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})  # compile time dominates
@@ -92,14 +91,6 @@ def test_mamba_pallas_equals_chunked_logits_and_gradients(remat, unroll):
         assert rel_err(a, b) < 1e-5
 
 
-def _h200():
-    """Newer jax takes the GPU model for a lowering without a GPU from an abstract mesh."""
-    if not hasattr(jax.sharding, "AbstractDevice"):
-        return contextlib.nullcontext()
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
-
-
 def test_triton_lowering_for_cuda_without_a_gpu():
     """Forward and backward lower to Triton calls for an H200 (catches unsupported ops and block shapes)."""
     b, s, E, N = 2, 41, 128, 16  # 41: padded to 48, chunks of 8
@@ -115,7 +106,7 @@ def test_triton_lowering_for_cuda_without_a_gpu():
         loss = lambda *diff: sum(jnp.sum(o) for o in fwd(*diff, *args[5:], with_keep=with_keep))  # noqa: E731
         return jax.grad(loss, argnums=range(5))(*args[:5])
 
-    with _h200():
+    with h200():
         for with_keep in (False, True):  # without resets: with prefetch
             for f, calls in ((fwd, 1), (grad, 2)):  # grad: the forward that saves states, and the backward
                 lowered = jax.jit(functools.partial(f, with_keep=with_keep)).trace(*args).lower(
@@ -298,7 +289,7 @@ def test_sequence_split_lowers_to_triton():
     def grad(*args):
         return jax.grad(lambda *d: sum(jnp.sum(o) for o in fwd(*d, args[5])), argnums=range(5))(*args[:5])
 
-    with _h200():
+    with h200():
         for f, calls in ((fwd, 2), (grad, 4)):
             text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("__gpu$xla.gpu.triton") == calls

@@ -11,8 +11,7 @@ import pytest
 
 from models import scan_kernel as K
 from models import scan_kernel_mosaic as KM
-from tests.helpers import rel_err
-from tests.test_scan_kernel import _h200
+from tests.helpers import h200, rel_err
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(not KM.AVAILABLE, reason=f"the Mosaic GPU scan needs jax >= 0.11 ({jax.__version__})")]
@@ -53,7 +52,7 @@ def test_lowers_to_mosaic_gpu_for_cuda_without_a_gpu():
             sd((b, s, N), jnp.bfloat16), sd((b, s, N), jnp.bfloat16))
     mosaic = functools.partial(KM.selective_scan_mosaic, interpret=False)
     triton = functools.partial(K.selective_scan_pallas, interpret=False, seq_splits=1)
-    with _h200():
+    with h200():
         for fn, call, deprecated in ((mosaic, "@mosaic_gpu_v2", False), (triton, "__gpu$xla.gpu.triton", True)):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
