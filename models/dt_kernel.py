@@ -26,31 +26,23 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from models.flash_kernel import F32, LN2, LOG2E, compiler_params, resolve_interpret
+from models.flash_kernel import F32, LN2, LOG2E, compiler_params, ptx, resolve_interpret
 from models.step_kernel import block_size
 from parallel import sharding
 
 BLOCK_ROWS, BLOCK_CHANNELS, WARPS = 32, 128, 4  # fastest of 12 tilings at 64 x 2048 tokens, E 2048 (H200): 0.36 ms
 
 
-def _asm(op: str, x):
-    """The PTX instruction ``op`` (one float32 operand) elementwise over float32 x."""
-    [y] = plgpu.elementwise_inline_asm(f"{op}.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
-    return y
-
-
 def _exp2(t, approx: bool):
-    return _asm("ex2.approx", t) if approx else jnp.exp2(t)
+    return ptx("ex2.approx", t) if approx else jnp.exp2(t)
 
 
 def _softplus(v, approx: bool):
     """log(1 + e^v) = max(v, 0) + log(1 + e), e = exp(-|v|); for e < 2^-6, log(1 + e) is its series e - e^2/2 +
     e^3/3 (1 + e would round e away)."""
     e = _exp2(-jnp.abs(v) * LOG2E, approx)
-    log1pe = (_asm("lg2.approx", 1.0 + e) if approx else jnp.log2(1.0 + e)) * LN2
+    log1pe = (ptx("lg2.approx", 1.0 + e) if approx else jnp.log2(1.0 + e)) * LN2
     return jnp.maximum(v, 0.0) + jnp.where(e < 2.0 ** -6, e * (1.0 - e * (0.5 - e / 3.0)), log1pe)
 
 

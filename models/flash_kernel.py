@@ -162,6 +162,20 @@ def resolve_interpret(interpret) -> bool:
     return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
 
 
+def ptx(op: str, x):
+    """The PTX instruction ``op`` (one float32 operand, e.g. ``ex2.approx.ftz``) elementwise over float32 x."""
+    [y] = plgpu.elementwise_inline_asm(f"{op}.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])
+    return y
+
+
+def exp2(x, fast: bool):
+    """2^x over float32 x: with ``fast`` (a GPU kernel) one ``ex2.approx.ftz`` instruction (PTX: about 2^-22 relative
+    error; results under 2^-126 are 0), else ``jnp.exp2`` (the interpreter; on the GPU libdevice's ``exp2f``, which
+    keeps subnormal results at the cost of more instructions)."""
+    return ptx("ex2.approx.ftz", x) if fast else jnp.exp2(x)
+
+
 def compiler_params(interpret: bool, warps: int, stages: int):
     """Triton compiler parameters of a ``pallas_call`` (None in the interpreter)."""
     return None if interpret else plgpu.CompilerParams(num_warps=warps, num_stages=stages)

@@ -4,7 +4,9 @@
     y_t = C_t . h_t                                           (the D x_t skip is added by the caller)
 
 x, dt [b, s, E]; A [E, N]; B, C [b, s, N]; keep [b, s] (0 zeroes the state before the token) or
-None. Inputs keep their dtype in memory (bf16 is fine); all arithmetic is float32.
+None. Inputs keep their dtype in memory (bf16 is fine); all arithmetic is float32. exp(dt A) is one PTX
+``ex2.approx.ftz`` (``flash_kernel.exp2``), not libdevice's ``exp2f``, which keeps subnormal results at the cost
+of more instructions: these kernels are bound by arithmetic, not memory (the 370M Mamba trained 1.01-1.03x faster).
 
 Forward: one program per (batch row, block of ``block_e`` channels) holds h [block_e, N] in
 registers and walks the sequence in chunks of ``chunk`` steps, each chunk unrolled with all its
@@ -35,9 +37,9 @@ a_t (g_t + gy_t C_t) from zero after the piece, giving its local dL/dh0; (2) in 
 adjoint after piece p, g(p) = local(p+1) + D(p+1) g(p+1) from g(P-1) = dL/dh_last; (3) the backward
 kernel per piece from the saved true states and g(p). Cost: (P - 1) / P of a forward scan and of an
 adjoint pass more (the states are the recurrence's; only D(p) is computed another way, as one exp of
-a sum), for P times the programs.
+a sum), for P times the programs. The two extra passes have their own tiles (``split_*``).
 
-Lengths that are not a multiple of ``chunk`` (of ``chunk`` P when split) are padded with dt = 0
+Lengths that are not a multiple of ``chunk`` (when split, of P times the larger chunk) are padded with dt = 0
 (decay 1, no input: the state is unchanged); E is padded to a multiple of ``block_e`` and N to a
 power of 2 with lanes that stay zero. ``interpret=True`` runs the same kernels on CPU (tests).
 """
@@ -51,7 +53,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from models.flash_kernel import F32, LOG2E, sm_count  # exp(v) = exp2(v LOG2E): one fast instruction
+from models.flash_kernel import F32, LOG2E, exp2, sm_count  # exp(v) = exp2(v LOG2E): one fast instruction
 from models.layers import SCAN_PIECE_STATES as PIECE_STATES, SCAN_RESIDUALS as RESIDUALS
 
 
@@ -63,7 +65,7 @@ def _pow2_ceil(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
-def _fwd_kernel(*refs, T, n, has_keep, save, prefetch, emit_y=True):
+def _fwd_kernel(*refs, T, n, has_keep, save, prefetch, fast, emit_y=True):
     """One (batch row, channel block): refs are x, dt [S, be]; A [be, N]; B, C [S, N]; keep [S]?; h0 [be, N]
     -> y [S, be] (if ``emit_y``; in ``y_dtype``), h_last [be, N] f32, and h at each chunk start [n, be, N] f32
     if ``save``."""
@@ -86,7 +88,7 @@ def _fwd_kernel(*refs, T, n, has_keep, save, prefetch, emit_y=True):
         if save:
             hc_ref[c] = h
         for k, (x, dt, B, C, keep) in enumerate(rows):
-            decay = jnp.exp2(dt[:, None] * A2)
+            decay = exp2(dt[:, None] * A2, fast)
             if has_keep:
                 decay = decay * keep
             h = decay * h + (dt * x)[:, None] * B[None, :]
@@ -98,7 +100,7 @@ def _fwd_kernel(*refs, T, n, has_keep, save, prefetch, emit_y=True):
     hl_ref[...] = h
 
 
-def _bwd_kernel(*refs, T, n, has_keep, prefetch):
+def _bwd_kernel(*refs, T, n, has_keep, prefetch, fast):
     """One (batch row, channel block), chunks in reverse. refs: x, dt [S, be]; A [be, N]; B, C [S, N];
     keep [S]?; hc [n, be, N]; gy [S, be]; g_hlast [be, N] -> dx, ddt [S, be] (in x's and dt's dtypes);
     dA [be, N]; dB, dC [S, N] (this block's partial sums over channels); dh0 [be, N] (float32)."""
@@ -116,7 +118,7 @@ def _bwd_kernel(*refs, T, n, has_keep, prefetch):
         return hc_ref[c], rows
 
     def decay_of(dt, keep):
-        decay = jnp.exp2(dt[:, None] * A2)
+        decay = exp2(dt[:, None] * A2, fast)
         return decay * keep if has_keep else decay
 
     def body(i, carry):
@@ -148,7 +150,7 @@ def _bwd_kernel(*refs, T, n, has_keep, prefetch):
     dh0_ref[...] = g
 
 
-def _adj_kernel(*refs, T, n, has_keep):
+def _adj_kernel(*refs, T, n, has_keep, fast):
     """The adjoint alone, from zero at the end: g_{t-1} = a_t (g_t + gy_t C_t), chunks in reverse.
     refs: dt [S, be]; A [be, N]; C [S, N]; keep [S]?; gy [S, be] -> g_{-1} = dL/dh0 [be, N] float32
     (the state's own recomputation and every other gradient are left to ``_bwd_kernel``)."""
@@ -162,7 +164,7 @@ def _adj_kernel(*refs, T, n, has_keep):
         rows = [(dt_ref[t0 + k].astype(F32), C_ref[t0 + k].astype(F32), keep_ref[t0 + k] if has_keep else None,
                  gy_ref[t0 + k].astype(F32)) for k in range(T)]
         for dt, C, keep, gy in reversed(rows):
-            decay = jnp.exp2(dt[:, None] * A2)
+            decay = exp2(dt[:, None] * A2, fast)
             if has_keep:
                 decay = decay * keep
             g = decay * (g + gy[:, None] * C[None, :])
@@ -189,16 +191,23 @@ def _specs(S, N, n, be, has_keep, row=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, interpret, splits=1, y_dtype=F32):
-    """The custom_vjp scan for padded inputs (S % (splits chunk) == 0, E % block sizes == 0, N a power of 2)."""
+def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, interpret, splits=1, y_dtype=F32,
+          split_tiles=None):
+    """The custom_vjp scan for padded inputs (S a multiple of splits x each pass's chunk, E of the block sizes, N a
+    power of 2); ``split_tiles``: (channels, warps, chunk, prefetch) of the split's extra passes (pass 1, the adjoint),
+    default the forward's."""
+    fast = not interpret  # exp2 as one PTX instruction
+    split_tiles = split_tiles or (block_e, num_warps, chunk, prefetch)
 
     def params(warps):
         return None if interpret else plgpu.CompilerParams(num_warps=warps)
 
-    def forward(x, dt, A, B, C, keep, h0, save, emit_y=True, rows=None):
-        """``rows``: (grid rows, row map) to scan only some of x's rows (h0 and outputs have grid rows)."""
+    def forward(x, dt, A, B, C, keep, h0, save, emit_y=True, rows=None, tiles=(block_e, num_warps, chunk, prefetch)):
+        """``rows``: (grid rows, row map) to scan only some of x's rows (h0 and outputs have grid rows);
+        ``tiles``: (channels, warps, chunk, prefetch) of a program."""
         b, S, E = x.shape
-        N, n, be = A.shape[-1], S // chunk, block_e
+        (be, warps, T, pf), N = tiles, A.shape[-1]
+        n = S // T
         b, row = rows or (b, None)
         ins, seq_e, state, chunks, _ = _specs(S, N, n, be, keep is not None, row)
         out_shape = [jax.ShapeDtypeStruct((b, S, E), y_dtype)] if emit_y else []
@@ -207,11 +216,11 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         if save:
             out_shape.append(jax.ShapeDtypeStruct((b, n, E, N), F32))
             out_specs.append(chunks)
-        kernel = functools.partial(_fwd_kernel, T=chunk, n=n, has_keep=keep is not None, save=save,
-                                   prefetch=prefetch, emit_y=emit_y)
+        kernel = functools.partial(_fwd_kernel, T=T, n=n, has_keep=keep is not None, save=save,
+                                   prefetch=pf, fast=fast, emit_y=emit_y)
         args = [x, dt, A, B, C] + ([keep] if keep is not None else []) + [h0]
         return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, E // be), in_specs=ins + [state],
-                              out_specs=out_specs, interpret=interpret, compiler_params=params(num_warps),
+                              out_specs=out_specs, interpret=interpret, compiler_params=params(warps),
                               name="selective_scan_fwd")(*args)
 
     def backward(x, dt, A, B, C, keep, hc, gy, ghl):
@@ -222,7 +231,7 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         out_shape = [jax.ShapeDtypeStruct((b, S, E), x.dtype), jax.ShapeDtypeStruct((b, S, E), dt.dtype),
                      jax.ShapeDtypeStruct((b, E, N), F32), jax.ShapeDtypeStruct((b, E // be, S, N), F32),
                      jax.ShapeDtypeStruct((b, E // be, S, N), F32), jax.ShapeDtypeStruct((b, E, N), F32)]
-        kernel = functools.partial(_bwd_kernel, T=chunk, n=n, has_keep=keep is not None, prefetch=prefetch)
+        kernel = functools.partial(_bwd_kernel, T=chunk, n=n, has_keep=keep is not None, prefetch=prefetch, fast=fast)
         args = [x, dt, A, B, C] + ([keep] if keep is not None else []) + [hc, gy, ghl.astype(F32)]  # gy in y's dtype
         return pl.pallas_call(
             kernel, out_shape=out_shape, grid=(b, E // be), in_specs=ins + [chunks, seq_e, state],
@@ -233,14 +242,15 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         """dL/dh0 [rows, E, N] from gy alone (zero adjoint after the last step), for the rows that
         ``rows`` = (grid rows, row map) names."""
         _, S, E = dt.shape
-        N, n, be = A.shape[-1], S // chunk, block_e
+        (be, warps, T, _), N = split_tiles, A.shape[-1]
+        n = S // T
         b, row = rows
         ins, _, state, _, _ = _specs(S, N, n, be, keep is not None, row)
-        kernel = functools.partial(_adj_kernel, T=chunk, n=n, has_keep=keep is not None)
+        kernel = functools.partial(_adj_kernel, T=T, n=n, has_keep=keep is not None, fast=fast)
         args = [dt, A, C] + ([keep] if keep is not None else []) + [gy]
         return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, E, N), F32), grid=(b, E // be),
                               in_specs=[ins[1], ins[2], ins[4]] + ins[5:] + [ins[1]], out_specs=state,
-                              interpret=interpret, compiler_params=params(num_warps),
+                              interpret=interpret, compiler_params=params(warps),
                               name="selective_scan_adjoint")(*args)
 
     cast = lambda g, like: g.astype(like.dtype)  # noqa: E731
@@ -302,7 +312,7 @@ def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, inter
         xf, dtf, Bf, Cf, kf = map(fold, (x, dt, B, C, keep))
         # Pass 1: pieces 0..P-2 from h = 0, their final states only; then the true state before each piece.
         (h_end,) = forward(xf, dtf, A, Bf, Cf, kf, jnp.zeros((b * (P - 1), E, N), F32), save=False, emit_y=False,
-                           rows=pieces_but(b, 0))
+                           rows=pieces_but(b, 0), tiles=split_tiles)
         h_init = combine(piece_decay(dt, A, keep)[:, :-1], h_end.reshape(b, P - 1, E, N), h0, reverse=False)
         # [b, P, E, N]: a remat policy that keeps this name (layers.REMAT_POLICIES "dots") spares the
         # backward's recomputation pass 1, whose only product it is
@@ -352,7 +362,8 @@ def auto_splits(b: int, s: int, E: int, block_e: int, sms: int, *, target: int =
 
 def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8, block_e: int = 64,
                           num_warps: int = 4, bwd_block_e: int = 16, bwd_num_warps: int = 1, prefetch: bool = False,
-                          seq_splits: int | None = None, y_dtype=F32, interpret=None):
+                          seq_splits: int | None = None, split_block_e: int = 64, split_num_warps: int = 2,
+                          split_chunk: int = 16, split_prefetch: bool = True, y_dtype=F32, interpret=None):
     """(y [b, s, E] = C_t . h_t in ``y_dtype``, h_last [b, E, N] float32); differentiable in x, dt, A, B, C, h0.
 
     x, dt [b, s, E] and B, C [b, s, N] in any float dtype (read as is, computed in float32);
@@ -362,7 +373,9 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
     channels and warps per program (block sizes are rounded down to powers of 2, at most the power of 2 at or above E);
     ``prefetch``: load the next chunk's inputs while computing this one's (more registers).
     ``seq_splits``: pieces P each sequence is cut into (module docstring); None chooses it
-    (``auto_splits`` on a GPU, 1 in the interpreter); 1 is the plain scan.
+    (``auto_splits`` on a GPU, 1 in the interpreter); 1 is the plain scan. ``split_block_e``, ``split_num_warps``,
+    ``split_chunk``, ``split_prefetch``: the same settings for the split's extra passes (pass 1, and the adjoint,
+    which does not prefetch): without y to write they run fastest at 16 steps a chunk, 2 warps a program.
     ``y_dtype``: the dtype y is written in (its gradient is then read in it too; the arithmetic stays float32).
     ``interpret`` (default: not on a GPU) runs the kernels in the Pallas interpreter.
     """
@@ -373,14 +386,19 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
     T = int(chunk)
     if T <= 0:
         raise ValueError(f"chunk is {chunk!r}; use a positive integer.")
-    be, bbe = (min(_pow2_floor(v), _pow2_ceil(E)) for v in (block_e, bwd_block_e))
+    be, bbe, sbe = (min(_pow2_floor(v), _pow2_ceil(E)) for v in (block_e, bwd_block_e, split_block_e))
     if seq_splits is None:
         P = 1 if interpret else auto_splits(b, s, E, be, sm_count())
     elif isinstance(seq_splits, bool) or not isinstance(seq_splits, int) or seq_splits <= 0:
         raise ValueError(f"seq_splits is {seq_splits!r}; use a positive integer (1: no split) or None (auto).")
     else:
         P = seq_splits
-    S, Ep, Np = -(-s // (T * P)) * T * P, -(-E // max(be, bbe)) * max(be, bbe), _pow2_ceil(N)
+    Ts = int(split_chunk)
+    if Ts <= 0:
+        raise ValueError(f"split_chunk is {split_chunk!r}; use a positive integer.")
+    split = (sbe, int(split_num_warps), Ts, bool(split_prefetch)) if P > 1 else None
+    Tm, Em = (max(T, Ts), max(be, bbe, sbe)) if split else (T, max(be, bbe))  # pieces: whole chunks of both passes
+    S, Ep, Np = -(-s // (Tm * P)) * Tm * P, -(-E // Em) * Em, _pow2_ceil(N)
 
     def pad(a, *widths):
         return a if not any(widths) else jnp.pad(a, [(0, w) for w in widths])
@@ -391,6 +409,6 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
     keep = None if keep is None else jnp.pad(keep.astype(F32), [(0, 0), (0, S - s)], constant_values=1.0)
     h0 = jnp.zeros((b, Ep, Np), F32) if h0 is None else pad(h0.astype(F32), 0, Ep - E, Np - N)
     scan = _make(T, be, int(num_warps), bbe, int(bwd_num_warps), bool(prefetch), bool(interpret), P,
-                 jnp.dtype(y_dtype))
+                 jnp.dtype(y_dtype), split)
     y, h_last = scan(x, dt, A, B, C, keep, h0)
     return y[:, :s, :E], h_last[:, :E, :N]

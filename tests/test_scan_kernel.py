@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})  # compile time dominates
 
 # Small kernels: length 11 = 2 chunks of 4 + 3 (padded), E 24 -> 32 (blocks of 16 / 8), N 3 -> 4.
-KW = dict(chunk=4, block_e=16, bwd_block_e=8)
+KW = dict(chunk=4, block_e=16, bwd_block_e=8, split_chunk=4)
 
 
 def inputs(b, s, E, N, seed, dtype=np.float32):
@@ -129,6 +129,8 @@ def test_config_accepts_pallas():
     x, A, B = jnp.zeros((1, 8, 8)), jnp.zeros((8, 4)), jnp.zeros((1, 8, 4))
     with pytest.raises(ValueError, match="seq_splits is 0; use a positive integer"):
         K.selective_scan_pallas(x, x, A, B, B, seq_splits=0)
+    with pytest.raises(ValueError, match="split_chunk is 0; use a positive integer"):
+        K.selective_scan_pallas(x, x, A, B, B, seq_splits=2, split_chunk=0)
 
 
 def test_mamba_scan_splits_reach_the_kernel():
@@ -142,7 +144,7 @@ def test_mamba_scan_splits_reach_the_kernel():
     for splits, kernels in ((0, 1), (3, 2)):
         jaxpr = str(jax.make_jaxpr(functools.partial(apply, cfg=dataclasses.replace(cfg, scan="pallas",
                                                                                      scan_splits=splits)))(params))
-        assert jaxpr.count("selective_scan_fwd") == kernels
+        assert jaxpr.count("name=selective_scan_fwd") == kernels
     want = jit(apply, static_argnums=1)(params, cfg)
     got = jit(apply, static_argnums=1)(params, dataclasses.replace(cfg, scan="pallas", scan_splits=3))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -212,15 +214,17 @@ def split_case():
     return inp, keeps, grad, {r: grad(ssm_scan._scan_reference, keeps[r]) for r in (False, True)}
 
 
-@pytest.mark.parametrize("resets,splits", [(False, 3), (True, 3), (True, 4)])
-def test_sequence_split_matches_sequential_scan(split_case, resets, splits):
+@pytest.mark.parametrize("resets,splits,tiles", [(False, 3, {}), (True, 3, {}), (True, 4, {}),
+                                                 (True, 3, dict(split_chunk=8, split_block_e=8, split_prefetch=False))])
+def test_sequence_split_matches_sequential_scan(split_case, resets, splits, tiles):
     """Pieces scanned from zero, combined across pieces and rescanned (forward), the adjoint likewise
     (backward): y, h_last and the gradients of x, dt, A, B, C, h0 equal the sequential scan, resets
-    inside pieces, on a piece's first step and on its last included."""
+    inside pieces, on a piece's first step and on its last included; also with the extra passes (pass 1, the
+    adjoint) in chunks and channel blocks of their own."""
     inp, keeps, grad, refs = split_case
     keep = keeps[resets]
     pallas = lambda x, dt, A, B, C, keep, h0: K.selective_scan_pallas(  # noqa: E731
-        x, dt, A, B, C, keep=keep, h0=h0, seq_splits=splits, **KW)
+        x, dt, A, B, C, keep=keep, h0=h0, seq_splits=splits, **{**KW, **tiles})
     (g_ref, (y_ref, h_ref)), (g, (y, h)) = refs[resets], grad(pallas, keep)
     assert rel_err(y, y_ref) < 1e-6 and rel_err(h, h_ref) < 1e-6
     for name in inp:
@@ -276,7 +280,8 @@ def test_remat_policies_keep_the_scan_states_they_name(split_case, policy, capsy
 
 def test_sequence_split_lowers_to_triton():
     """Split in 4: the forward is two kernel calls (pieces from zero, then from their true states); the
-    gradient adds the adjoint-only kernel and the backward (4 calls). The choice: split only while the
+    gradient adds the adjoint-only kernel and the backward (4 calls), each taking exp2 as one PTX instruction.
+    The choice: split only while the
     rows and channel blocks leave the GPU's SMs short of programs, into pieces of at least 1024 steps."""
     b, s, E, N = 1, 64, 128, 16
     sd = jax.ShapeDtypeStruct
@@ -293,6 +298,8 @@ def test_sequence_split_lowers_to_triton():
         for f, calls in ((fwd, 2), (grad, 4)):
             text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert text.count("__gpu$xla.gpu.triton") == calls
+            # exp(dt A): the one-instruction exp2 in each kernel, not libdevice's
+            assert text.count("ex2.approx.ftz.f32") >= calls and "__nv_exp2f" not in text
     assert K.auto_splits(1, 32768, 2048, 64, 132) == 16  # 32 programs -> 512; pieces of 2048
     assert K.auto_splits(4, 8192, 2048, 64, 132) == 4
     assert K.auto_splits(16, 2048, 2048, 64, 132) == K.auto_splits(1, 1500, 2048, 64, 132) == 1
