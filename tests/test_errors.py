@@ -18,7 +18,7 @@ from parallel import mesh as mesh_lib
 from tests.helpers import random_params, tiny
 from tests.helpers import tiny_train_config as tiny_config
 from tests.test_trainer import ROOT
-from train import cli, config as config_lib, data, evaluate, trainer, workdir_config
+from train import cli, config as config_lib, data, trainer, workdir_config
 from train.setup import setup_training
 
 pytestmark = pytest.mark.timeout(240)
