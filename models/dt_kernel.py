@@ -10,10 +10,11 @@ dt_bias [E]. ``dt`` is differentiable (``jax.custom_vjp``):
 
 XLA wrote the product [b, s, E], read it back for the softplus and the mask, and remat kept the product
 for the backward. Here the forward writes dt once and nothing [b, s, E] is kept but dt itself (recomputed
-under remat). The softplus and sigmoid use the GPU's approximate base-2 exp and log (PTX ``ex2.approx``,
+under remat). The softplus and sigmoid use the GPU's approximate base-2 exp and log (PTX ``ex2.approx.ftz``,
 ``lg2.approx``; PTX documents errors of about 2^-22): with libdevice's exact ``expf`` and ``logf`` the forward was
 bound by arithmetic and slower than XLA's. On an H200 (jax 0.11.2) the 370M Mamba trained 1.025-1.027x
-faster at 2k, 8k and 32k, and its prefill of 64 x 2048 tokens lost 17 ms (``experiments/BENCHMARKS.md``).
+faster at 2k, 8k and 32k, and its prefill of 64 x 2048 tokens lost 17 ms (``experiments/BENCHMARKS.md``; timed
+with ``ex2.approx``, whose ``.ftz`` form, ``flash_kernel.exp2``, differs only in flushing results under 2^-126).
 
 Under an active mesh the kernels run in ``sharding.per_device`` (rows by ``batch``, channels by ``inner``);
 the three products of the backward are XLA's, in the global view. ``interpret`` (off a GPU) runs the
@@ -27,21 +28,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from models.flash_kernel import F32, LN2, LOG2E, compiler_params, ptx, resolve_interpret
+from models.flash_kernel import F32, LN2, LOG2E, compiler_params, exp2, ptx, resolve_interpret
 from models.step_kernel import block_size
 from parallel import sharding
 
 BLOCK_ROWS, BLOCK_CHANNELS, WARPS = 32, 128, 4  # fastest of 12 tilings at 64 x 2048 tokens, E 2048 (H200): 0.36 ms
 
 
-def _exp2(t, approx: bool):
-    return ptx("ex2.approx", t) if approx else jnp.exp2(t)
-
-
 def _softplus(v, approx: bool):
     """log(1 + e^v) = max(v, 0) + log(1 + e), e = exp(-|v|); for e < 2^-6, log(1 + e) is its series e - e^2/2 +
     e^3/3 (1 + e would round e away)."""
-    e = _exp2(-jnp.abs(v) * LOG2E, approx)
+    e = exp2(-jnp.abs(v) * LOG2E, approx)
     log1pe = (ptx("lg2.approx", 1.0 + e) if approx else jnp.log2(1.0 + e)) * LN2
     return jnp.maximum(v, 0.0) + jnp.where(e < 2.0 ** -6, e * (1.0 - e * (0.5 - e / 3.0)), log1pe)
 
@@ -58,7 +55,7 @@ def _fwd_kernel(lo_ref, w_ref, bias_ref, live_ref, o_ref, *, approx: bool):
 
 def _grad_kernel(lo_ref, w_ref, bias_ref, live_ref, g_ref, o_ref, *, approx: bool):
     v = _product(lo_ref, w_ref, bias_ref)
-    dv = g_ref[...].astype(F32) / (1.0 + _exp2(-v * LOG2E, approx))  # g sigmoid(v)
+    dv = g_ref[...].astype(F32) / (1.0 + exp2(-v * LOG2E, approx))  # g sigmoid(v)
     o_ref[...] = jnp.where(live_ref[...][:, None] > 0, dv, 0.0).astype(o_ref.dtype)
 
 
