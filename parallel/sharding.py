@@ -70,17 +70,19 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    """Within this context (and while tracing under it) ``constrain`` shards activations."""
+    """Within this context (and while tracing under it) ``constrain`` shards activations. It also sets the mesh's
+    abstract mesh, which jit's trace cache keys on: a function traced outside the context is traced again inside."""
     token = _ACTIVE.set((mesh, tuple(rules)))
     try:
-        yield
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            yield
     finally:
         _ACTIVE.reset(token)
 
 
 def active():
-    """The active (mesh, rules), or None. Jitted functions that call ``constrain`` and are cached
-    across contexts take it as a static argument, so each layout gets its own compilation."""
+    """The active (mesh, rules), or None. jit's cache keys on the mesh (``activate``) but not on the rules: a
+    jitted function used under several rule tables takes this as a static argument (as ``generate`` does)."""
     return _ACTIVE.get()
 
 

@@ -129,6 +129,25 @@ def check(mcfg, mesh, batch=8, seq=16, accum=1, extra=None):
     sharding.check_divisibility(shapes, axes, mesh, DEFAULT_RULES, sizes(mcfg, batch, seq, accum))
 
 
+def test_a_function_traced_outside_the_sharding_context_is_traced_again_inside():
+    """activate sets the mesh's abstract mesh, which jit's trace cache keys on: the same jitted function (and
+    make_jaxpr) constrains its activations under the context and not outside it, in either order."""
+    mesh = pmesh.make_mesh({"data": 8}, jax.devices()[:8])
+    f = lambda x: sharding.constrain(x * 2.0, ("batch", None))  # noqa: E731
+    jf, x = jax.jit(f), np.ones((8, 4), np.float32)
+
+    def run(active):
+        y = jf(x)
+        assert ("sharding_constraint" in str(jax.make_jaxpr(f)(x))) == active
+        assert (y.sharding.spec == P("data") if active else y.sharding.is_fully_replicated), y.sharding
+        np.testing.assert_array_equal(y, 2.0 * x)
+
+    run(False)
+    with sharding.activate(mesh, DEFAULT_RULES):
+        run(True)
+    run(False)
+
+
 def test_check_divisibility():
     mesh = pmesh.make_mesh({"tensor": 4, "data": 2})
     check(tiny(n_kv_heads=4), mesh)
