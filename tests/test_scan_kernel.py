@@ -280,8 +280,8 @@ def test_remat_policies_keep_the_scan_states_they_name(split_case, policy, capsy
 def test_sequence_split_lowers_to_triton():
     """Split in 4: the forward is two kernel calls (pieces from zero, then from their true states); the
     gradient adds the adjoint-only kernel and the backward (4 calls), each taking exp2 as one PTX instruction.
-    The choice: split only while the
-    rows and channel blocks leave the GPU's SMs short of programs, into pieces of at least 1024 steps."""
+    The choice: split only while the rows and channel blocks leave the GPU's SMs short of programs, into pieces
+    of at least 1024 steps."""
     b, s, E, N = 1, 64, 128, 16
     sd = jax.ShapeDtypeStruct
     args = (sd((b, s, E), jnp.bfloat16), sd((b, s, E), jnp.float32), sd((E, N), jnp.float32),
