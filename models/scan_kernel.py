@@ -49,6 +49,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -383,9 +384,13 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
         interpret = jax.default_backend() != "gpu"
     b, s, E = x.shape
     N = A.shape[-1]
-    T = int(chunk)
-    if T <= 0:
-        raise ValueError(f"chunk is {chunk!r}; use a positive integer.")
+    tiles = dict(chunk=chunk, block_e=block_e, num_warps=num_warps, bwd_block_e=bwd_block_e,
+                 bwd_num_warps=bwd_num_warps, split_block_e=split_block_e, split_num_warps=split_num_warps,
+                 split_chunk=split_chunk)
+    for name, value in tiles.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{name} is {value!r}; use a positive integer.")
+    T, Ts = int(chunk), int(split_chunk)
     be, bbe, sbe = (min(_pow2_floor(v), _pow2_ceil(E)) for v in (block_e, bwd_block_e, split_block_e))
     if seq_splits is None:
         P = 1 if interpret else auto_splits(b, s, E, be, sm_count())
@@ -393,9 +398,6 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
         raise ValueError(f"seq_splits is {seq_splits!r}; use a positive integer (1: no split) or None (auto).")
     else:
         P = seq_splits
-    Ts = int(split_chunk)
-    if Ts <= 0:
-        raise ValueError(f"split_chunk is {split_chunk!r}; use a positive integer.")
     split = (sbe, int(split_num_warps), Ts, bool(split_prefetch)) if P > 1 else None
     Tm, Em = (max(T, Ts), max(be, bbe, sbe)) if split else (T, max(be, bbe))  # pieces: whole chunks of both passes
     S, Ep, Np = -(-s // (Tm * P)) * Tm * P, -(-E // Em) * Em, _pow2_ceil(N)

@@ -129,8 +129,10 @@ def test_config_accepts_pallas():
     x, A, B = jnp.zeros((1, 8, 8)), jnp.zeros((8, 4)), jnp.zeros((1, 8, 4))
     with pytest.raises(ValueError, match="seq_splits is 0; use a positive integer"):
         K.selective_scan_pallas(x, x, A, B, B, seq_splits=0)
-    with pytest.raises(ValueError, match="split_chunk is 0; use a positive integer"):
-        K.selective_scan_pallas(x, x, A, B, B, seq_splits=2, split_chunk=0)
+    for name, value in (("split_chunk", 0), ("num_warps", 0), ("block_e", -64), ("bwd_block_e", 16.0),
+                        ("split_num_warps", True)):
+        with pytest.raises(ValueError, match=f"{name} is {value!r}; use a positive integer"):
+            K.selective_scan_pallas(x, x, A, B, B, seq_splits=2, **{name: value})
 
 
 def test_mamba_scan_splits_reach_the_kernel():
