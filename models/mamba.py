@@ -366,7 +366,7 @@ def _dt(p: dict, dbc: jax.Array, nonpad, cfg: Config, prompt: bool) -> jax.Array
     (``prompt``) when ``use_step_kernel(cfg)``, ``dt_kernel.dt`` where it takes each device's shapes: the product and
     softplus in one kernel, with its own backward (not under ``capture``, which records dt_proj's input)."""
     R, E = cfg.dt_rank, p["dt_bias"].shape[-1]
-    if ((cfg.scan == "pallas" or prompt and use_step_kernel(cfg)) and isinstance(p["dt_proj"], jax.Array)
+    if ((cfg.scan == "pallas" or (prompt and use_step_kernel(cfg))) and isinstance(p["dt_proj"], jax.Array)
             and not capture.active()
             and dt_kernel.takes(dbc.shape[1] // sharding.logical_size("seq"), R, E // sharding.logical_size("inner"))):
         return dt_kernel.dt(dbc, p["dt_proj"], p["dt_bias"], nonpad, cfg.compute_dtype)

@@ -195,10 +195,9 @@ def _specs(S, N, n, be, has_keep, row=None):
 def _make(chunk, block_e, num_warps, bwd_block_e, bwd_num_warps, prefetch, interpret, splits=1, y_dtype=F32,
           split_tiles=None):
     """The custom_vjp scan for padded inputs (S a multiple of splits x each pass's chunk, E of the block sizes, N a
-    power of 2); ``split_tiles``: (channels, warps, chunk, prefetch) of the split's extra passes (pass 1, the adjoint),
-    default the forward's."""
+    power of 2); ``split_tiles``: (channels, warps, chunk, prefetch) of the split's extra passes (pass 1, the adjoint)
+    when ``splits`` > 1."""
     fast = not interpret  # exp2 as one PTX instruction
-    split_tiles = split_tiles or (block_e, num_warps, chunk, prefetch)
 
     def params(warps):
         return None if interpret else plgpu.CompilerParams(num_warps=warps)
@@ -394,10 +393,10 @@ def selective_scan_pallas(x, dt, A, B, C, *, keep=None, h0=None, chunk: int = 8,
     be, bbe, sbe = (min(_pow2_floor(v), _pow2_ceil(E)) for v in (block_e, bwd_block_e, split_block_e))
     if seq_splits is None:
         P = 1 if interpret else auto_splits(b, s, E, be, sm_count())
-    elif isinstance(seq_splits, bool) or not isinstance(seq_splits, int) or seq_splits <= 0:
+    elif isinstance(seq_splits, bool) or not isinstance(seq_splits, (int, np.integer)) or seq_splits <= 0:
         raise ValueError(f"seq_splits is {seq_splits!r}; use a positive integer (1: no split) or None (auto).")
     else:
-        P = seq_splits
+        P = int(seq_splits)
     split = (sbe, int(split_num_warps), Ts, bool(split_prefetch)) if P > 1 else None
     Tm, Em = (max(T, Ts), max(be, bbe, sbe)) if split else (T, max(be, bbe))  # pieces: whole chunks of both passes
     S, Ep, Np = -(-s // (Tm * P)) * Tm * P, -(-E // Em) * Em, _pow2_ceil(N)

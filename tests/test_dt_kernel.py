@@ -93,21 +93,3 @@ def test_channels_too_few_per_device_take_xla():
         assert "name=mamba_dt" not in str(jax.make_jaxpr(apply)(params))
     assert "name=mamba_dt" in str(jax.make_jaxpr(apply)(params))  # one device: all 32 channels
 
-
-def test_lowers_to_triton_with_the_ptx_exp_and_log():
-    """For an H200 (lowered on CPU): the forward and the gradient are one Triton kernel each, their exp2 and log2
-    the PTX instructions (``flash_kernel.exp2``'s flushing form), not libdevice's."""
-    from tests.helpers import h200
-
-    sd = jax.ShapeDtypeStruct
-    dbc, w, bias = sd((2, 64, 96), jnp.bfloat16), sd((64, 128), jnp.bfloat16), sd((128,), jnp.float32)
-
-    def loss(dbc, w, bias):
-        return jnp.sum(DK.dt(dbc, w, bias, interpret=False).astype(jnp.float32))
-
-    with h200():
-        text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(dbc, w, bias).lower(
-            lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2
-    assert "ex2.approx.ftz.f32" in text and "lg2.approx.f32" in text
-    assert "__nv_exp2f" not in text and "__nv_log2f" not in text

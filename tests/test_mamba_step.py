@@ -154,7 +154,7 @@ def test_prefill_through_the_kernels_equals_xla():
 
 def test_prefill_kernels_lower_for_cuda_without_a_gpu():
     """The 370M config's dt kernels (forward, gradient) and prefill conv at a 64 x 2048 prompt lower to one Triton
-    call each for an H200."""
+    call each for an H200; dt's exp2 and log2 are the PTX instructions (``flash_kernel.exp2``), not libdevice's."""
     sd, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
     dt_args = (sd((64, 2048, 96), bf16), sd((64, 2048), bf16), sd((2048,), jnp.float32), sd((64, 2048), jnp.bool_))
     calls = (  # (function, arguments): the gradient's program (the forward's output unused) is the gradient kernel
@@ -164,7 +164,10 @@ def test_prefill_kernels_lower_for_cuda_without_a_gpu():
         (lambda x, w, b, r, l, win: K.prefill_conv(x, w, b, r, l, win, interpret=False),
          (sd((64, 2048, 4096), bf16), sd((4, 2048), bf16), sd((2048,), bf16), sd((64, 2048), jnp.int32),
           sd((64, 2048), jnp.bool_), sd((64, 3, 2048), bf16))))
-    for fn, args in calls:
+    for i, (fn, args) in enumerate(calls):
         with h200():
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1
+        if i < 2:  # dt: softplus (exp2, log2) forward, sigmoid (exp2) in the gradient
+            assert "ex2.approx.ftz.f32" in text and "__nv_exp2f" not in text
+            assert ("lg2.approx.f32" in text) == (i == 0) and "__nv_log2f" not in text
