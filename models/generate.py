@@ -1,7 +1,7 @@
 """Decoding with a preallocated cache (greedy and sampled), for any model family behind the protocol.
 
 The loop uses only the protocol: ``model.init_cache(cfg, batch, max_len)``, its logical axes
-``model.cache_axes(cfg)``, ``model.decode_params(params, cfg)`` and
+``model.cache_axes(cfg)``, ``model.decode_params(params, cfg, batch=...)`` and
 ``model.apply(params, tokens, cfg, positions=..., segment_ids=..., cache=..., last_only=...)``, which
 returns ``(logits, aux)`` with the updated cache in ``aux['cache']``. It never reads the
 cache itself, so the cache may be any pytree.
@@ -25,7 +25,7 @@ number of new tokens, the stop token, the pad id, the key and the sampling setti
 (temperature, top-k, top-p) are traced, so none of them causes a recompilation: greedy
 decoding is the same compiled loop at temperature 0 (a ``lax.cond`` skips the sampling work).
 
-The family's ``decode_params(params, cfg)`` is applied once, inside the compiled function but
+The family's ``decode_params(params, cfg, batch=rows)`` is applied once, inside the compiled function but
 outside the loop, to give the weights a layout for decoding (the Transformer unstacks its layers
 and fuses the QKV and gate/up matrices, so no step slices or copies a weight; Mamba unstacks its
 layers and fuses in_x/in_z).
@@ -194,7 +194,7 @@ def _decode_loop(model, params, cfg, tokens, positions, segment_ids, rows, cache
                  pad_id, top_k, temperature, top_p, *, width, layout):
     del layout  # the active (mesh, rules) of ``constrain``: part of the compilation key
     b, p = tokens.shape
-    params = model.decode_params(params, cfg)  # a layout for decoding, made once outside the loop
+    params = model.decode_params(params, cfg, batch=b)  # a layout for decoding b rows, made once outside the loop
     cache = _constrain_cache(model, cfg, model.init_cache(cfg, b, p + width) if cache is None else cache)
 
     def pick(step, logits):  # logits [b, V] -> int32 [b], row r keyed by fold_in(fold_in(rng, step), r)

@@ -54,7 +54,7 @@ def plain_dot(dot: Dot, x: jax.Array, w: jax.Array) -> jax.Array:
         return y.astype(out_dtype or x.dtype)
     if dot.transpose:
         w = w.T
-    elif _decode_kernels() and decode_matmul.takes(x, w):  # a batch-1 step's one row times a wide weight
+    elif decode_kernels() and decode_matmul.takes(x, w):  # a batch-1 step's one row times a wide weight
         return _mixed_dot(x, w, jnp.dtype(out_dtype or x.dtype), dot.precision, True)
     if x.size == x.shape[-1] and _on_gpu():
         return _vector_times_matrix(x, w, out_dtype)
@@ -106,7 +106,7 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _decode_kernels() -> bool:
+def decode_kernels() -> bool:
     """Whether ``decode_matmul`` may take a product: on a GPU, without an active mesh (GSPMD cannot split a
     Pallas call)."""
     return _on_gpu() and sharding.active() is None

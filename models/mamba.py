@@ -211,16 +211,17 @@ def validate_mesh(cfg: Config, mesh, rules, *, tokens: int | None = None) -> Non
     del cfg, mesh, rules, tokens
 
 
-def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
+def decode_params(params: dict, cfg: Config, fuse: bool = True, batch: int | None = None) -> dict:
     """``params`` with ``layers`` as a tuple of per-layer dicts, for cached decoding.
 
     ``models.generate`` calls this once, outside its decode loop, so each step reads every weight
     where it lies instead of slicing it out of the stacked array again (a copy of each weight per
     layer and step). Each layer's A = -exp(A_log) [E, N] float32 is computed here once (``A``
     replaces ``A_log``), and with ``fuse`` dense in_x and in_z become one ``in_xz`` [d_model, 2E]
-    (one wider matmul per step). Weights of a ``weights.Weight`` type stay as they are.
+    (one wider matmul per step). Weights of a ``weights.Weight`` type stay as they are. The layout does not
+    depend on ``batch`` (the rows decoded).
     """
-    del cfg
+    del cfg, batch
     stack = params["layers"]
     units = jax.tree.leaves(stack)[0].shape[0]
     per_layer = []

@@ -37,6 +37,7 @@ index; ``aux['cache']`` when decoding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -45,11 +46,13 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 import models
-from models import capture, layers, moe, weights
+from models import capture, decode_matmul, layers, moe, weights
 from models.attention import IMPLEMENTATIONS, attention
 from models.layers import REMAT_POLICIES
 from parallel import ring_attention
 from parallel.sharding import constrain
+
+DECODES = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,9 @@ class Config:
     remat: str = "full"
     layer_unroll: int = 1  # layers per iteration of the layer scan; 0: all (``layers.layer_scan``: compiles longer)
     attention: str = "auto"
+    # cached batch-1 steps: "xla" (the layer op by op), "pallas" (``decode_matmul``'s fused kernels: six a layer, where
+    # the shapes allow; in the interpreter off a GPU), or "auto" (pallas on a GPU without an active mesh)
+    decode: str = "auto"
     ring_layout: str = "zigzag"  # attention='ring': 'zigzag' (causal load balance) or 'contiguous' (in order)
     # Switch mixture of experts (models/moe.py); num_experts 0 = dense. See ``moe.MoEConfig``.
     num_experts: int = 0  # N experts per MoE layer
@@ -136,7 +142,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"model.head_dim ({cfg.head_dim}) must be even for rotary embeddings.")
     layers.check_layer_unroll(cfg.layer_unroll)
     for name, choices in (("dtype", layers.DTYPES), ("param_dtype", layers.DTYPES),
-                          ("remat", REMAT_POLICIES), ("attention", IMPLEMENTATIONS)):
+                          ("remat", REMAT_POLICIES), ("attention", IMPLEMENTATIONS), ("decode", DECODES)):
         if getattr(cfg, name) not in choices:
             raise ValueError(f"model.{name} is {getattr(cfg, name)!r}; use one of {sorted(choices)}.")
     if cfg.ring_layout not in ring_attention.LAYOUTS:
@@ -317,6 +323,10 @@ def decoder_layer(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=
     ``train`` and ``rng`` (expert dropout) go to ``moe.apply``, and with a cache it runs the
     dropless path. Returns (x, new_cache or None, the MoE layer's ``moe.apply`` aux, {} when dense).
     """
+    if cache_layer is not None and _uses_fused_layer(p, x, cfg, cache):
+        return _fused_decode_layer(p, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
+                                   cache_index=cache_index, cache_segment_ids=cache_segment_ids,
+                                   cache_layer=cache_layer)
     b, s, _ = x.shape
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     n = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
@@ -361,6 +371,42 @@ def decoder_layer(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=
     hidden = checkpoint_name(constrain(hidden, ("batch", "seq", "mlp")), "mlp_hidden")
     x = x + layers.linear(p["w_down"], hidden, name="w_down")
     return constrain(x, ("batch", "seq", "embed")), new_cache, {}
+
+
+_FUSED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def _uses_fused_layer(p: dict, x: jax.Array, cfg: Config, cache: dict) -> bool:
+    """Whether a cached step of this layer runs as ``_fused_decode_layer`` (``cfg.decode``): one token of one row,
+    a dense layer in ``decode_params``' out-major layout (``weights.OutMajor``), no ``capture``, and shapes that
+    ``decode_matmul``'s kernels take."""
+    if cfg.decode == "xla" or (cfg.decode == "auto" and not layers.decode_kernels()) or capture.active():
+        return False
+    if x.shape[:2] != (1, 1) or not all(isinstance(p.get(n), weights.OutMajor) for n in _FUSED_WEIGHTS):
+        return False
+    d, f, heads_dim = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim
+    plan = functools.partial(decode_matmul.plan, 1, dtype=x.dtype, out_major=True)
+    return (cache["k"].shape[1] == 1
+            and decode_matmul.qkv_plan(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, x.dtype) is not None
+            and None not in (plan(heads_dim, d), plan(d, 2 * f, glu=True), plan(f, d)))
+
+
+def _fused_decode_layer(p, x, cfg: Config, *, positions, segment_ids, cache, cache_index, cache_segment_ids,
+                        cache_layer):
+    """``decoder_layer``'s cached step for one token of one row, as six kernels (``decode_matmul``): the norm, W_qkv,
+    the rotation and the cache writes; the attention (``cfg.attention``, two kernels with split-K); W_o with the
+    residual add; the norm, W_gate_up and SwiGLU; W_down with the residual add. Weights are cast to x's dtype, as
+    ``layers.linear`` casts them."""
+    w = {name: p[name].t.astype(x.dtype) for name in _FUSED_WEIGHTS}
+    q, k, v = decode_matmul.decode_qkv(x, p["attn_norm"], w["wqkv"], cache["k"], cache["v"], heads=cfg.n_heads,
+                                       kv_heads=cfg.n_kv_heads, position=positions[0, 0], index=cache_index,
+                                       layer=cache_layer, theta=cfg.rope_theta, eps=cfg.norm_eps)
+    o = attention(q, k, v, implementation=cfg.attention, q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids,
+                  q_start=cache_index, kv_layer=cache_layer)
+    fused = functools.partial(decode_matmul.decode_matmul, out_major=True)
+    x = fused(o.reshape(x.shape[:2] + (-1,)), w["wo"], residual=x)
+    hidden = fused(x, w["w_gate_up"], norm=p["mlp_norm"], eps=cfg.norm_eps, glu=True)
+    return fused(hidden, w["w_down"], residual=x), {"k": k, "v": v}, {}
 
 
 def unit_layers(p_unit: dict, cfg: Config) -> list[dict]:
@@ -508,7 +554,7 @@ def _unstack(layer_params: dict, cfg: Config) -> tuple:
     return tuple(p for u in range(units) for p in unit_layers(jax.tree.map(lambda a: a[u], layer_params), cfg))
 
 
-def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
+def decode_params(params: dict, cfg: Config, fuse: bool = True, batch: int | None = None) -> dict:
     """``params`` with ``layers`` as a tuple of per-layer dicts, for cached decoding.
 
     ``models.generate`` calls this once, outside its decode loop, so each step reads every
@@ -516,8 +562,12 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
     dense W_q, W_k, W_v become one ``wqkv`` [d_model, (heads + 2 kv_heads) head_dim] and, in
     dense layers, W_gate, W_up one ``w_gate_up`` [d_model, 2 d_ff]: one wider matmul each per
     step. Expert weights, and weights of a ``weights.Weight`` type that cannot join columns
-    (``weights.join_out``), stay as they are.
+    (``weights.join_out``), stay as they are. For ``batch`` 1, where a step may run ``_fused_decode_layer``
+    (``cfg.decode`` "pallas", or "auto" on a GPU without an active mesh), a dense layer's four plain
+    projections are also stored out-major in the compute dtype (``weights.OutMajor``: W^T); XLA's products
+    for more rows read the [in, out] layout faster (the 350M at batch 64 on an H200: 0.9%).
     """
+    out_major = fuse and batch == 1 and (cfg.decode == "pallas" or (cfg.decode == "auto" and layers.decode_kernels()))
     per_layer = []
     for p in _unstack(params["layers"], cfg):  # fresh dicts: deleting leaves params alone
         p = dict(p)
@@ -528,6 +578,8 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True) -> dict:
                 p[fused] = joined
                 for n in names:
                     del p[n]
+        if out_major and all(isinstance(p.get(n), jax.Array) for n in _FUSED_WEIGHTS):
+            p.update({n: weights.OutMajor(p[n].T.astype(cfg.compute_dtype)) for n in _FUSED_WEIGHTS})
         per_layer.append(p)
     return {**params, "layers": tuple(per_layer)}
 

@@ -82,6 +82,20 @@ class LoRA(Weight):
         return base + (self.scale * delta).astype(dtype)
 
 
+@flax.struct.dataclass
+class OutMajor(Weight):
+    """A dense weight stored out-major: ``t`` [out, in] = W^T. Batch-1 decoding's layout on a GPU
+    (``models.transformer.decode_params``): ``decode_matmul``'s out-major kernels read each output's weights as one
+    contiguous row, where a narrow column slice of [in, out] is a strided read. Dense form only."""
+
+    t: Any
+
+    def matmul(self, x, dot: Dot):
+        if dot.form != "dense":
+            raise ValueError(f"an OutMajor weight multiplies in the dense form only, not {dot.form!r}.")
+        return dot._replace(transpose=not dot.transpose)(x, self.t)
+
+
 def join_out(ws: list):
     """The weights ``ws`` [..., in, out_i] joined along the output axis ([..., in, sum out_i]): plain arrays, or
     weights of one ``out_last`` type with equal static fields; None when they cannot be joined."""

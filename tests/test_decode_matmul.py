@@ -1,14 +1,19 @@
-"""The batch-1 decoding matmul kernel (Pallas, interpreted on CPU) against a float64 product: bf16 and fp16,
-float32 output; the shapes it refuses; ``layers.linear``'s dispatch to it on a GPU (traced) and not under a mesh,
-and its gradient there; greedy decoding through it; the Triton lowering for an H200."""
+"""The batch-1 decoding kernels (Pallas, interpreted on CPU) against float64 references: the [K, N] product (bf16,
+fp16, float32 output), the out-major product with its norm, SwiGLU and residual, and ``decode_qkv`` (norm, rotation,
+cache writes in place); the shapes and tiles they refuse; ``layers.linear``'s dispatch to the product on a GPU
+(traced) and not under a mesh, and its gradient there; the Transformer's six-kernel layer (``model.decode``) and
+greedy decoding through the kernels; the Triton lowerings for an H200."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dataclasses
+import functools
+
 from models import decode_matmul as DM
-from models import layers
+from models import layers, weights
 from models.weights import Dot
 from parallel import mesh as pmesh
 from parallel import sharding
@@ -64,7 +69,7 @@ def test_linear_through_the_kernel_has_the_mixed_precision_gradient(monkeypatch)
 
     ref_jaxpr, ref = grads()
     monkeypatch.setattr(DM, "MIN_N", 0)
-    monkeypatch.setattr(layers, "_decode_kernels", lambda: True)
+    monkeypatch.setattr(layers, "decode_kernels", lambda: True)
     got_jaxpr, got = grads()
     assert "decode_matmul_256x3072" in str(got_jaxpr) and "pallas_call" not in str(ref_jaxpr)
     for a, b in zip(got, ref):  # one backward from the same residuals: the same numbers
@@ -103,9 +108,11 @@ def test_triton_lowering_for_cuda_without_a_gpu():
 
 
 @pytest.mark.parametrize("family", ["transformer", "mamba"])
-def test_greedy_decoding_through_the_kernel_equals_xla(family, monkeypatch):
-    """A tiny bf16 model's batch-1 greedy decoding with every projection through the kernel (the plan's width
-    floor lowered to the tiny sizes; interpreted) gives XLA's tokens; a cached step's logits agree within bf16."""
+def test_greedy_decoding_through_the_kernels_follows_xla(family, monkeypatch):
+    """A tiny bf16 model's batch-1 greedy decoding as on a GPU (interpreted; the plan's width floor lowered to the
+    tiny sizes): Mamba's projections through the [K, N] kernel give XLA's tokens; the Transformer's six-kernel layer,
+    which rounds in other places, picks at each step a token XLA's forward of the same sequence ranks first up to
+    bf16 rounding (``assert_near_argmax``). A cached step's logits agree within bf16."""
     import models
     from models import generate as G
     from tests import helpers
@@ -120,12 +127,196 @@ def test_greedy_decoding_through_the_kernel_equals_xla(family, monkeypatch):
     dp, tok, cache = model.decode_params(params, cfg), jnp.array([[7]]), model.init_cache(cfg, 1, 16)
     ref = step(dp, tok, cache)
     monkeypatch.setattr(DM, "MIN_N", 0)
-    monkeypatch.setattr(layers, "_decode_kernels", lambda: True)
+    monkeypatch.setattr(layers, "decode_kernels", lambda: True)
     jax.clear_caches()
-    kernels = str(jax.make_jaxpr(step)(dp, tok, cache)).count("name=decode_matmul_")
-    # per layer W_qkv, W_o, W_gate_up, W_down; or in_xz, out_proj; and an untied LM head (a tied one multiplies by
-    # the embedding's transpose: XLA)
-    assert kernels == (4 if family == "transformer" else 2) * cfg.n_layers + (not cfg.tie_embeddings)
+    dp = model.decode_params(params, cfg, batch=1)  # on a GPU the Transformer's batch-1 layout is out-major
+    jaxpr = str(jax.make_jaxpr(step)(dp, tok, cache))
+    # per layer the Transformer's six-kernel layer (decode_qkv and three out-major products) or Mamba's in_xz,
+    # out_proj; and an untied LM head (a tied one multiplies by the embedding's transpose: XLA)
+    assert jaxpr.count("name=decode_matmul_") == (3 if family == "transformer" else 2) * cfg.n_layers + (
+        not cfg.tie_embeddings)
+    assert jaxpr.count("name=decode_qkv_") == (cfg.n_layers if family == "transformer" else 0)
     assert rel_err(step(dp, tok, cache), ref) < 1e-2
-    assert G.greedy(model, params, cfg, prompts, max_new_tokens=4) == want
+    got = G.greedy(model, params, cfg, prompts, max_new_tokens=4)
+    if family == "transformer":
+        assert_near_argmax(model, params, dataclasses.replace(cfg, decode="xla"), prompts[0], got[0])
+    else:
+        assert got == want
     jax.clear_caches()
+
+
+def assert_near_argmax(model, params, cfg, prompt, tokens, tol: float = 0.03):
+    """Each of ``tokens`` (generated after ``prompt``) is the argmax of ``cfg``'s forward over the sequence up to
+    it, up to rounding: its logit is within ``tol`` x the logits' RMS of the largest. A wrong token lies about one
+    RMS below; two paths that round differently may swap near ties, which exact token equality would call a
+    failure."""
+    seq = jnp.array([list(prompt) + list(tokens[:-1])])
+    logits = np.asarray(model.apply(params, seq, cfg)[0][0, len(prompt) - 1:], np.float64)
+    chosen = logits[np.arange(len(tokens)), np.asarray(tokens)]
+    gap = logits.max(-1) - chosen
+    assert (gap <= tol * np.sqrt(np.mean(logits ** 2, -1))).all(), (tokens, gap)
+
+
+def out_major_operands(k, n, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(ks[0], (1, 1, k), jnp.bfloat16)
+    scale = (1 + 0.2 * jax.random.normal(ks[1], (k,))).astype(jnp.bfloat16)
+    w = (jax.random.normal(ks[2], (k, n)) / np.sqrt(k)).astype(jnp.bfloat16)
+    return x, scale, w, jax.random.normal(ks[3], (1, 1, n), jnp.bfloat16)
+
+
+def f64(a):
+    return np.asarray(a, np.float64)
+
+
+def rms64(x, scale, eps=1e-5):
+    x = f64(x)
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * f64(scale)
+
+
+@pytest.mark.parametrize("tiles", [{}, dict(block_n=4, block_k=256, num_stages=2)])
+def test_out_major_forms_equal_float64(tiles):
+    """W^T [N, K] times one row: plain, with the RMSNorm, with SwiGLU after the norm, with the residual; float64
+    formulas of the same math (bf16 operands, one bf16 rounding of the output: errors ~2-4e-3)."""
+    k, n, f = 512, 256, 384
+    x, scale, w, r = out_major_operands(k, n)
+    wgu = out_major_operands(k, 2 * f, seed=1)[2]
+    run = functools.partial(DM.decode_matmul, out_major=True, interpret=True, **tiles)
+    assert rel_err(run(x, w.T), f64(x) @ f64(w)) < 4e-3
+    assert rel_err(run(x, w.T, residual=r), f64(r) + f64(x) @ f64(w)) < 4e-3
+    assert rel_err(run(x, w.T, norm=scale), rms64(x, scale) @ f64(w)) < 4e-3
+    gate, up = np.split(rms64(x, scale) @ f64(wgu), 2, axis=-1)
+    glu_tiles = {**tiles, "block_n": 2 * tiles["block_n"]} if tiles else {}
+    y = run(x, wgu.T, norm=scale, glu=True, **glu_tiles)
+    assert y.shape == (1, 1, f) and rel_err(y, gate / (1 + np.exp(-gate)) * up) < 8e-3
+
+
+def test_decode_qkv_rotates_and_writes_the_cache_in_place():
+    """decode_qkv = RMSNorm, W_qkv, ``layers.rope`` at the position (float64 here), k and v written at the index of
+    one layer of the stacked caches, every other slot as it was; an index past the cache clamps to its last slot,
+    as dynamic_update_slice does."""
+    heads, kv_heads, d, k_in, layers_n, max_len = 4, 2, 64, 512, 3, 16
+    x, scale, w, _ = out_major_operands(k_in, (heads + 2 * kv_heads) * d, seed=2)
+    kc, vc = (jax.random.normal(jax.random.PRNGKey(s), (layers_n, 1, max_len, kv_heads, d), jnp.bfloat16)
+              for s in (3, 4))
+    q, kk, vv = np.split(rms64(x, scale) @ f64(w), [heads * d, (heads + kv_heads) * d], axis=-1)
+
+    def rope64(t, pos):
+        t = t.reshape(-1, d)
+        ang = pos * (1.0 / 10000.0 ** (np.arange(0, d, 2) / d))
+        t1, t2 = t[:, : d // 2], t[:, d // 2:]
+        return np.concatenate([t1 * np.cos(ang) - t2 * np.sin(ang), t2 * np.cos(ang) + t1 * np.sin(ang)], -1)
+
+    for index, slot in ((5, 5), (40, max_len - 1)):
+        got_q, got_k, got_v = DM.decode_qkv(x, scale, w.T, kc, vc, heads=heads, kv_heads=kv_heads, position=9,
+                                            index=index, layer=1, theta=10000.0, interpret=True)
+        assert got_q.shape == (1, 1, heads, d) and rel_err(got_q.reshape(heads, d), rope64(q, 9)) < 5e-3
+        assert rel_err(got_k[1, 0, slot], rope64(kk, 9)) < 5e-3 and rel_err(got_v[1, 0, slot], vv.reshape(-1, d)) < 5e-3
+        for got, old in ((got_k, kc), (got_v, vc)):
+            np.testing.assert_array_equal(np.asarray(got.at[1, 0, slot].set(0), np.float32),
+                                          np.asarray(old.at[1, 0, slot].set(0), np.float32))
+
+
+def test_plans_and_refusals():
+    """Out-major tiles (block_n 2, 16 with glu; block_k 512 where it divides K); the fused forms need out_major;
+    tiles that are not powers of two dividing their axis are refused by name."""
+    bf = jnp.bfloat16
+    assert DM.plan(1, 5632, 2048, bf, out_major=True) == dict(block_n=2, block_k=512, num_warps=4, num_stages=3)
+    assert DM.plan(1, 2048, 11264, bf, out_major=True, glu=True) == dict(block_n=16, block_k=256, num_warps=4,
+                                                                           num_stages=3)
+    assert DM.plan(1, 768, 2048, bf, out_major=True)["block_k"] == 256
+    assert DM.qkv_plan(2048, 16, 16, 128, bf) == dict(block_n=8, block_k=512, num_warps=4, num_stages=2)
+    assert DM.plan(1, 2048, 2048, jnp.float32, out_major=True) is None and DM.qkv_plan(2048, 16, 16, 12, bf) is None
+    x, scale, w, r = out_major_operands(512, 256)
+    with pytest.raises(ValueError, match="out-major product only"):
+        DM.decode_matmul(x, w, residual=r, interpret=True)
+    for tiles, name in ((dict(block_n=3), "block_n"), (dict(block_k=1024), "block_k"), (dict(block_n=512), "block_n")):
+        with pytest.raises(ValueError, match=f"decode_matmul's {name} is"):
+            DM.decode_matmul(x, w.T, out_major=True, interpret=True, **tiles)
+    kc = jnp.zeros((1, 1, 8, 2, 64), bf)
+    x, scale, wqkv = x[..., :256], scale[:256], jnp.zeros((8 * 64, 256), bf)  # W_qkv^T [N, K]
+    with pytest.raises(ValueError, match="decode_qkv's block_n is 6"):
+        DM.decode_qkv(x, scale, wqkv, kc, kc, heads=4, kv_heads=2, position=0, index=0, layer=0, theta=1e4,
+                      interpret=True, block_n=6)
+    with pytest.raises(ValueError, match="decode_qkv takes one bf16/fp16 row"):  # W_qkv, not its transpose
+        DM.decode_qkv(x, scale, wqkv.T, kc, kc, heads=4, kv_heads=2, position=0, index=0, layer=0, theta=1e4)
+
+
+def test_out_major_weight_is_the_same_product():
+    """weights.OutMajor(W^T) through ``layers.linear`` gives x @ W (plain and transposed requests); the experts form
+    is refused."""
+    x, _, w, _ = out_major_operands(256, 128)
+    wt = weights.OutMajor(w.T)
+    np.testing.assert_array_equal(np.asarray(layers.linear(wt, x), np.float32),
+                                  np.asarray(layers.linear(w, x), np.float32))
+    np.testing.assert_array_equal(np.asarray(layers.linear(wt, x[..., :128], transpose=True), np.float32),
+                                  np.asarray(layers.linear(w, x[..., :128], transpose=True), np.float32))
+    with pytest.raises(ValueError, match="dense form only"):
+        layers.linear(wt, x, experts=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer():
+    from tests import helpers
+
+    cfg = helpers.tiny("transformer", d_model=256, vocab_size=64, dtype="bfloat16", d_ff=512, n_heads=4, n_kv_heads=2)
+    return cfg, helpers.random_params(cfg)
+
+
+def test_fused_decode_layer_equals_the_op_by_op_step(tiny_transformer):
+    """model.decode="pallas" (interpreted): decode_params lays the four projections out-major (``weights.OutMajor``),
+    each batch-1 cached step runs decode_qkv and three out-major products a layer, and its logits and cache equal the
+    op-by-op step's ("xla") within bf16 roundings; greedy decoding follows XLA's argmax. A batch of 2 with the
+    out-major layout takes XLA's products (the layer's kernels are for one row) and equals the plain layout's step."""
+    import models
+    from models import generate as G
+
+    model = models.get("transformer")
+    base, params = tiny_transformer
+    xla, fused = (dataclasses.replace(base, decode=d) for d in ("xla", "pallas"))
+    p_xla, p_fused = model.decode_params(params, xla, batch=1), model.decode_params(params, fused, batch=1)
+    assert not isinstance(p_xla["layers"][0]["wo"], weights.OutMajor)
+    for batch in (None, 2):  # the layer's kernels take one row: other batches keep the [in, out] layout
+        assert not isinstance(model.decode_params(params, fused, batch=batch)["layers"][0]["wo"], weights.OutMajor)
+    assert all(isinstance(p_fused["layers"][0][n], weights.OutMajor) for n in ("wqkv", "wo", "w_gate_up", "w_down"))
+    assert p_fused["layers"][0]["wqkv"].t.shape == (8 * 64, 256)
+
+    def steps(cfg, dp, batch):
+        cache, out = model.init_cache(cfg, batch, 16), []
+        for t in (7, 11, 13):
+            logits, aux = model.apply(dp, jnp.full((batch, 1), t), cfg, cache=cache)
+            cache = aux["cache"]
+            out.append(logits)
+        return jnp.stack(out), cache
+
+    jaxpr = str(jax.make_jaxpr(lambda dp: steps(fused, dp, 1))(p_fused))
+    assert jaxpr.count("name=decode_qkv_") == 3 * base.n_layers
+    assert jaxpr.count("name=decode_matmul_") == 3 * 3 * base.n_layers
+    for batch in (1, 2):
+        (want, want_cache), (got, got_cache) = steps(xla, p_xla, batch), steps(fused, p_fused, batch)
+        assert rel_err(got, want) < (2e-2 if batch == 1 else 1e-6)
+        for name in ("k", "v"):
+            assert rel_err(got_cache[name], want_cache[name]) < (1e-2 if batch == 1 else 1e-6)
+    prompt = (5, 17, 3, 9)
+    assert_near_argmax(model, params, xla, prompt, G.greedy(model, params, fused, (prompt,), max_new_tokens=8)[0])
+
+
+def test_fused_kernels_lower_for_cuda_without_a_gpu():
+    """The 1.26B config's six-kernel layer: decode_qkv and the three out-major products lower to one Triton call each
+    for an H200."""
+    sd, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    out_major = functools.partial(DM.decode_matmul, out_major=True, interpret=False)
+    cases = [(lambda x, w, r: out_major(x, w, residual=r), sd((1, 1, 2048), bf), sd((2048, 2048), bf),
+              sd((1, 1, 2048), bf)),
+             (lambda x, w, r: out_major(x, w, residual=r), sd((1, 1, 5632), bf), sd((2048, 5632), bf),
+              sd((1, 1, 2048), bf)),
+             (lambda x, w, s: out_major(x, w, norm=s, glu=True), sd((1, 1, 2048), bf), sd((11264, 2048), bf),
+              sd((2048,), bf)),
+             (lambda x, s, w, kc, i: DM.decode_qkv(x, s, w, kc, kc, heads=16, kv_heads=16, position=i, index=i,
+                                                   layer=3, theta=1e4, interpret=False),
+              sd((1, 1, 2048), bf), sd((2048,), bf), sd((6144, 2048), bf), sd((22, 1, 768, 16, 128), bf),
+              sd((), jnp.int32))]
+    for fn, *args in cases:
+        with h200():
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1

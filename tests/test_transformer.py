@@ -243,6 +243,7 @@ def test_flops_per_token_counts_matmuls_and_attention():
     ("attention", "flash", "model.attention"),
     ("remat", "some", "model.remat"),
     ("layer_unroll", -1, "model.layer_unroll is -1"),
+    ("decode", "fused", r"model.decode is 'fused'; use one of \['auto', 'pallas', 'xla'\]"),
 ])
 def test_invalid_config_names_field(field, value, words):
     with pytest.raises(ValueError, match=words):
