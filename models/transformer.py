@@ -376,19 +376,23 @@ def decoder_layer(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=
 _FUSED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
-def _uses_fused_layer(p: dict, x: jax.Array, cfg: Config, cache: dict) -> bool:
-    """Whether a cached step of this layer runs as ``_fused_decode_layer`` (``cfg.decode``): one token of one row,
-    a dense layer in ``decode_params``' out-major layout (``weights.OutMajor``), no ``capture``, and shapes that
-    ``decode_matmul``'s kernels take."""
-    if cfg.decode == "xla" or (cfg.decode == "auto" and not layers.decode_kernels()) or capture.active():
+def _fused_layer_fits(cfg: Config) -> bool:
+    """Whether ``cfg.decode`` asks for ``_fused_decode_layer`` here ("pallas", or "auto" on a GPU without an active
+    mesh) and ``decode_matmul``'s kernels take the config's shapes in its compute dtype."""
+    if cfg.decode == "xla" or (cfg.decode == "auto" and not layers.decode_kernels()):
         return False
-    if x.shape[:2] != (1, 1) or not all(isinstance(p.get(n), weights.OutMajor) for n in _FUSED_WEIGHTS):
-        return False
-    d, f, heads_dim = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim
-    plan = functools.partial(decode_matmul.plan, 1, dtype=x.dtype, out_major=True)
-    return (cache["k"].shape[1] == 1
-            and decode_matmul.qkv_plan(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, x.dtype) is not None
+    d, f, heads_dim, dtype = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim, cfg.compute_dtype
+    plan = functools.partial(decode_matmul.plan, 1, dtype=dtype, out_major=True)
+    return (decode_matmul.qkv_plan(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, dtype) is not None
             and None not in (plan(heads_dim, d), plan(d, 2 * f, glu=True), plan(f, d)))
+
+
+def _uses_fused_layer(p: dict, x: jax.Array, cfg: Config, cache: dict) -> bool:
+    """Whether a cached step of this layer runs as ``_fused_decode_layer``: one token of one row, a dense layer in
+    ``decode_params``' out-major layout (``weights.OutMajor``), a config the kernels take, no ``capture``."""
+    return (x.shape[:2] == (1, 1) and cache["k"].shape[1] == 1 and x.dtype == cfg.compute_dtype
+            and all(isinstance(p.get(n), weights.OutMajor) for n in _FUSED_WEIGHTS)
+            and not capture.active() and _fused_layer_fits(cfg))
 
 
 def _fused_decode_layer(p, x, cfg: Config, *, positions, segment_ids, cache, cache_index, cache_segment_ids,
@@ -563,11 +567,11 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True, batch: int | Non
     dense layers, W_gate, W_up one ``w_gate_up`` [d_model, 2 d_ff]: one wider matmul each per
     step. Expert weights, and weights of a ``weights.Weight`` type that cannot join columns
     (``weights.join_out``), stay as they are. For ``batch`` 1, where a step may run ``_fused_decode_layer``
-    (``cfg.decode`` "pallas", or "auto" on a GPU without an active mesh), a dense layer's four plain
-    projections are also stored out-major in the compute dtype (``weights.OutMajor``: W^T); XLA's products
-    for more rows read the [in, out] layout faster (the 350M at batch 64 on an H200: 0.9%).
+    (``_fused_layer_fits``), a dense layer's four plain projections are also stored out-major in the compute
+    dtype (``weights.OutMajor``: W^T); XLA's products for more rows read the [in, out] layout faster (the 350M
+    at batch 64 on an H200: 0.9%).
     """
-    out_major = fuse and batch == 1 and (cfg.decode == "pallas" or (cfg.decode == "auto" and layers.decode_kernels()))
+    out_major = fuse and batch == 1 and _fused_layer_fits(cfg)
     per_layer = []
     for p in _unstack(params["layers"], cfg):  # fresh dicts: deleting leaves params alone
         p = dict(p)

@@ -278,6 +278,8 @@ def test_fused_decode_layer_equals_the_op_by_op_step(tiny_transformer):
     assert not isinstance(p_xla["layers"][0]["wo"], weights.OutMajor)
     for batch in (None, 2):  # the layer's kernels take one row: other batches keep the [in, out] layout
         assert not isinstance(model.decode_params(params, fused, batch=batch)["layers"][0]["wo"], weights.OutMajor)
+    f32 = dataclasses.replace(fused, dtype="float32")  # nor does a config the kernels do not take
+    assert not isinstance(model.decode_params(params, f32, batch=1)["layers"][0]["wo"], weights.OutMajor)
     assert all(isinstance(p_fused["layers"][0][n], weights.OutMajor) for n in ("wqkv", "wo", "w_gate_up", "w_down"))
     assert p_fused["layers"][0]["wqkv"].t.shape == (8 * 64, 256)
 
@@ -320,3 +322,27 @@ def test_fused_kernels_lower_for_cuda_without_a_gpu():
         with h200():
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def test_switch_model_fuses_its_dense_layers_only():
+    """A Switch model with model.decode="pallas": the dense layer runs the six-kernel layer, the MoE layer its own
+    dropless path (its experts are not joined); the cached steps' logits equal the op-by-op step's within bf16."""
+    import models
+    from tests import helpers
+
+    model = models.get("transformer")
+    cfg = helpers.tiny("switch", d_model=256, d_ff=512, n_heads=4, n_kv_heads=2, vocab_size=64, dtype="bfloat16",
+                       decode="pallas")
+    params = helpers.random_params(cfg)
+    dense, moe_layer = model.decode_params(params, cfg, batch=1)["layers"]
+    assert isinstance(dense["wo"], weights.OutMajor) and not isinstance(moe_layer["wo"], weights.OutMajor)
+
+    def steps(cfg):
+        dp, cache, out = model.decode_params(params, cfg, batch=1), model.init_cache(cfg, 1, 16), []
+        for t in (7, 11):
+            logits, aux = model.apply(dp, jnp.array([[t]]), cfg, cache=cache)
+            cache, out = aux["cache"], out + [logits]
+        return jnp.stack(out)
+
+    assert str(jax.make_jaxpr(lambda: steps(cfg))()).count("name=decode_qkv_") == 2  # one dense layer, two steps
+    assert rel_err(steps(cfg), steps(dataclasses.replace(cfg, decode="xla"))) < 2e-2
