@@ -27,7 +27,7 @@ ops round it (the product, silu, the gate, the rotation), so the two paths diffe
 float32 sums and in the norm's scale, which is applied to the float32 product instead of to x.
 
 On an H200, the 1.26B config's batch-1 step: 2.5-4.5% faster with W_qkv, W_gate_up and the LM head through
-the [K, N] kernel than with the two-row GEMM; 1.27x faster again with the six-kernel layer
+the [K, N] kernel than with the two-row GEMM; 1.27-1.29x faster again with the six-kernel layer
 (``experiments/BENCHMARKS.md``).
 """
 from __future__ import annotations
@@ -38,14 +38,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from models.flash_kernel import F32, compiler_params, resolve_interpret, sm_count
+from models.flash_kernel import F32, compiler_params, is_pow2, resolve_interpret, sm_count
 
 MIN_N = 3072  # the [K, N] kernel fills the GPU only this wide without a K split (the split form is not used)
 DTYPES = (jnp.bfloat16, jnp.float16)
-
-
-def _is_pow2(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0
 
 
 def plan(m: int, k: int, n: int, dtype, *, out_major: bool = False, glu: bool = False) -> dict | None:
@@ -75,8 +71,9 @@ def plan(m: int, k: int, n: int, dtype, *, out_major: bool = False, glu: bool = 
 def _check_tiles(tiles: dict, k: int, outputs: int, what: str) -> None:
     """ValueError unless block_n and block_k are powers of two (Triton's blocks) dividing ``outputs`` and K."""
     for name, size in (("block_n", outputs), ("block_k", k)):
-        if not _is_pow2(tiles[name]) or size % tiles[name]:
-            raise ValueError(f"{what}'s {name} is {tiles[name]!r}; it must be a power of two dividing {size}.")
+        value = tiles[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not is_pow2(value) or size % value:
+            raise ValueError(f"{what}'s {name} is {value!r}; it must be a power of two dividing {size}.")
 
 
 def _kernel(*refs, block_k: int, steps: int, norm: bool, glu: bool, residual: bool, eps: float, out_major: bool):

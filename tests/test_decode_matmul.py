@@ -230,7 +230,8 @@ def test_plans_and_refusals():
     x, scale, w, r = out_major_operands(512, 256)
     with pytest.raises(ValueError, match="out-major product only"):
         DM.decode_matmul(x, w, residual=r, interpret=True)
-    for tiles, name in ((dict(block_n=3), "block_n"), (dict(block_k=1024), "block_k"), (dict(block_n=512), "block_n")):
+    for tiles, name in ((dict(block_n=3), "block_n"), (dict(block_k=1024), "block_k"), (dict(block_n=512), "block_n"),
+                        (dict(block_n=True), "block_n"), (dict(block_k=256.0), "block_k")):
         with pytest.raises(ValueError, match=f"decode_matmul's {name} is"):
             DM.decode_matmul(x, w.T, out_major=True, interpret=True, **tiles)
     kc = jnp.zeros((1, 1, 8, 2, 64), bf)
