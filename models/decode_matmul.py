@@ -204,7 +204,7 @@ def decode_matmul(x: jax.Array, w: jax.Array, out_dtype=None, *, out_major: bool
     if residual is not None and residual.shape[-1] != n:
         raise ValueError(f"decode_matmul's residual is {residual.shape}; it must end in N={n}.")
     chosen = {**plan(1, k, n, x.dtype, out_major=out_major, glu=glu), **tiles}
-    _check_tiles(chosen, k, n // 2 if glu else n, "decode_matmul")
+    _check_tiles(chosen, k, n, "decode_matmul")  # with glu, block_n counts both halves' outputs: a divisor of N
     if glu and chosen["block_n"] < 2:
         raise ValueError("decode_matmul's block_n with glu counts both halves' outputs: at least 2.")
     y = _product(x.reshape(1, k), w, jnp.dtype(out_dtype or x.dtype), chosen, resolve_interpret(interpret), norm, eps,

@@ -234,6 +234,8 @@ def test_plans_and_refusals():
                         (dict(block_n=True), "block_n"), (dict(block_k=256.0), "block_k")):
         with pytest.raises(ValueError, match=f"decode_matmul's {name} is"):
             DM.decode_matmul(x, w.T, out_major=True, interpret=True, **tiles)
+    with pytest.raises(ValueError, match="block_n with glu counts both halves"):
+        DM.decode_matmul(x, w.T, out_major=True, glu=True, interpret=True, block_n=1)
     kc = jnp.zeros((1, 1, 8, 2, 64), bf)
     x, scale, wqkv = x[..., :256], scale[:256], jnp.zeros((8 * 64, 256), bf)  # W_qkv^T [N, K]
     with pytest.raises(ValueError, match="decode_qkv's block_n is 6"):
