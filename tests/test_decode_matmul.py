@@ -108,11 +108,11 @@ def test_triton_lowering_for_cuda_without_a_gpu():
 
 
 @pytest.mark.parametrize("family", ["transformer", "mamba"])
-def test_greedy_decoding_through_the_kernels_follows_xla(family, monkeypatch):
-    """A tiny bf16 model's batch-1 greedy decoding as on a GPU (interpreted; the plan's width floor lowered to the
-    tiny sizes): Mamba's projections through the [K, N] kernel give XLA's tokens; the Transformer's six-kernel layer,
-    which rounds in other places, picks at each step a token XLA's forward of the same sequence ranks first up to
-    bf16 rounding (``assert_near_argmax``). A cached step's logits agree within bf16."""
+def test_decoding_through_the_kernels_follows_xla(family, monkeypatch):
+    """A tiny bf16 model's batch-1 decoding as on a GPU (interpreted; the plan's width floor lowered to the tiny
+    sizes): "auto" takes the Transformer's six-kernel layer and Mamba's [K, N] kernel, a cached step's logits agree
+    with XLA's within bf16, and Mamba's greedy tokens are XLA's (the Transformer's greedy decoding, which rounds in
+    other places, is checked in ``test_fused_decode_layer_equals_the_op_by_op_step``)."""
     import models
     from models import generate as G
     from tests import helpers
@@ -122,7 +122,7 @@ def test_greedy_decoding_through_the_kernels_follows_xla(family, monkeypatch):
     cfg = helpers.tiny(family, d_model=256, vocab_size=64, dtype="bfloat16", **extra)
     params = helpers.random_params(cfg)
     prompts = ((5, 17, 3, 9),)
-    want = G.greedy(model, params, cfg, prompts, max_new_tokens=4)
+    want = G.greedy(model, params, cfg, prompts, max_new_tokens=4) if family == "mamba" else None
     step = (lambda p, t, c: model.apply(p, t, cfg, cache=c)[0])
     dp, tok, cache = model.decode_params(params, cfg), jnp.array([[7]]), model.init_cache(cfg, 1, 16)
     ref = step(dp, tok, cache)
@@ -137,11 +137,8 @@ def test_greedy_decoding_through_the_kernels_follows_xla(family, monkeypatch):
         not cfg.tie_embeddings)
     assert jaxpr.count("name=decode_qkv_") == (cfg.n_layers if family == "transformer" else 0)
     assert rel_err(step(dp, tok, cache), ref) < 1e-2
-    got = G.greedy(model, params, cfg, prompts, max_new_tokens=4)
-    if family == "transformer":
-        assert_near_argmax(model, params, dataclasses.replace(cfg, decode="xla"), prompts[0], got[0])
-    else:
-        assert got == want
+    if family == "mamba":
+        assert G.greedy(model, params, cfg, prompts, max_new_tokens=4) == want
     jax.clear_caches()
 
 
@@ -286,24 +283,25 @@ def test_fused_decode_layer_equals_the_op_by_op_step(tiny_transformer):
     assert all(isinstance(p_fused["layers"][0][n], weights.OutMajor) for n in ("wqkv", "wo", "w_gate_up", "w_down"))
     assert p_fused["layers"][0]["wqkv"].t.shape == (8 * 64, 256)
 
+    @functools.partial(jax.jit, static_argnums=(0, 2))
     def steps(cfg, dp, batch):
         cache, out = model.init_cache(cfg, batch, 16), []
-        for t in (7, 11, 13):
+        for t in (7, 11):
             logits, aux = model.apply(dp, jnp.full((batch, 1), t), cfg, cache=cache)
             cache = aux["cache"]
             out.append(logits)
         return jnp.stack(out), cache
 
     jaxpr = str(jax.make_jaxpr(lambda dp: steps(fused, dp, 1))(p_fused))
-    assert jaxpr.count("name=decode_qkv_") == 3 * base.n_layers
-    assert jaxpr.count("name=decode_matmul_") == 3 * 3 * base.n_layers
+    assert jaxpr.count("name=decode_qkv_") == 2 * base.n_layers
+    assert jaxpr.count("name=decode_matmul_") == 2 * 3 * base.n_layers
     for batch in (1, 2):
         (want, want_cache), (got, got_cache) = steps(xla, p_xla, batch), steps(fused, p_fused, batch)
         assert rel_err(got, want) < (2e-2 if batch == 1 else 1e-6)
         for name in ("k", "v"):
             assert rel_err(got_cache[name], want_cache[name]) < (1e-2 if batch == 1 else 1e-6)
     prompt = (5, 17, 3, 9)
-    assert_near_argmax(model, params, xla, prompt, G.greedy(model, params, fused, (prompt,), max_new_tokens=8)[0])
+    assert_near_argmax(model, params, xla, prompt, G.greedy(model, params, fused, (prompt,), max_new_tokens=5)[0])
 
 
 def test_fused_kernels_lower_for_cuda_without_a_gpu():
@@ -340,6 +338,7 @@ def test_switch_model_fuses_its_dense_layers_only():
     dense, moe_layer = model.decode_params(params, cfg, batch=1)["layers"]
     assert isinstance(dense["wo"], weights.OutMajor) and not isinstance(moe_layer["wo"], weights.OutMajor)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def steps(cfg):
         dp, cache, out = model.decode_params(params, cfg, batch=1), model.init_cache(cfg, 1, 16), []
         for t in (7, 11):
