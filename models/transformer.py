@@ -323,7 +323,7 @@ def decoder_layer(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=
     ``train`` and ``rng`` (expert dropout) go to ``moe.apply``, and with a cache it runs the
     dropless path. Returns (x, new_cache or None, the MoE layer's ``moe.apply`` aux, {} when dense).
     """
-    if cache_layer is not None and _uses_fused_layer(p, x, cfg, cache):
+    if cache_layer is not None and _uses_fused_layer(p, x, cfg):
         return _fused_decode_layer(p, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
                                    cache_index=cache_index, cache_segment_ids=cache_segment_ids,
                                    cache_layer=cache_layer)
@@ -387,10 +387,11 @@ def _fused_layer_fits(cfg: Config) -> bool:
             and None not in (plan(heads_dim, d), plan(d, 2 * f, glu=True), plan(f, d)))
 
 
-def _uses_fused_layer(p: dict, x: jax.Array, cfg: Config, cache: dict) -> bool:
+def _uses_fused_layer(p: dict, x: jax.Array, cfg: Config) -> bool:
     """Whether a cached step of this layer runs as ``_fused_decode_layer``: one token of one row, a dense layer in
-    ``decode_params``' out-major layout (``weights.OutMajor``), a config the kernels take, no ``capture``."""
-    return (x.shape[:2] == (1, 1) and cache["k"].shape[1] == 1 and x.dtype == cfg.compute_dtype
+    ``decode_params``' out-major layout (``weights.OutMajor``, in the compute dtype), a config the kernels take,
+    no ``capture``."""
+    return (x.shape[:2] == (1, 1) and x.dtype == cfg.compute_dtype
             and all(isinstance(p.get(n), weights.OutMajor) for n in _FUSED_WEIGHTS)
             and not capture.active() and _fused_layer_fits(cfg))
 
@@ -399,18 +400,17 @@ def _fused_decode_layer(p, x, cfg: Config, *, positions, segment_ids, cache, cac
                         cache_layer):
     """``decoder_layer``'s cached step for one token of one row, as six kernels (``decode_matmul``): the norm, W_qkv,
     the rotation and the cache writes; the attention (``cfg.attention``, two kernels with split-K); W_o with the
-    residual add; the norm, W_gate_up and SwiGLU; W_down with the residual add. Weights are cast to x's dtype, as
-    ``layers.linear`` casts them."""
-    w = {name: p[name].t.astype(x.dtype) for name in _FUSED_WEIGHTS}
-    q, k, v = decode_matmul.decode_qkv(x, p["attn_norm"], w["wqkv"], cache["k"], cache["v"], heads=cfg.n_heads,
+    residual add; the norm, W_gate_up and SwiGLU; W_down with the residual add. The weights are W^T in x's dtype
+    (``decode_params``)."""
+    q, k, v = decode_matmul.decode_qkv(x, p["attn_norm"], p["wqkv"].t, cache["k"], cache["v"], heads=cfg.n_heads,
                                        kv_heads=cfg.n_kv_heads, position=positions[0, 0], index=cache_index,
                                        layer=cache_layer, theta=cfg.rope_theta, eps=cfg.norm_eps)
     o = attention(q, k, v, implementation=cfg.attention, q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids,
                   q_start=cache_index, kv_layer=cache_layer)
     fused = functools.partial(decode_matmul.decode_matmul, out_major=True)
-    x = fused(o.reshape(x.shape[:2] + (-1,)), w["wo"], residual=x)
-    hidden = fused(x, w["w_gate_up"], norm=p["mlp_norm"], eps=cfg.norm_eps, glu=True)
-    return fused(hidden, w["w_down"], residual=x), {"k": k, "v": v}, {}
+    x = fused(o.reshape(x.shape[:2] + (-1,)), p["wo"].t, residual=x)
+    hidden = fused(x, p["w_gate_up"].t, norm=p["mlp_norm"], eps=cfg.norm_eps, glu=True)
+    return fused(hidden, p["w_down"].t, residual=x), {"k": k, "v": v}, {}
 
 
 def unit_layers(p_unit: dict, cfg: Config) -> list[dict]:

@@ -297,9 +297,9 @@ def test_fused_decode_layer_equals_the_op_by_op_step(tiny_transformer):
     assert jaxpr.count("name=decode_matmul_") == 2 * 3 * base.n_layers
     for batch in (1, 2):
         (want, want_cache), (got, got_cache) = steps(xla, p_xla, batch), steps(fused, p_fused, batch)
-        assert rel_err(got, want) < (2e-2 if batch == 1 else 1e-6)
+        assert rel_err(got, want) < (1.5e-2 if batch == 1 else 1e-6)  # bf16 roundings in other places: ~8e-3
         for name in ("k", "v"):
-            assert rel_err(got_cache[name], want_cache[name]) < (1e-2 if batch == 1 else 1e-6)
+            assert rel_err(got_cache[name], want_cache[name]) < (1e-2 if batch == 1 else 1e-6)  # ~5e-3
     prompt = (5, 17, 3, 9)
     assert_near_argmax(model, params, xla, prompt, G.greedy(model, params, fused, (prompt,), max_new_tokens=5)[0])
 
@@ -347,4 +347,4 @@ def test_switch_model_fuses_its_dense_layers_only():
         return jnp.stack(out)
 
     assert str(jax.make_jaxpr(lambda: steps(cfg))()).count("name=decode_qkv_") == 2  # one dense layer, two steps
-    assert rel_err(steps(cfg), steps(dataclasses.replace(cfg, decode="xla"))) < 2e-2
+    assert rel_err(steps(cfg), steps(dataclasses.replace(cfg, decode="xla"))) < 1.5e-2  # ~6e-3
