@@ -111,6 +111,20 @@ def _divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
 
 
+ONE_BITS = {jnp.dtype(jnp.float32): 0x3F800000, jnp.dtype(jnp.bfloat16): 0x3F80}  # 1.0's bits
+
+
+def magic_levels(w, j: int, one, dtype=jnp.float32):
+    """Nibble j (bits 4j..4j+3) of the uint32 words w as 1 + q/16 in ``dtype`` (float32 or bfloat16), exact: a shift
+    and a mask put q in the mantissa of 1.0 (``one``: ``ONE_BITS[dtype]`` as a uint32, read by the kernel at run time
+    so that mask and OR compile to one LOP3), no int-to-float conversion. Then x . q = 16 (x . v - sum x)."""
+    if jnp.dtype(dtype) == jnp.bfloat16:  # 0x3F80: q into bits 3-6
+        b = w >> (4 * j - 3) if j else w << 3
+        return jax.lax.bitcast_convert_type(((b & 0x78) | one).astype(jnp.uint16), jnp.bfloat16)
+    b = w << (19 - 4 * j) if 4 * j <= 19 else w >> (4 * j - 19)  # 0x3F800000: q into bits 19-22
+    return jax.lax.bitcast_convert_type((b & 0x780000) | one, jnp.float32)
+
+
 def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: int):
     """One (column block, K split) program: sum over its K rows of x_k q_k, loading [sub/8, block_n] tiles of
     uint32 words (nibble j of word row i is input row 8i + j), folded per group g as s_g (x_g . q_g - z_g sum
@@ -125,14 +139,10 @@ def _gemv_kernel(one_ref, x_ref, p_ref, s_ref, z_ref, *rest, plan: dict, group: 
     one = one_ref[0] if magic else None
 
     def values(w, j):
-        """Nibble j of the words w as (q + c) / unit: ``magic`` (c = unit = 16) puts q in the mantissa of 1.0 with
-        a shift and a mask (1 + q/16, exact, no int-to-float conversion); ``cast`` (c = 0, unit = 1) converts."""
-        if magic and dot_mode:  # bfloat16 1.0 is 0x3F80: q into bits 3-6
-            b = w >> (4 * j - 3) if j else w << 3
-            return jax.lax.bitcast_convert_type(((b & 0x78) | one).astype(jnp.uint16), jnp.bfloat16)
-        if magic:  # float32 1.0 is 0x3F800000: q into bits 19-22
-            b = w << (19 - 4 * j) if 4 * j <= 19 else w >> (4 * j - 19)
-            return jax.lax.bitcast_convert_type((b & 0x780000) | one, jnp.float32)
+        """Nibble j of the words w as (q + c) / unit: ``magic`` (c = unit = 16, ``magic_levels``); ``cast`` (c = 0,
+        unit = 1) converts."""
+        if magic:
+            return magic_levels(w, j, one, jnp.bfloat16 if dot_mode else jnp.float32)
         return ((w >> (4 * j)) & 0xF).astype(jnp.bfloat16 if dot_mode else jnp.float32)
 
     c, unit = (16.0, 16.0) if magic else (0.0, 1.0)  # x . q = unit x . v - c sum x
@@ -211,7 +221,7 @@ def int4_gemv(x: jax.Array, packed: jax.Array, scale: jax.Array, zero: jax.Array
         xs, x_block = jnp.pad(x2, ((0, rows - m), (0, 0))), (rows, k)
     else:  # [m K/8, 8] (a free reshape): row i holds the inputs of word row i's eight nibbles
         xs, x_block = x2.reshape(m * k // 8, 8), (m * k // 8, 8)
-    bits_one = jnp.asarray([0x3F80 if plan["mode"] == "dot" else 0x3F800000], jnp.uint32)  # 1.0's bits
+    bits_one = jnp.asarray([ONE_BITS[jnp.dtype(jnp.bfloat16 if plan["mode"] == "dot" else jnp.float32)]], jnp.uint32)
     groups = k // group
     in_specs = [pl.BlockSpec((1,), lambda j, s: (0,)),
                 pl.BlockSpec(x_block, lambda j, s: (0, 0)),
