@@ -57,18 +57,47 @@ class Int4(weights.Weight):
     bits: int = flax.struct.field(pytree_node=False, default=4)
     group: int = flax.struct.field(pytree_node=False, default=128)
     kernel: str = flax.struct.field(pytree_node=False, default="")  # "", "pallas[:tiles]", "interpret" (matmul)
-    out_last = True  # packed, scale and zero all end in the output axis: columns join (decode_params' W_qkv)
+    # packed [out, in/8] and scale, zero [out, in/group]: W^T's layout, batch-1 decoding's (``to_out_major``)
+    out_major: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @property
+    def out_last(self) -> bool:
+        """packed, scale and zero all end in the output axis: columns join (decode_params' W_qkv)."""
+        return not self.out_major
+
+    def to_out_major(self) -> "Int4":
+        """This weight with packed [out, in/8] and scale, zero [out, in/group] (one matrix of uint32 words): each
+        output's words are one contiguous row, as ``decode_matmul``'s out-major kernels read them."""
+        if self.out_major or self.packed.ndim != 2 or self.packed.dtype != jnp.uint32:
+            raise ValueError(f"to_out_major takes one in-major matrix of uint32 words; this weight is packed "
+                             f"{self.packed.shape} {self.packed.dtype} (out_major={self.out_major}).")
+        return self.replace(packed=self.packed.T, scale=self.scale.T, zero=self.zero.T, out_major=True)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The weight [..., in, out] in ``dtype``."""
+        if self.out_major:
+            return self._dequantize_t(dtype).T
         return quant.dequantize_groups(self.packed, self.scale, self.zero, self.group, dtype)
+
+    def _dequantize_t(self, dtype) -> jax.Array:
+        """An out-major weight's W^T [out, in] in ``dtype``, dequantized where its words lie (nothing transposed)."""
+        n, k = self.packed.shape[0], 8 * self.packed.shape[1]
+        shifts = 4 * jnp.arange(8, dtype=jnp.uint32)  # word i's nibble j is input 8i + j: [N, K/8, 8] is [N, K]
+        q = ((self.packed[..., None] >> shifts) & 0xF).astype(jnp.float32).reshape(n, k // self.group, self.group)
+        w = (q - self.zero.astype(jnp.float32)[..., None]) * self.scale.astype(jnp.float32)[..., None]
+        return w.reshape(n, k).astype(dtype)
 
     def matmul(self, x, dot: weights.Dot):
         """x times the dequantized weight; with ``kernel`` "pallas" ("interpret": the same kernel on CPU; tile
         options after a colon, see ``with_kernel``) up to ``int4_kernel.GEMV_ROWS`` rows (decoding, dense form) run
-        ``int4_kernel.int4_gemv``, which never writes the float weight."""
+        ``int4_kernel.int4_gemv``, which never writes the float weight. Out-major (``to_out_major``; dense form
+        only): the product with W^T as the dot's transposed operand, as ``weights.OutMajor``'s."""
+        if self.out_major:
+            if dot.form != "dense":
+                raise ValueError(f"an out-major Int4 weight multiplies in the dense form only, not {dot.form!r}.")
+            return dot._replace(transpose=not dot.transpose)(x, self._dequantize_t(x.dtype))
         if (self.kernel and dot.form == "dense" and not dot.transpose and x.ndim and self.packed.ndim == 2
-                and self.packed.dtype == jnp.uint32):
+                and self.packed.dtype == jnp.uint32 and not self.out_major):
             name, opts = int4_kernel.kernel_options(self.kernel)
             rows = x.size // x.shape[-1]
             if int4_kernel.gemv_plan(rows, x.shape[-1], self.packed.shape[-1], self.group, **opts) is not None:

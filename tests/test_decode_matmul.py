@@ -11,9 +11,10 @@ import pytest
 
 import dataclasses
 import functools
+import re
 
 from models import decode_matmul as DM
-from models import layers, weights
+from models import awq, layers, weights
 from models.weights import Dot
 from parallel import mesh as pmesh
 from parallel import sharding
@@ -171,32 +172,47 @@ def rms64(x, scale, eps=1e-5):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * f64(scale)
 
 
+def kernel_weight(w, int4: bool):
+    """(decode_matmul's out-major operand, W [K, N] as float64): W^T, or W packed as int4 in groups of 128
+    (``awq.pack``, then ``Int4.to_out_major``: (packed [N, K/8], scale, zero [N, K/128])) and its exact levels."""
+    if not int4:
+        return w.T, f64(w)
+    q = awq.pack(w.astype(jnp.float32), 4, 128).to_out_major()
+    return (q.packed, q.scale, q.zero), f64(q.dequantize())
+
+
+@pytest.mark.parametrize("int4", [False, True])
 @pytest.mark.parametrize("tiles", [{}, dict(block_n=4, block_k=256, num_stages=2)])
-def test_out_major_forms_equal_float64(tiles):
-    """W^T [N, K] times one row: plain, with the RMSNorm, with SwiGLU after the norm, with the residual; float64
-    formulas of the same math (bf16 operands, one bf16 rounding of the output: errors ~2-4e-3)."""
+def test_out_major_forms_equal_float64(tiles, int4):
+    """W^T [N, K] (or its int4 parts) times one row: plain, with the RMSNorm, with SwiGLU after the norm, with the
+    residual; float64 formulas of the same math on the same weights (int4: the dequantized levels; bf16 operands,
+    one bf16 rounding of the output: errors ~2-4e-3; the plain int4 product to float32 ~1e-7)."""
     k, n, f = 512, 256, 384
     x, scale, w, r = out_major_operands(k, n)
-    wgu = out_major_operands(k, 2 * f, seed=1)[2]
+    w, w64 = kernel_weight(w, int4)
+    wgu, wgu64 = kernel_weight(out_major_operands(k, 2 * f, seed=1)[2], int4)
     run = functools.partial(DM.decode_matmul, out_major=True, interpret=True, **tiles)
-    assert rel_err(run(x, w.T), f64(x) @ f64(w)) < 4e-3
-    assert rel_err(run(x, w.T, residual=r), f64(r) + f64(x) @ f64(w)) < 4e-3
-    assert rel_err(run(x, w.T, norm=scale), rms64(x, scale) @ f64(w)) < 4e-3
-    gate, up = np.split(rms64(x, scale) @ f64(wgu), 2, axis=-1)
+    assert rel_err(run(x, w), f64(x) @ w64) < 4e-3
+    assert rel_err(run(x, w, jnp.float32), f64(x) @ w64) < (1e-6 if int4 else 4e-3)  # int4: float32 throughout
+    assert rel_err(run(x, w, residual=r), f64(r) + f64(x) @ w64) < 4e-3
+    assert rel_err(run(x, w, norm=scale), rms64(x, scale) @ w64) < 4e-3
+    gate, up = np.split(rms64(x, scale) @ wgu64, 2, axis=-1)
     glu_tiles = {**tiles, "block_n": 2 * tiles["block_n"]} if tiles else {}
-    y = run(x, wgu.T, norm=scale, glu=True, **glu_tiles)
+    y = run(x, wgu, norm=scale, glu=True, **glu_tiles)
     assert y.shape == (1, 1, f) and rel_err(y, gate / (1 + np.exp(-gate)) * up) < 8e-3
 
 
-def test_decode_qkv_rotates_and_writes_the_cache_in_place():
-    """decode_qkv = RMSNorm, W_qkv, ``layers.rope`` at the position (float64 here), k and v written at the index of
-    one layer of the stacked caches, every other slot as it was; an index past the cache clamps to its last slot,
-    as dynamic_update_slice does."""
+@pytest.mark.parametrize("int4", [False, True])
+def test_decode_qkv_rotates_and_writes_the_cache_in_place(int4):
+    """decode_qkv = RMSNorm, W_qkv (or its int4 parts), ``layers.rope`` at the position (float64 here), k and v
+    written at the index of one layer of the stacked caches, every other slot as it was; an index past the cache
+    clamps to its last slot, as dynamic_update_slice does."""
     heads, kv_heads, d, k_in, layers_n, max_len = 4, 2, 64, 512, 3, 16
     x, scale, w, _ = out_major_operands(k_in, (heads + 2 * kv_heads) * d, seed=2)
+    wk, w64 = kernel_weight(w, int4)
     kc, vc = (jax.random.normal(jax.random.PRNGKey(s), (layers_n, 1, max_len, kv_heads, d), jnp.bfloat16)
               for s in (3, 4))
-    q, kk, vv = np.split(rms64(x, scale) @ f64(w), [heads * d, (heads + kv_heads) * d], axis=-1)
+    q, kk, vv = np.split(rms64(x, scale) @ w64, [heads * d, (heads + kv_heads) * d], axis=-1)
 
     def rope64(t, pos):
         t = t.reshape(-1, d)
@@ -205,7 +221,7 @@ def test_decode_qkv_rotates_and_writes_the_cache_in_place():
         return np.concatenate([t1 * np.cos(ang) - t2 * np.sin(ang), t2 * np.cos(ang) + t1 * np.sin(ang)], -1)
 
     for index, slot in ((5, 5), (40, max_len - 1)):
-        got_q, got_k, got_v = DM.decode_qkv(x, scale, w.T, kc, vc, heads=heads, kv_heads=kv_heads, position=9,
+        got_q, got_k, got_v = DM.decode_qkv(x, scale, wk, kc, vc, heads=heads, kv_heads=kv_heads, position=9,
                                             index=index, layer=1, theta=10000.0, interpret=True)
         assert got_q.shape == (1, 1, heads, d) and rel_err(got_q.reshape(heads, d), rope64(q, 9)) < 5e-3
         assert rel_err(got_k[1, 0, slot], rope64(kk, 9)) < 5e-3 and rel_err(got_v[1, 0, slot], vv.reshape(-1, d)) < 5e-3
@@ -240,6 +256,61 @@ def test_plans_and_refusals():
                       interpret=True, block_n=6)
     with pytest.raises(ValueError, match="decode_qkv takes one bf16/fp16 row"):  # W_qkv, not its transpose
         DM.decode_qkv(x, scale, wqkv.T, kc, kc, heads=4, kv_heads=2, position=0, index=0, layer=0, theta=1e4)
+
+
+def test_int4_plans_and_refusals():
+    """int4 tiles at the 1.26B config's shapes (block_k the largest power of two up to 2048, 1024 with glu and for
+    W_qkv, dividing K; block_n 4 when one step covers K, else 2; 16 with glu and for W_qkv); groups that are not
+    powers of two >= 16 dividing K, K tiles that are not whole groups, in-major int4, and parts that are not uint32
+    words with scales and zeros of their shape are refused."""
+    bf = jnp.bfloat16
+    plan = functools.partial(DM.plan, 1, dtype=bf, out_major=True, group=128)
+    assert plan(2048, 2048) == dict(block_n=4, block_k=2048, num_warps=4, num_stages=3)
+    assert plan(5632, 2048) == dict(block_n=2, block_k=512, num_warps=4, num_stages=3)
+    assert plan(2048, 11264, glu=True) == dict(block_n=16, block_k=1024, num_warps=4, num_stages=3)
+    assert DM.qkv_plan(2048, 16, 16, 128, bf, 128) == dict(block_n=16, block_k=1024, num_warps=4, num_stages=3)
+    assert DM.qkv_plan(2048, 16, 16, 8, bf, 128)["block_n"] == 8
+    assert None not in (plan(256, 256), DM.plan(1, 512, 256, bf, out_major=True, group=512))
+    for group in (96, 8, 1024):  # not a power of two, too small, more than K
+        assert plan(512, 256, group=group) is None and DM.qkv_plan(512, 4, 2, 64, bf, group) is None
+    assert DM.plan(1, 512, 256, bf, group=128) is None  # int4 kernels are out-major only
+    x, _, w, _ = out_major_operands(512, 256)
+    w4, _ = kernel_weight(w, True)
+    with pytest.raises(ValueError, match="multiple of their group"):
+        DM.decode_matmul(x, w4, out_major=True, interpret=True, block_k=64)
+    with pytest.raises(ValueError, match="int4 weights, in the out-major product only"):
+        DM.decode_matmul(x, w4, interpret=True)
+    packed, sc, zero = w4
+    for bad in ((packed.astype(jnp.int32), sc, zero), (packed, sc[:, :2], zero), (packed, sc, zero[:-1])):
+        assert not DM.takes(x, bad, out_major=True)
+        with pytest.raises(ValueError, match="int4 parts"):
+            DM.decode_matmul(x, bad, out_major=True, interpret=True)
+    kc = jnp.zeros((1, 1, 8, 2, 64), bf)
+    with pytest.raises(ValueError, match="or its int4 parts"):
+        DM.decode_qkv(x[..., :256], x[0, 0, :256], w4, kc, kc, heads=4, kv_heads=2, position=0, index=0, layer=0,
+                      theta=1e4)
+
+
+def test_int4_out_major_weight_is_the_same_weight():
+    """awq.Int4.to_out_major transposes the words, scales and zeros: the same dequantized weight and the same products
+    through ``layers.linear`` (plain and transposed; the experts form refused); columns no longer join; uint8 bytes
+    and an out-major weight are refused."""
+    _, _, w, _ = out_major_operands(256, 128)
+    w4 = awq.pack(w.astype(jnp.float32), 4, 128)
+    t = w4.to_out_major()
+    assert t.out_major and not t.out_last and w4.out_last and t.packed.shape == (128, 256 // 8)
+    np.testing.assert_array_equal(np.asarray(t.dequantize()), np.asarray(w4.dequantize()))
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 256), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(layers.linear(t, x), np.float32),
+                                  np.asarray(layers.linear(w4, x), np.float32))
+    np.testing.assert_array_equal(np.asarray(layers.linear(t, x[:, :128], transpose=True), np.float32),
+                                  np.asarray(layers.linear(w4, x[:, :128], transpose=True), np.float32))
+    with pytest.raises(ValueError, match="dense form only"):
+        layers.linear(t, x, experts=True)
+    assert weights.join_out([t, t]) is None
+    for bad in (t, w4.replace(packed=w4.packed.astype(jnp.uint8))):
+        with pytest.raises(ValueError, match="to_out_major takes one in-major matrix of uint32 words"):
+            bad.to_out_major()
 
 
 def test_out_major_weight_is_the_same_product():
@@ -304,9 +375,45 @@ def test_fused_decode_layer_equals_the_op_by_op_step(tiny_transformer):
     assert_near_argmax(model, params, xla, prompt, G.greedy(model, params, fused, (prompt,), max_new_tokens=5)[0])
 
 
+def test_int4_fused_layer_equals_the_op_by_op_step(tiny_transformer):
+    """RTN int4 weights (group 128) with model.decode="pallas": decode_params lays the four projections out-major
+    (``awq.Int4.to_out_major``) for one row only, each cached step runs the six-kernel layer on them, and its logits
+    and cache equal the op-by-op step's on the same int4 weights within bf16 roundings (measured ~7e-3 and ~5e-3).
+    A layer whose projections are not all int4 matrices of one group keeps the op-by-op step."""
+    import models
+
+    model = models.get("transformer")
+    base, params = tiny_transformer
+    q = awq.quantize(params, model.param_axes(base), base, bits=4, group=128, method="rtn")[0]
+    xla, fused = (dataclasses.replace(base, decode=d) for d in ("xla", "pallas"))
+    p_xla, p_fused = model.decode_params(q, xla, batch=1), model.decode_params(q, fused, batch=1)
+    names = ("wqkv", "wo", "w_gate_up", "w_down")
+    assert all(not p_xla["layers"][0][n].out_major and p_fused["layers"][0][n].out_major for n in names)
+    assert not model.decode_params(q, fused, batch=2)["layers"][0]["wo"].out_major
+    mixed = {**q, "layers": {**q["layers"], "wo": params["layers"]["wo"]}}  # W_o plain, the others int4
+    assert not model.decode_params(mixed, fused, batch=1)["layers"][0]["wqkv"].out_major
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def steps(cfg, dp):
+        cache, out = model.init_cache(cfg, 1, 16), []
+        for t in (7, 11, 3):
+            logits, aux = model.apply(dp, jnp.full((1, 1), t), cfg, cache=cache)
+            cache = aux["cache"]
+            out.append(logits)
+        return jnp.stack(out), cache
+
+    jaxpr = str(jax.make_jaxpr(lambda dp: steps(fused, dp))(p_fused))
+    assert jaxpr.count("name=decode_qkv_int4g128") == 3 * base.n_layers
+    assert len(re.findall(r"name=decode_matmul_\w*_int4g128_", jaxpr)) == 3 * 3 * base.n_layers
+    (want, want_cache), (got, got_cache) = steps(xla, p_xla), steps(fused, p_fused)
+    assert rel_err(got, want) < 1.5e-2
+    for name in ("k", "v"):
+        assert rel_err(got_cache[name], want_cache[name]) < 1e-2
+
+
 def test_fused_kernels_lower_for_cuda_without_a_gpu():
     """The 1.26B config's six-kernel layer: decode_qkv and the three out-major products lower to one Triton call each
-    for an H200."""
+    for an H200, on bf16 and on int4 weights."""
     sd, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     out_major = functools.partial(DM.decode_matmul, out_major=True, interpret=False)
     cases = [(lambda x, w, r: out_major(x, w, residual=r), sd((1, 1, 2048), bf), sd((2048, 2048), bf),
@@ -319,10 +426,18 @@ def test_fused_kernels_lower_for_cuda_without_a_gpu():
                                                    layer=3, theta=1e4, interpret=False),
               sd((1, 1, 2048), bf), sd((2048,), bf), sd((6144, 2048), bf), sd((22, 1, 768, 16, 128), bf),
               sd((), jnp.int32))]
-    for fn, *args in cases:
+    int4 = [(fn, *(int4_parts(a.shape) if a.ndim == 2 and a.shape[0] > 1 else a for a in args)) for fn, *args in cases]
+    for fn, *args in cases + int4:
         with h200():
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def int4_parts(shape, group=128):
+    """Abstract out-major int4 parts of a weight W^T [N, K]: packed uint32 [N, K/8], float16 scale, zero."""
+    n, k = shape
+    sd = jax.ShapeDtypeStruct
+    return sd((n, k // 8), jnp.uint32), sd((n, k // group), jnp.float16), sd((n, k // group), jnp.float16)
 
 
 def test_switch_model_fuses_its_dense_layers_only():
