@@ -24,9 +24,11 @@ Prints Markdown tables:
      call time; "vs bf16": bf16 time / this time; "err": max |y - y_ref| / max |y_ref| against x @
      dequantize() in float32 (a wrong kernel shows here). A variant that fails to compile or run is an
      error row.
-  5. greedy decoding at batch 1 (prompt 512, --new_tokens) of the variants named in --decode ("bf16",
-     "W8A8" (O1), "int4 g128" (XLA dequantizes into a bf16 copy before each matmul), "int4 g128 fused" (rows
-     through ``int4_kernel.int4_gemv`` with its per-shape default tiles, or --gemv's)) and, in the same process, one
+  5. greedy decoding at batch 1 (prompt 512, --new_tokens) of the variants named in --decode ("bf16" (the
+     six-kernel layer, ``model.decode="auto"``), "W8A8" (O1), "int4 g128" (XLA dequantizes into a bf16 copy before
+     each matmul), "int4 g128 fused" (rows through ``int4_kernel.int4_gemv`` with its per-shape default tiles, or
+     --gemv's), "int4 g128 layer" (the six-kernel layer on out-major int4 weights); every variant but "bf16" and
+     "int4 g128 layer" runs op by op, ``model.decode="xla"``) and, in the same process, one
      more fused variant per --decode_ab tile setting (an A/B of the kernel's tiles); through
      ``models.generate``; decode step time = (time for N new tokens - time for 1) / (N - 1), prefill
      excluded. Weight bytes per step / step time is the effective bandwidth; the byte ratio bounds int4's
@@ -42,6 +44,7 @@ Prints Markdown tables:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -65,6 +68,7 @@ ATTENTION = ""  # --attention: model.attention of every variant (empty: the conf
 
 
 GEMV_OPTIONS: dict = {}  # --gemv: tile settings of the "int4 g128 fused" decode variant
+LAYER_VARIANTS = ("bf16", "int4 g128 layer")  # decoded with model.decode="auto" (the six-kernel layer); others "xla"
 SECTIONS = ("memory", "linear", "gemv", "decode", "ops")  # --sections
 
 
@@ -83,7 +87,8 @@ def ceilings() -> dict:
 
 def model_variants(names=("bf16", "W8A8", "int4 g128", "int4 g128 fused"), abstract: bool = False):
     """(model, cfg, {name: params}) for the 1.26B config: "bf16", "W8A8" (per-tensor weights, O1), "int4 g128"
-    (XLA dequantize), "int4 g128 fused" (the fused kernel, --gemv tiles) and "int4 fused OPTS" (those tiles);
+    (XLA dequantize), "int4 g128 fused" (the fused kernel, --gemv tiles), "int4 fused OPTS" (those tiles) and
+    "int4 g128 layer" (the int4 weights, which ``decode_params`` lays out for the six-kernel layer at batch 1);
     ``abstract``: shapes only (``jax.eval_shape``), no device memory."""
     from experiments import bench_llama_1b
     from models import awq, int4_kernel, smoothquant, transformer, weights
@@ -111,7 +116,7 @@ def model_variants(names=("bf16", "W8A8", "int4 g128", "int4 g128 fused"), abstr
                     return packed, awq.Int4(tuple(names), tuple(names), tuple(names), 4, 128)
 
                 w4, _ = weights.wrap(params, axes, int4, smoothquant.is_block_linear)
-            if name == "int4 g128":
+            if name in ("int4 g128", "int4 g128 layer"):
                 out[name] = w4
             elif name == "int4 g128 fused":
                 out[name] = awq.with_kernel(w4, kernel_name(), **GEMV_OPTIONS)
@@ -120,7 +125,8 @@ def model_variants(names=("bf16", "W8A8", "int4 g128", "int4 g128 fused"), abstr
             else:
                 raise ValueError(f"unknown variant {name!r}")
         else:
-            raise ValueError(f"unknown variant {name!r}; use bf16, W8A8, 'int4 g128', 'int4 g128 fused'.")
+            raise ValueError(f"unknown variant {name!r}; use bf16, W8A8, 'int4 g128', 'int4 g128 fused', "
+                             f"'int4 g128 layer'.")
     return transformer, mcfg, out
 
 
@@ -247,10 +253,11 @@ def decode(model, mcfg, variants: dict, new_tokens: int, prompt_len: int = 512, 
     for name, p in variants.items():
         if "fused" in name and not ok_kernel(p):
             continue
+        cfg = mcfg if name in LAYER_VARIANTS else dataclasses.replace(mcfg, decode="xla")
 
-        def run(n):
+        def run(n, cfg=cfg):
             t = time.perf_counter()
-            generate.greedy(model, p, mcfg, prompts, max_new_tokens=n, max_len=prompt_len + new_tokens)
+            generate.greedy(model, p, cfg, prompts, max_new_tokens=n, max_len=prompt_len + new_tokens)
             return time.perf_counter() - t
 
         run(new_tokens)
@@ -366,8 +373,9 @@ def main():
                    " (default: the kernel's per-shape defaults)")
     p.add_argument("--gemv_rows", default="1", help="rows of x in the gemv table, '1,8'")
     p.add_argument("--gemv_shapes", default=GEMV_SHAPES, help="KxN shapes of the gemv table, '2048x6144,2048x2048'")
-    p.add_argument("--decode", default="bf16,int4 g128 fused",
-                   help="decode variants: some of bf16, W8A8, 'int4 g128' (XLA dequantize), 'int4 g128 fused'")
+    p.add_argument("--decode", default="bf16,int4 g128 fused,int4 g128 layer",
+                   help="decode variants: some of bf16, W8A8, 'int4 g128' (XLA dequantize), 'int4 g128 fused', "
+                   "'int4 g128 layer'")
     p.add_argument("--decode_ab", default="block_n=512,num_warps=8",
                    help="';'-separated tile settings: one more fused decode variant each, in the same process")
     p.add_argument("--new_tokens", type=int, default=256)
