@@ -26,7 +26,9 @@ channel with each rounding error compensated on the channels not yet quantized (
 nibbles; two per uint8 byte where the input dimension is not a multiple of 8), with float16 scales and zeros
 per group, and dequantizes inside ``matmul`` (a ``weights.Weight``): 0.5 + 4 / group bytes per parameter,
 0.27x of bfloat16 at group 128. Up to 8 rows (decoding) can instead run ``int4_kernel.int4_gemv``, a fused
-Pallas kernel that reads the words once and never writes the float weight.
+Pallas kernel that reads the words once and never writes the float weight. For one row, a Transformer layer's
+four int4 projections run as the six-kernel layer (``models.transformer.decode_params``,
+``Int4.to_out_major``, ``models/decode_matmul.py``).
 """
 from __future__ import annotations
 
