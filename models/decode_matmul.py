@@ -110,8 +110,8 @@ def _kernel(*refs, block_k: int, steps: int, norm: bool, glu: bool, residual: bo
             group: int):
     """One program's outputs: the product of x and their weights accumulated over the K tiles (``_accumulate``),
     then the epilogue. refs: one [1] (1.0's bits, int4 only), x [1, K], scale [1, K]?, W's slice [K, bn] or
-    ``out_major`` [bn, K], or int4 (``group``) its (packed [bn, K/8], scale, zero [bn, K/group]) (glu: W_gate's
-    and W_up's), r [1, bn]? -> o [1, bn]."""
+    ``out_major`` [bn, K] (glu: W_gate's and W_up's), r [1, bn]? -> o [1, bn]. int4 (``group``): x and scale
+    [K/group, group], and each weight's (packed [bn, K/group, group/8], scale, zero [bn, K/group])."""
     refs = list(refs)
     one = refs.pop(0)[0] if group else None
     x_ref = refs.pop(0)
