@@ -68,6 +68,7 @@ ATTENTION = ""  # --attention: model.attention of every variant (empty: the conf
 
 
 GEMV_OPTIONS: dict = {}  # --gemv: tile settings of the "int4 g128 fused" decode variant
+DECODE_VARIANTS = ("bf16", "W8A8", "int4 g128", "int4 g128 fused", "int4 g128 layer")  # --decode's names
 LAYER_VARIANTS = ("bf16", "int4 g128 layer")  # decoded with model.decode="auto" (the six-kernel layer); others "xla"
 SECTIONS = ("memory", "linear", "gemv", "decode", "ops")  # --sections
 
@@ -125,8 +126,7 @@ def model_variants(names=("bf16", "W8A8", "int4 g128", "int4 g128 fused"), abstr
             else:
                 raise ValueError(f"unknown variant {name!r}")
         else:
-            raise ValueError(f"unknown variant {name!r}; use bf16, W8A8, 'int4 g128', 'int4 g128 fused', "
-                             f"'int4 g128 layer'.")
+            raise ValueError(f"unknown variant {name!r}; use one of {', '.join(DECODE_VARIANTS)}.")
     return transformer, mcfg, out
 
 
@@ -374,8 +374,8 @@ def main():
     p.add_argument("--gemv_rows", default="1", help="rows of x in the gemv table, '1,8'")
     p.add_argument("--gemv_shapes", default=GEMV_SHAPES, help="KxN shapes of the gemv table, '2048x6144,2048x2048'")
     p.add_argument("--decode", default="bf16,int4 g128 fused,int4 g128 layer",
-                   help="decode variants: some of bf16, W8A8, 'int4 g128' (XLA dequantize), 'int4 g128 fused', "
-                   "'int4 g128 layer'")
+                   help="decode variants: some of bf16, W8A8, 'int4 g128' (XLA dequantize), 'int4 g128 fused' "
+                   "(int4_gemv op by op), 'int4 g128 layer' (the six-kernel layer)")
     p.add_argument("--decode_ab", default="block_n=512,num_warps=8",
                    help="';'-separated tile settings: one more fused decode variant each, in the same process")
     p.add_argument("--new_tokens", type=int, default=256)
@@ -399,6 +399,8 @@ def main():
     if unknown := sorted(sections - set(SECTIONS)):
         p.error(f"--sections {args.sections!r} names {unknown}; choose from {','.join(SECTIONS)}.")
     decode_names = [n.strip() for n in args.decode.split(",") if n.strip()]
+    if unknown := [n for n in decode_names if n not in DECODE_VARIANTS]:
+        p.error(f"--decode {args.decode!r} names {unknown}; choose from {', '.join(DECODE_VARIANTS)}.")
     decode_names += [f"int4 fused {o.strip()}" for o in args.decode_ab.split(";") if o.strip()]
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     results = {}

@@ -193,6 +193,8 @@ def test_bench_ring_refuses_bad_lists_in_one_line(args, match, capsys):
     ("bench_quant", ["--sections", "memory,nope"], "--sections 'memory,nope' names ['nope']; choose from"),
     ("bench_quant", ["--gemv", "block=4"], "--gemv 'block=4': unknown int4_gemv option 'block'"),
     ("bench_quant", ["--decode_ab", "block_n=256;convert=bogus"], "--decode_ab 'convert=bogus': int4_gemv: mode ''"),
+    ("bench_quant", ["--decode", "bf16,int4 g128 layr"], "--decode 'bf16,int4 g128 layr' names ['int4 g128 layr']; "
+                                                         "choose from bf16, W8A8"),
     ("bench_decode_attention", ["--batches", "1,x"], "--batches '1,x' is not a comma-separated list"),
     ("bench_galore", ["--ranks", "0"], "--ranks '0' is not a comma-separated list of positive integers"),
     ("bench_galore", ["--set", "model.d_modle=8"], "did you mean model.d_model?"),
