@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from models.flash_kernel import F32, compiler_params, is_pow2, resolve_interpret, sm_count
+from models.flash_kernel import F32, block_size, compiler_params, is_pow2, resolve_interpret, sm_count
 from models.int4_kernel import ONE_BITS, magic_levels
 
 MIN_N = 3072  # the [K, N] kernel fills the GPU only this wide without a K split (the split form is not used)
@@ -72,7 +72,7 @@ def plan(m: int, k: int, n: int, dtype, *, out_major: bool = False, glu: bool = 
     if group:
         if not out_major or not is_pow2(group) or group < 16 or k % group:
             return None
-        block_k = _int4_block_k(k, group, 1024 if glu else 2048)
+        block_k = max(group, block_size(k, 1024 if glu else 2048))
         block_n = 16 if glu else (4 if block_k == k else 2)
         return None if n % block_n else dict(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
     if out_major:
@@ -84,14 +84,6 @@ def plan(m: int, k: int, n: int, dtype, *, out_major: bool = False, glu: bool = 
         return None
     block_n = 64 if n // 64 >= 2 * sm_count() // 3 else 32
     return None if n % block_n else dict(block_n=block_n, block_k=256, num_warps=4, num_stages=3)
-
-
-def _int4_block_k(k: int, group: int, most: int) -> int:
-    """The int4 kernels' K tile: the largest power of two up to ``most`` dividing K, at least one group."""
-    block = most
-    while k % block and block > group:
-        block //= 2
-    return block
 
 
 def _check_tiles(tiles: dict, k: int, outputs: int, what: str, group: int = 0) -> None:
@@ -253,7 +245,6 @@ def _product(x, w, out_dtype, tiles: dict, interpret: bool, scale, eps, glu, res
     row = pl.BlockSpec((1, k), lambda j: (0, 0))
     if group:  # x and the norm's scale as [K/group, group]; each half's words [N, K/group, group/8], scales, zeros
         row = pl.BlockSpec((k // group, group), lambda j: (0, 0))
-        x, scale = x.reshape(k // group, group), None if scale is None else scale.reshape(k // group, group)
         parts = _int4_operands(w, group)
         slices = [pl.BlockSpec((bn, *part.shape[1:]),
                                lambda j, h=h, d=part.ndim: (j + h * cols // bn,) + (0,) * (d - 1))
@@ -268,7 +259,7 @@ def _product(x, w, out_dtype, tiles: dict, interpret: bool, scale, eps, glu, res
     in_specs = ones + [row] * (1 + (scale is not None)) + slices + [pl.BlockSpec((1, bn), lambda j: (0, j))] * (
         residual is not None)
     norm_scale = [] if scale is None else [scale.reshape(row.block_shape)]
-    args = [*([_one_bits()] if group else []), x, *norm_scale, *weights, *([] if residual is None else [residual])]
+    args = [*([_one_bits()] if group else []), x.reshape(row.block_shape), *norm_scale, *weights, *([] if residual is None else [residual])]
     form = "".join(f"_{name}" for name, on in (("norm", scale is not None), ("glu", glu),
                                                 ("residual", residual is not None), ("t", out_major),
                                                 (f"int4g{group}", group)) if on)
@@ -349,7 +340,7 @@ def qkv_plan(k: int, heads: int, kv_heads: int, head_dim: int, dtype, group: int
     if group:
         if not is_pow2(group) or group < 16 or k % group:
             return None
-        return dict(block_n=16 if head_dim % 16 == 0 else 8, block_k=_int4_block_k(k, group, 1024), num_warps=4,
+        return dict(block_n=16 if head_dim % 16 == 0 else 8, block_k=max(group, block_size(k, 1024)), num_warps=4,
                     num_stages=3)
     return dict(block_n=8, block_k=512 if k % 512 == 0 else 256, num_warps=4, num_stages=2)
 

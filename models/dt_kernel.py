@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from models.flash_kernel import F32, LN2, LOG2E, compiler_params, exp2, ptx, resolve_interpret
-from models.step_kernel import block_size
+from models.flash_kernel import F32, LN2, LOG2E, block_size, compiler_params, exp2, ptx, resolve_interpret
 from parallel import sharding
 
 BLOCK_ROWS, BLOCK_CHANNELS, WARPS = 32, 128, 4  # fastest of 12 tilings at 64 x 2048 tokens, E 2048 (H200): 0.36 ms

@@ -93,6 +93,14 @@ def is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
+def block_size(n: int, most: int) -> int:
+    """The largest power of 2 that divides n and is at most ``most`` (a block of rows, channels or inputs)."""
+    size = 1
+    while size * 2 <= most and n % (size * 2) == 0:
+        size *= 2
+    return size
+
+
 def _bad_tile(n: int, block: int) -> str | None:
     t = _tile(n, block)
     if n % t or not is_pow2(t) or t < 16:

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from models import quant
-from models.flash_kernel import compiler_params, sm_count
+from models.flash_kernel import block_size, compiler_params, sm_count
 
 GEMV_ROWS = 8  # the most rows x [M, K] the fused kernel takes (decoding batches); more rows dequantize + matmul
 GEMV_OPTIONS = {"block_n": int, "block_k": int, "splits": int, "num_warps": int, "num_stages": int, "mode": str,
@@ -34,14 +34,6 @@ def kernel_options(kernel: str) -> tuple[str, dict]:
                              f"{sorted(GEMV_OPTIONS)}.")
         opts[k] = GEMV_OPTIONS[k](v)
     return name, opts
-
-
-def _pow2_divisor(n: int, at_most: int) -> int:
-    """The largest power of two <= at_most dividing n."""
-    d = 1
-    while d * 2 <= at_most and n % (d * 2) == 0:
-        d *= 2
-    return d
 
 
 def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: int = 0, splits: int = 0,
@@ -78,7 +70,7 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
     asked = splits
     splits = _divisor(groups, splits) if splits else groups
     fit_n = tuned and not block_n  # block_n chosen here: halved while the grid is too small
-    block_n = _pow2_divisor(n, max(block_n or (512 if tuned else 256), 16))
+    block_n = block_size(n, max(block_n or (512 if tuned else 256), 16))
     while fit_n and block_n > 16 and (n // block_n) * splits < sms:
         block_n //= 2
     blocks = n // block_n
@@ -90,7 +82,7 @@ def gemv_plan(m: int, k: int, n: int, group: int, *, block_n: int = 0, block_k: 
     per = groups // splits  # groups per program
     block_k = block_k or group * (per if tuned else 1)
     if block_k <= group:
-        block_k = _pow2_divisor(group, max(block_k, 16))
+        block_k = block_size(group, max(block_k, 16))
     else:
         block_k = group * _divisor(per, block_k // group)
     sub = min(block_k, group)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from models.flash_kernel import F32, LOG2E, compiler_params, resolve_interpret
+from models.flash_kernel import F32, LOG2E, block_size, compiler_params, resolve_interpret
 
 
 def _softplus(v):
@@ -104,14 +104,6 @@ def _call(shape, R: int, cols: tuple, z_col: int, rb: int, be: int, y_dtype, num
         grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, state], input_output_aliases={1: 1},
         interpret=interpret, compiler_params=compiler_params(interpret, num_warps, 3),
         name="mamba_step")
-
-
-def block_size(n: int, most: int) -> int:
-    """The largest power of 2 that divides n and is at most ``most`` (rows or channels per program)."""
-    size = 1
-    while size * 2 <= most and n % (size * 2) == 0:
-        size *= 2
-    return size
 
 
 def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None, *,

@@ -37,7 +37,6 @@ index; ``aux['cache']`` when decoding.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import jax
@@ -46,7 +45,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 import models
-from models import awq, capture, decode_matmul, layers, moe, weights
+from models import capture, decode_layer, layers, moe, weights
 from models.attention import IMPLEMENTATIONS, attention
 from models.layers import REMAT_POLICIES
 from parallel import ring_attention
@@ -74,7 +73,7 @@ class Config:
     remat: str = "full"
     layer_unroll: int = 1  # layers per iteration of the layer scan; 0: all (``layers.layer_scan``: compiles longer)
     attention: str = "auto"
-    # cached batch-1 steps: "xla" (the layer op by op), "pallas" (``decode_matmul``'s fused kernels: six a layer, where
+    # cached batch-1 steps: "xla" (the layer op by op), "pallas" (six kernels a layer, ``models/decode_layer.py``, where
     # the shapes allow; in the interpreter off a GPU), or "auto" (pallas on a GPU without an active mesh)
     decode: str = "auto"
     ring_layout: str = "zigzag"  # attention='ring': 'zigzag' (causal load balance) or 'contiguous' (in order)
@@ -323,10 +322,10 @@ def decoder_layer(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=
     ``train`` and ``rng`` (expert dropout) go to ``moe.apply``, and with a cache it runs the
     dropless path. Returns (x, new_cache or None, the MoE layer's ``moe.apply`` aux, {} when dense).
     """
-    if cache_layer is not None and _uses_fused_layer(p, x, cfg):
-        return _fused_decode_layer(p, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
-                                   cache_index=cache_index, cache_segment_ids=cache_segment_ids,
-                                   cache_layer=cache_layer)
+    if cache_layer is not None and decode_layer.takes(p, x, cfg):  # one row: six kernels (models/decode_layer.py)
+        return decode_layer.layer(p, x, cfg, positions=positions, segment_ids=segment_ids, cache=cache,
+                                  cache_index=cache_index, cache_segment_ids=cache_segment_ids,
+                                  cache_layer=cache_layer)
     b, s, _ = x.shape
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     n = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
@@ -371,74 +370,6 @@ def decoder_layer(p: dict, x: jax.Array, cfg: Config, *, positions, segment_ids=
     hidden = checkpoint_name(constrain(hidden, ("batch", "seq", "mlp")), "mlp_hidden")
     x = x + layers.linear(p["w_down"], hidden, name="w_down")
     return constrain(x, ("batch", "seq", "embed")), new_cache, {}
-
-
-_FUSED_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
-
-
-def _fused_layer_fits(cfg: Config, group: int = 0) -> bool:
-    """Whether ``cfg.decode`` asks for ``_fused_decode_layer`` here ("pallas", or "auto" on a GPU without an active
-    mesh) and ``decode_matmul``'s kernels take the config's shapes in its compute dtype (with int4 weights in groups
-    of ``group``)."""
-    if cfg.decode == "xla" or (cfg.decode == "auto" and not layers.decode_kernels()):
-        return False
-    d, f, heads_dim, dtype = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim, cfg.compute_dtype
-    plan = functools.partial(decode_matmul.plan, 1, dtype=dtype, out_major=True, group=group)
-    return (decode_matmul.qkv_plan(d, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, dtype, group) is not None
-            and None not in (plan(heads_dim, d), plan(d, 2 * f, glu=True), plan(f, d)))
-
-
-def _int4_group(w) -> int | None:
-    """The group of an ``awq.Int4`` matrix of uint32 words (the fused kernels' int4 form), 0 for a plain array (or an
-    ``OutMajor``), None for any other weight."""
-    if isinstance(w, (jax.Array, weights.OutMajor)):
-        return 0
-    if isinstance(w, awq.Int4) and w.packed.ndim == 2 and w.packed.dtype == jnp.uint32:
-        return w.group
-    return None
-
-
-def _fused_group(p: dict, cfg: Config, out_major: bool) -> int | None:
-    """The int4 group of the layer's four projections (0: plain), when all four are of one form the fused layer
-    takes in this config (``out_major``: already in ``decode_params``' out-major layout, else not yet); else None."""
-    ws = [p.get(n) for n in _FUSED_WEIGHTS]
-    plain = weights.OutMajor if out_major else jax.Array
-    if not all(isinstance(w, plain) or (isinstance(w, awq.Int4) and w.out_major == out_major) for w in ws):
-        return None
-    groups = {_int4_group(w) for w in ws}
-    group = groups.pop() if len(groups) == 1 else None
-    return group if group is not None and _fused_layer_fits(cfg, group) else None
-
-
-def _uses_fused_layer(p: dict, x: jax.Array, cfg: Config) -> bool:
-    """Whether a cached step of this layer runs as ``_fused_decode_layer``: one token of one row, a dense layer in
-    ``decode_params``' out-major layout (``weights.OutMajor`` in the compute dtype, or out-major ``awq.Int4``), a
-    config the kernels take, no ``capture``."""
-    return (x.shape[:2] == (1, 1) and x.dtype == cfg.compute_dtype and not capture.active()
-            and _fused_group(p, cfg, out_major=True) is not None)
-
-
-def _kernel_weight(w):
-    """``decode_matmul``'s operand for an out-major weight: W^T, or the int4 (packed, scale, zero)."""
-    return w.t if isinstance(w, weights.OutMajor) else (w.packed, w.scale, w.zero)
-
-
-def _fused_decode_layer(p, x, cfg: Config, *, positions, segment_ids, cache, cache_index, cache_segment_ids,
-                        cache_layer):
-    """``decoder_layer``'s cached step for one token of one row, as six kernels (``decode_matmul``): the norm, W_qkv,
-    the rotation and the cache writes; the attention (``cfg.attention``, two kernels with split-K); W_o with the
-    residual add; the norm, W_gate_up and SwiGLU; W_down with the residual add. The weights are W^T in x's dtype,
-    or int4 out-major (``decode_params``)."""
-    w = {n: _kernel_weight(p[n]) for n in _FUSED_WEIGHTS}
-    q, k, v = decode_matmul.decode_qkv(x, p["attn_norm"], w["wqkv"], cache["k"], cache["v"], heads=cfg.n_heads,
-                                       kv_heads=cfg.n_kv_heads, position=positions[0, 0], index=cache_index,
-                                       layer=cache_layer, theta=cfg.rope_theta, eps=cfg.norm_eps)
-    o = attention(q, k, v, implementation=cfg.attention, q_segment_ids=segment_ids, kv_segment_ids=cache_segment_ids,
-                  q_start=cache_index, kv_layer=cache_layer)
-    fused = functools.partial(decode_matmul.decode_matmul, out_major=True)
-    x = fused(o.reshape(x.shape[:2] + (-1,)), w["wo"], residual=x)
-    hidden = fused(x, w["w_gate_up"], norm=p["mlp_norm"], eps=cfg.norm_eps, glu=True)
-    return fused(hidden, w["w_down"], residual=x), {"k": k, "v": v}, {}
 
 
 def unit_layers(p_unit: dict, cfg: Config) -> list[dict]:
@@ -594,12 +525,9 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True, batch: int | Non
     dense W_q, W_k, W_v become one ``wqkv`` [d_model, (heads + 2 kv_heads) head_dim] and, in
     dense layers, W_gate, W_up one ``w_gate_up`` [d_model, 2 d_ff]: one wider matmul each per
     step. Expert weights, and weights of a ``weights.Weight`` type that cannot join columns
-    (``weights.join_out``), stay as they are. For ``batch`` 1, where a step may run ``_fused_decode_layer``
-    (``_fused_layer_fits``), a dense layer's four projections are also stored out-major when all four are plain
-    (``weights.OutMajor``: W^T in the compute dtype) or all four int4 matrices of one group (``awq.Int4.to_out_major``);
-    XLA's products for more rows read the [in, out] layout faster (the 350M at batch 64 on an H200: 0.9%).
+    (``weights.join_out``), stay as they are. For ``batch`` 1, a layer that takes the six-kernel step also gets
+    its four projections out-major (``decode_layer.out_major``).
     """
-    out_major = fuse and batch == 1
     per_layer = []
     for p in _unstack(params["layers"], cfg):  # fresh dicts: deleting leaves params alone
         p = dict(p)
@@ -610,10 +538,7 @@ def decode_params(params: dict, cfg: Config, fuse: bool = True, batch: int | Non
                 p[fused] = joined
                 for n in names:
                     del p[n]
-        if out_major and _fused_group(p, cfg, out_major=False) is not None:
-            p.update({n: p[n].to_out_major() if isinstance(p[n], awq.Int4)
-                      else weights.OutMajor(p[n].T.astype(cfg.compute_dtype)) for n in _FUSED_WEIGHTS})
-        per_layer.append(p)
+        per_layer.append(decode_layer.out_major(p, cfg) if fuse and batch == 1 else p)
     return {**params, "layers": tuple(per_layer)}
 
 

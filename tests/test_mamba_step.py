@@ -12,6 +12,7 @@ from models import mamba as M
 from models import mamba_ops
 from models import dt_kernel as DK
 from models import step_kernel as K
+from models.flash_kernel import block_size
 from parallel import mesh as pmesh
 from parallel import sharding
 from tests.helpers import h200, jit
@@ -51,7 +52,7 @@ def test_step_kernels_equal_xla_and_float64(E, N, R, block_e):
     np.testing.assert_allclose(y_ref, y64, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(h_ref, h64, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(h_ref[2], h[layer, 2])  # padding: the state is unchanged
-    assert K.block_size(E, block_e) == min(block_e, E & -E)
+    assert block_size(E, block_e) == min(block_e, E & -E)
     if R % N == 0:  # under a mesh: shard_map over rows (data) and channels (tensor), the same numbers
         with sharding.activate(pmesh.make_mesh({"data": 2, "tensor": 4}), RULES):
             y_sh, h_sh = jit(lambda h, args: M._kernel_call(K.selective_step, "ssm", h, layer, *args),
