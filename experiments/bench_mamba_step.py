@@ -3,8 +3,10 @@ Pallas kernel (``models/step_kernel.py``) at a few block sizes.
 
     python -m experiments.bench_mamba_step                # b64, 48 layers, E2048 N16 R64 (bench_mamba_370m)
     python -m experiments.bench_mamba_step --quick        # tiny shape, CPU (interpreted kernel), seconds
+    python -m experiments.bench_mamba_step --state_dtype bfloat16   # the state kept in bf16 (model.state_dtype)
 
-One call runs the update of every layer in order on the stacked state h [48, b, E, N] float32 (donated,
+One call runs the update of every layer in order on the stacked state h [48, b, E, N] float32 (or
+``--state_dtype``; donated,
 so each layer's slot is replaced in place), from x, z [b, E], x_proj's output [b, R + 2N] and each
 layer's dt_proj [R, E] (bf16): 'xla' is the decoding path's XLA step (dt_proj matmul, softplus,
 ``step_kernel.step_reference``, the new state written into its slot); 'pallas bB eE wW' the kernel with
@@ -44,9 +46,9 @@ def xla_layer(h_all, i, x, z, dbc, w):
     dt_raw = jnp.dot(dbc[:, :R], w["dt_proj"], preferred_element_type=F32)
     dt = jax.nn.softplus(dt_raw + w["dt_bias"])
     B, C = dbc[:, R:R + N].astype(F32), dbc[:, R + N:].astype(F32)
-    h = jnp.exp(dt[..., None] * w["A"]) * h_all[i] + (dt * x.astype(F32))[..., None] * B[:, None, :]
+    h = jnp.exp(dt[..., None] * w["A"]) * h_all[i].astype(F32) + (dt * x.astype(F32))[..., None] * B[:, None, :]
     y = jnp.einsum("ben,bn->be", h, C) + w["D"] * x.astype(F32)
-    return (y * jax.nn.silu(z.astype(F32))).astype(x.dtype), h_all.at[i].set(h)
+    return (y * jax.nn.silu(z.astype(F32))).astype(x.dtype), h_all.at[i].set(h.astype(h_all.dtype))
 
 
 def all_layers(step):
@@ -70,6 +72,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny shape on CPU, interpreted kernel")
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--state_dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--configs", default="1x64x2,4x32x4,4x64x4,8x32x4,2x64x4,4x128x8,1x128x4",
                     help="kernel settings: block_b x block_e x warps, comma-separated")
     args = ap.parse_args()
@@ -77,6 +80,7 @@ def main():
     interpret = args.quick or jax.default_backend() != "gpu"
     copy = bench.copy_bandwidth(0.0625 if args.quick else 2.0)
     h0, acts, per_layer = inputs(L, b, E, N, R)
+    h0 = h0.astype(args.state_dtype)
     nbytes = L * (2 * h0[0].nbytes + sum(a.nbytes for a in acts.values()) + b * E * 2
                   + sum(v.nbytes for v in per_layer[0].values()))
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; copy {copy / 1e12:.2f} TB/s; "

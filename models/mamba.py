@@ -76,8 +76,10 @@ class Config:
     tie_embeddings: bool = True
     proj_bias: bool = False  # biases of in_proj and out_proj (Hugging Face use_bias)
     conv_bias: bool = True  # (Hugging Face use_conv_bias)
-    dtype: str = "bfloat16"  # compute dtype; the scan state is always float32
+    dtype: str = "bfloat16"  # compute dtype; the scan computes its state in float32
     param_dtype: str = "float32"
+    state_dtype: str = "float32"  # the cached recurrent state between tokens (``init_cache``); "bfloat16" halves the
+    # decoding step's state traffic, as the bf16 caches of Hugging Face and state-spaces/mamba keep it
     remat: str = "full"
     layer_unroll: int = 1  # layers per iteration of the layer scan; 0: all (``layers.layer_scan``: compiles longer)
     scan: str = "chunked"  # or "reference" (sequential), "pallas" (GPU kernels: the scan and dt)
@@ -121,8 +123,8 @@ def validate(cfg: Config) -> None:
                          "(default 1e-4).")
     if cfg.norm_eps <= 0:
         raise ValueError(f"model.norm_eps is {cfg.norm_eps}; set it to a positive number.")
-    for name, choices in (("dtype", layers.DTYPES), ("param_dtype", layers.DTYPES), ("remat", REMAT_POLICIES),
-                          ("scan", SCANS), ("decode", DECODES)):
+    for name, choices in (("dtype", layers.DTYPES), ("param_dtype", layers.DTYPES), ("state_dtype", layers.DTYPES),
+                          ("remat", REMAT_POLICIES), ("scan", SCANS), ("decode", DECODES)):
         if getattr(cfg, name) not in choices:
             raise ValueError(f"model.{name} is {getattr(cfg, name)!r}; use one of {sorted(choices)}.")
 
@@ -274,7 +276,7 @@ def block(p: dict, x: jax.Array, cfg: Config, *, positions=None, segment_ids=Non
     """One residual layer x + Mixer(RMSNorm(x)). p: one layer's slice of ``params['layers']``; x [b, s, d_model].
 
     segment_ids [b, s] (0 = padding; None: each row one sequence); cache: None, or this layer's
-    state from earlier tokens {'conv': [b, d_conv-1, E], 'ssm': [b, E, N] float32, 'segment': [b]
+    state from earlier tokens {'conv': [b, d_conv-1, E], 'ssm': [b, E, N] (float32 by default), 'segment': [b]
     their last non-padding segment id}. ``positions``, ``train`` and ``rng`` are the protocol's
     (Mamba needs no positions and has no dropout). Returns (x, new cache or None, aux {}).
     """
@@ -345,10 +347,11 @@ def _layer(p: dict, x: jax.Array, cfg: Config, *, segment_ids=None, last_segment
     else:
         B, C = dbc[..., R:R + N], dbc[..., R + N:]
         dt = constrain(_dt(p, dbc, nonpad, cfg, prompt=state is not None), names)
-        y, h = selective_scan(xc, dt, A, B, C, None, reset=start, h0=ssm_state, method=cfg.scan,
+        h0 = None if ssm_state is None else ssm_state.astype(jnp.float32)
+        y, h = selective_scan(xc, dt, A, B, C, None, reset=start, h0=h0, method=cfg.scan,
                               chunk_size=cfg.chunk_size, splits=cfg.scan_splits, y_dtype=dt_type)
         y = constrain(gate(y, xc, z.astype(dt_type), p["D"]), names)
-        ssm = None if state is None else constrain(h, ("batch", "inner", "state"))
+        ssm = None if state is None else constrain(h.astype(state["ssm"].dtype), ("batch", "inner", "state"))
         if layer is not None:
             ssm = state["ssm"].at[layer].set(ssm)
     x = x + _bias(p, "out_bias", layers.linear(p["out_proj"], y, name="out_proj"))
@@ -461,13 +464,13 @@ def init_cache(cfg: Config, batch: int, max_len: int = 0, dtype=None) -> dict:
     """Empty recurrent state (``max_len`` is unused: the state is O(1) in the length).
 
     conv [n_layers, batch, d_conv-1, d_inner] (compute dtype): the last inputs of each conv;
-    ssm [n_layers, batch, d_inner, d_state] float32; segment [batch] int32: the last
+    ssm [n_layers, batch, d_inner, d_state] (``cfg.state_dtype``); segment [batch] int32: the last
     non-padding segment id seen (0: none); index: tokens consumed so far.
     """
     del max_len
     E = cfg.d_inner
     return {"conv": jnp.zeros((cfg.n_layers, batch, cfg.d_conv - 1, E), dtype or cfg.compute_dtype),
-            "ssm": jnp.zeros((cfg.n_layers, batch, E, cfg.d_state), jnp.float32),
+            "ssm": jnp.zeros((cfg.n_layers, batch, E, cfg.d_state), layers.DTYPES[cfg.state_dtype]),
             "segment": jnp.zeros((batch,), jnp.int32),
             "index": jnp.zeros((), jnp.int32)}
 

@@ -1,7 +1,8 @@
 """Mamba's generation kernels (Pallas, Triton): the one-token decoding step's selective state update and conv,
 and the prompt's (prefill's) conv.
 
-For one layer l of the stacked recurrent state h [layers, b, E, N] float32 and one token per row:
+For one layer l of the stacked recurrent state h [layers, b, E, N] (float32, or a 16-bit float: computed in float32,
+stored rounded) and one token per row:
 
     dt   = softplus(dt_low W_dt + dt_bias)                (dt = 0 where ``live`` is 0: a padding token)
     h'   = keep exp(dt A) * h[l] + dt B x                 (keep = 0 zeroes the state first: a segment start)
@@ -76,15 +77,16 @@ def _kernel(layer_ref, h_ref, x_ref, z_ref, lo_ref, B_ref, C_ref, W_ref, bias_re
     A2 = A_ref[...].astype(F32) * LOG2E
     decay = jnp.exp2(dt[:, :, None] * A2[None]) * keep_ref[...].astype(F32)[:, None, None]
     B, C = B_ref[...].astype(F32), C_ref[...].astype(F32)
-    h = decay * h_ref[at] + (dt * x)[:, :, None] * B[:, None, :]
-    h_out_ref[at] = h
+    h = decay * h_ref[at].astype(F32) + (dt * x)[:, :, None] * B[:, None, :]
+    h_out_ref[at] = h.astype(h_out_ref.dtype)
     y = jnp.sum(h * C[:, None, :], axis=2) + D_ref[...].astype(F32)[None, :] * x
     z = z_ref[...].astype(F32)
     y_ref[...] = (y * z / (1.0 + jnp.exp(-z))).astype(y_ref.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _call(shape, R: int, cols: tuple, z_col: int, rb: int, be: int, y_dtype, num_warps: int, interpret: bool):
+def _call(shape, R: int, cols: tuple, z_col: int, rb: int, be: int, y_dtype, num_warps: int, interpret: bool,
+          h_dtype=F32):
     """cols: the block-column index of dt_low, B and C in their arrays (blocks of R, N, N columns); z_col: the
     first block column of z in its array."""
     L, b, E, N = shape
@@ -100,15 +102,22 @@ def _call(shape, R: int, cols: tuple, z_col: int, rb: int, be: int, y_dtype, num
                 rows, rows]
     return pl.pallas_call(
         functools.partial(_kernel, rb=rb, be=be),
-        out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, F32)],
+        out_shape=[jax.ShapeDtypeStruct((b, E), y_dtype), jax.ShapeDtypeStruct(shape, h_dtype)],
         grid=(b // rb, E // be), in_specs=in_specs, out_specs=[rows_e, state], input_output_aliases={1: 1},
         interpret=interpret, compiler_params=compiler_params(interpret, num_warps, 3),
         name="mamba_step")
 
 
+# (rows, warps) a program, by whether the state is float32. The 16-bit state's come from a sweep on an H200 at the
+# 370M config's batch-64 shapes (``bench_mamba_step``): 7.5 us a layer against 8.8 with (1, 2); the model's step
+# 1.33-1.34 ms against 1.39-1.40.
+STATE_TILES = {True: (1, 2), False: (4, 4)}
+
+
 def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None, *,
-                   block_b: int = 1, block_e: int = 64, num_warps: int = 2, interpret=None):
-    """The fused step for layer ``layer`` (an int or int32 scalar, read at run time) of h_all [layers, b, E, N] float32.
+                   block_b: int | None = None, block_e: int = 64, num_warps: int | None = None, interpret=None):
+    """The fused step for layer ``layer`` (an int or int32 scalar, read at run time) of h_all [layers, b, E, N]
+    (float32, bfloat16 or float16; the update in float32, h' rounded to h_all's dtype).
 
     x [b, E]; z [b, E], or [b, 2E] to read z from its second half (in_xz's output, in place);
     dbc [b, R + 2N]: x_proj's output (dt_low, B, C side by side; read in place when R is a multiple of
@@ -116,14 +125,15 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
     ones). Returns (y [b, E] in x's dtype, h_all with layer ``layer`` replaced by h'); h_all's buffer
     is updated in place when the caller no longer needs the old value (under jit: a donated or
     intermediate array). ``block_b`` rows and ``block_e`` channels per program (each the largest
-    power of 2 dividing b, E up to that); on a GPU, R and N must be powers of 2 (Triton blocks).
+    power of 2 dividing b, E up to that) and ``num_warps``; by default 1 row and 2 warps for a float32 state, 4 and
+    4 for a 16-bit one (``STATE_TILES``). On a GPU, R and N must be powers of 2 (Triton blocks).
     ``interpret`` (default: not on a GPU) runs the kernel in the Pallas interpreter.
     """
     interpret = resolve_interpret(interpret)
     L, b, E, N = h_all.shape
     R = dt_proj.shape[0]
-    if h_all.dtype != F32:
-        raise ValueError(f"the recurrent state is {h_all.dtype}; it must be float32.")
+    if h_all.dtype not in (F32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the recurrent state is {h_all.dtype}; it must be float32, bfloat16 or float16.")
     if isinstance(layer, int) and not 0 <= layer < L:
         raise ValueError(f"layer is {layer}; the state has {L} layers.")
     if dbc.shape != (b, R + 2 * N):
@@ -136,9 +146,11 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
     keep, live = (ones if v is None else v.astype(F32) for v in (keep, live))
     if z.shape not in ((b, E), (b, 2 * E)):
         raise ValueError(f"z is {z.shape}; it must be [batch, E] or [batch, 2E] (in_xz's output) with E = {E}.")
+    tiles = STATE_TILES[h_all.dtype == F32]
+    block_b, num_warps = block_b or tiles[0], num_warps or tiles[1]
     be = block_size(E, block_e)
     call = _call((L, b, E, N), R, cols, (z.shape[1] - E) // be, block_size(b, block_b), be, jnp.dtype(x.dtype),
-                 int(num_warps), bool(interpret))
+                 int(num_warps), bool(interpret), jnp.dtype(h_all.dtype))
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     return call(layer, h_all, x, z, *parts, dt_proj, dt_bias, A, D, keep, live)
 

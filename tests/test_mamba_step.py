@@ -15,7 +15,7 @@ from models import step_kernel as K
 from models.flash_kernel import block_size
 from parallel import mesh as pmesh
 from parallel import sharding
-from tests.helpers import h200, jit
+from tests.helpers import h200, jit, rel_err
 from tests.test_mamba import B, CFG, NEW, PROMPTS, RULES, cached, naive_greedy, params_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,6 +106,49 @@ def test_decode_params_and_generation_with_kernel_equal_xla():
     assert G.greedy(M, params, kernel, PROMPTS, max_new_tokens=NEW) == naive_greedy(params, PROMPTS, NEW)
 
 
+def test_state_in_bfloat16():
+    """``state_dtype="bfloat16"``: the cache holds the state rounded to bf16 after each update (computed in float32).
+    The step kernel's h' is the float32 reference's rounded once, its y the reference's; cached decoding (a prompt,
+    then steps) through the kernels and through XLA agree, and stay within bf16 rounding of the float32 state's
+    logits; another name is refused."""
+    rng = np.random.default_rng(5)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    L, b, E, N, R, layer = 2, 4, 64, 16, 32, 1
+    h = f(L, b, E, N).astype(jnp.bfloat16)
+    args = (f(b, E), f(b, E), f(b, R + 2 * N), f(R, E) / R, f(E), -jnp.exp(f(E, N)), f(E))
+    y, h_all = jit(lambda h, args: K.selective_step(h, layer, *args, block_b=2, block_e=16, interpret=True))(h, args)
+    y_ref, h_ref = jit(K.step_reference)(h[layer], *args)
+    assert h_all.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(h_all[layer], np.float32),
+                                  np.asarray(h_ref.astype(jnp.bfloat16), np.float32))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+
+    params = params_for(CFG)
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (B, 7)).astype(np.int32)
+    logits, prompt_state = {}, {}
+    for state_dtype, decode in (("float32", "xla"), ("bfloat16", "xla"), ("bfloat16", "pallas")):
+        cfg = dataclasses.replace(CFG, state_dtype=state_dtype, decode=decode)
+        cache = M.init_cache(cfg, B)
+        assert cache["ssm"].dtype == jnp.dtype(state_dtype)
+        p = M.decode_params(params, cfg) if decode == "pallas" else params
+        out, cache = cached(p, tokens[:, :4], cfg, cache, None)
+        prompt_state[state_dtype, decode] = cache["ssm"]
+        steps = [out[:, -1:]]
+        for t in range(4, 7):
+            out, cache = cached(p, tokens[:, t:t + 1], cfg, cache, None)
+            steps.append(out)
+        assert cache["ssm"].dtype == jnp.dtype(state_dtype)
+        logits[state_dtype, decode] = np.concatenate(steps, 1)
+    # the prompt's state: the float32 one rounded once
+    np.testing.assert_array_equal(np.asarray(prompt_state["bfloat16", "xla"], np.float32),
+                                  np.asarray(prompt_state["float32", "xla"].astype(jnp.bfloat16), np.float32))
+    np.testing.assert_allclose(logits["bfloat16", "pallas"], logits["bfloat16", "xla"], rtol=1e-5, atol=1e-5)
+    err = rel_err(logits["bfloat16", "xla"], logits["float32", "xla"])
+    assert 1e-6 < err < 2e-4, err  # measured 2.5e-5: the tiny model's logits depend little on its state
+    with pytest.raises(ValueError, match="model.state_dtype is 'int8'"):
+        dataclasses.replace(CFG, state_dtype="int8")
+
+
 def test_prefill_conv_equals_causal_conv():
     """The prompt's conv kernel against ``causal_conv`` and silu (cached window, a reset mid-block, left padding,
     x read from [x, z]); interpreted."""
@@ -154,8 +197,9 @@ def test_prefill_through_the_kernels_equals_xla():
 
 
 def test_prefill_kernels_lower_for_cuda_without_a_gpu():
-    """The 370M config's dt kernels (forward, gradient) and prefill conv at a 64 x 2048 prompt lower to one Triton
-    call each for an H200; dt's exp2 and log2 are the PTX instructions (``flash_kernel.exp2``), not libdevice's."""
+    """The 370M config's dt kernels (forward, gradient) and prefill conv at a 64 x 2048 prompt, and its batch-64 step
+    on a float32 and a bf16 state, lower to one Triton call each for an H200; dt's exp2 and log2 are the PTX
+    instructions (``flash_kernel.exp2``), not libdevice's."""
     sd, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
     dt_args = (sd((64, 2048, 96), bf16), sd((64, 2048), bf16), sd((2048,), jnp.float32), sd((64, 2048), jnp.bool_))
     calls = (  # (function, arguments): the gradient's program (the forward's output unused) is the gradient kernel
@@ -165,6 +209,11 @@ def test_prefill_kernels_lower_for_cuda_without_a_gpu():
         (lambda x, w, b, r, l, win: K.prefill_conv(x, w, b, r, l, win, interpret=False),
          (sd((64, 2048, 4096), bf16), sd((4, 2048), bf16), sd((2048,), bf16), sd((64, 2048), jnp.int32),
           sd((64, 2048), jnp.bool_), sd((64, 3, 2048), bf16))))
+    for h_dtype in (jnp.float32, bf16):  # the one-token step on either state, its default tiles (STATE_TILES)
+        calls += ((lambda h, *a: K.selective_step(h, 3, *a, interpret=False),
+                   (sd((48, 64, 2048, 16), h_dtype), sd((64, 2048), bf16), sd((64, 4096), bf16), sd((64, 96), bf16),
+                    sd((64, 2048), bf16), sd((2048,), jnp.float32), sd((2048, 16), jnp.float32),
+                    sd((2048,), jnp.float32))),)
     for i, (fn, args) in enumerate(calls):
         with h200():
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
