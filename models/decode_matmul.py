@@ -63,18 +63,22 @@ def plan(m: int, k: int, n: int, dtype, *, out_major: bool = False, glu: bool = 
     2-3 stages at the 1.26B config's shapes, device-timed (W_o 4.6 us against XLA's 8.2, W_down 8.6 against 11.7,
     W_gate_up with its norm and SwiGLU 13.9 against 17.6).
     ``group`` (out-major int4 weights in groups of that many inputs, a power of two >= 16 dividing K): block_k the
-    largest power of two up to 2048 dividing K (glu: up to 1024), block_n 4 when that is all of K, else 2 (glu:
-    16), 4 warps: the fastest of a sweep on an H200 over block_n 2-32, block_k 256-2048 and 1-8 warps at the
-    1.26B config's shapes, device-timed (W_o with its residual 3.7 us against the bf16 kernel's 4.7, W_down 10.1
-    against 8.5, W_gate_up with its norm and SwiGLU 9.5 against 14.8)."""
+    largest power of two up to 1024 dividing K. With glu: block_n 16, 4 warps (W_gate_up with its norm and SwiGLU
+    9.5 us against the bf16 kernel's 14.8 at the 1.26B config on an H200). Else each program multiplies one K tile
+    (splits = K / block_k, the partials summed by XLA): block_n 8, a warp per 2048 of the tile's inputs (8 words a
+    thread). On an H200, device-timed with the residual and the sum: W_down 6.1 us against 10.0 unsplit, W_o
+    3.2 against 3.7; the best of 23 settings of block_n 2-32, block_k 128-2048, splits 1-44 and 2-8 warps."""
     if m != 1 or jnp.dtype(dtype) not in DTYPES or k % 256:
         return None
     if group:
         if not out_major or not is_pow2(group) or group < 16 or k % group:
             return None
-        block_k = max(group, block_size(k, 1024 if glu else 2048))
-        block_n = 16 if glu else (4 if block_k == k else 2)
-        return None if n % block_n else dict(block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
+        if glu:
+            block_k = max(group, block_size(k, 1024))
+            return None if n % 16 else dict(block_n=16, block_k=block_k, num_warps=4, num_stages=3)
+        block_k, block_n = max(group, block_size(k, 1024)), 8 if n % 8 == 0 else 2
+        return None if n % block_n else dict(block_n=block_n, block_k=block_k, splits=k // block_k,
+                                             num_warps=max(1, block_n * block_k // 2048), num_stages=3)
     if out_major:
         block_n = 16 if glu else 2
         if n % block_n:
@@ -99,7 +103,7 @@ def _check_tiles(tiles: dict, k: int, outputs: int, what: str, group: int = 0) -
 
 
 def _kernel(*refs, block_k: int, steps: int, norm: bool, glu: bool, residual: bool, eps: float, out_major: bool,
-            group: int):
+            group: int, blocks: int):
     """One program's outputs: the product of x and their weights accumulated over the K tiles (``_accumulate``),
     then the epilogue. refs: one [1] (1.0's bits, int4 only), x [1, K], scale [1, K]?, W's slice [K, bn] or
     ``out_major`` [bn, K] (glu: W_gate's and W_up's), r [1, bn]? -> o [1, bn]. int4 (``group``): x and scale
@@ -112,10 +116,11 @@ def _kernel(*refs, block_k: int, steps: int, norm: bool, glu: bool, residual: bo
     r_ref = refs.pop(0) if residual else None
     (o_ref,) = refs
     rows = slice(None)  # the BlockSpecs gave each program its own rows
+    base = (pl.program_id(0) // blocks) * (steps * block_k)  # this program's part of K (the first, unless split)
 
     def body(i, carry):
         accs, ss = carry
-        k0 = pl.multiple_of(i * block_k, block_k)
+        k0 = pl.multiple_of(base + i * block_k, block_k)
         xt, ss = _x_tile(x_ref, s_ref, k0, block_k, ss, group)
         return tuple(_accumulate(a, xt, w, rows, k0, out_major, group, one) for a, w in zip(accs, w_refs)), ss
 
@@ -239,35 +244,39 @@ def _int4_parts_fit(w, n: int, k: int, group: int) -> bool:
 
 
 def _product(x, w, out_dtype, tiles: dict, interpret: bool, scale, eps, glu, residual, out_major):
+    """One row x times w -> [splits, N] (glu: N / 2): each of the K splits' float32 partial products, or with one
+    split the output. A program per (split, block_n outputs), grid index p = split * blocks + block."""
     n, k, group = _dims(w, out_major)
     cols = n // 2 if glu else n
     bn = tiles["block_n"] // 2 if glu else tiles["block_n"]
-    row = pl.BlockSpec((1, k), lambda j: (0, 0))
+    splits, nb = tiles.get("splits", 1), cols // bn
+    row = pl.BlockSpec((1, k), lambda p: (0, 0))
     if group:  # x and the norm's scale as [K/group, group]; each half's words [N, K/group, group/8], scales, zeros
-        row = pl.BlockSpec((k // group, group), lambda j: (0, 0))
+        row = pl.BlockSpec((k // group, group), lambda p: (0, 0))
         parts = _int4_operands(w, group)
         slices = [pl.BlockSpec((bn, *part.shape[1:]),
-                               lambda j, h=h, d=part.ndim: (j + h * cols // bn,) + (0,) * (d - 1))
+                               lambda p, h=h, d=part.ndim: (p % nb + h * nb,) + (0,) * (d - 1))
                   for h in range(1 + glu) for part in parts]
         weights = list(parts) * (1 + glu)
     elif out_major:
-        slices = [pl.BlockSpec((bn, k), lambda j, h=h: (j + h * cols // bn, 0)) for h in range(1 + glu)]
+        slices = [pl.BlockSpec((bn, k), lambda p, h=h: (p % nb + h * nb, 0)) for h in range(1 + glu)]
         weights = [w] * (1 + glu)
     else:
-        slices, weights = [pl.BlockSpec((k, bn), lambda j: (0, j))], [w]
-    ones = [pl.BlockSpec((1,), lambda j: (0,))] if group else []
-    in_specs = ones + [row] * (1 + (scale is not None)) + slices + [pl.BlockSpec((1, bn), lambda j: (0, j))] * (
-        residual is not None)
+        slices, weights = [pl.BlockSpec((k, bn), lambda p: (0, p % nb))], [w]
+    ones = [pl.BlockSpec((1,), lambda p: (0,))] if group else []
+    out = pl.BlockSpec((1, bn), lambda p: (p // nb, p % nb))
+    in_specs = ones + [row] * (1 + (scale is not None)) + slices + [out] * (residual is not None)
     norm_scale = [] if scale is None else [scale.reshape(row.block_shape)]
     args = [*([_one_bits()] if group else []), x.reshape(row.block_shape), *norm_scale, *weights, *([] if residual is None else [residual])]
     form = "".join(f"_{name}" for name, on in (("norm", scale is not None), ("glu", glu),
                                                 ("residual", residual is not None), ("t", out_major),
                                                 (f"int4g{group}", group)) if on)
     return pl.pallas_call(
-        functools.partial(_kernel, block_k=tiles["block_k"], steps=k // tiles["block_k"], norm=scale is not None,
-                          glu=glu, residual=residual is not None, eps=eps, out_major=out_major, group=group),
-        out_shape=jax.ShapeDtypeStruct((1, cols), out_dtype), grid=(cols // bn,),
-        in_specs=in_specs, out_specs=pl.BlockSpec((1, bn), lambda j: (0, j)),
+        functools.partial(_kernel, block_k=tiles["block_k"], steps=k // tiles["block_k"] // splits,
+                          norm=scale is not None, glu=glu, residual=residual is not None, eps=eps, out_major=out_major,
+                          group=group, blocks=nb),
+        out_shape=jax.ShapeDtypeStruct((splits, cols), out_dtype), grid=(splits * nb,),
+        in_specs=in_specs, out_specs=out,
         interpret=interpret, compiler_params=compiler_params(interpret, tiles["num_warps"], tiles["num_stages"]),
         name=f"decode_matmul{form}_{k}x{n}")(*args)
 
@@ -302,9 +311,10 @@ def decode_matmul(x: jax.Array, w, out_dtype=None, *, out_major: bool = False, n
 
     Out-major only (module docstring): ``norm`` [K], the RMSNorm's scale (``eps`` its epsilon), applied to x first;
     ``glu``: W = [W_gate | W_up] -> silu(gate) * up [..., N / 2]; ``residual`` [..., N] (x's dtype) added to the
-    result. ``tiles`` override the plan's (block_n, block_k, num_warps, num_stages). ``interpret`` (default: off a
-    GPU) runs the Pallas interpreter. The forward only: ``layers.linear``, which calls the plain product, gives it
-    its backward."""
+    result. ``tiles`` override the plan's (block_n, block_k, num_warps, num_stages, and splits: K cut into that many
+    parts, a program each, their float32 partials summed by XLA; the plain and residual products only).
+    ``interpret`` (default: off a GPU) runs the Pallas interpreter. The forward only: ``layers.linear``, which calls
+    the plain product, gives it its backward."""
     if (norm is not None or glu or residual is not None or isinstance(w, tuple)) and not out_major:
         raise ValueError("decode_matmul folds a norm, glu or residual, and takes int4 weights, in the out-major "
                          "product only (out_major=True, w = W^T [N, K] or its int4 parts).")
@@ -321,8 +331,21 @@ def decode_matmul(x: jax.Array, w, out_dtype=None, *, out_major: bool = False, n
     _check_tiles(chosen, k, n, "decode_matmul", group)  # with glu, block_n counts both halves' outputs
     if glu and chosen["block_n"] < 2:
         raise ValueError("decode_matmul's block_n with glu counts both halves' outputs: at least 2.")
-    y = _product(x.reshape(1, k), w, jnp.dtype(out_dtype or x.dtype), chosen, resolve_interpret(interpret), norm, eps,
-                 glu, None if residual is None else residual.reshape(1, n).astype(x.dtype), out_major)
+    splits = chosen.get("splits", 1)
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1 or (k // chosen["block_k"]) % splits:
+        raise ValueError(f"decode_matmul's splits is {splits!r}; it must be a positive integer dividing the "
+                         f"{k // chosen['block_k']} K tiles.")
+    if splits > 1 and (norm is not None or glu):
+        raise ValueError("decode_matmul splits K for the plain and residual products only (a norm or glu needs the "
+                         "whole of K in one program); use splits=1.")
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    r = None if residual is None else residual.reshape(1, n).astype(x.dtype)
+    if splits == 1:
+        y = _product(x.reshape(1, k), w, out_dtype, chosen, resolve_interpret(interpret), norm, eps, glu, r, out_major)
+    else:  # float32 partial products summed here, then rounded as the kernel's epilogue rounds
+        y = jnp.sum(_product(x.reshape(1, k), w, F32, chosen, resolve_interpret(interpret), None, eps, False, None,
+                             out_major), axis=0, keepdims=True)
+        y = y.astype(out_dtype) if r is None else (r.astype(F32) + _round(y, x.dtype)).astype(out_dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -74,7 +74,8 @@ class Config:
     layer_unroll: int = 1  # layers per iteration of the layer scan; 0: all (``layers.layer_scan``: compiles longer)
     attention: str = "auto"
     # cached batch-1 steps: "xla" (the layer op by op), "pallas" (six kernels a layer, ``models/decode_layer.py``, where
-    # the shapes allow; in the interpreter off a GPU), or "auto" (pallas on a GPU without an active mesh)
+    # the shapes allow; in the interpreter off a GPU; under an active mesh unsplit, each device running the whole
+    # layer), or "auto" (pallas on a GPU without an active mesh)
     decode: str = "auto"
     ring_layout: str = "zigzag"  # attention='ring': 'zigzag' (causal load balance) or 'contiguous' (in order)
     # Switch mixture of experts (models/moe.py); num_experts 0 = dense. See ``moe.MoEConfig``.

@@ -203,6 +203,27 @@ def test_out_major_forms_equal_float64(tiles, int4):
 
 
 @pytest.mark.parametrize("int4", [False, True])
+def test_k_split_products_equal_float64(int4):
+    """The plain and residual out-major products with K cut into 2 and 4 parts (float32 partials summed by XLA): the
+    float64 formulas' numbers, and one split's within the output's rounding; splits that do not divide the K tiles,
+    or with a norm or glu (which need all of K), are refused by name."""
+    k, n = 1024, 256
+    x, scale, w, r = out_major_operands(k, n, seed=4)
+    w, w64 = kernel_weight(w, int4)
+    run = functools.partial(DM.decode_matmul, out_major=True, interpret=True, block_n=4, block_k=256)
+    for splits in (2, 4):
+        assert rel_err(run(x, w, jnp.float32, splits=splits), f64(x) @ w64) < (1e-6 if int4 else 4e-3)
+        got = run(x, w, residual=r, splits=splits)
+        assert rel_err(got, f64(r) + f64(x) @ w64) < 4e-3
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(run(x, w, residual=r), np.float32),
+                                   rtol=1e-2, atol=1e-2)
+    for bad, message in ((dict(splits=3), "splits is 3; it must be a positive integer dividing the 4 K tiles"),
+                         (dict(splits=0), "splits is 0"), (dict(splits=2, norm=scale), "splits K for the plain")):
+        with pytest.raises(ValueError, match=message):
+            run(x, w, **bad)
+
+
+@pytest.mark.parametrize("int4", [False, True])
 def test_decode_qkv_rotates_and_writes_the_cache_in_place(int4):
     """decode_qkv = RMSNorm, W_qkv (or its int4 parts), ``layers.rope`` at the position (float64 here), k and v
     written at the index of one layer of the stacked caches, every other slot as it was; an index past the cache
@@ -259,14 +280,15 @@ def test_plans_and_refusals():
 
 
 def test_int4_plans_and_refusals():
-    """int4 tiles at the 1.26B config's shapes (block_k the largest power of two up to 2048, 1024 with glu and for
-    W_qkv, dividing K; block_n 4 when one step covers K, else 2; 16 with glu and for W_qkv); groups that are not
-    powers of two >= 16 dividing K, K tiles that are not whole groups, in-major int4, and parts that are not uint32
-    words with scales and zeros of their shape are refused."""
+    """int4 tiles at the 1.26B config's shapes (block_k the largest power of two up to 1024 dividing K; a K split per
+    tile, block_n 8 and a warp per 2048 inputs of the tile for the plain products; block_n 16 with glu and for
+    W_qkv); groups that are not powers of two >= 16 dividing K, K tiles that are not whole groups, in-major int4, and
+    parts that are not uint32 words with scales and zeros of their shape are refused."""
     bf = jnp.bfloat16
     plan = functools.partial(DM.plan, 1, dtype=bf, out_major=True, group=128)
-    assert plan(2048, 2048) == dict(block_n=4, block_k=2048, num_warps=4, num_stages=3)
-    assert plan(5632, 2048) == dict(block_n=2, block_k=512, num_warps=4, num_stages=3)
+    assert plan(2048, 2048) == dict(block_n=8, block_k=1024, splits=2, num_warps=4, num_stages=3)
+    assert plan(5632, 2048) == dict(block_n=8, block_k=512, splits=11, num_warps=2, num_stages=3)
+    assert plan(256, 4 * 131) == dict(block_n=2, block_k=256, splits=1, num_warps=1, num_stages=3)
     assert plan(2048, 11264, glu=True) == dict(block_n=16, block_k=1024, num_warps=4, num_stages=3)
     assert DM.qkv_plan(2048, 16, 16, 128, bf, 128) == dict(block_n=16, block_k=1024, num_warps=4, num_stages=3)
     assert DM.qkv_plan(2048, 16, 16, 8, bf, 128)["block_n"] == 8
