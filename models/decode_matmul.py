@@ -28,13 +28,15 @@ Out-major weights may also be int4 (``awq.Int4.to_out_major``: uint32 words [N, 
 K/group], W = (q - z) s per group): the words are read as [N, K/group, 16] (group 128), so a loop step loads
 [block_n, G, 16] words, takes nibble j apart with a shift and a mask (``int4_kernel.magic_levels``) against
 x's inputs 8i + j (stride-8 loads of x viewed as [K/group, group]) and adds s (x . q - z sum x) per group and
-lane. Every form above takes them. Each result is rounded to the compute dtype where XLA's unfused
-ops round it (the product, silu, the gate, the rotation), so the two paths differ only in the order of
-float32 sums and in the norm's scale, which is applied to the float32 product instead of to x.
+lane. Every form above takes them. The plain and residual products may also split K across programs
+(``splits``; the float32 partials summed by XLA), as int4's plan does: one K tile a program. Each result is
+rounded to the compute dtype where XLA's unfused ops round it (the product, silu, the gate, the rotation), so the
+two paths differ only in the order of float32 sums and in the norm's scale, which is applied to the float32
+product instead of to x.
 
 On an H200, the 1.26B config's batch-1 step: 2.5-4.5% faster with W_qkv, W_gate_up and the LM head through
 the [K, N] kernel than with the two-row GEMM; 1.27-1.29x faster again with the six-kernel layer; on int4 weights,
-the six-kernel layer 1.16x bf16's (``experiments/BENCHMARKS.md``).
+the six-kernel layer 1.18-1.19x bf16's (``experiments/BENCHMARKS.md``).
 """
 from __future__ import annotations
 
@@ -267,7 +269,8 @@ def _product(x, w, out_dtype, tiles: dict, interpret: bool, scale, eps, glu, res
     out = pl.BlockSpec((1, bn), lambda p: (p // nb, p % nb))
     in_specs = ones + [row] * (1 + (scale is not None)) + slices + [out] * (residual is not None)
     norm_scale = [] if scale is None else [scale.reshape(row.block_shape)]
-    args = [*([_one_bits()] if group else []), x.reshape(row.block_shape), *norm_scale, *weights, *([] if residual is None else [residual])]
+    args = [*([_one_bits()] if group else []), x.reshape(row.block_shape), *norm_scale, *weights,
+            *([] if residual is None else [residual])]
     form = "".join(f"_{name}" for name, on in (("norm", scale is not None), ("glu", glu),
                                                 ("residual", residual is not None), ("t", out_major),
                                                 (f"int4g{group}", group)) if on)
