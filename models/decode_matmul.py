@@ -345,10 +345,10 @@ def decode_matmul(x: jax.Array, w, out_dtype=None, *, out_major: bool = False, n
     r = None if residual is None else residual.reshape(1, n).astype(x.dtype)
     if splits == 1:
         y = _product(x.reshape(1, k), w, out_dtype, chosen, resolve_interpret(interpret), norm, eps, glu, r, out_major)
-    else:  # float32 partial products summed here, then rounded as the kernel's epilogue rounds
+    else:  # float32 partial products summed here, then the kernel's epilogue
         y = jnp.sum(_product(x.reshape(1, k), w, F32, chosen, resolve_interpret(interpret), None, eps, False, None,
                              out_major), axis=0, keepdims=True)
-        y = y.astype(out_dtype) if r is None else (r.astype(F32) + _round(y, x.dtype)).astype(out_dtype)
+        y = _epilogue([y], r, out_dtype, x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -108,10 +108,10 @@ def _call(shape, R: int, cols: tuple, z_col: int, rb: int, be: int, y_dtype, num
         name="mamba_step")
 
 
-# (rows, warps) a program, by whether the state is float32. The 16-bit state's come from a sweep on an H200 at the
-# 370M config's batch-64 shapes (``bench_mamba_step``): 7.5 us a layer against 8.8 with (1, 2); the model's step
-# 1.33-1.34 ms against 1.39-1.40.
-STATE_TILES = {True: (1, 2), False: (4, 4)}
+# (rows, warps) a program by the state's dtype. The 16-bit states' come from a sweep on an H200 at the 370M config's
+# batch-64 shapes (``bench_mamba_step``): 7.5 us a layer against 8.8 with (1, 2); the model's step 1.33-1.34 ms
+# against 1.39-1.40.
+STATE_TILES = {jnp.dtype(jnp.float32): (1, 2), jnp.dtype(jnp.bfloat16): (4, 4), jnp.dtype(jnp.float16): (4, 4)}
 
 
 def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None, *,
@@ -146,8 +146,8 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
     keep, live = (ones if v is None else v.astype(F32) for v in (keep, live))
     if z.shape not in ((b, E), (b, 2 * E)):
         raise ValueError(f"z is {z.shape}; it must be [batch, E] or [batch, 2E] (in_xz's output) with E = {E}.")
-    tiles = STATE_TILES[h_all.dtype == F32]
-    block_b, num_warps = block_b or tiles[0], num_warps or tiles[1]
+    rows, warps = STATE_TILES[jnp.dtype(h_all.dtype)]
+    block_b, num_warps = block_b or rows, num_warps or warps
     be = block_size(E, block_e)
     call = _call((L, b, E, N), R, cols, (z.shape[1] - E) // be, block_size(b, block_b), be, jnp.dtype(x.dtype),
                  int(num_warps), bool(interpret), jnp.dtype(h_all.dtype))
