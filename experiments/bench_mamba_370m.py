@@ -56,5 +56,5 @@ def get_config():
     c.model = ml_collections.ConfigDict(dict(
         family="mamba", vocab_size=peer.vocab_size, d_model=1024, n_layers=48, d_state=16, d_conv=4, expand=2,
         tie_embeddings=True, dtype=peer.dtype, param_dtype=peer.param_dtype, remat="none", layer_unroll=0,
-        scan="pallas", chunk_size=64, scan_splits=0, decode="auto"))
+        scan="pallas", chunk_size=64, scan_splits=0, decode="auto", state_dtype="float32"))
     return c
