@@ -28,18 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from models.flash_kernel import F32, LN2, LOG2E, block_size, compiler_params, exp2, ptx, resolve_interpret
+from models.flash_kernel import F32, LOG2E, block_size, compiler_params, exp2, resolve_interpret, softplus
 from parallel import sharding
 
 BLOCK_ROWS, BLOCK_CHANNELS, WARPS = 32, 128, 4  # fastest of 12 tilings at 64 x 2048 tokens, E 2048 (H200): 0.36 ms
-
-
-def _softplus(v, approx: bool):
-    """log(1 + e^v) = max(v, 0) + log(1 + e), e = exp(-|v|); for e < 2^-6, log(1 + e) is its series e - e^2/2 +
-    e^3/3 (1 + e would round e away)."""
-    e = exp2(-jnp.abs(v) * LOG2E, approx)
-    log1pe = (ptx("lg2.approx", 1.0 + e) if approx else jnp.log2(1.0 + e)) * LN2
-    return jnp.maximum(v, 0.0) + jnp.where(e < 2.0 ** -6, e * (1.0 - e * (0.5 - e / 3.0)), log1pe)
 
 
 def _product(lo_ref, w_ref, bias_ref):
@@ -49,7 +41,7 @@ def _product(lo_ref, w_ref, bias_ref):
 
 def _fwd_kernel(lo_ref, w_ref, bias_ref, live_ref, o_ref, *, approx: bool):
     v = _product(lo_ref, w_ref, bias_ref)
-    o_ref[...] = jnp.where(live_ref[...][:, None] > 0, _softplus(v, approx), 0.0).astype(o_ref.dtype)
+    o_ref[...] = jnp.where(live_ref[...][:, None] > 0, softplus(v, approx), 0.0).astype(o_ref.dtype)
 
 
 def _grad_kernel(lo_ref, w_ref, bias_ref, live_ref, g_ref, o_ref, *, approx: bool):

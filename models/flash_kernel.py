@@ -184,6 +184,15 @@ def exp2(x, fast: bool):
     return ptx("ex2.approx.ftz", x) if fast else jnp.exp2(x)
 
 
+def softplus(v, fast: bool):
+    """log(1 + e^v) over float32 v, stable for any v: max(v, 0) + log(1 + e), e = exp(-|v|); for e < 2^-6, log(1 + e)
+    is its series e - e^2/2 + e^3/3 (1 + e would round e away). ``fast``: the PTX ``ex2.approx``/``lg2.approx``
+    instructions (``exp2``), a GPU kernel only."""
+    e = exp2(-jnp.abs(v) * LOG2E, fast)
+    log1pe = (ptx("lg2.approx", 1.0 + e) if fast else jnp.log2(1.0 + e)) * LN2
+    return jnp.maximum(v, 0.0) + jnp.where(e < 2.0 ** -6, e * (1.0 - e * (0.5 - e / 3.0)), log1pe)
+
+
 def compiler_params(interpret: bool, warps: int, stages: int):
     """Triton compiler parameters of a ``pallas_call`` (None in the interpreter)."""
     return None if interpret else plgpu.CompilerParams(num_warps=warps, num_stages=stages)

@@ -33,12 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from models.flash_kernel import F32, LOG2E, block_size, compiler_params, resolve_interpret
-
-
-def _softplus(v):
-    """log(1 + e^v) = max(v, 0) + log(1 + e^-|v|), stable for any v (jax.nn.softplus's value)."""
-    return jnp.maximum(v, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(v)))
+from models.flash_kernel import F32, LOG2E, block_size, compiler_params, resolve_interpret, softplus
 
 
 def step_reference(h, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None):
@@ -46,7 +41,7 @@ def step_reference(h, x, z, dbc, dt_proj, dt_bias, A, D, keep=None, live=None):
     f32 = lambda a: a.astype(F32)  # noqa: E731
     R, N = dt_proj.shape[0], A.shape[-1]
     dt_low, B, C = (f32(dbc[:, a:a + n]) for a, n in ((0, R), (R, N), (R + N, N)))
-    dt = _softplus(dt_low @ f32(dt_proj) + f32(dt_bias))
+    dt = softplus(dt_low @ f32(dt_proj) + f32(dt_bias), False)
     if live is not None:
         dt = dt * f32(live)[:, None]
     decay = jnp.exp(dt[..., None] * f32(A))
@@ -73,7 +68,7 @@ def _kernel(layer_ref, h_ref, x_ref, z_ref, lo_ref, B_ref, C_ref, W_ref, bias_re
     x = x_ref[...].astype(F32)
     dt_low, W = lo_ref[...].astype(F32), W_ref[...].astype(F32)
     dt = jnp.sum(dt_low[:, :, None] * W[None, :, :], axis=1) + bias_ref[...].astype(F32)[None, :]  # [rb, be]
-    dt = _softplus(dt) * live_ref[...].astype(F32)[:, None]
+    dt = softplus(dt, False) * live_ref[...].astype(F32)[:, None]
     A2 = A_ref[...].astype(F32) * LOG2E
     decay = jnp.exp2(dt[:, :, None] * A2[None]) * keep_ref[...].astype(F32)[:, None, None]
     B, C = B_ref[...].astype(F32), C_ref[...].astype(F32)
