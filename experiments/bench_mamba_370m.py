@@ -45,16 +45,15 @@ hold equal activation memory at every length: measured peaks on one H200 were, w
 (Mamba; 35.7 GB since dt is stored in bf16, 29.3 GB since dt's kernel) and 30.0 GB (Transformer) at 2k, 8k
 and 32k alike; Mamba without remat, unrolled, 84.8 GB at each.
 """
-import ml_collections
-
+import models
 from experiments import bench_llama_350m
 
 
 def get_config():
     c = bench_llama_350m.get_config()
     peer = c.model
-    c.model = ml_collections.ConfigDict(dict(
-        family="mamba", vocab_size=peer.vocab_size, d_model=1024, n_layers=48, d_state=16, d_conv=4, expand=2,
+    c.model = models.config_dict(
+        "mamba", vocab_size=peer.vocab_size, d_model=1024, n_layers=48, d_state=16, d_conv=4, expand=2,
         tie_embeddings=True, dtype=peer.dtype, param_dtype=peer.param_dtype, remat="none", layer_unroll=0,
-        scan="pallas", chunk_size=64, scan_splits=0, decode="auto", state_dtype="float32"))
+        scan="pallas", chunk_size=64, scan_splits=0, decode="auto")
     return c

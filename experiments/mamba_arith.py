@@ -10,13 +10,12 @@ data, steps, batch, sequence length, optimizer and evaluation (greedy exact matc
     # its peer:
     python -m train --config experiments/arith_cot.py --workdir runs/arith_cot
 """
-import ml_collections
-
+import models
 from experiments import arith_cot
 
 
 def get_config():
     c = arith_cot.get_config()
-    c.model = ml_collections.ConfigDict(dict(family="mamba", vocab_size=259, d_model=128, n_layers=8, d_state=16,
-                                             expand=2, d_conv=4, dtype="bfloat16", remat="full", chunk_size=32))
+    c.model = models.config_dict("mamba", vocab_size=259, d_model=128, n_layers=8, d_state=16, expand=2, d_conv=4,
+                                 dtype="bfloat16", remat="full", chunk_size=32)
     return c

@@ -15,8 +15,7 @@ The other synthetic configs (``mamba_selective_copying``, ``transformer_*``) bui
 
 Lengths up to 2^20: ``--config.data.eval_lengths='(64,256,1024,4096,16384,65536,262144,1048576)'``.
 """
-import ml_collections
-
+import models
 from train import data
 from train.config import base_config
 
@@ -36,7 +35,7 @@ def synthetic(source: str, family: str, task_length: int = 256, batch_size: int 
     c.data.update(source=source, task_length=task_length, num_memorize=16, task_vocab=16, packing=False,
                   eval_examples=256, eval_lengths=EVAL_LENGTHS)
     if family == "mamba":
-        c.model = ml_collections.ConfigDict(MAMBA)
+        c.model = models.config_dict(**MAMBA)
     else:
         c.model.update(TRANSFORMER)
     c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.1)

@@ -83,6 +83,18 @@ def get(family: str) -> ModelFamily:
     return importlib.import_module(FAMILIES[family])
 
 
+def config_dict(family: str, **values):
+    """An experiment config's ``model`` section for ``family``: every field of the family's Config at its default,
+    then ``values``; so a command line can override any field (ml-collections refuses a key the section lacks)."""
+    import ml_collections
+
+    fields = {f.name: f.default for f in dataclasses.fields(get(family).Config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"model.{unknown[0]} is not a {family} field; known fields: {sorted(fields)}.")
+    return ml_collections.ConfigDict({"family": family, **fields, **values})
+
+
 def config_from(config_cls, model_cfg, family: str):
     """``config_cls`` from a mapping (an experiment config's ``model`` section, whose ``family`` key
     is ignored); a key that is not a field is refused, naming it and the known fields."""

@@ -25,6 +25,23 @@ def test_config_validates(name):
     config_lib.validate(get(name))
 
 
+@pytest.mark.parametrize("name", ["mamba_arith", "mamba_induction", "mamba_selective_copying", "bench_mamba_370m"])
+def test_mamba_configs_name_every_model_field(name):
+    """A Mamba experiment's model section (``models.config_dict``) holds every field of ``mamba.Config``, so a command
+    line can set any of them: ``model.state_dtype=bfloat16`` reaches the model's Config; a stray key is refused."""
+    import dataclasses
+
+    import models
+    from models import mamba
+
+    c = get(name)
+    assert set(c.model) == {"family"} | {f.name for f in dataclasses.fields(mamba.Config)}
+    c = config_lib.override(c, ["model.state_dtype=bfloat16"])
+    assert mamba.from_config(c.model).state_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="model.d_staet is not a mamba field"):
+        models.config_dict("mamba", d_staet=16)
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", SMOKE)
 def test_smoke_few_steps(name, tmp_path):
