@@ -25,19 +25,21 @@ def test_config_validates(name):
     config_lib.validate(get(name))
 
 
-@pytest.mark.parametrize("name", ["mamba_arith", "mamba_induction", "mamba_selective_copying", "bench_mamba_370m"])
-def test_mamba_configs_name_every_model_field(name):
-    """A Mamba experiment's model section (``models.config_dict``) holds every field of ``mamba.Config``, so a command
-    line can set any of them: ``model.state_dtype=bfloat16`` reaches the model's Config; a stray key is refused."""
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_configs_name_every_model_field(name):
+    """Every experiment's model section (``models.config_dict``) holds every field of its family's Config, so a
+    command line can set any of them (Mamba's ``state_dtype``, the Transformer's ``moe_top_k``) and the value reaches
+    the model; a stray key is refused."""
     import dataclasses
 
     import models
-    from models import mamba
 
     c = get(name)
-    assert set(c.model) == {"family"} | {f.name for f in dataclasses.fields(mamba.Config)}
-    c = config_lib.override(c, ["model.state_dtype=bfloat16"])
-    assert mamba.from_config(c.model).state_dtype == "bfloat16"
+    family = models.get(c.model.family)
+    assert set(c.model) == {"family"} | {f.name for f in dataclasses.fields(family.Config)}
+    key, value = ("state_dtype", "bfloat16") if c.model.family == "mamba" else ("moe_top_k", 2)
+    c = config_lib.override(c, [f"model.{key}={value}"])
+    assert getattr(family.from_config(c.model), key) == value
     with pytest.raises(ValueError, match="model.d_staet is not a mamba field"):
         models.config_dict("mamba", d_staet=16)
 

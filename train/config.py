@@ -26,11 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict(dict(
-        family="transformer", vocab_size=259, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4,
-        head_dim=0, d_ff=384, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
-        dtype="bfloat16", param_dtype="float32", remat="full", attention="auto", decode="auto",
-        ring_layout="zigzag"))
+    c.model = models.config_dict("transformer")  # every field at its default (Switch's too), so any can be overridden
 
     c.data = data.default_config()
 
