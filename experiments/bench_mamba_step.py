@@ -5,10 +5,9 @@ Pallas kernel (``models/step_kernel.py``) at a few block sizes.
     python -m experiments.bench_mamba_step --quick        # tiny shape, CPU (interpreted kernel), seconds
     python -m experiments.bench_mamba_step --state_dtype bfloat16   # the state kept in bf16 (model.state_dtype)
 
-One call runs the update of every layer in order on the stacked state h [48, b, E, N] float32 (or
-``--state_dtype``; donated,
-so each layer's slot is replaced in place), from x, z [b, E], x_proj's output [b, R + 2N] and each
-layer's dt_proj [R, E] (bf16): 'xla' is the decoding path's XLA step (dt_proj matmul, softplus,
+One call runs the update of every layer in order on the stacked state h [48, b, E, N] float32 or
+``--state_dtype`` (donated, so each layer's slot is replaced in place), from x, z [b, E], x_proj's output
+[b, R + 2N] and each layer's dt_proj [R, E] (bf16): 'xla' is the decoding path's XLA step (dt_proj matmul, softplus,
 ``step_kernel.step_reference``, the new state written into its slot); 'pallas bB eE wW' the kernel with
 B rows and E channels per program and W warps. Per layer: microseconds of device kernels
 (``train.bench.device_seconds``: from a profiler trace, so host dispatch is not counted), and bytes (h read

@@ -89,18 +89,20 @@ def config_dict(family: str, **values):
     import ml_collections
 
     fields = {f.name: f.default for f in dataclasses.fields(get(family).Config)}
-    unknown = sorted(set(values) - set(fields))
+    _check_fields(fields, values, family)
+    return ml_collections.ConfigDict({"family": family, **fields, **values})
+
+
+def _check_fields(fields, keys, family: str) -> None:
+    """ValueError naming the first of ``keys`` that is not one of the Config's ``fields``."""
+    unknown = sorted(set(keys) - set(fields))
     if unknown:
         raise ValueError(f"model.{unknown[0]} is not a {family} field; known fields: {sorted(fields)}.")
-    return ml_collections.ConfigDict({"family": family, **fields, **values})
 
 
 def config_from(config_cls, model_cfg, family: str):
     """``config_cls`` from a mapping (an experiment config's ``model`` section, whose ``family`` key
     is ignored); a key that is not a field is refused, naming it and the known fields."""
-    fields = {f.name for f in dataclasses.fields(config_cls)}
     values = {k: v for k, v in dict(model_cfg).items() if k != "family"}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"model.{unknown[0]} is not a {family} field; known fields: {sorted(fields)}.")
+    _check_fields({f.name for f in dataclasses.fields(config_cls)}, values, family)
     return config_cls(**values)

@@ -77,29 +77,20 @@ class Int4(weights.Weight):
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """The weight [..., in, out] in ``dtype``."""
-        if self.out_major:
-            return self._dequantize_t(dtype).T
-        return quant.dequantize_groups(self.packed, self.scale, self.zero, self.group, dtype)
-
-    def _dequantize_t(self, dtype) -> jax.Array:
-        """An out-major weight's W^T [out, in] in ``dtype``, dequantized where its words lie (nothing transposed)."""
-        n, k = self.packed.shape[0], 8 * self.packed.shape[1]
-        shifts = 4 * jnp.arange(8, dtype=jnp.uint32)  # word i's nibble j is input 8i + j: [N, K/8, 8] is [N, K]
-        q = ((self.packed[..., None] >> shifts) & 0xF).astype(jnp.float32).reshape(n, k // self.group, self.group)
-        w = (q - self.zero.astype(jnp.float32)[..., None]) * self.scale.astype(jnp.float32)[..., None]
-        return w.reshape(n, k).astype(dtype)
+        w = quant.dequantize_groups(self.packed, self.scale, self.zero, self.group, dtype,
+                                    axis=-1 if self.out_major else -2)
+        return w.T if self.out_major else w
 
     def matmul(self, x, dot: weights.Dot):
         """x times the dequantized weight; with ``kernel`` "pallas" ("interpret": the same kernel on CPU; tile
         options after a colon, see ``with_kernel``) up to ``int4_kernel.GEMV_ROWS`` rows (decoding, dense form) run
         ``int4_kernel.int4_gemv``, which never writes the float weight. Out-major (``to_out_major``; dense form
         only): the product with W^T as the dot's transposed operand, as ``weights.OutMajor``'s."""
-        if self.out_major:
-            if dot.form != "dense":
-                raise ValueError(f"an out-major Int4 weight multiplies in the dense form only, not {dot.form!r}.")
-            return dot._replace(transpose=not dot.transpose)(x, self._dequantize_t(x.dtype))
+        if self.out_major:  # W^T dequantized where its words lie, multiplied as OutMajor's
+            wt = quant.dequantize_groups(self.packed, self.scale, self.zero, self.group, x.dtype, axis=-1)
+            return weights.OutMajor(wt).matmul(x, dot)
         if (self.kernel and dot.form == "dense" and not dot.transpose and x.ndim and self.packed.ndim == 2
-                and self.packed.dtype == jnp.uint32 and not self.out_major):
+                and self.packed.dtype == jnp.uint32):
             name, opts = int4_kernel.kernel_options(self.kernel)
             rows = x.size // x.shape[-1]
             if int4_kernel.gemv_plan(rows, x.shape[-1], self.packed.shape[-1], self.group, **opts) is not None:

@@ -69,7 +69,7 @@ def plan(m: int, k: int, n: int, dtype, *, out_major: bool = False, glu: bool = 
     9.5 us against the bf16 kernel's 14.8 at the 1.26B config on an H200). Else each program multiplies one K tile
     (splits = K / block_k, the partials summed by XLA): block_n 8, a warp per 2048 of the tile's inputs (8 words a
     thread). On an H200, device-timed with the residual and the sum: W_down 6.1 us against 10.0 unsplit, W_o
-    3.2 against 3.7; the best of 23 settings of block_n 2-32, block_k 128-2048, splits 1-44 and 2-8 warps."""
+    3.2 against 3.7; the best of 24 settings of block_n 2-32, block_k 128-2048, splits 1-44 and 2-8 warps."""
     if m != 1 or jnp.dtype(dtype) not in DTYPES or k % 256:
         return None
     if group:
@@ -238,6 +238,11 @@ def _dims(w, out_major: bool) -> tuple[int, int, int]:
     return n, k, 0
 
 
+def _describe(w) -> tuple:
+    """w's shape and dtype (int4: each part's), for an error message."""
+    return tuple(_describe(a) for a in w) if isinstance(w, tuple) else (w.shape, str(w.dtype))
+
+
 def _int4_parts_fit(w, n: int, k: int, group: int) -> bool:
     """Whether the int4 parts are uint32 words [N, K/8] with float scale and zero [N, K/group] of one shape."""
     packed, scale, zero = w
@@ -322,11 +327,10 @@ def decode_matmul(x: jax.Array, w, out_dtype=None, *, out_major: bool = False, n
         raise ValueError("decode_matmul folds a norm, glu or residual, and takes int4 weights, in the out-major "
                          "product only (out_major=True, w = W^T [N, K] or its int4 parts).")
     if not takes(x, w, out_major=out_major, glu=glu):
-        shapes = tuple((a.shape, str(a.dtype)) for a in w) if isinstance(w, tuple) else (w.shape, str(w.dtype))
         raise ValueError(f"decode_matmul takes one bf16/fp16 row x times w: of x's dtype, [K, N] (N >= {MIN_N}) or, "
                          f"out_major, [N, K] (N even; a multiple of 16 with glu), K a multiple of 256; or out_major "
                          f"int4 parts (uint32 [N, K/8], scale and zero [N, K/group], group a power of two >= 16); "
-                         f"got x {x.shape} {x.dtype}, w {shapes}.")
+                         f"got x {x.shape} {x.dtype}, w {_describe(w)}.")
     n, k, group = _dims(w, out_major)
     if residual is not None and residual.shape[-1] != n:
         raise ValueError(f"decode_matmul's residual is {residual.shape}; it must end in N={n}.")
@@ -359,8 +363,7 @@ def qkv_plan(k: int, heads: int, kv_heads: int, head_dim: int, dtype, group: int
     block_n 8-32, block_k 256-512 and 2-3 stages at the 1.26B config's W_qkv on an H200: 14.4 us against XLA's
     18.1 for the product, the norm, the rotation and the cache writes). int4 weights in groups of ``group`` (a power
     of two >= 16 dividing K): block_n 16 (8 where head_dim is not a multiple of 16), block_k the largest power of
-    two up to 1024 dividing K, 4 warps (7.2 us,
-    the fastest of the same sweep as ``plan``'s)."""
+    two up to 1024 dividing K, 4 warps (7.2 us, the fastest of the same sweep as ``plan``'s)."""
     if jnp.dtype(dtype) not in DTYPES or k % 256 or head_dim % 8:
         return None
     if group:
@@ -437,10 +440,9 @@ def decode_qkv(x, norm, w, k_cache, v_cache, *, heads: int, kv_heads: int, posit
     chosen = qkv_plan(k, heads, kv_heads, d, x.dtype, group)
     if (x.size != k or (w_n, w_k) != (n, k) or not fits or chosen is None or k_cache.ndim != 5
             or k_cache.shape[1] != 1 or k_cache.shape[3] != kv_heads or v_cache.shape != k_cache.shape):
-        shapes = tuple((a.shape, str(a.dtype)) for a in w) if group else (w.shape, str(w.dtype))
         raise ValueError(f"decode_qkv takes one bf16/fp16 row x [K] (K a multiple of 256), w [(heads + 2 kv_heads) "
                          f"head_dim, K] of x's dtype (or its int4 parts) and caches [layers, 1, max_len, kv_heads, "
-                         f"head_dim] (head_dim a multiple of 8); got x {x.shape} {x.dtype}, w {shapes}, caches "
+                         f"head_dim] (head_dim a multiple of 8); got x {x.shape} {x.dtype}, w {_describe(w)}, caches "
                          f"{k_cache.shape}, {v_cache.shape} for {heads} heads and {kv_heads} kv_heads.")
     chosen = {**chosen, **tiles}
     _check_tiles(chosen, k, d, "decode_qkv", group)

@@ -149,23 +149,28 @@ def pack_nibbles(q: jax.Array, axis: int, per: int = 2) -> jax.Array:
 
 def unpack_nibbles(p: jax.Array, axis: int) -> jax.Array:
     """The inverse of ``pack_nibbles`` (2 or 8 values per word by p's dtype, uint8 or uint32): uint8
-    [..., n/per, ...] -> uint8 [..., n, ...] along ``axis``."""
+    [..., n/per, ...] -> uint8 [..., n, ...] along ``axis``. Word i's nibble j is value per i + j, so the values
+    are [..., n/per, per, ...] where the words lie (a shift per nibble, nothing transposed), merged."""
     per = nibbles_per_word(p.dtype)
-    p = jnp.moveaxis(p, axis, 0)
-    both = jnp.stack([(p >> (4 * j)) & 0xF for j in range(per)], axis=1).astype(jnp.uint8)  # [n/per, per, ...]
-    return jnp.moveaxis(both.reshape(-1, *p.shape[1:]), 0, axis)
+    axis = axis % p.ndim
+    shifts = (4 * jnp.arange(per, dtype=p.dtype)).reshape(per, *[1] * (p.ndim - axis - 1))
+    q = ((jnp.expand_dims(p, axis + 1) >> shifts) & 0xF).astype(jnp.uint8)  # [..., n/per, per, ...]
+    return q.reshape(*p.shape[:axis], per * p.shape[axis], *p.shape[axis + 1:])
 
 
 # ----------------------------------------------------------------------------- memory
 
-def dequantize_groups(packed: jax.Array, scale: jax.Array, zero: jax.Array, group: int, dtype=jnp.float32) -> jax.Array:
-    """W [..., in, out] = (q - zero) * scale per group of ``group`` input rows, from nibbles packed along the
-    input axis (``pack_nibbles``) and scale, zero [..., in/group, out]."""
-    q = unpack_nibbles(packed, packed.ndim - 2).astype(jnp.float32)
-    *lead, n_in, out = q.shape
-    qg = q.reshape(*lead, n_in // group, group, out)
-    w = (qg - zero.astype(jnp.float32)[..., None, :]) * scale.astype(jnp.float32)[..., None, :]
-    return w.reshape(*lead, n_in, out).astype(dtype)
+def dequantize_groups(packed: jax.Array, scale: jax.Array, zero: jax.Array, group: int, dtype=jnp.float32,
+                      axis: int = -2) -> jax.Array:
+    """W = (q - zero) * scale per group of ``group`` inputs, from nibbles packed along the input axis ``axis``
+    (``pack_nibbles``) and scale, zero with in/group there: [..., in, out] (axis -2), or W^T [out, in] (axis -1,
+    ``awq.Int4.to_out_major``'s), dequantized where the words lie."""
+    axis = axis % packed.ndim
+    q = unpack_nibbles(packed, axis).astype(jnp.float32)
+    n_in = q.shape[axis]
+    qg = q.reshape(*q.shape[:axis], n_in // group, group, *q.shape[axis + 1:])
+    s, z = (jnp.expand_dims(a.astype(jnp.float32), axis + 1) for a in (scale, zero))
+    return ((qg - z) * s).reshape(q.shape).astype(dtype)
 
 
 def tree_bytes(tree) -> int:

@@ -127,7 +127,7 @@ def selective_step(h_all, layer: int, x, z, dbc, dt_proj, dt_bias, A, D, keep=No
     interpret = resolve_interpret(interpret)
     L, b, E, N = h_all.shape
     R = dt_proj.shape[0]
-    if h_all.dtype not in (F32, jnp.bfloat16, jnp.float16):
+    if jnp.dtype(h_all.dtype) not in STATE_TILES:
         raise ValueError(f"the recurrent state is {h_all.dtype}; it must be float32, bfloat16 or float16.")
     if isinstance(layer, int) and not 0 <= layer < L:
         raise ValueError(f"layer is {layer}; the state has {L} layers.")

@@ -397,10 +397,11 @@ def test_fused_decode_layer_equals_the_op_by_op_step(tiny_transformer):
     assert_near_argmax(model, params, xla, prompt, G.greedy(model, params, fused, (prompt,), max_new_tokens=5)[0])
 
 
-def test_int4_fused_layer_equals_the_op_by_op_step(tiny_transformer):
+def test_int4_fused_layer_equals_the_op_by_op_step(tiny_transformer, monkeypatch):
     """RTN int4 weights (group 128) with model.decode="pallas": decode_params lays the four projections out-major
     (``awq.Int4.to_out_major``) for one row only, each cached step runs the six-kernel layer on them, and its logits
-    and cache equal the op-by-op step's on the same int4 weights within bf16 roundings (measured ~7e-3 and ~5e-3).
+    and cache equal the op-by-op step's on the same int4 weights within bf16 roundings (measured ~7e-3 and ~5e-3),
+    also with W_o and W_down cut into K splits.
     A layer whose projections are not all int4 matrices of one group keeps the op-by-op step."""
     import models
 
@@ -431,6 +432,18 @@ def test_int4_fused_layer_equals_the_op_by_op_step(tiny_transformer):
     assert rel_err(got, want) < 1.5e-2
     for name in ("k", "v"):
         assert rel_err(got_cache[name], want_cache[name]) < 1e-2
+    # W_o and W_down with K cut into one-group splits (the tiny shapes take one program over K; the 1.26B's split)
+    plan = DM.plan
+
+    def split_plan(m, k, n, dtype, **kw):
+        p = plan(m, k, n, dtype, **kw)
+        return p if p is None or kw.get("glu") else dict(p, block_k=128, splits=k // 128)
+
+    monkeypatch.setattr(DM, "plan", split_plan)
+    jax.clear_caches()
+    split, _ = steps(fused, p_fused)
+    assert rel_err(split, want) < 1.5e-2 and rel_err(split, got) < 1e-2
+    jax.clear_caches()
 
 
 def test_fused_kernels_lower_for_cuda_without_a_gpu():
