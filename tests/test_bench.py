@@ -1,10 +1,13 @@
 """train.bench at tiny sizes on one CPU device: the split step timings, the decode bench for both
 families (cache bytes from the cache each builds), and the long-sequence benchmark configs validate;
-the benchmark scripts' argument errors, the exposed-communication measure and the scale-out tables."""
+the benchmark scripts' argument errors, the exposed-communication measure, the scale-out tables and the decoding
+floor's chains."""
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from experiments import bench_llama_350m, bench_mamba_370m, bench_switch_350m
@@ -202,6 +205,7 @@ def test_bench_ring_refuses_bad_lists_in_one_line(args, match, capsys):
     ("bench_mamba_scan", ["--shapes", "8x2048x4096"], "--shapes '8x2048x4096' is not a comma-separated list of "
                                                       "AxBxCxD"),
     ("bench_mamba_scan", ["--splits", "1,-1"], "--splits '1,-1' is not a comma-separated list of integers >= 0"),
+    ("bench_decode_floor", ["--steps", "0"], "--steps 0 and --reps 5: use at least 1 of each"),
 ])
 def test_benchmark_scripts_refuse_bad_flags_in_one_line(script, args, match, capsys, monkeypatch):
     import importlib
@@ -272,3 +276,46 @@ def test_device_seconds_sums_gpu_kernels_and_times_the_host_off_gpu(monkeypatch)
 def test_tabulate_sums_kernels_by_name_and_spans_the_wall():
     assert bench.tabulate([("a", 5, 10), ("b", 7, 2), ("a", 30, 5)]) == ({"a": (15, 2), "b": (2, 1)}, 30)
     assert bench.tabulate([]) == ({}, 0)
+
+
+def test_decode_floor_chains_move_every_word_and_take_every_part():
+    """``bench_decode_floor``: a chain's last output equals a NumPy replay of its stages (each read kernel summed
+    every word it was given, each read-write stage updated its whole buffer in place, each took its predecessor's
+    output), for Pallas and XLA reads; each chain's stages take every part of a layer once, loom's layer has the
+    batch-1 step's kernels (6 a layer, 8 with int4's split sums) and its weights' bytes are bench_quant's."""
+    from experiments import bench_decode_floor as floor
+    from models import quant
+
+    stages, words, steps = [("r", 3000), ("rw", 1200), ("r", 700), ("rw", 900), ("r", 100)], 16, 2
+    bufs = [np.array(jax.random.bits(jax.random.PRNGKey(3 + i), (math.ceil(b / 4 / words), words), jnp.uint32))
+            for i, (_, b) in enumerate(stages)]
+    prev = np.zeros(8, np.uint32)
+    for _ in range(steps):
+        for (kind, _), buf in zip(stages, bufs):
+            s = prev.sum(dtype=np.uint32)
+            if kind == "rw":
+                buf += s
+                prev = buf[0, :8].copy()
+            else:
+                prev = np.full(8, buf[0].sum(dtype=np.uint32) + s, np.uint32)
+    for reads in ("pallas", "xla"):
+        _, last = floor.run_chain(stages, reads, words, steps, reps=1, interpret=True, seed=3)
+        np.testing.assert_array_equal(last[0], prev)
+
+    for label, params, cache, head, structures in floor.models(tiny=True):
+        sizes = floor.per_layer_bytes(params, cache)
+        layers = jax.tree.leaves(params["layers"])[0].shape[0]
+        head_bytes = quant.tree_bytes(head) + quant.tree_bytes(params["final_norm"])
+        for name, structure in {**structures, "1 kernel": None}.items():
+            kernels = {"loom's layer": 8 if "int4" in label else 6, "5 stages": 5, "1 kernel": 1}[name]
+            st = floor.chain(structure, sizes, layers, head_bytes, "int4" in label)
+            assert len(st) == kernels * layers + 2, (label, name)
+        weights = sum(v for k, v in sizes.items() if not k.startswith("cache:")) * layers + head_bytes
+        step_bytes = quant.memory_report(params)["model_bytes"] - (0 if "Mamba" in label else quant.tree_bytes(
+            params["embed"]))  # bench_quant's bytes a step: all but the gathered table (Mamba's is its head)
+        assert weights == step_bytes, label
+        if label.startswith("1.26B bf16"):
+            with pytest.raises(ValueError, match="stages take .* but a layer holds"):
+                floor.chain([("qkv", ("wq", "wk", "wv"))], sizes, layers, head_bytes, False)
+            with pytest.raises(ValueError, match="stage 'qkv' takes \\['w_qkv'\\], which a layer does not hold"):
+                floor.chain([("qkv", ("w_qkv",))], sizes, layers, head_bytes, False)
