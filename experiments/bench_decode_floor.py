@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 
 from models.flash_kernel import compiler_params
 from models.quant import tree_bytes
-from train import bench
+from train import bench, cli
 
 SMALL = 64e3  # bytes read by a small kernel: the attention's combine, a split sum, the argmax
 
@@ -151,7 +151,8 @@ def run_chain(stages, reads: str, words: int, steps: int, reps: int, interpret: 
 
 
 def models(tiny: bool):
-    """[(label, params, cache, counted bytes, structures)] for the two models (abstract shapes only)."""
+    """[(label, params, cache, the head's weights, structures)] for the 1.26B (bf16, int4 g128) and Mamba 370M
+    (float32 and bf16 state): shapes only, nothing allocated."""
     from experiments import bench_mamba_370m, bench_quant
     from models import mamba
 
@@ -173,9 +174,8 @@ def models(tiny: bool):
         mcfg = mamba.from_config(c.model)
         p = jax.eval_shape(lambda: mamba.init(mcfg, jax.random.PRNGKey(0)))
         cache = jax.eval_shape(lambda: mamba.init_cache(mcfg, 4 if tiny else 64))
-        structures = dict(MAMBA) if state == "float32" else {"5 stages": MAMBA["5 stages"]}
         out.append((f"Mamba 370M {state} state, batch {4 if tiny else 64}", p, cache,
-                    p["embed"] if mcfg.tie_embeddings else p["head"], structures))
+                    p["embed"] if mcfg.tie_embeddings else p["head"], MAMBA))
     return out
 
 
@@ -188,7 +188,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps < 1 or args.reps < 1:
         ap.error(f"--steps {args.steps} and --reps {args.reps}: use at least 1 of each")
-    interpret = args.tiny or jax.default_backend() != "gpu"
+    try:
+        cli.out_file(args.out)
+    except ValueError as e:
+        ap.error(str(e))
+    if not args.tiny and jax.default_backend() != "gpu":
+        ap.error(f"the floor is measured on a GPU (this backend is {jax.default_backend()}); --tiny checks the script "
+                 f"at tiny shapes here")
+    interpret = args.tiny
     words = 64 if args.tiny else 2048
     copy = bench.copy_bandwidth(2 ** -9 if args.tiny else 2.0)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; copy {copy / 1e12:.2f} TB/s")

@@ -58,7 +58,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train import bench  # noqa: E402
+from train import bench, cli  # noqa: E402
 
 timed = functools.partial(bench.median_seconds, reps=20)
 
@@ -395,6 +395,10 @@ def main():
             p.error(f"{flag} {spec!r}: {e}")
         if flag == "--gemv":
             GEMV_OPTIONS = opts
+    try:
+        cli.out_file(args.out)
+    except ValueError as e:
+        p.error(str(e))
     sections = set(args.sections.split(","))
     if unknown := sorted(sections - set(SECTIONS)):
         p.error(f"--sections {args.sections!r} names {unknown}; choose from {','.join(SECTIONS)}.")

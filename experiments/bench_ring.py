@@ -291,6 +291,7 @@ def main(argv=None) -> int:
     try:
         blocks, shapes, contexts = (cli.int_list(args.blocks, "--blocks"), cli.int_list(args.shapes, "--shapes", 2),
                                     cli.int_list(args.contexts, "--contexts"))
+        cli.out_file(args.out)
     except ValueError as e:
         p.error(str(e))
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "n_devices": jax.device_count()}

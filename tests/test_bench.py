@@ -206,6 +206,10 @@ def test_bench_ring_refuses_bad_lists_in_one_line(args, match, capsys):
                                                       "AxBxCxD"),
     ("bench_mamba_scan", ["--splits", "1,-1"], "--splits '1,-1' is not a comma-separated list of integers >= 0"),
     ("bench_decode_floor", ["--steps", "0"], "--steps 0 and --reps 5: use at least 1 of each"),
+    ("bench_decode_floor", ["--out", "/no_such_folder/floor.json"], "--out '/no_such_folder/floor.json': no folder"),
+    ("bench_decode_floor", [], "the floor is measured on a GPU (this backend is cpu); --tiny checks"),
+    ("bench_quant", ["--out", "/no_such_folder/q.json"], "--out '/no_such_folder/q.json': no folder /no_such_folder"),
+    ("bench_ring", ["kernel", "--out", "/"], "--out '/': that is a folder; give a file in an existing folder"),
 ])
 def test_benchmark_scripts_refuse_bad_flags_in_one_line(script, args, match, capsys, monkeypatch):
     import importlib
@@ -213,6 +217,14 @@ def test_benchmark_scripts_refuse_bad_flags_in_one_line(script, args, match, cap
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(f"experiments.{script}").main()
     assert exit_info.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_out_file_refuses_what_it_could_not_write(tmp_path):
+    from train import cli
+    assert cli.out_file("") == "" and cli.out_file(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
+    for path, match in ((str(tmp_path), "that is a folder"), (str(tmp_path / "no" / "r.json"), "no folder")):
+        with pytest.raises(ValueError, match=f"--out '{path}': {match}"):
+            cli.out_file(path)
 
 
 def test_int_list():

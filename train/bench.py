@@ -407,6 +407,7 @@ def profile_decode(config, batch: int, prompt_len: int, logdir: str, steps: int 
 
 def main(argv):
     del argv
+    cli.out_file(_OUT.value)
     variants = parse_variants(_VARIANTS.value, _CONFIG.value)
     if _DECODE.value:
         bandwidth = copy_bandwidth()
