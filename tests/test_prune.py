@@ -1,7 +1,7 @@
 """Layer pruning (models/prune.py), NF4 and adapters (models/lora.py) and the compress command's pieces
 (train/compress.py): angular distances against a direct NumPy loop, the captured last-token states against
 the model, dropping zero layers as the identity and dropped layers as the shorter stack, NF4 levels from
-the normal quantiles and its round-trip bound, zero-B adapters as the identity (with dropout on), QLoRA
+the normal quantiles and its round-trip bound, NF4 against qwix's, zero-B adapters as the identity (with dropout on), QLoRA
 healing through the trainer's train step with only the adapters trained, and the saved result loaded back."""
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from models import lora, prune, weights
+from models import lora, prune, quant, weights
 from models import transformer as T
 from tests import helpers
 from train import compress as C
@@ -101,6 +101,20 @@ def test_nf4_levels_and_round_trip():
     np.testing.assert_allclose(lora.nf4(jnp.asarray(exact)).dequantize(), exact, rtol=1e-6)
     with pytest.raises(ValueError, match="does not divide"):
         lora.nf4(jnp.zeros((48, 2)), block=64)
+
+
+def test_nf4_is_qwix_nf4_code_for_code():
+    """qwix's NF4 (the levels of QLoRA's appendix E, absmax per block, nearest level) on the same weights gives the
+    same codes, block scales and dequantized weights as ``lora.nf4``."""
+    from qwix._src.core import qarray
+
+    w = (np.random.default_rng(1).standard_t(4, size=(2, 256, 24)) * 0.02).astype(np.float32)
+    ours = lora.nf4(jnp.asarray(w), block=64)
+    theirs = qarray.quantize(jnp.asarray(w), qarray.HowToQuantize(qtype="nf4", channelwise_axes=(0, 2),
+                                                                   tiled_axes={1: 64}, calibration_method="absmax"))
+    np.testing.assert_array_equal(quant.unpack_nibbles(ours.codes, 1), np.asarray(theirs.qvalue, np.uint8))
+    np.testing.assert_array_equal(ours.absmax, theirs.scale)
+    np.testing.assert_array_equal(ours.dequantize(), qarray.dequantize(theirs))
 
 
 def test_zero_b_adapters_are_the_identity_even_with_dropout(dense):
