@@ -39,7 +39,7 @@ setup(
             "ipykernel>=6.29",
             "torch==2.13.0",
             "transformers==5.23.0",
-            "qwix==0.1.8",  # the reference for the round-to-nearest quantizers (tests/test_awq.py)
+            "qwix==0.1.8",  # the reference for the round-to-nearest and NF4 quantizers
         ],
     },
 )

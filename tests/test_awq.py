@@ -67,31 +67,30 @@ def test_packed_weight_matches_the_numpy_quantizer_and_every_form(bits):
 
 
 def test_round_to_nearest_is_qwix_ptq_code_for_code():
-    """qwix (Google's JAX quantization library) as the reference: its PTQ quantizer (``qarray.quantize``) on the
+    """qwix (Google's JAX quantization library) as the reference: its PTQ quantizer (``qwix.quantize``) on the
     same weights gives the codes of loom's round-to-nearest int4 in groups of 128 (asymmetric, ``minmax``; codes
     shifted by 8, as qwix's int4 is signed; qwix has no asymmetric int3) and the same dequantized weights (loom
     stores the scales in float16); and SmoothQuant's int8 weights (symmetric, per output channel or per tensor)
     code for code, once qwix's ``absmax`` is scaled to the paper's range of +-127 (qwix's default spans +-127.5)."""
-    from qwix._src.core import qarray
+    import qwix
 
     from models import smoothquant
 
     rng = np.random.default_rng(0)
     w = (rng.standard_t(4, size=(2, 256, 48)) * 0.02).astype(np.float32)  # [layers, in, out], heavy tails
-    theirs = qarray.quantize(jnp.asarray(w), qarray.HowToQuantize(qtype="int4", channelwise_axes=(0, 2),
-                                                                   tiled_axes={1: 128}, calibration_method="minmax"))
+    theirs = qwix.quantize(jnp.asarray(w), "int4", channelwise_axes=(0, 2), tiled_axes={1: 128},
+                           calibration_method="minmax")
     ours = awq.pack(jnp.asarray(w), 4, 128)
     codes = np.asarray(quant.unpack_nibbles(ours.packed, 1), np.int32) - 8
     np.testing.assert_array_equal(codes, np.asarray(theirs.qvalue, np.int32))
     np.testing.assert_array_equal(np.asarray(ours.zero, np.int32) - 8, np.asarray(theirs.zero_point, np.int32))
     np.testing.assert_allclose(ours.scale, theirs.scale, rtol=5e-4)  # float16 storage
-    np.testing.assert_allclose(awq.fake_quantize(jnp.asarray(w[0]), 4, 128), qarray.dequantize(theirs)[0],
+    np.testing.assert_allclose(awq.fake_quantize(jnp.asarray(w[0]), 4, 128), qwix.dequantize(theirs)[0],
                                rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(ours.dequantize(), qarray.dequantize(theirs), rtol=0, atol=5e-4 * np.abs(w).max())
+    np.testing.assert_allclose(ours.dequantize(), qwix.dequantize(theirs), rtol=0, atol=5e-4 * np.abs(w).max())
     for per_channel, axes in ((True, (0, 2)), (False, (0,))):
         q, scale = smoothquant.quantize_weight(jnp.asarray(w), per_channel=per_channel, experts=True)
-        ref = qarray.quantize(jnp.asarray(w), qarray.HowToQuantize(qtype="int8", channelwise_axes=axes,
-                                                                    calibration_method=f"absmax,{127.5 / 127}"))
+        ref = qwix.quantize(jnp.asarray(w), "int8", channelwise_axes=axes, calibration_method=f"absmax,{127.5 / 127}")
         np.testing.assert_array_equal(np.asarray(q, np.int32), np.asarray(ref.qvalue, np.int32))
         np.testing.assert_allclose(np.asarray(scale).reshape(ref.scale.shape), ref.scale, rtol=1e-6)
 

@@ -1,8 +1,9 @@
 """Layer pruning (models/prune.py), NF4 and adapters (models/lora.py) and the compress command's pieces
 (train/compress.py): angular distances against a direct NumPy loop, the captured last-token states against
 the model, dropping zero layers as the identity and dropped layers as the shorter stack, NF4 levels from
-the normal quantiles and its round-trip bound, NF4 against qwix's, zero-B adapters as the identity (with dropout on), QLoRA
-healing through the trainer's train step with only the adapters trained, and the saved result loaded back."""
+the normal quantiles and its round-trip bound, NF4 against qwix's, zero-B adapters as the identity (with dropout
+on), QLoRA healing through the trainer's train step with only the adapters trained, and the saved result loaded
+back."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,15 +107,14 @@ def test_nf4_levels_and_round_trip():
 def test_nf4_is_qwix_nf4_code_for_code():
     """qwix's NF4 (the levels of QLoRA's appendix E, absmax per block, nearest level) on the same weights gives the
     same codes, block scales and dequantized weights as ``lora.nf4``."""
-    from qwix._src.core import qarray
+    import qwix
 
     w = (np.random.default_rng(1).standard_t(4, size=(2, 256, 24)) * 0.02).astype(np.float32)
     ours = lora.nf4(jnp.asarray(w), block=64)
-    theirs = qarray.quantize(jnp.asarray(w), qarray.HowToQuantize(qtype="nf4", channelwise_axes=(0, 2),
-                                                                   tiled_axes={1: 64}, calibration_method="absmax"))
+    theirs = qwix.quantize(jnp.asarray(w), "nf4", channelwise_axes=(0, 2), tiled_axes={1: 64})
     np.testing.assert_array_equal(quant.unpack_nibbles(ours.codes, 1), np.asarray(theirs.qvalue, np.uint8))
     np.testing.assert_array_equal(ours.absmax, theirs.scale)
-    np.testing.assert_array_equal(ours.dequantize(), qarray.dequantize(theirs))
+    np.testing.assert_array_equal(ours.dequantize(), qwix.dequantize(theirs))
 
 
 def test_zero_b_adapters_are_the_identity_even_with_dropout(dense):
