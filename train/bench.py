@@ -82,7 +82,10 @@ def device_seconds(call, reps: int = 5) -> float:
     """Seconds of GPU kernels per ``call()`` (blocked on its result): the durations of GPU 0's kernels in a
     profiler trace of ``reps`` calls after one untraced warm-up, summed, over reps. Host dispatch and the
     gaps between launches are not counted, so a kernel that takes microseconds is not buried in the host's
-    noise. Off a GPU (or with no GPU kernels in the trace), the median wall time of ``reps`` calls instead."""
+    noise. While it profiles, XLA launches each kernel on its own instead of through its command buffers (CUDA
+    graphs), so the kernels are those of the unprofiled program but the gaps between them are not: compare a
+    program's wall time for what a step costs. Off a GPU (or with no GPU kernels in the trace), the median wall
+    time of ``reps`` calls instead."""
     if jax.default_backend() != "gpu":
         return median_seconds(call, reps=reps)
     jax.block_until_ready(call())
