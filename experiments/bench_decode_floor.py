@@ -12,9 +12,10 @@ read-write stage (Mamba's conv buffer and state, updated in place) adds a scalar
 takes its predecessor's output, so no kernel starts before the previous one ends, as in the step. Per model,
 three chains a layer:
 
-    loom's layer   the kernels the batch-1 Transformer step launches (``model.decode="auto"``): the qkv product,
-                   the attention's split and combine, W_o, W_gate_up, W_down, and for int4 the sums of W_o's and
-                   W_down's K splits (``decode_matmul.plan``);
+    loom's layer   the kernels of one layer of loom's batch-1 Transformer step (``model.decode="auto"``): the
+                   qkv product, the attention's split and combine, W_o, W_gate_up, W_down, and for int4 the sums
+                   of W_o's and W_down's K splits (``decode_matmul.plan``); the step's other kernels (the embedding
+                   gather, the loop's bookkeeping) are left out, so the chain can only be faster than the step;
     5 stages       the fewest a layer can have when each kernel needs all of the previous one's output: qkv,
                    attention, W_o, W_gate_up, W_down (Mamba: in_proj, conv, x_proj, the state update, out_proj);
     1 kernel       all of a layer's bytes in one kernel, which only a kernel that synchronises its programs
@@ -22,7 +23,9 @@ three chains a layer:
 
 plus the final norm and head and one small kernel (the argmax) a step. Read stages run as Pallas kernels and as
 XLA's row reductions; the table gives both and the step's bytes against an elementwise copy measured in the same
-process, counted as ``train.bench.bench_decode`` counts them (weights and the whole cache, read once).
+process: every parameter of the layers and the head, and the per-layer cache, read once (with bf16 weights within
+0.5% of ``train.bench.bench_decode``'s count, which takes the matmul weights and every cache array; the int4
+weights' bytes are ``bench_quant``'s).
 ``--steps`` steps a call in a device loop; the fastest of ``--reps`` calls.
 """
 from __future__ import annotations
@@ -60,13 +63,13 @@ MAMBA = {
 }
 
 
-def per_layer_bytes(params, cache) -> dict:
-    """{name: bytes of one layer}: params["layers"]'s leaves and the cache's per-layer arrays (``cache:NAME``)."""
-    n = {k: tree_bytes(v) for k, v in params["layers"].items()}
+def step_parts(params, cache, head) -> tuple[dict, int, int]:
+    """({name: bytes of one layer}, layers, the head's bytes): params["layers"]'s leaves and the cache's per-layer
+    arrays (``cache:NAME``); the head's weight with the final norm."""
     layers = jax.tree.leaves(params["layers"])[0].shape[0]
-    n = {k: v // layers for k, v in n.items()}
-    n.update({f"cache:{k}": tree_bytes(v) // v.shape[0] for k, v in cache.items() if v.ndim >= 3})
-    return n
+    sizes = {k: tree_bytes(v) // layers for k, v in params["layers"].items()}
+    sizes.update({f"cache:{k}": tree_bytes(v) // layers for k, v in cache.items() if v.ndim >= 3})
+    return sizes, layers, tree_bytes(head) + tree_bytes(params["final_norm"])
 
 
 def chain(structure, sizes: dict, layers: int, head_bytes: int, int4: bool) -> list[tuple[str, float]]:
@@ -89,7 +92,6 @@ def chain(structure, sizes: dict, layers: int, head_bytes: int, int4: bool) -> l
         if sorted(taken) != sorted(sizes):
             raise ValueError(f"stages take {sorted(taken)} but a layer holds {sorted(sizes)}")
     return layer * layers + [("r", head_bytes), ("r", SMALL)]
-
 
 
 # ---- the kernels: a buffer is [rows, T] uint32 words; each returns an array whose [:1, :8] the next one takes
@@ -204,9 +206,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|")
     rows = []
     for label, params, cache, head, structures in models(args.tiny):
-        sizes = per_layer_bytes(params, cache)
-        layers = jax.tree.leaves(params["layers"])[0].shape[0]
-        head_bytes = tree_bytes(head) + tree_bytes(params["final_norm"])
+        sizes, layers, head_bytes = step_parts(params, cache, head)
         counted = sum(sizes.values()) * layers + head_bytes
         for name in (*structures, "1 kernel"):
             stages = chain(structures.get(name), sizes, layers, head_bytes, "int4" in label)

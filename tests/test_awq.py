@@ -100,8 +100,8 @@ def test_awq_beats_rtn_on_held_out_activations():
     errors measured on another: measured AWQ / RTN error ratio about 0.74 (int4) and 0.70 (int3). At int4 qwix's
     AWQ (``qwix.contrib.awq_core``: the scale grid on an activation-weighted weight error, no clipping search) on
     the same weights and samples: 0.76-0.79 of RTN, 1.05-1.06x loom's error in each of the 3 seeds."""
-    from qwix.contrib import awq_core
     import qwix
+    from qwix.contrib import awq_core
 
     for bits in (4, 3):
         ratios, vs_qwix = [], []

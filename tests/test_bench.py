@@ -221,7 +221,8 @@ def test_benchmark_scripts_refuse_bad_flags_in_one_line(script, args, match, cap
 
 def test_out_file_refuses_what_it_could_not_write(tmp_path):
     from train import cli
-    assert cli.out_file("") == "" and cli.out_file(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
+    cli.out_file("")
+    cli.out_file(str(tmp_path / "r.json"))  # a new file in an existing folder
     for path, match in ((str(tmp_path), "that is a folder"), (str(tmp_path / "no" / "r.json"), "no folder")):
         with pytest.raises(ValueError, match=f"--out '{path}': {match}"):
             cli.out_file(path)
@@ -315,9 +316,7 @@ def test_decode_floor_chains_move_every_word_and_take_every_part():
         np.testing.assert_array_equal(last[0], prev)
 
     for label, params, cache, head, structures in floor.models(tiny=True):
-        sizes = floor.per_layer_bytes(params, cache)
-        layers = jax.tree.leaves(params["layers"])[0].shape[0]
-        head_bytes = quant.tree_bytes(head) + quant.tree_bytes(params["final_norm"])
+        sizes, layers, head_bytes = floor.step_parts(params, cache, head)
         for name, structure in {**structures, "1 kernel": None}.items():
             kernels = {"loom's layer": 8 if "int4" in label else 6, "5 stages": 5, "1 kernel": 1}[name]
             st = floor.chain(structure, sizes, layers, head_bytes, "int4" in label)

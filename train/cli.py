@@ -115,14 +115,13 @@ def int_list(text: str, flag: str, parts: int = 1, minimum: int = 1) -> list:
     return [v if parts > 1 else v[0] for v in values]
 
 
-def out_file(path: str, flag: str = "--out") -> str:
-    """``path`` if a results file can be written there (or it is empty: no file); ValueError naming ``flag``
-    otherwise, so that a benchmark refuses the path before it runs rather than after."""
+def out_file(path: str, flag: str = "--out") -> None:
+    """ValueError naming ``flag`` unless a results file can be written at ``path`` (or it is empty: no file), so
+    that a benchmark refuses the path before it runs rather than after."""
     folder = os.path.dirname(os.path.abspath(path)) if path else ""
     if path and (os.path.isdir(path) or not os.path.isdir(folder)):
         raise ValueError(f"{flag} {path!r}: {'that is a folder' if os.path.isdir(path) else f'no folder {folder}'}; "
                          f"give a file in an existing folder.")
-    return path
 
 
 def fail(text: str) -> None:
